@@ -1,0 +1,54 @@
+"""The app factory: routes, error handlers, request ids; lifecycle of the engines and worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from fastapi import FastAPI
+
+from overnight import __version__
+from overnight.api import routes_batches, routes_files, routes_misc
+from overnight.api.errors import RequestIdMiddleware, install_error_handlers
+from overnight.api.services import Services
+
+
+def create_app(
+    services: Services,
+    on_startup: Callable[[], Awaitable[None]] | None = None,
+    background: Callable[[asyncio.Event], Awaitable[None]] | None = None,
+    on_shutdown: Callable[[], Awaitable[None]] | None = None,
+) -> FastAPI:
+    """`background(stop)` runs for the app's lifetime (the in-process worker)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        if on_startup is not None:
+            await on_startup()
+        task = asyncio.create_task(background(stop)) if background is not None else None
+        services.ready = True
+        try:
+            yield
+        finally:
+            services.ready = False
+            stop.set()
+            if task is not None:
+                await task
+            if on_shutdown is not None:
+                await on_shutdown()
+
+    app = FastAPI(
+        title="overnight",
+        version=__version__,
+        description="A self-hosted, OpenAI-compatible Batch API.",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    install_error_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
+    app.include_router(routes_files.router)
+    app.include_router(routes_batches.router)
+    app.include_router(routes_misc.router)
+    return app

@@ -1,0 +1,71 @@
+"""API keys: only their sha256 is kept. Each key is its own tenant (owner); an admin key sees every
+owner's files and batches. Unknown owners get 404, never 403, so existence does not leak."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from overnight.batches.errors import OvernightError
+
+
+class Unauthorized(OvernightError):
+    status_code = 401
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    owner: str
+    is_admin: bool = False
+
+    @property
+    def scope(self) -> str | None:
+        """The owner filter for reads: None (everyone) for an admin."""
+        return None if self.is_admin else self.owner
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def owner_of(key_hash: str) -> str:
+    return "key_" + key_hash[:24]
+
+
+class Authenticator:
+    def __init__(self, hashes: dict[str, tuple[str, bool]]) -> None:
+        self._hashes = hashes  # sha256 hex -> (owner, is_admin)
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise Unauthorized(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' "
+                "(the OpenAI SDK does this when you pass api_key=...).",
+                code="invalid_api_key",
+            )
+        digest = hash_key(key.strip())
+        match = None
+        for known, entry in self._hashes.items():  # constant-time compare against every key
+            if hmac.compare_digest(known, digest):
+                match = entry
+        if match is None:
+            raise Unauthorized(
+                f"Incorrect API key provided: {_mask(key.strip())}. Use a key configured with --api-key or "
+                "OVERNIGHT_API_KEYS, or the one printed when the server first started.",
+                code="invalid_api_key",
+            )
+        return Principal(owner=match[0], is_admin=match[1])
+
+
+def _mask(key: str) -> str:
+    return key[:3] + "*" * 4 + key[-2:] if len(key) > 8 else "****"
+
+
+def principal(request: Request) -> Principal:
+    """FastAPI dependency: the caller, or a 401 in the OpenAI envelope."""
+    auth: Authenticator = request.app.state.services.auth
+    return auth.authenticate(request.headers.get("authorization"))

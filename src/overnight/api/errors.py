@@ -1,0 +1,108 @@
+"""The OpenAI error envelope on every failure, one table from exception to wire, and the
+`x-request-id` header on every response."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Any
+
+import orjson
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from overnight.batches.errors import OvernightError
+
+log = logging.getLogger("overnight.api")
+
+
+def error_response(
+    status: int,
+    message: str,
+    error_type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    all_headers = dict(headers or {})
+    if 400 <= status < 500 and status not in (408, 429):
+        # The SDK retries 409s and others unless told not to; these answers will not change.
+        all_headers.setdefault("x-should-retry", "false")
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=all_headers)
+
+
+async def _overnight_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, OvernightError)
+    return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.code)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404:
+        message = f"Unknown request URL: {request.method} {request.url.path}."
+    elif exc.status_code == 405:
+        message = f"Method {request.method} is not allowed on {request.url.path}."
+    else:
+        message = str(exc.detail)
+    return error_response(exc.status_code, message, headers=dict(exc.headers or {}))
+
+
+_VALIDATION_CODES = {"missing": "missing_required_parameter", "json_invalid": "invalid_json"}
+
+
+async def _validation_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    param = ".".join(loc) or None
+    kind = str(first.get("type", ""))
+    if kind == "missing":
+        message = f"Missing required parameter: '{param}'."
+    elif kind == "json_invalid":
+        message = "We could not parse the JSON body of your request. Send a valid JSON object."
+    else:
+        message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}."
+    code = _VALIDATION_CODES.get(kind, "invalid_type" if kind.endswith("_type") else "invalid_value")
+    return error_response(400, message, param=param, code=code)
+
+
+async def _unexpected_error(_request: Request, exc: Exception) -> Response:
+    log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
+    return error_response(
+        500,
+        "The server had an error while processing your request. Try again; if it persists, check the server log.",
+        error_type="server_error",
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(OvernightError, _overnight_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+
+
+class RequestIdMiddleware:
+    """Adds `x-request-id` to every HTTP response, errors included (pure ASGI: no per-request task)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = ("req_" + secrets.token_hex(12)).encode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

@@ -1,0 +1,133 @@
+"""/v1/files: upload (streamed), list, retrieve, content (streamed), delete."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from python_multipart.exceptions import FormParserError
+from starlette.responses import Response, StreamingResponse
+
+from overnight.api.auth import Principal, principal
+from overnight.api.json import json_response
+from overnight.api.schemas import ERRORS, FileDeleted, FileList, FileObject
+from overnight.api.services import Services
+from overnight.api.upload import receive_upload
+from overnight.batches.errors import InvalidRequest
+from overnight.batches.wire import file_object, list_object
+
+router = APIRouter(prefix="/v1/files", tags=["files"], responses=ERRORS)
+Caller = Annotated[Principal, Depends(principal)]
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "purpose": {
+                            "type": "string",
+                            "enum": ["assistants", "batch", "fine-tune", "vision", "user_data", "evals"],
+                        },
+                        "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                        "expires_after[seconds]": {"type": "integer", "minimum": 3600, "maximum": 2592000},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _services(request: Request) -> Services:
+    return request.app.state.services
+
+
+@router.post("", response_model=FileObject, openapi_extra=_UPLOAD_BODY, summary="Upload a file")
+async def create_file(request: Request, caller: Caller) -> Response:
+    services = _services(request)
+    file_id = services.files.new_upload_id()
+    key = services.files.storage_key(file_id)
+    try:
+        upload = await receive_upload(request, services.files.files, key, services.limits.max_file_bytes)
+    except FormParserError:
+        raise InvalidRequest("The multipart/form-data body is malformed.", param="file") from None
+    purpose = upload.fields.get("purpose")
+    if purpose is None:
+        await asyncio.to_thread(services.files.files.delete, key)
+        raise InvalidRequest("Missing required parameter: 'purpose'.", param="purpose",
+                             code="missing_required_parameter")
+    expires_after = _expires_after(upload.fields)
+    record = await asyncio.to_thread(
+        services.files.register_upload,
+        caller.owner,
+        file_id,
+        upload.filename or "upload",
+        purpose,
+        upload.size,
+        upload.head,
+        expires_after,
+    )
+    return json_response(file_object(record))
+
+
+def _expires_after(fields: dict[str, str]) -> tuple[str, int] | None:
+    anchor = fields.get("expires_after[anchor]")
+    seconds = fields.get("expires_after[seconds]")
+    if anchor is None and seconds is None:
+        return None
+    try:
+        return anchor or "", int(seconds or "")
+    except ValueError:
+        raise InvalidRequest(
+            "expires_after[seconds] must be an integer number of seconds.",
+            param="expires_after.seconds",
+            code="invalid_type",
+        ) from None
+
+
+@router.get("", response_model=FileList, summary="List files")
+def list_files(
+    request: Request,
+    caller: Caller,
+    purpose: str | None = None,
+    after: str | None = None,
+    limit: Annotated[int, Query()] = 10_000,
+    order: Literal["asc", "desc"] = "desc",
+) -> Response:
+    records, has_more = _services(request).files.list(caller.scope, purpose, after, limit, order)
+    return json_response(list_object([file_object(r) for r in records], has_more))
+
+
+@router.get("/{file_id}", response_model=FileObject, summary="Retrieve a file")
+def retrieve_file(request: Request, caller: Caller, file_id: str) -> Response:
+    return json_response(file_object(_services(request).files.get(caller.scope, file_id)))
+
+
+@router.delete("/{file_id}", response_model=FileDeleted, summary="Delete a file")
+def delete_file(request: Request, caller: Caller, file_id: str) -> Response:
+    _services(request).files.delete(caller.scope, file_id)
+    return json_response({"id": file_id, "object": "file", "deleted": True})
+
+
+@router.get(
+    "/{file_id}/content",
+    summary="Download a file's bytes (streamed)",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
+)
+def file_content(request: Request, caller: Caller, file_id: str) -> Response:
+    record, chunks = _services(request).files.content(caller.scope, file_id)
+    return StreamingResponse(
+        chunks,  # a sync iterator: Starlette reads each chunk in a worker thread
+        media_type="application/octet-stream",
+        headers={
+            "content-length": str(record.bytes),
+            "content-disposition": f'attachment; filename="{record.filename}"',
+        },
+    )

@@ -1,0 +1,21 @@
+"""What the routes need, built once by the app factory and kept on `app.state.services`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from overnight.api.auth import Authenticator
+from overnight.batches.file_service import FileService
+from overnight.batches.service import BatchService
+from overnight.engines.router import Router
+from overnight.settings import Limits
+
+
+@dataclass(slots=True)
+class Services:
+    auth: Authenticator
+    files: FileService
+    batches: BatchService
+    router: Router
+    limits: Limits
+    ready: bool = False

@@ -1,0 +1,142 @@
+"""Files: records plus bytes. Uploads arrive as a stream the API layer feeds into `blob_writer`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import orjson
+
+from overnight import constants as C
+from overnight.batches.errors import InvalidRequest, NotFound
+from overnight.files.port import FileStore
+from overnight.ids import new_file_id
+from overnight.store.metadata import MetadataStore
+from overnight.store.records import FileRecord
+
+# The shallow upload check reads at most this much of the file's first line.
+HEAD_BYTES = 1024 * 1024
+
+
+class FileService:
+    def __init__(self, store: MetadataStore, files: FileStore, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.files = files
+        self.clock = clock
+
+    def now(self) -> int:
+        return int(self.clock())
+
+    @staticmethod
+    def storage_key(file_id: str) -> str:
+        return f"files/{file_id}"
+
+    def register_upload(
+        self,
+        owner: str,
+        file_id: str,
+        filename: str,
+        purpose: str,
+        size: int,
+        head: bytes,
+        expires_after: tuple[str, int] | None,
+    ) -> FileRecord:
+        """Record an upload whose bytes are already stored under `storage_key(file_id)`."""
+        key = self.storage_key(file_id)
+        try:
+            check_upload_params(purpose, expires_after)
+            if purpose == "batch":
+                check_jsonl_head(head, size)
+        except InvalidRequest:
+            self.files.delete(key)
+            raise
+        now = self.now()
+        if expires_after is not None:
+            expires_at: int | None = now + expires_after[1]
+        elif purpose == "batch":
+            expires_at = now + C.BATCH_FILE_DEFAULT_TTL
+        else:
+            expires_at = None
+        record = FileRecord(file_id, owner, purpose, _clean_filename(filename), size, now, expires_at, key)
+        self.store.insert_file(record)
+        return record
+
+    def new_upload_id(self) -> str:
+        return new_file_id()
+
+    def get(self, owner: str | None, file_id: str) -> FileRecord:
+        record = self.store.get_file(owner, file_id, self.now())
+        if record is None:
+            raise NotFound(f"No such File object: {file_id}", param="id")
+        return record
+
+    def list(
+        self, owner: str | None, purpose: str | None, after: str | None, limit: int, order: str
+    ) -> tuple[list[FileRecord], bool]:
+        if not 1 <= limit <= 10_000:
+            raise InvalidRequest("limit must be between 1 and 10000.", param="limit", code="invalid_value")
+        if order not in ("asc", "desc"):
+            raise InvalidRequest("order must be 'asc' or 'desc'.", param="order", code="invalid_value")
+        page = self.store.list_files(owner, purpose, after, limit, order, self.now())
+        if page is None:
+            raise InvalidRequest(f"No file with id '{after}' to list after.", param="after", code="invalid_value")
+        return page
+
+    def delete(self, owner: str | None, file_id: str) -> None:
+        if not self.store.delete_file(owner, file_id, self.now()):
+            raise NotFound(f"No such File object: {file_id}", param="id")
+
+    def content(self, owner: str | None, file_id: str) -> tuple[FileRecord, Iterator[bytes]]:
+        record = self.get(owner, file_id)
+        return record, self.files.iter_chunks(record.storage_key)
+
+
+def check_upload_params(purpose: str, expires_after: tuple[str, int] | None) -> None:
+    if purpose not in C.UPLOAD_PURPOSES:
+        allowed = ", ".join(sorted(C.UPLOAD_PURPOSES))
+        raise InvalidRequest(
+            f"Invalid value for 'purpose': '{purpose}'. Supported values are: {allowed}.",
+            param="purpose",
+            code="invalid_value",
+        )
+    if expires_after is None:
+        return
+    anchor, seconds = expires_after
+    if anchor != "created_at":
+        raise InvalidRequest(
+            "expires_after[anchor] must be 'created_at'.", param="expires_after.anchor", code="invalid_value"
+        )
+    if not C.FILE_EXPIRY_MIN_SECONDS <= seconds <= C.FILE_EXPIRY_MAX_SECONDS:
+        raise InvalidRequest(
+            f"expires_after[seconds] must be between {C.FILE_EXPIRY_MIN_SECONDS} and {C.FILE_EXPIRY_MAX_SECONDS}.",
+            param="expires_after.seconds",
+            code="invalid_value",
+        )
+
+
+def check_jsonl_head(head: bytes, size: int) -> None:
+    """The shallow check OpenAI does at upload: empty files and a first line that is not a JSON
+    object are refused; deeper problems are reported per line when a batch validates the file."""
+    bad = InvalidRequest(
+        "Invalid file format for Batch API. Must be .jsonl: one JSON request object per line.", param="file"
+    )
+    text = head.removeprefix(b"\xef\xbb\xbf").lstrip()
+    if size == 0 or not text:
+        raise bad
+    end = text.find(b"\n")
+    if end < 0 and size > len(head):
+        return  # the first line is longer than we looked at; batch validation will judge it
+    first = text if end < 0 else text[:end]
+    try:
+        parsed = orjson.loads(first)
+    except orjson.JSONDecodeError:
+        raise bad from None
+    if not isinstance(parsed, dict):
+        raise bad
+
+
+def _clean_filename(name: str) -> str:
+    """Keep the base name only, without control characters (it is echoed back to clients)."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    cleaned = "".join(ch for ch in base if ch.isprintable())[:255]
+    return cleaned or "upload"

@@ -1,0 +1,94 @@
+"""Finalizing: stream the committed shard results, in input order, into the output file and the
+error file; lines of shards that never ran become `batch_cancelled` / `batch_expired` error lines.
+Publishing the files and the terminal state is one transaction fenced by the batch lease."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+from overnight import constants as C
+from overnight.batches.jsonl import iter_lines, split_requests
+from overnight.batches.results import ERROR_TAG, OUTPUT_TAG, error_line
+from overnight.files.port import FileStore
+from overnight.ids import line_id, new_file_id
+from overnight.store.metadata import MetadataStore
+from overnight.store.records import BatchTask, FileRecord
+
+_UNLIMITED = 1 << 62
+_SKIPPED_CODE = {C.CANCELLED: C.BATCH_CANCELLED, C.EXPIRED: C.BATCH_EXPIRED}
+
+
+@dataclass(slots=True)
+class _Counts:
+    completed: int = 0
+    failed: int = 0
+
+
+def finalize_batch(task: BatchTask, files: FileStore, store: MetadataStore, now: int) -> bool:
+    """Write the output and error files and publish them. False if the lease was lost meanwhile."""
+    batch = task.batch
+    assert task.final_status is not None
+    out_record = _new_output_record(batch.id, batch.owner, "output", batch.output_expires_after, now)
+    err_record = _new_output_record(batch.id, batch.owner, "error", batch.output_expires_after, now)
+    counts = _Counts()
+    with files.writer(out_record.storage_key) as out, files.writer(err_record.storage_key) as err:
+        for shard in task.shards:
+            if shard.status == C.SHARD_DONE and shard.result_key:
+                for line in iter_lines(files.iter_chunks(shard.result_key), _UNLIMITED):
+                    data = line.data or b""
+                    if data[:1] == OUTPUT_TAG:
+                        out.write(data[1:] + b"\n")
+                        counts.completed += 1
+                    elif data[:1] == ERROR_TAG:
+                        err.write(data[1:] + b"\n")
+                        counts.failed += 1
+            else:
+                code = _SKIPPED_CODE.get(task.final_status, C.BATCH_CANCELLED)
+                raw = files.read_range(task.input_storage_key or "", shard.byte_offset, shard.byte_length)
+                for i, request in enumerate(split_requests(raw)):
+                    custom_id = orjson.loads(request)["custom_id"]
+                    err.write(error_line(line_id(batch.id, shard.first_request + i), custom_id, code) + b"\n")
+                    counts.failed += 1
+        out_size, err_size = out.bytes_written, err.bytes_written
+    output = _sized(out_record, out_size)
+    error = _sized(err_record, err_size)
+    for record, size in ((out_record, out_size), (err_record, err_size)):
+        if not size:
+            files.delete(record.storage_key)  # OpenAI leaves the id null rather than an empty file
+    published = store.finish_batch(
+        batch.id, task.lease_token, task.final_status, output, error, counts.completed, counts.failed, now
+    )
+    if not published:
+        for record in (output, error):
+            if record is not None:
+                files.delete(record.storage_key)
+        return False
+    for shard in task.shards:
+        if shard.result_key:
+            files.delete(shard.result_key)
+    return True
+
+
+def _new_output_record(batch_id: str, owner: str, kind: str, ttl: int | None, now: int) -> FileRecord:
+    file_id = new_file_id()
+    return FileRecord(
+        id=file_id,
+        owner=owner,
+        purpose=C.BATCH_OUTPUT_PURPOSE,
+        filename=f"{batch_id}_{kind}.jsonl",
+        bytes=0,
+        created_at=now,
+        expires_at=now + (ttl or C.BATCH_FILE_DEFAULT_TTL),
+        storage_key=f"files/{file_id}",
+    )
+
+
+def _sized(record: FileRecord, size: int) -> FileRecord | None:
+    if not size:
+        return None
+    return FileRecord(
+        record.id, record.owner, record.purpose, record.filename, size, record.created_at,
+        record.expires_at, record.storage_key,
+    )

@@ -1,0 +1,77 @@
+"""Streaming JSONL: physical lines with their byte offsets, in bounded memory.
+
+A UTF-8 BOM at the start of the file and a `\r` before `\n` are tolerated; lines holding only
+whitespace are not requests (they keep their line number, so reported lines match an editor's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    number: int  # 1-based physical line
+    offset: int  # byte offset of the line's first byte in the file
+    length: int  # bytes including the trailing newline, if any
+    data: bytes | None  # None when the line is longer than the limit (its bytes were not kept)
+
+
+def iter_lines(chunks: Iterable[bytes], max_line_bytes: int) -> Iterator[Line]:
+    """Yield every non-blank line. Memory: one chunk plus at most `max_line_bytes` of one line."""
+    number = 0
+    offset = 0  # file offset where the current line starts
+    pending = bytearray()  # the current line's bytes so far, while it is within the limit
+    seen = 0  # bytes of the current line so far, kept or not
+    for chunk in chunks:
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            if end >= 0 and seen == 0:  # fast path: the whole line lies in this chunk
+                number += 1
+                line = chunk[start:end]
+                length = end - start + 1
+                if length - 1 > max_line_bytes:
+                    yield Line(number, offset, length, None)
+                elif line and not line.isspace():
+                    yield _line(number, offset, length, line[:-1] if line.endswith(b"\r") else line)
+                offset += length
+                start = end + 1
+                continue
+            piece = chunk[start:] if end < 0 else chunk[start:end]
+            seen += len(piece)
+            if seen <= max_line_bytes:
+                pending += piece
+            else:
+                pending.clear()
+            if end < 0:
+                break
+            number += 1
+            yield from _finish(number, offset, seen + 1, pending, max_line_bytes)
+            offset += seen + 1
+            pending.clear()
+            seen = 0
+            start = end + 1
+    if seen:
+        yield from _finish(number + 1, offset, seen, pending, max_line_bytes)
+
+
+def _finish(number: int, offset: int, length: int, pending: bytearray, limit: int) -> Iterator[Line]:
+    if len(pending) < length - 1 or len(pending) > limit:
+        yield Line(number, offset, length, None)
+    elif pending and not pending.isspace():
+        yield _line(number, offset, length, bytes(pending).rstrip(b"\r"))
+
+
+def _line(number: int, offset: int, length: int, data: bytes) -> Line:
+    if offset == 0 and data.startswith(BOM):  # a BOM is not part of the first request
+        return Line(number, len(BOM), length - len(BOM), data[len(BOM) :])
+    return Line(number, offset, length, data)
+
+
+def split_requests(data: bytes) -> list[bytes]:
+    """The non-blank lines of one shard's byte range (a shard never starts inside a line)."""
+    return [line.rstrip(b"\r") for line in data.split(b"\n") if line.strip()]

@@ -1,0 +1,42 @@
+"""Output and error lines, byte for byte as OpenAI writes them, and the per-shard results object.
+
+A shard's results object is JSONL where each line is prefixed by one byte: `O` for the output file
+(2xx responses) or `E` for the error file (non-2xx responses and failures with no response)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+OUTPUT_TAG = b"O"
+ERROR_TAG = b"E"
+
+_MESSAGES = {
+    "batch_expired": "This request could not be executed before the completion window expired.",
+    "batch_cancelled": "This request was not executed because the batch was cancelled.",
+}
+
+
+def response_line(
+    line_id: str, custom_id: str, status_code: int, request_id: str, body: dict[str, Any] | None
+) -> bytes:
+    return orjson.dumps(
+        {
+            "id": line_id,
+            "custom_id": custom_id,
+            "response": {"status_code": status_code, "request_id": request_id, "body": body},
+            "error": None,
+        }
+    )
+
+
+def error_line(line_id: str, custom_id: str, code: str, message: str | None = None) -> bytes:
+    return orjson.dumps(
+        {
+            "id": line_id,
+            "custom_id": custom_id,
+            "response": None,
+            "error": {"code": code, "message": message or _MESSAGES.get(code, code)},
+        }
+    )

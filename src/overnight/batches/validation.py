@@ -1,0 +1,269 @@
+"""Validation of a batch input file: one streaming pass that checks every line, reports every bad
+one (1-based line, code, param, a message that says what to fix) and records shard boundaries.
+
+Memory stays flat: one read chunk, one line, a 64-bit hash per custom_id (exact duplicates are
+confirmed by a second pass over only the colliding hashes), and the shard plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from overnight import constants as C
+from overnight.batches.jsonl import iter_lines
+from overnight.settings import Limits
+from overnight.store.records import ShardPlan
+
+# Fields each endpoint's body cannot do without.
+REQUIRED_BODY_FIELDS: dict[str, tuple[str, ...]] = {
+    C.CHAT_COMPLETIONS: ("messages",),
+    C.COMPLETIONS: ("prompt",),
+    C.EMBEDDINGS: ("input",),
+}
+_ENDPOINT_LABEL = {C.CHAT_COMPLETIONS: "Chat Completions", C.COMPLETIONS: "Completions", C.EMBEDDINGS: "Embeddings"}
+
+
+@dataclass(slots=True)
+class ValidationReport:
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    error_count: int = 0
+    plans: list[ShardPlan] = field(default_factory=list)
+    total: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error_count == 0
+
+
+class _Collector:
+    def __init__(self, report: ValidationReport, cap: int) -> None:
+        self.report = report
+        self.cap = cap
+
+    def add(self, code: str, message: str, param: str | None, line: int | None) -> None:
+        self.report.error_count += 1
+        if len(self.report.errors) < self.cap:
+            self.report.errors.append({"code": code, "message": message, "param": param, "line": line})
+
+
+class _ShardPlanner:
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.plans: list[ShardPlan] = []
+        self.first_request = 0
+        self.count = 0
+        self.start = 0
+        self.end = 0
+
+    def add(self, request_index: int, offset: int, length: int) -> None:
+        if self.count and (
+            self.count >= self.limits.shard_max_lines or offset + length - self.start > self.limits.shard_max_bytes
+        ):
+            self.flush()
+        if not self.count:
+            self.first_request, self.start = request_index, offset
+        self.count += 1
+        self.end = offset + length
+
+    def flush(self) -> None:
+        if self.count:
+            self.plans.append(
+                ShardPlan(len(self.plans), self.first_request, self.count, self.start, self.end - self.start)
+            )
+            self.count = 0
+
+
+def validate_input(
+    chunks: Callable[[], Iterable[bytes]],
+    endpoint: str,
+    model_is_served: Callable[[str], bool],
+    limits: Limits,
+) -> ValidationReport:
+    """`chunks()` opens a fresh stream over the file (called twice only if custom_id hashes collide)."""
+    report = ValidationReport()
+    errors = _Collector(report, limits.max_reported_errors)
+    planner = _ShardPlanner(limits)
+    seen: set[int] = set()
+    collisions: set[int] = set()
+    required = REQUIRED_BODY_FIELDS.get(endpoint, ())
+    served: dict[str, bool] = {}
+    for line in iter_lines(chunks(), limits.shard_max_bytes):
+        if report.total >= limits.max_requests_per_batch:
+            errors.add(
+                "too_many_tasks",
+                f"The input file has more than {limits.max_requests_per_batch:,} requests, the most one batch "
+                f"may hold. Split it into several batches.",
+                None,
+                None,
+            )
+            break
+        planner.add(report.total, line.offset, line.length)
+        report.total += 1
+        if line.data is None:
+            errors.add(
+                "line_too_long",
+                f"This line is longer than {limits.shard_max_bytes:,} bytes, the most one request may be.",
+                None,
+                line.number,
+            )
+            continue
+        custom_id = _check_line(line.data, line.number, endpoint, required, model_is_served, served, errors)
+        if custom_id is not None:
+            h = hash(custom_id)
+            if h in seen:
+                collisions.add(h)
+            else:
+                seen.add(h)
+    planner.flush()
+    if report.total == 0:
+        errors.add("empty_file", "The input file contains no requests. Add one JSON request per line.", None, None)
+    if collisions:
+        _report_duplicates(chunks, collisions, limits, errors)
+    report.errors.sort(key=lambda e: (e["line"] is None, e["line"] or 0))
+    if report.error_count > len(report.errors):
+        report.errors.append(
+            {
+                "code": "too_many_errors",
+                "message": f"{report.error_count - len(report.errors):,} more errors are not listed; "
+                "fix the ones above and try again.",
+                "param": None,
+                "line": None,
+            }
+        )
+    report.plans = planner.plans
+    return report
+
+
+def _check_line(
+    data: bytes,
+    number: int,
+    endpoint: str,
+    required: tuple[str, ...],
+    model_is_served: Callable[[str], bool],
+    served: dict[str, bool],
+    errors: _Collector,
+) -> str | None:
+    """Check one line; return its custom_id when it has a usable one."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        errors.add("invalid_json_line", "This line is not parseable as valid JSON (UTF-8).", None, number)
+        return None
+    if not isinstance(obj, dict):
+        errors.add(
+            "invalid_request",
+            "Each line must be a JSON object with custom_id, method, url and body.",
+            None,
+            number,
+        )
+        return None
+    ok = True
+    for key in ("custom_id", "method", "url", "body"):
+        if key not in obj:
+            errors.add("missing_required_parameter", f"Missing required parameter: '{key}'.", key, number)
+            ok = False
+    custom_id = obj.get("custom_id")
+    if "custom_id" in obj and (not isinstance(custom_id, str) or not custom_id):
+        errors.add("invalid_request", "custom_id must be a non-empty string.", "custom_id", number)
+        custom_id, ok = None, False
+    method = obj.get("method")
+    if "method" in obj and method != "POST":
+        errors.add("invalid_request", f"Invalid method {method!r}: only 'POST' is supported.", "method", number)
+        ok = False
+    url = obj.get("url")
+    if "url" in obj and url != endpoint:
+        errors.add(
+            "invalid_url",
+            f"The URL provided for this request ({url!r}) does not match the batch endpoint ({endpoint!r}).",
+            "url",
+            number,
+        )
+        ok = False
+    body = obj.get("body")
+    if "body" in obj:
+        ok = _check_body(body, number, endpoint, required, model_is_served, served, errors) and ok
+    return custom_id if isinstance(custom_id, str) and custom_id else None
+
+
+def _check_body(
+    body: Any,
+    number: int,
+    endpoint: str,
+    required: tuple[str, ...],
+    model_is_served: Callable[[str], bool],
+    served: dict[str, bool],
+    errors: _Collector,
+) -> bool:
+    if not isinstance(body, dict):
+        errors.add("invalid_request", "body must be a JSON object (the request body of the endpoint).", "body", number)
+        return False
+    ok = True
+    if body.get("stream") is True:
+        label = _ENDPOINT_LABEL.get(endpoint, endpoint)
+        errors.add(
+            "streaming_unsupported",
+            f"{label}: Streaming is not supported in the Batch API. Remove body.stream.",
+            "body.stream",
+            number,
+        )
+        ok = False
+    model = body.get("model")
+    if model is None:
+        errors.add("invalid_request", "Model parameter is required (body.model).", "body.model", number)
+        ok = False
+    elif not isinstance(model, str) or not model:
+        errors.add("invalid_request", "body.model must be a non-empty string.", "body.model", number)
+        ok = False
+    else:
+        if model not in served:
+            served[model] = model_is_served(model)
+        if not served[model]:
+            errors.add(
+                "model_not_found",
+                f"The provided model '{model}' is not served by this server for {endpoint}. "
+                "Configure a route for it (--upstream PATTERN=URL) or use a served model (GET /v1/models).",
+                "body.model",
+                number,
+            )
+            ok = False
+    for name in required:
+        if name not in body:
+            errors.add("invalid_request", f"{name.capitalize()} parameter is required (body.{name}).",
+                       f"body.{name}", number)
+            ok = False
+    if endpoint == C.CHAT_COMPLETIONS and "messages" in body and (
+        not isinstance(body["messages"], list) or not body["messages"]
+    ):
+        errors.add("invalid_request", "body.messages must be a non-empty array of messages.", "body.messages", number)
+        ok = False
+    return ok
+
+
+def _report_duplicates(
+    chunks: Callable[[], Iterable[bytes]], collisions: set[int], limits: Limits, errors: _Collector
+) -> None:
+    """Second pass over lines whose custom_id hash collided: report exact repeats only."""
+    first_seen: dict[str, int] = {}
+    for line in iter_lines(chunks(), limits.shard_max_bytes):
+        if line.data is None:
+            continue
+        try:
+            custom_id = orjson.loads(line.data).get("custom_id")
+        except (orjson.JSONDecodeError, AttributeError):
+            continue
+        if not isinstance(custom_id, str) or hash(custom_id) not in collisions:
+            continue
+        if custom_id in first_seen:
+            errors.add(
+                "duplicate_custom_id",
+                f"The custom_id '{custom_id}' for this request is a duplicate of line {first_seen[custom_id]}. "
+                "The custom_id parameter must be unique for each request in a batch.",
+                "custom_id",
+                line.number,
+            )
+        else:
+            first_seen[custom_id] = line.number

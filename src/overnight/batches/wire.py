@@ -1,0 +1,71 @@
+"""Records as the JSON objects OpenAI's API returns: every key present, null when unset."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from overnight.store.records import BatchRecord, FileRecord
+
+
+def file_object(record: FileRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "object": "file",
+        "bytes": record.bytes,
+        "created_at": record.created_at,
+        "expires_at": record.expires_at,
+        "filename": record.filename,
+        "purpose": record.purpose,
+        "status": "processed",
+        "status_details": None,
+    }
+
+
+def batch_object(record: BatchRecord) -> dict[str, Any]:
+    has_usage = record.request_completed or record.input_tokens or record.output_tokens
+    return {
+        "id": record.id,
+        "object": "batch",
+        "endpoint": record.endpoint,
+        "model": record.model,
+        "errors": {"object": "list", "data": record.errors} if record.errors else None,
+        "input_file_id": record.input_file_id,
+        "completion_window": record.completion_window,
+        "status": record.status,
+        "output_file_id": record.output_file_id,
+        "error_file_id": record.error_file_id,
+        "created_at": record.created_at,
+        "in_progress_at": record.in_progress_at,
+        "expires_at": record.expires_at,
+        "finalizing_at": record.finalizing_at,
+        "completed_at": record.completed_at,
+        "failed_at": record.failed_at,
+        "expired_at": record.expired_at,
+        "cancelling_at": record.cancelling_at,
+        "cancelled_at": record.cancelled_at,
+        "request_counts": {
+            "total": record.request_total,
+            "completed": record.request_completed,
+            "failed": record.request_failed,
+        },
+        "usage": {
+            "input_tokens": record.input_tokens,
+            "input_tokens_details": {"cached_tokens": record.cached_tokens},
+            "output_tokens": record.output_tokens,
+            "output_tokens_details": {"reasoning_tokens": record.reasoning_tokens},
+            "total_tokens": record.input_tokens + record.output_tokens,
+        }
+        if has_usage
+        else None,
+        "metadata": record.metadata,
+    }
+
+
+def list_object(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": has_more,
+    }

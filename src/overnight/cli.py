@@ -1,0 +1,256 @@
+"""`overnight serve | run | worker`: the only place that reads the environment."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+import orjson
+
+from overnight import __version__
+from overnight import constants as C
+from overnight.settings import (
+    EmbeddedSettings,
+    Settings,
+    load_config_file,
+    parse_upstream_flag,
+)
+
+if TYPE_CHECKING:
+    from overnight.store.records import BatchRecord
+    from overnight.wiring import Components
+
+log = logging.getLogger("overnight")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, default=None, help="where files and the SQLite database live")
+    parser.add_argument("--database-url", default=None, help="SQLAlchemy URL (default: SQLite in --data-dir)")
+    parser.add_argument(
+        "--upstream",
+        action="append",
+        default=[],
+        metavar="PATTERN=BASE_URL",
+        help="route models matching PATTERN (exact name or glob like 'gpt-*') to an OpenAI-compatible "
+        "server, e.g. '*=http://127.0.0.1:8001/v1'. Repeatable; first match wins after exact names.",
+    )
+    parser.add_argument("--config", type=Path, default=None, help="TOML config file (see README)")
+    parser.add_argument("--no-embedded", action="store_true", help="do not load the embedded engines")
+    parser.add_argument(
+        "--no-fallback",
+        action="store_true",
+        help="lines whose model matches no route fail validation (model_not_found) instead of "
+        "running on the embedded default model",
+    )
+    parser.add_argument("--lease-seconds", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--shard-lines", type=int, default=None, help="requests per shard (default 256)")
+    parser.add_argument("--max-shards", type=int, default=None, help="shards run at once per worker")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="overnight", description="A self-hosted, OpenAI-compatible Batch API.")
+    parser.add_argument("--version", action="version", version=f"overnight {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the API and run the worker in the same process")
+    _common(serve)
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--api-key", action="append", default=[], help="an accepted API key (repeatable)")
+    serve.add_argument("--admin-key", action="append", default=[], help="a key that sees every owner's objects")
+    serve.add_argument("--no-worker", action="store_true", help="serve the API only (run `overnight worker` apart)")
+
+    run = sub.add_parser("run", help="run one batch file through the same machinery, without a server")
+    _common(run)
+    run.add_argument("-i", "--input", type=Path, required=True, help="input JSONL (OpenAI batch format)")
+    run.add_argument("-o", "--output", type=Path, required=True, help="where successful lines go")
+    run.add_argument("--errors", type=Path, default=None, help="where failed lines go (default: --output)")
+    run.add_argument("--endpoint", default=None, help="default: the url of the first line")
+
+    worker = sub.add_parser("worker", help="run a worker only, against a shared database and data dir")
+    _common(worker)
+    return parser
+
+
+def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
+    data_dir = args.data_dir or Path(env.get("OVERNIGHT_DATA_DIR", "./data"))
+    settings = Settings(data_dir=data_dir)
+    if args.config is not None:
+        settings = load_config_file(args.config, settings)
+    keys = [k.strip() for k in env.get("OVERNIGHT_API_KEYS", "").split(",") if k.strip()]
+    keys += getattr(args, "api_key", [])
+    admin = [k.strip() for k in env.get("OVERNIGHT_ADMIN_KEYS", "").split(",") if k.strip()]
+    admin += getattr(args, "admin_key", [])
+    upstreams = tuple(parse_upstream_flag(v) for v in args.upstream)
+    worker = settings.worker
+    if args.lease_seconds is not None:
+        worker = replace(worker, lease_seconds=args.lease_seconds, poll_seconds=min(worker.poll_seconds, 0.2))
+    if args.max_shards is not None:
+        worker = replace(worker, max_shards_in_flight=args.max_shards)
+    limits = settings.limits
+    if args.shard_lines is not None:
+        limits = replace(limits, shard_max_lines=args.shard_lines)
+    embedded = settings.embedded
+    if args.no_embedded:
+        embedded = EmbeddedSettings(enabled=False)
+    return replace(
+        settings,
+        database_url=args.database_url or env.get("OVERNIGHT_DATABASE_URL") or settings.database_url,
+        host=getattr(args, "host", None) or env.get("OVERNIGHT_HOST", settings.host),
+        port=getattr(args, "port", None) or int(env.get("OVERNIGHT_PORT", settings.port)),
+        api_keys=settings.api_keys + tuple(keys),
+        admin_keys=settings.admin_keys + tuple(admin),
+        upstreams=upstreams + settings.upstreams,
+        fallback_to_default=settings.fallback_to_default and not args.no_fallback,
+        embedded=embedded,
+        worker=worker,
+        limits=limits,
+        run_worker=not getattr(args, "no_worker", False),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_from(args, dict(os.environ))
+    if args.command == "serve":
+        serve(settings)
+    elif args.command == "worker":
+        asyncio.run(run_worker_only(settings))
+    else:
+        sys.exit(asyncio.run(run_file(settings, args.input, args.output, args.errors, args.endpoint)))
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    from overnight.api.app import create_app
+    from overnight.wiring import build
+
+    parts = build(settings, announce=lambda text: print(text, file=sys.stderr, flush=True))
+    app = create_app(
+        parts.services,
+        on_startup=parts.start_engines,
+        background=parts.worker.run if settings.run_worker else None,
+        on_shutdown=parts.close,
+    )
+    log.info("serving on http://%s:%s/v1 (data in %s)", settings.host, settings.port, settings.data_dir)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+
+
+async def run_worker_only(settings: Settings) -> None:
+    from overnight.wiring import build
+
+    parts = build(settings, announce=lambda _text: None)
+    await parts.start_engines()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await parts.worker.run(stop)
+    finally:
+        await parts.close()
+
+
+async def run_file(
+    settings: Settings, input_path: Path, output_path: Path, errors_path: Path | None, endpoint: str | None
+) -> int:
+    """Run one JSONL file as a batch and write its results; the `vllm run-batch` use case."""
+    from tqdm import tqdm
+
+    from overnight.wiring import build
+
+    if not input_path.is_file():
+        print(f"error: no such input file: {input_path}", file=sys.stderr)
+        return 2
+    scratch = None
+    if settings.data_dir == Path("./data") and "OVERNIGHT_DATA_DIR" not in os.environ:
+        scratch = tempfile.mkdtemp(prefix="overnight-run-")
+        settings = replace(settings, data_dir=Path(scratch))
+    settings = replace(settings, worker=replace(settings.worker, poll_seconds=0.05), api_keys=("local",))
+    parts = build(settings, announce=lambda _text: None)
+    try:
+        endpoint = endpoint or _first_url(input_path) or C.CHAT_COMPLETIONS
+        owner = "local"
+        file_id = parts.services.files.new_upload_id()
+        key = parts.services.files.storage_key(file_id)
+        with parts.files.writer(key) as out, input_path.open("rb") as src:
+            head = src.read(1024 * 1024)
+            out.write(head)
+            while chunk := src.read(1024 * 1024):
+                out.write(chunk)
+        parts.services.files.register_upload(
+            owner, file_id, input_path.name, "batch", input_path.stat().st_size, head, None
+        )
+        batch = parts.services.batches.create(owner, file_id, endpoint, "24h")
+        await parts.start_engines()
+        stop = asyncio.Event()
+        worker_task = asyncio.create_task(parts.worker.run(stop))
+        bar = tqdm(total=0, unit="req", file=sys.stderr, desc="validating")
+        while True:
+            record = parts.services.batches.get(None, batch.id)
+            if record.request_total and bar.total != record.request_total:
+                bar.total = record.request_total
+                bar.set_description(record.status)
+            bar.n = record.request_completed + record.request_failed
+            bar.refresh()
+            if record.status in C.TERMINAL_STATES:
+                break
+            await asyncio.sleep(0.2)
+        bar.close()
+        stop.set()
+        await worker_task
+        return _write_results(parts, record, output_path, errors_path)
+    finally:
+        await parts.close()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write_results(parts: Components, record: BatchRecord, output_path: Path, errors_path: Path | None) -> int:
+    if record.status == C.FAILED:
+        for error in record.errors or []:
+            where = f"line {error['line']}: " if error.get("line") else ""
+            print(f"error: {where}{error['code']}: {error['message']}", file=sys.stderr)
+        return 1
+    targets = [(record.output_file_id, output_path), (record.error_file_id, errors_path or output_path)]
+    opened: dict[Path, BinaryIO] = {}
+    try:
+        for file_id, path in targets:
+            fh = opened.get(path) or opened.setdefault(path, path.open("wb"))
+            if file_id:
+                stored = parts.services.files.get(None, file_id)
+                for chunk in parts.files.iter_chunks(stored.storage_key):
+                    fh.write(chunk)
+    finally:
+        for fh in opened.values():
+            fh.close()
+    counts = f"{record.request_completed} completed, {record.request_failed} failed"
+    print(f"{record.status}: {counts} -> {output_path}", file=sys.stderr)
+    return 0
+
+
+def _first_url(path: Path) -> str | None:
+    with path.open("rb") as fh:
+        for raw in fh:
+            if raw.strip():
+                try:
+                    url = orjson.loads(raw.removeprefix(b"\xef\xbb\xbf")).get("url")
+                except (orjson.JSONDecodeError, AttributeError):
+                    return None
+                return url if isinstance(url, str) else None
+    return None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,46 @@
+"""Names of states, endpoints and limits shared by every layer."""
+
+from typing import Final
+
+# The endpoints a batch line may target, as OpenAI spells them.
+CHAT_COMPLETIONS: Final = "/v1/chat/completions"
+COMPLETIONS: Final = "/v1/completions"
+EMBEDDINGS: Final = "/v1/embeddings"
+SUPPORTED_ENDPOINTS: Final = (CHAT_COMPLETIONS, COMPLETIONS, EMBEDDINGS)
+
+COMPLETION_WINDOWS: Final = {"24h": 24 * 3600}
+
+# Batch states: OpenAI's, no invented ones.
+VALIDATING: Final = "validating"
+FAILED: Final = "failed"
+IN_PROGRESS: Final = "in_progress"
+FINALIZING: Final = "finalizing"
+COMPLETED: Final = "completed"
+EXPIRED: Final = "expired"
+CANCELLING: Final = "cancelling"
+CANCELLED: Final = "cancelled"
+TERMINAL_STATES: Final = frozenset({FAILED, COMPLETED, EXPIRED, CANCELLED})
+ACTIVE_STATES: Final = frozenset({VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING})
+
+# Shard states. A shard is settled when it is done (results committed) or skipped (never ran:
+# its lines are reported as cancelled or expired at finalize time).
+SHARD_PENDING: Final = "pending"
+SHARD_RUNNING: Final = "running"
+SHARD_DONE: Final = "done"
+SHARD_SKIPPED: Final = "skipped"
+
+# File purposes accepted on upload (SDK FilePurpose), and the one we write.
+UPLOAD_PURPOSES: Final = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data", "evals"})
+BATCH_OUTPUT_PURPOSE: Final = "batch_output"
+
+FILE_EXPIRY_MIN_SECONDS: Final = 3600
+FILE_EXPIRY_MAX_SECONDS: Final = 30 * 24 * 3600
+BATCH_FILE_DEFAULT_TTL: Final = 30 * 24 * 3600
+
+METADATA_MAX_PAIRS: Final = 16
+METADATA_MAX_KEY: Final = 64
+METADATA_MAX_VALUE: Final = 512
+
+# Per-line error codes that have no HTTP response behind them.
+BATCH_EXPIRED: Final = "batch_expired"
+BATCH_CANCELLED: Final = "batch_cancelled"

@@ -1,0 +1,56 @@
+"""The engine port: one async call, endpoint + body in, status + body (+ usage inside) out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    endpoint: str  # as in the batch line, e.g. "/v1/chat/completions"
+    body: dict[str, Any]  # the line's body, passed through unchanged (alias already applied)
+    deadline: float  # epoch seconds: no attempt starts, and no retry waits, past this
+
+
+@dataclass(frozen=True, slots=True)
+class EngineResponse:
+    """An HTTP-shaped answer (status_code + body), or a failure with no response behind it
+    (status_code None, error_code + error_message), which becomes the line's `error` object."""
+
+    status_code: int | None
+    body: dict[str, Any] | None = None
+    request_id: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+    @classmethod
+    def failure(cls, code: str, message: str) -> EngineResponse:
+        return cls(status_code=None, error_code=code, error_message=message)
+
+    @classmethod
+    def http_error(cls, status: int, message: str, code: str | None = None, param: str | None = None,
+                   error_type: str = "invalid_request_error") -> EngineResponse:
+        body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+        return cls(status_code=status, body=body)
+
+
+class Engine(Protocol):
+    """Executes one request. Implementations own their concurrency and retries; `execute` never
+    raises for a per-request failure, it returns it."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def execute(self, request: EngineRequest) -> EngineResponse: ...
+
+    async def close(self) -> None: ...
+
+    def served_models(self) -> list[str]:
+        """Concrete model names this engine answers for (for GET /v1/models)."""
+        ...

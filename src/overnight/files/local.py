@@ -1,0 +1,95 @@
+"""Local-directory adapter: write to a temp file, fsync, rename; a crash leaves only temp files."""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from overnight.files.port import CHUNK_SIZE, StorageFullError
+
+
+class _LocalWriter:
+    def __init__(self, fh: object) -> None:
+        self._fh = fh
+        self.bytes_written = 0
+
+    def write(self, data: bytes) -> None:
+        self._fh.write(data)  # type: ignore[attr-defined]
+        self.bytes_written += len(data)
+
+
+class LocalFileStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._blobs = root / "blobs"
+        self._tmp = root / "tmp"
+        self._blobs.mkdir(parents=True, exist_ok=True)
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        for leftover in self._tmp.iterdir():  # temp files of a crashed process never became blobs
+            leftover.unlink(missing_ok=True)
+
+    def _path(self, key: str) -> Path:
+        if ".." in key.split("/") or key.startswith("/"):
+            raise ValueError(f"invalid storage key {key!r}")
+        return self._blobs / key
+
+    @contextmanager
+    def writer(self, key: str) -> Iterator[_LocalWriter]:
+        final = self._path(key)
+        tmp = self._tmp / f"{secrets.token_hex(8)}.part"
+        try:
+            with open(tmp, "wb", buffering=CHUNK_SIZE) as fh:
+                writer = _LocalWriter(fh)
+                yield writer
+                fh.flush()
+                os.fsync(fh.fileno())
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFullError(exc.errno, "no space left in the data directory") from exc
+            raise
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        with open(self._path(key), "rb") as fh:
+            fh.seek(offset)
+            return fh.read(length)
+
+    def iter_chunks(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        with open(self._path(key), "rb") as fh:
+            while chunk := fh.read(chunk_size):
+                yield chunk
+
+    def size(self, key: str) -> int:
+        return self._path(key).stat().st_size
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def list_keys(self, prefix: str, older_than: float) -> Iterator[str]:
+        base = self._path(prefix) if prefix else self._blobs
+        if not base.exists():
+            return
+        for path in base.rglob("*"):
+            if path.is_file() and path.stat().st_mtime < older_than:
+                yield path.relative_to(self._blobs).as_posix()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,50 @@
+"""In-memory twin of the file store, for unit tests of the logic above it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from overnight.files.port import CHUNK_SIZE
+
+
+class _MemoryWriter:
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.bytes_written = 0
+
+    def write(self, data: bytes) -> None:
+        self.parts.append(bytes(data))
+        self.bytes_written += len(data)
+
+
+class MemoryFileStore:
+    def __init__(self) -> None:
+        self.blobs: dict[str, tuple[bytes, float]] = {}
+
+    @contextmanager
+    def writer(self, key: str) -> Iterator[_MemoryWriter]:
+        writer = _MemoryWriter()
+        yield writer
+        self.blobs[key] = (b"".join(writer.parts), time.time())
+
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        return self.blobs[key][0][offset : offset + length]
+
+    def iter_chunks(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        data = self.blobs[key][0]
+        for start in range(0, len(data), chunk_size):
+            yield data[start : start + chunk_size]
+
+    def size(self, key: str) -> int:
+        return len(self.blobs[key][0])
+
+    def exists(self, key: str) -> bool:
+        return key in self.blobs
+
+    def delete(self, key: str) -> None:
+        self.blobs.pop(key, None)
+
+    def list_keys(self, prefix: str, older_than: float) -> Iterator[str]:
+        return iter([k for k, (_, t) in self.blobs.items() if k.startswith(prefix) and t < older_than])

@@ -1,0 +1,46 @@
+"""The file-bytes port. Synchronous by design: callers on the event loop run it in a thread, and
+every method streams (no method returns a whole file)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from typing import Protocol
+
+CHUNK_SIZE = 1024 * 1024
+
+
+class StorageFullError(OSError):
+    """The store refused a write (disk full, quota); nothing was published."""
+
+
+class BlobWriter(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+    @property
+    def bytes_written(self) -> int: ...
+
+
+class FileStore(Protocol):
+    def writer(self, key: str) -> AbstractContextManager[BlobWriter]:
+        """Write a blob; it appears under `key` atomically when the block exits without error,
+        and not at all otherwise."""
+        ...
+
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        """`length` bytes at `offset` (one shard: bounded by the shard byte limit)."""
+        ...
+
+    def iter_chunks(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]: ...
+
+    def size(self, key: str) -> int: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None:
+        """Remove a blob; a missing one is not an error."""
+        ...
+
+    def list_keys(self, prefix: str, older_than: float) -> Iterator[str]:
+        """Keys under `prefix` last written before the epoch time `older_than`."""
+        ...

@@ -1,0 +1,28 @@
+"""Identifiers in OpenAI's observed formats. Per-line ids are derived, not random, so a re-run
+of a shard writes byte-identical lines (outputs stay idempotent under at-least-once execution)."""
+
+import secrets
+import string
+
+_BASE62 = string.digits + string.ascii_letters
+
+
+def new_batch_id() -> str:
+    return "batch_" + secrets.token_hex(16)
+
+
+def new_file_id() -> str:
+    return "file-" + "".join(secrets.choice(_BASE62) for _ in range(24))
+
+
+def new_lease_token() -> str:
+    return secrets.token_hex(12)
+
+
+def line_id(batch_id: str, line_index: int) -> str:
+    """`batch_req_<batch hex><line index>`: unique per input line, the same on every attempt."""
+    return f"batch_req_{batch_id.removeprefix('batch_')}{line_index:08x}"
+
+
+def line_request_id(batch_id: str, line_index: int) -> str:
+    return f"req_{batch_id.removeprefix('batch_')[:16]}{line_index:08x}"

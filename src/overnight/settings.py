@@ -1,0 +1,125 @@
+"""Typed configuration values. Only cli.py reads the environment; everything else receives these."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+GiB = 1024**3
+MiB = 1024**2
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_file_bytes: int = 2 * GiB
+    max_requests_per_batch: int = 1_000_000
+    # A shard ends at whichever comes first; its lines are one unit of durable work.
+    shard_max_lines: int = 256
+    shard_max_bytes: int = 16 * MiB
+    # Validation reports every bad line, but stores at most this many entries in `errors`.
+    max_reported_errors: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    lease_seconds: float = 30.0
+    poll_seconds: float = 0.5
+    max_shards_in_flight: int = 8
+    # Lines of one shard sent at once; the engine's own limiter decides the real concurrency.
+    senders_per_shard: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class RetrySettings:
+    max_attempts: int = 8
+    base_delay: float = 0.5
+    max_delay: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    """An OpenAI-compatible server that lines whose model matches `models` are sent to."""
+
+    base_url: str
+    models: tuple[str, ...] = ("*",)
+    name: str = ""
+    api_key: str | None = None
+    max_concurrency: int = 64
+    min_concurrency: int = 1
+    initial_concurrency: int = 16
+    timeout_seconds: float = 600.0
+    retry: RetrySettings = field(default_factory=RetrySettings)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.base_url
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedSettings:
+    enabled: bool = True
+    chat_model_path: str | None = None  # a GGUF; None means the packaged SmolLM2
+    chat_model_name: str | None = None
+    embedding_model_dir: str | None = None
+    n_ctx: int = 8192
+    n_seq_max: int = 16
+    threads: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    data_dir: Path = Path("./data")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    database_url: str | None = None  # default: sqlite file in data_dir
+    api_keys: tuple[str, ...] = ()
+    admin_keys: tuple[str, ...] = ()
+    upstreams: tuple[UpstreamSettings, ...] = ()
+    aliases: dict[str, str] = field(default_factory=dict)
+    # Lines whose model matches no route run on the embedded default model (issue: zero-config).
+    fallback_to_default: bool = True
+    limits: Limits = field(default_factory=Limits)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    embedded: EmbeddedSettings = field(default_factory=EmbeddedSettings)
+    run_worker: bool = True
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'overnight.db').resolve()}"
+
+
+def parse_upstream_flag(value: str) -> UpstreamSettings:
+    """`PATTERN=BASE_URL` (or just `BASE_URL`, meaning every model)."""
+    pattern, sep, url = value.partition("=")
+    if not sep or pattern.startswith(("http://", "https://")):
+        return UpstreamSettings(base_url=value.strip())
+    return UpstreamSettings(base_url=url.strip(), models=(pattern.strip(),))
+
+
+def load_config_file(path: Path, base: Settings) -> Settings:
+    """Merge a TOML config file into `base`. See README 'Configuration' for the format."""
+    with path.open("rb") as fh:
+        raw = tomllib.load(fh)
+    upstreams = list(base.upstreams)
+    for item in raw.get("upstreams", []):
+        retry = RetrySettings(**item.pop("retry", {}))
+        models = item.pop("models", ["*"])
+        if isinstance(models, str):
+            models = [models]
+        upstreams.append(UpstreamSettings(models=tuple(models), retry=retry, **item))
+    aliases = {**base.aliases, **raw.get("aliases", {})}
+    changes: dict[str, object] = {"upstreams": tuple(upstreams), "aliases": aliases}
+    if "limits" in raw:
+        changes["limits"] = replace(base.limits, **raw["limits"])
+    if "worker" in raw:
+        changes["worker"] = replace(base.worker, **raw["worker"])
+    if "embedded" in raw:
+        changes["embedded"] = replace(base.embedded, **raw["embedded"])
+    if "fallback_to_default" in raw:
+        changes["fallback_to_default"] = bool(raw["fallback_to_default"])
+    if "api_keys" in raw:
+        changes["api_keys"] = base.api_keys + tuple(raw["api_keys"])
+    if "admin_keys" in raw:
+        changes["admin_keys"] = base.admin_keys + tuple(raw["admin_keys"])
+    return replace(base, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,128 @@
+"""Plain values that cross the store boundary, so no layer above sees SQLAlchemy rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    id: str
+    owner: str
+    purpose: str
+    filename: str
+    bytes: int
+    created_at: int
+    expires_at: int | None
+    storage_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecord:
+    id: str
+    owner: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    status: str
+    created_at: int
+    expires_at: int | None
+    in_progress_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    errors: list[dict[str, Any]] | None = None
+    metadata: dict[str, str] | None = None
+    model: str | None = None
+    output_expires_after: int | None = None
+    request_total: int = 0
+    request_completed: int = 0
+    request_failed: int = 0
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    lease_token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ShardPlan:
+    """A contiguous run of requests recorded by validation."""
+
+    shard_index: int
+    first_request: int
+    request_count: int
+    byte_offset: int
+    byte_length: int
+
+
+@dataclass(slots=True)
+class ShardResult:
+    """What a worker commits for a shard: where its result lines are and what they add up to."""
+
+    result_key: str
+    completed: int = 0
+    failed: int = 0
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    model: str | None = None
+
+    def add_usage(self, usage: dict[str, Any]) -> None:
+        """Add one response's `usage` (chat/completions or embeddings shape) to the totals."""
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0)) or 0
+        completion = usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0
+        self.input_tokens += int(prompt)
+        self.output_tokens += int(completion)
+        details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+        self.cached_tokens += int(details.get("cached_tokens") or 0)
+        out_details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
+        self.reasoning_tokens += int(out_details.get("reasoning_tokens") or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedShard:
+    shard_id: int
+    lease_token: str
+    attempt: int
+    batch_id: str
+    shard_index: int
+    first_request: int
+    request_count: int
+    byte_offset: int
+    byte_length: int
+    endpoint: str
+    expires_at: int | None
+    input_storage_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class SettledShard:
+    """A shard as finalize sees it: committed results, or a byte range of lines that never ran."""
+
+    shard_index: int
+    status: str
+    result_key: str | None
+    first_request: int
+    request_count: int
+    byte_offset: int
+    byte_length: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchTask:
+    """Batch-level work a worker claimed: `validate`, or `finalize` towards `final_status`."""
+
+    kind: str
+    batch: BatchRecord
+    lease_token: str
+    final_status: str | None = None
+    input_storage_key: str | None = None
+    shards: list[SettledShard] = field(default_factory=list)

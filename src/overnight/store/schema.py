@@ -1,0 +1,118 @@
+"""The tables. One schema for SQLite and PostgreSQL; Alembic migrations create it (see migrations/)."""
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL wants BIGINT for big queues.
+AutoId = BigInteger().with_variant(Integer(), "sqlite")
+
+metadata = MetaData()
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    # sha256 of the key: the key itself is never stored.
+    Column("key_hash", String(64), primary_key=True),
+    Column("owner", String(64), nullable=False),
+    Column("is_admin", Boolean, nullable=False, default=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+files = Table(
+    "files",
+    metadata,
+    # seq orders lists (created_at has one-second resolution); id is what clients see.
+    Column("seq", AutoId, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("owner", String(64), nullable=False),
+    Column("purpose", String(32), nullable=False),
+    Column("filename", Text, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=True),
+    Column("storage_key", Text, nullable=False),
+    # Deleted files disappear from the API at once; their bytes go when no active batch reads them.
+    Column("deleted_at", BigInteger, nullable=True),
+    Index("ix_files_owner_seq", "owner", "seq"),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("seq", AutoId, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("owner", String(64), nullable=False),
+    Column("endpoint", String(64), nullable=False),
+    Column("input_file_id", String(64), nullable=False),
+    Column("completion_window", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("in_progress_at", BigInteger),
+    Column("expires_at", BigInteger),
+    Column("finalizing_at", BigInteger),
+    Column("completed_at", BigInteger),
+    Column("failed_at", BigInteger),
+    Column("expired_at", BigInteger),
+    Column("cancelling_at", BigInteger),
+    Column("cancelled_at", BigInteger),
+    Column("output_file_id", String(64)),
+    Column("error_file_id", String(64)),
+    Column("errors_json", Text),
+    Column("metadata_json", Text),
+    Column("model", Text),
+    Column("output_expires_after", BigInteger),
+    Column("request_total", BigInteger, nullable=False, default=0),
+    Column("request_completed", BigInteger, nullable=False, default=0),
+    Column("request_failed", BigInteger, nullable=False, default=0),
+    Column("input_tokens", BigInteger, nullable=False, default=0),
+    Column("cached_tokens", BigInteger, nullable=False, default=0),
+    Column("output_tokens", BigInteger, nullable=False, default=0),
+    Column("reasoning_tokens", BigInteger, nullable=False, default=0),
+    # Lease on the batch-level phases (validating, finalizing): a dead holder's work is taken over.
+    Column("lease_token", String(32)),
+    Column("lease_expires_at", Float),
+    Index("ix_batches_owner_seq", "owner", "seq"),
+    Index("ix_batches_status", "status"),
+)
+
+shards = Table(
+    "shards",
+    metadata,
+    Column("id", AutoId, primary_key=True, autoincrement=True),
+    Column("batch_id", String(64), nullable=False),
+    Column("shard_index", Integer, nullable=False),
+    # Requests first_request .. first_request+request_count-1 (0-based, blank lines not counted),
+    # stored in bytes byte_offset .. byte_offset+byte_length of the input file.
+    Column("first_request", BigInteger, nullable=False),
+    Column("request_count", Integer, nullable=False),
+    Column("byte_offset", BigInteger, nullable=False),
+    Column("byte_length", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempt", Integer, nullable=False, default=0),
+    Column("lease_token", String(32)),
+    Column("lease_expires_at", Float),
+    # Committed results: one object per (shard, attempt), written before the commit that names it.
+    Column("result_key", Text),
+    Column("completed", Integer, nullable=False, default=0),
+    Column("failed", Integer, nullable=False, default=0),
+    Column("input_tokens", BigInteger, nullable=False, default=0),
+    Column("cached_tokens", BigInteger, nullable=False, default=0),
+    Column("output_tokens", BigInteger, nullable=False, default=0),
+    Column("reasoning_tokens", BigInteger, nullable=False, default=0),
+    Column("model", Text),
+    UniqueConstraint("batch_id", "shard_index", name="uq_shards_batch_index"),
+    # The claim scans pending shards in round-robin order across batches.
+    Index("ix_shards_status_index", "status", "shard_index"),
+    Index("ix_shards_batch_status", "batch_id", "status"),
+)

@@ -1,0 +1,209 @@
+"""A fast OpenAI-compatible server for tests and benchmarks, with fault injection.
+
+    python -m overnight.testing.upstream_server --port 8001 [--chaos 0.2] [--max-concurrency 32]
+
+Answers /v1/chat/completions, /v1/completions and /v1/embeddings deterministically (an echo of
+the prompt). Faults are asked for per request by a field in the body, which overnight passes
+through unchanged:
+
+    "x_fault": "429:2"   fail the first 2 attempts with 429 (Retry-After 50 ms), then answer
+    "x_fault": "500:1" / "503:3" / "502:1"   the same with that status
+    "x_fault": "timeout:1"   hang past the client's timeout once
+    "x_fault": "reset:2"     drop the connection without answering, twice
+    "x_fault": "400" / "404" / "422"   a permanent error, every time
+    "x_fault": "slow:200"    answer after 200 ms
+
+Attempts are counted per `x_fault_key` (default: the whole body). `--chaos P` injects a random
+transient fault (429/500/503/reset) into a fraction P of first attempts. `--max-concurrency N`
+answers 429 while more than N requests are in flight (an overloaded server). GET /stats reports
+requests seen, peak concurrency and faults served; POST /stats/reset clears them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+TIMEOUT_HANG_SECONDS = 30.0
+
+
+@dataclass
+class UpstreamState:
+    chaos: float = 0.0
+    max_concurrency: int = 0
+    delay: float = 0.0
+    rng: random.Random = field(default_factory=lambda: random.Random(1234))
+    attempts: Counter[str] = field(default_factory=Counter)
+    served: Counter[str] = field(default_factory=Counter)
+    in_flight: int = 0
+    peak_in_flight: int = 0
+    requests: int = 0
+    chaos_seen: set[str] = field(default_factory=set)
+
+
+def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json", headers=headers)
+
+
+def _error(status: int, message: str, code: str | None = None) -> web.Response:
+    headers = {"retry-after-ms": "50"} if status == 429 else None
+    kind = "rate_limit_error" if status == 429 else "server_error" if status >= 500 else "invalid_request_error"
+    return _json({"error": {"message": message, "type": kind, "param": None, "code": code}}, status, headers)
+
+
+def _answer(endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+    model = body.get("model", "unknown")
+    created = int(time.time())
+    if endpoint == "embeddings":
+        inputs = body.get("input", "")
+        items = inputs if isinstance(inputs, list) else [inputs]
+        data = [
+            {"object": "embedding", "index": i, "embedding": [float(len(str(x)) % 7), 0.5, -0.25]}
+            for i, x in enumerate(items)
+        ]
+        tokens = sum(len(str(x).split()) for x in items)
+        return {"object": "list", "data": data, "model": model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    if endpoint == "chat":
+        messages = body.get("messages") or [{}]
+        last = messages[-1].get("content", "") if isinstance(messages[-1], dict) else ""
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages if isinstance(m, dict))
+        text = f"echo: {str(last)[:64]}"
+        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                                  "finish_reason": "stop", "logprobs": None}
+        kind = "chat.completion"
+    else:
+        prompt = str(body.get("prompt", ""))
+        prompt_tokens = len(prompt.split())
+        text = f"echo: {prompt[:64]}"
+        choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
+        kind = "text_completion"
+    completion_tokens = len(text.split())
+    return {
+        "id": f"cmpl-{created}",
+        "object": kind,
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }
+
+
+async def _fault(state: UpstreamState, request: web.Request, body: dict[str, Any], raw: bytes) -> web.Response | None:
+    spec = body.get("x_fault")
+    key = str(body.get("x_fault_key") or raw)
+    if spec is None and state.chaos and key not in state.chaos_seen:
+        state.chaos_seen.add(key)
+        if state.rng.random() < state.chaos:
+            spec = state.rng.choice(["429:1", "500:1", "503:1", "reset:1"])
+    if not isinstance(spec, str):
+        return None
+    kind, _, arg = spec.partition(":")
+    if kind == "slow":
+        await asyncio.sleep(float(arg or 100) / 1000)
+        return None
+    if kind in ("400", "404", "422"):
+        state.served[kind] += 1
+        code = "model_not_found" if kind == "404" else "invalid_value"
+        return _error(int(kind), f"injected permanent error {kind}", code)
+    state.attempts[key] += 1
+    if state.attempts[key] > int(arg or 1):
+        return None
+    state.served[kind] += 1
+    if kind == "timeout":
+        await asyncio.sleep(TIMEOUT_HANG_SECONDS)
+        return _error(504, "injected hang ended")
+    if kind == "reset":
+        if request.transport is not None:
+            request.transport.abort()
+        raise asyncio.CancelledError
+    return _error(int(kind), f"injected transient error {kind}")
+
+
+def make_app(state: UpstreamState) -> web.Application:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        endpoint = request.match_info["endpoint"]
+        state.requests += 1
+        state.in_flight += 1
+        state.peak_in_flight = max(state.peak_in_flight, state.in_flight)
+        try:
+            raw = await request.read()
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                return _error(400, "body is not JSON")
+            if state.max_concurrency and state.in_flight > state.max_concurrency:
+                state.served["overload"] += 1
+                return _error(429, "too many concurrent requests")
+            fault = await _fault(state, request, body, raw)
+            if fault is not None:
+                return fault
+            if state.delay:
+                await asyncio.sleep(state.delay)
+            state.served["ok"] += 1
+            return _json(_answer(endpoint, body))
+        finally:
+            state.in_flight -= 1
+
+    async def stats(_request: web.Request) -> web.Response:
+        return _json({"requests": state.requests, "peak_in_flight": state.peak_in_flight,
+                      "in_flight": state.in_flight, "served": dict(state.served)})
+
+    async def reset(_request: web.Request) -> web.Response:
+        state.requests = state.peak_in_flight = 0
+        state.served.clear()
+        state.attempts.clear()
+        state.chaos_seen.clear()
+        return _json({"ok": True})
+
+    app = web.Application(client_max_size=1024**3)
+    app.router.add_post("/v1/{endpoint:chat}/completions", handle)
+    app.router.add_post("/v1/{endpoint:completions|embeddings}", handle)
+    app.router.add_get("/stats", stats)
+    app.router.add_post("/stats/reset", reset)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0: pick a free port (see --port-file)")
+    parser.add_argument("--port-file", type=Path, default=None, help="write the bound port here")
+    parser.add_argument("--chaos", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--max-concurrency", type=int, default=0)
+    parser.add_argument("--delay-ms", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    state = UpstreamState(chaos=args.chaos, max_concurrency=args.max_concurrency, delay=args.delay_ms / 1000,
+                          rng=random.Random(args.seed))
+    asyncio.run(_serve(make_app(state), args.host, args.port, args.port_file))
+
+
+async def _serve(app: web.Application, host: str, port: int, port_file: Path | None) -> None:
+    runner = web.AppRunner(app, access_log=None, handle_signals=True)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024)
+    await site.start()
+    bound = runner.addresses[0][1]
+    if port_file is not None:
+        port_file.write_text(str(bound))
+    print(f"upstream listening on http://{host}:{bound}/v1", file=sys.stderr, flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The one place adapters are chosen: settings in, a wired store, file store, router, services and
+worker out. The CLI calls this; so do the tests that need a whole server in-process."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from overnight import constants as C
+from overnight.api.auth import Authenticator, hash_key, owner_of
+from overnight.api.services import Services
+from overnight.batches.file_service import FileService
+from overnight.batches.service import BatchService
+from overnight.engines.port import Engine
+from overnight.engines.router import Route, Router
+from overnight.engines.upstream import UpstreamEngine
+from overnight.files.local import LocalFileStore
+from overnight.settings import Settings
+from overnight.store.metadata import MetadataStore
+from overnight.worker.worker import Worker
+
+log = logging.getLogger("overnight")
+
+
+@dataclass(slots=True)
+class Components:
+    settings: Settings
+    store: MetadataStore
+    files: LocalFileStore
+    router: Router
+    worker: Worker
+    services: Services
+
+    async def start_engines(self) -> None:
+        for engine in self.router.engines():
+            await engine.start()
+
+    async def close(self) -> None:
+        for engine in self.router.engines():
+            await engine.close()
+        self.store.close()
+
+
+def build_router(settings: Settings) -> Router:
+    routes: list[Route] = []
+    for upstream in settings.upstreams:
+        engine = UpstreamEngine(upstream)
+        routes.extend(Route(pattern, engine) for pattern in upstream.models)
+    defaults: dict[str, Engine] = {}
+    if settings.embedded.enabled:
+        defaults = embedded_engines(settings)
+        # An embedded model is also routable by its own name, fallback or not.
+        for endpoint, engine in defaults.items():
+            for name in engine.served_models():
+                routes.append(Route(name, engine, frozenset({endpoint})))
+    if not settings.fallback_to_default:
+        defaults = {}
+    return Router(routes, settings.aliases, defaults)
+
+
+def embedded_engines(settings: Settings) -> dict[str, Engine]:
+    """endpoint -> embedded engine, for the engines whose code and model are installed."""
+    engines: dict[str, Engine] = {}
+    try:
+        from overnight.engines import packaged_models
+        from overnight.engines.embeddings import MiniLMEmbeddingEngine
+        from overnight.engines.llama_chat import LlamaChatEngine
+    except ImportError as exc:  # the `embedded` extra is not installed
+        log.warning("embedded engines unavailable (%s); only configured upstreams serve requests", exc)
+        return engines
+    cfg = settings.embedded
+    chat_path = cfg.chat_model_path or packaged_models.default_chat_model_path()
+    if chat_path:
+        name = cfg.chat_model_name or (
+            packaged_models.DEFAULT_CHAT_MODEL_NAME if not cfg.chat_model_path else _stem(chat_path)
+        )
+        chat = LlamaChatEngine(chat_path, name, n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq_max, threads=cfg.threads)
+        engines[C.CHAT_COMPLETIONS] = chat
+        engines[C.COMPLETIONS] = chat
+    embed_dir = cfg.embedding_model_dir or packaged_models.default_embedding_model_dir()
+    if embed_dir:
+        engines[C.EMBEDDINGS] = MiniLMEmbeddingEngine(embed_dir, threads=cfg.threads)
+    return engines
+
+
+def _stem(path: str) -> str:
+    return path.replace("\\", "/").rsplit("/", 1)[-1].removesuffix(".gguf")
+
+
+def load_authenticator(
+    settings: Settings, store: MetadataStore, announce: Callable[[str], None]
+) -> Authenticator:
+    """Configured keys, plus keys created earlier. With none at all, create one and print it once."""
+    hashes = store.stored_key_hashes()
+    for key in settings.api_keys:
+        h = hash_key(key)
+        hashes[h] = (owner_of(h), False)
+    for key in settings.admin_keys:
+        h = hash_key(key)
+        hashes[h] = (owner_of(h), True)
+    if not hashes:
+        key = "sk-overnight-" + secrets.token_urlsafe(24)
+        h = hash_key(key)
+        store.add_key_hash(h, owner_of(h), False, int(time.time()))
+        hashes[h] = (owner_of(h), False)
+        announce(
+            f"Created an API key (shown once, only its hash is stored):\n\n    {key}\n\n"
+            "Pass it as api_key=... to the OpenAI SDK, or configure your own with --api-key."
+        )
+    return Authenticator(hashes)
+
+
+def build(settings: Settings, announce: Callable[[str], None] = print) -> Components:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = MetadataStore(settings.resolved_database_url)
+    store.migrate()
+    files = LocalFileStore(settings.data_dir)
+    router = build_router(settings)
+    worker = Worker(store, files, router, settings.worker, settings.limits)
+    services = Services(
+        auth=load_authenticator(settings, store, announce),
+        files=FileService(store, files),
+        batches=BatchService(store, on_change=worker.wake),
+        router=router,
+        limits=settings.limits,
+    )
+    return Components(settings, store, files, router, worker, services)

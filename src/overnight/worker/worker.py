@@ -1,0 +1,242 @@
+"""The worker: claims batch-level tasks (validate, finalize) and shards, keeps their leases alive,
+and cleans up. Stateless: any number of workers, in the server process or apart, share one store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+from overnight import constants as C
+from overnight.batches.finalize import finalize_batch
+from overnight.batches.validation import validate_input
+from overnight.engines.router import Router
+from overnight.files.port import FileStore
+from overnight.ids import new_lease_token
+from overnight.settings import Limits, WorkerSettings
+from overnight.store.metadata import MetadataStore
+from overnight.store.records import BatchTask, ClaimedShard
+from overnight.worker.shard_runner import ShardRunner, ShardState
+
+log = logging.getLogger("overnight.worker")
+
+# Orphans (a crashed writer's objects that no row names) are removed once this old.
+ORPHAN_AGE_SECONDS = 3600.0
+
+
+class Worker:
+    def __init__(
+        self,
+        store: MetadataStore,
+        files: FileStore,
+        router: Router,
+        settings: WorkerSettings,
+        limits: Limits,
+        clock: Callable[[], float] = time.time,
+        janitor_seconds: float = 60.0,
+    ) -> None:
+        self.store = store
+        self.files = files
+        self.router = router
+        self.settings = settings
+        self.limits = limits
+        self.clock = clock
+        self.janitor_seconds = janitor_seconds
+        self.runner = ShardRunner(store, files, router, settings.senders_per_shard, clock)
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._shards: dict[int, tuple[ClaimedShard, ShardState]] = {}
+        self._batch_tasks = 0
+
+    # -- wiring ---------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Thread-safe nudge: new work may be claimable (a batch was created or cancelled)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        loops = [
+            asyncio.create_task(self._claim_loop(stop), name="claim"),
+            asyncio.create_task(self._heartbeat_loop(stop), name="heartbeat"),
+            asyncio.create_task(self._janitor_loop(stop), name="janitor"),
+        ]
+        try:
+            await stop.wait()
+        finally:
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+
+    # -- claiming -------------------------------------------------------------------------
+
+    async def _claim_loop(self, stop: asyncio.Event) -> None:
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while not stop.is_set():
+                claimed = await self._claim_some(running)
+                if not claimed:
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def _claim_some(self, running: set[asyncio.Task[None]]) -> bool:
+        claimed = False
+        now = self.clock()
+        lease = self.settings.lease_seconds
+        if self._batch_tasks < 2:
+            task = await asyncio.to_thread(self.store.claim_batch_task, now, lease, new_lease_token())
+            if task is not None:
+                claimed = True
+                self._spawn(running, self._run_batch_task(task))
+        while len(self._shards) < self.settings.max_shards_in_flight:
+            shard = await asyncio.to_thread(self.store.claim_shard, self.clock(), lease, new_lease_token())
+            if shard is None:
+                break
+            claimed = True
+            state = ShardState()
+            self._shards[shard.shard_id] = (shard, state)
+            self._spawn(running, self._run_shard(shard, state))
+        return claimed
+
+    def _spawn(self, running: set[asyncio.Task[None]], coro: object) -> None:
+        task = asyncio.create_task(coro)  # type: ignore[arg-type]
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    async def _run_shard(self, shard: ClaimedShard, state: ShardState) -> None:
+        try:
+            await self.runner.run(shard, state)
+        except Exception:
+            # The lease expires and another attempt runs the shard; nothing was committed.
+            log.exception("shard %s of %s failed; it will be retried", shard.shard_index, shard.batch_id)
+        finally:
+            self._shards.pop(shard.shard_id, None)
+            self._wake.set()
+
+    async def _run_batch_task(self, task: BatchTask) -> None:
+        self._batch_tasks += 1
+        try:
+            async with self._batch_lease(task.batch.id, task.lease_token):
+                if task.kind == "validate":
+                    await self._validate(task)
+                else:
+                    await asyncio.to_thread(finalize_batch, task, self.files, self.store, int(self.clock()))
+        except Exception:
+            log.exception("%s of batch %s failed; it will be retried", task.kind, task.batch.id)
+        finally:
+            self._batch_tasks -= 1
+            self._wake.set()
+
+    async def _validate(self, task: BatchTask) -> None:
+        batch = task.batch
+        now = int(self.clock())
+        key = task.input_storage_key
+        if key is None or not await asyncio.to_thread(self.files.exists, key):
+            error = {
+                "code": "invalid_request",
+                "message": f"Cannot find file {batch.input_file_id}: it was deleted or expired before validation.",
+                "param": "input_file_id",
+                "line": None,
+            }
+            await asyncio.to_thread(self.store.fail_batch, batch.id, task.lease_token, [error], now)
+            return
+
+        def model_is_served(model: str) -> bool:
+            return self.router.resolve(model, batch.endpoint) is not None
+
+        report = await asyncio.to_thread(
+            validate_input, lambda: self.files.iter_chunks(key), batch.endpoint, model_is_served, self.limits
+        )
+        now = int(self.clock())
+        if report.ok:
+            moved = await asyncio.to_thread(
+                self.store.start_batch, batch.id, task.lease_token, report.plans, report.total, now
+            )
+        else:
+            moved = await asyncio.to_thread(self.store.fail_batch, batch.id, task.lease_token, report.errors, now)
+        if not moved:  # cancelled while validating: hand the batch to finalize at once
+            await asyncio.to_thread(self.store.release_batch_lease, batch.id, task.lease_token)
+
+    @contextlib.asynccontextmanager
+    async def _batch_lease(self, batch_id: str, token: str) -> AsyncIterator[None]:
+        """Keep a batch-level lease alive while its task runs."""
+
+        async def keep() -> None:
+            while True:
+                await asyncio.sleep(self.settings.lease_seconds / 3)
+                until = self.clock() + self.settings.lease_seconds
+                await asyncio.to_thread(self.store.extend_batch_lease, batch_id, token, until)
+
+        keeper = asyncio.create_task(keep())
+        try:
+            yield
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+
+    # -- leases and housekeeping ----------------------------------------------------------
+
+    async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
+        interval = self.settings.lease_seconds / 3
+        while not stop.is_set():
+            await asyncio.sleep(min(interval, 1.0))
+            await self.heartbeat()
+
+    async def heartbeat(self) -> None:
+        """Extend our shard leases and learn which shards must stop (lease lost, batch cancelled)."""
+        held = [(shard_id, claim.lease_token) for shard_id, (claim, _) in list(self._shards.items())]
+        if not held:
+            return
+        until = self.clock() + self.settings.lease_seconds
+        try:
+            lost, stopped = await asyncio.to_thread(self.store.heartbeat_shards, held, until)
+        except Exception:
+            log.exception("heartbeat failed")
+            return
+        for shard_id in lost | stopped:
+            entry = self._shards.get(shard_id)
+            if entry is not None:
+                entry[1].lease_lost |= shard_id in lost
+                entry[1].batch_stopped |= shard_id in stopped
+
+    async def _janitor_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.to_thread(self.collect_garbage)
+            except Exception:
+                log.exception("cleanup failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.janitor_seconds)
+
+    def collect_garbage(self, orphan_age: float = ORPHAN_AGE_SECONDS) -> int:
+        """Remove bytes of deleted/expired files, and objects no row names (crashed writers)."""
+        removed = 0
+        for key in self.store.collect_garbage(int(self.clock())):
+            self.files.delete(key)
+            removed += 1
+        for prefix in ("files/", "results/"):
+            old = list(self.files.list_keys(prefix, self.clock() - orphan_age))
+            for start in range(0, len(old), 500):
+                chunk = old[start : start + 500]
+                live = self.store.live_storage_keys(chunk)
+                for key in chunk:
+                    if key not in live and not self._belongs_to_active_batch(key):
+                        self.files.delete(key)
+                        removed += 1
+        return removed
+
+    def _belongs_to_active_batch(self, key: str) -> bool:
+        """A results object of a running shard is named by no row until its commit."""
+        if not key.startswith("results/"):
+            return False
+        batch_id = key.split("/")[1]
+        return self.store.batch_status(batch_id) in C.ACTIVE_STATES
