@@ -54,6 +54,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lease-seconds", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shard-lines", type=int, default=None, help="requests per shard (default 256)")
     parser.add_argument("--max-shards", type=int, default=None, help="shards run at once per worker")
+    parser.add_argument(
+        "--completion-window-seconds",
+        type=int,
+        default=None,
+        help="how long the '24h' completion window lasts on this server (default 86400)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,6 +105,8 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
     limits = settings.limits
     if args.shard_lines is not None:
         limits = replace(limits, shard_max_lines=args.shard_lines)
+    if args.completion_window_seconds is not None:
+        limits = replace(limits, completion_window_seconds=args.completion_window_seconds)
     embedded = settings.embedded
     if args.no_embedded:
         embedded = EmbeddedSettings(enabled=False)
@@ -121,6 +129,7 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     settings = settings_from(args, dict(os.environ))
     if args.command == "serve":
         serve(settings)

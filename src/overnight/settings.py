@@ -19,6 +19,9 @@ class Limits:
     shard_max_bytes: int = 16 * MiB
     # Validation reports every bad line, but stores at most this many entries in `errors`.
     max_reported_errors: int = 1000
+    # What the one completion window OpenAI defines ("24h") lasts on this server. Shorter values
+    # are for tests and for operators who want an earlier deadline.
+    completion_window_seconds: int = 24 * 3600
 
 
 @dataclass(frozen=True, slots=True)

@@ -123,7 +123,9 @@ def build(settings: Settings, announce: Callable[[str], None] = print) -> Compon
     services = Services(
         auth=load_authenticator(settings, store, announce),
         files=FileService(store, files),
-        batches=BatchService(store, on_change=worker.wake),
+        batches=BatchService(
+            store, window_seconds=settings.limits.completion_window_seconds, on_change=worker.wake
+        ),
         router=router,
         limits=settings.limits,
     )

@@ -19,11 +19,13 @@ class BatchService:
         self,
         store: MetadataStore,
         endpoints: tuple[str, ...] = C.SUPPORTED_ENDPOINTS,
+        window_seconds: int = C.COMPLETION_WINDOWS["24h"],
         clock: Callable[[], float] = time.time,
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
         self.endpoints = endpoints
+        self.window_seconds = window_seconds
         self.clock = clock
         self.on_change = on_change  # wakes the in-process worker
 
@@ -68,7 +70,7 @@ class BatchService:
             completion_window=completion_window,
             status=C.VALIDATING,
             created_at=now,
-            expires_at=now + C.COMPLETION_WINDOWS[completion_window],
+            expires_at=now + self.window_seconds,
             metadata=metadata,
             output_expires_after=output_ttl,
         )

@@ -13,10 +13,13 @@ from typing import Any
 import aiohttp
 import orjson
 
+from overnight import constants as C
 from overnight.engines.limiter import AdaptiveLimiter
 from overnight.engines.port import EngineRequest, EngineResponse
 from overnight.engines.retry import OVERLOAD_STATUS, RetryPolicy, parse_retry_after
 from overnight.settings import UpstreamSettings
+
+_EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
 
 
 class UpstreamEngine:
@@ -65,9 +68,7 @@ class UpstreamEngine:
             attempt += 1
             now = time.time()
             if now >= request.deadline:
-                return EngineResponse.failure(
-                    "batch_expired", "This request could not be executed before the completion window expired."
-                )
+                return EngineResponse.failure(C.BATCH_EXPIRED, _EXPIRED_MESSAGE)
             response, retry_after = await self._attempt(url, payload, request.deadline - now)
             if response.ok:
                 return response
@@ -78,6 +79,7 @@ class UpstreamEngine:
 
     async def _attempt(self, url: str, payload: bytes, time_left: float) -> tuple[EngineResponse, float | None]:
         assert self._session is not None
+        capped_by_deadline = time_left < self.settings.timeout_seconds
         timeout = aiohttp.ClientTimeout(total=min(self.settings.timeout_seconds, time_left), sock_connect=10)
         await self.limiter.acquire()
         try:
@@ -87,6 +89,8 @@ class UpstreamEngine:
                 request_id = resp.headers.get("x-request-id")
                 retry_after = parse_retry_after(resp.headers)
         except TimeoutError:
+            if capped_by_deadline:  # the completion window closed while the request was in flight
+                return EngineResponse.failure(C.BATCH_EXPIRED, _EXPIRED_MESSAGE), None
             self.limiter.on_overload()
             return EngineResponse.failure(
                 "upstream_timeout", f"The upstream {self.name} did not answer within the timeout."

@@ -1,0 +1,236 @@
+"""Real processes on 127.0.0.1: `overnight serve` and the fault-injecting upstream, driven with the
+official openai SDK."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+TERMINAL = {"completed", "failed", "cancelled", "expired"}
+API_KEY = "sk-test-alice"
+OTHER_KEY = "sk-test-bob"
+ADMIN_KEY = "sk-test-admin"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def raw_request(
+    method: str, url: str, headers: dict[str, str] | None = None, body: bytes | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """A plain HTTP call (stdlib), for what the SDK cannot send or hides."""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return 0, {}, b""
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        if raw_request("GET", url)[0] == 200:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+class Upstream:
+    def __init__(self, workdir: Path, *args: str) -> None:
+        self.port = free_port()
+        self.log = workdir / f"upstream-{self.port}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "overnight.testing.upstream_server", "--port", str(self.port), *args],
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        wait_http(f"http://127.0.0.1:{self.port}/stats", self.proc, self.log)
+
+    def stats(self) -> dict[str, Any]:
+        return json.loads(raw_request("GET", f"http://127.0.0.1:{self.port}/stats")[2])
+
+    def reset(self) -> None:
+        raw_request("POST", f"http://127.0.0.1:{self.port}/stats/reset")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class Server:
+    """`overnight serve` as a subprocess; `kill()` is SIGKILL, `start()` again reuses the data dir."""
+
+    def __init__(self, data_dir: Path, args: list[str]) -> None:
+        self.data_dir = data_dir
+        self.args = args
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.log = data_dir.parent / f"server-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Server:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("OVERNIGHT_API_KEYS", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "overnight", "serve", "--port", str(self.port),
+             "--data-dir", str(self.data_dir), *self.args],
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        wait_http(f"http://127.0.0.1:{self.port}/health", self.proc, self.log)
+        return self
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def client(self, key: str = API_KEY, **kwargs: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=key, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("overnight")
+
+
+@pytest.fixture(scope="session")
+def upstream(workdir: Path) -> Iterator[Upstream]:
+    up = Upstream(workdir)
+    yield up
+    up.stop()
+
+
+def server_args(upstream: Upstream, *extra: str, routes: tuple[str, ...] = ("*",)) -> list[str]:
+    route_args = [arg for pattern in routes for arg in ("--upstream", f"{pattern}={upstream.base_url}")]
+    return [
+        *route_args,
+        "--api-key", API_KEY, "--api-key", OTHER_KEY, "--admin-key", ADMIN_KEY,
+        "--no-embedded", "--lease-seconds", "2", *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def server(workdir: Path, upstream: Upstream) -> Iterator[Server]:
+    """One shared server for the API tests (each test makes its own files and batches)."""
+    srv = Server(workdir / "shared-data", server_args(upstream, "--shard-lines", "50")).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def make_server(tmp_path: Path, upstream: Upstream) -> Iterator[Any]:
+    """A private server per test (durability, expiry, special settings)."""
+    started: list[Server] = []
+
+    def make(*extra: str, routes: tuple[str, ...] = ("*",)) -> Server:
+        args = server_args(upstream, *extra, routes=routes)
+        srv = Server(tmp_path / f"data{len(started)}", args).start()
+        started.append(srv)
+        return srv
+
+    yield make
+    for srv in started:
+        srv.stop()
+
+
+@pytest.fixture
+def client(server: Server) -> openai.OpenAI:
+    return server.client()
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def chat_line(i: int, model: str = "gpt-4o-mini", **body: Any) -> dict[str, Any]:
+    return {
+        "custom_id": f"req-{i}",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": model, "messages": [{"role": "user", "content": f"question {i}"}], **body},
+    }
+
+
+def jsonl(lines: list[Any]) -> bytes:
+    return b"".join((json.dumps(x) if not isinstance(x, str) else x).encode() + b"\n" for x in lines)
+
+
+def upload(client: openai.OpenAI, lines: list[Any] | bytes, name: str = "input.jsonl") -> str:
+    data = lines if isinstance(lines, bytes) else jsonl(lines)
+    return client.files.create(file=(name, data), purpose="batch").id
+
+
+def wait_terminal(client: openai.OpenAI, batch_id: str, timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in TERMINAL:
+            return batch
+        time.sleep(0.05)
+    raise AssertionError(f"batch {batch_id} not terminal after {timeout}s: {batch.status}")
+
+
+def wait_status(client: openai.OpenAI, batch_id: str, statuses: set[str], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in statuses:
+            return batch
+        time.sleep(0.02)
+    raise AssertionError(f"batch {batch_id} never reached {statuses}")
+
+
+def read_jsonl(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    return [json.loads(x) for x in client.files.content(file_id).text.splitlines()]
+
+
+def run_batch(client: openai.OpenAI, lines: list[Any], endpoint: str = "/v1/chat/completions",
+              timeout: float = 60.0) -> Any:
+    file_id = upload(client, lines)
+    batch = client.batches.create(input_file_id=file_id, endpoint=endpoint, completion_window="24h")
+    return wait_terminal(client, batch.id, timeout)
+
+
+def results_by_id(client: openai.OpenAI, batch: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    out = read_jsonl(client, batch.output_file_id)
+    err = read_jsonl(client, batch.error_file_id)
+    out_ids = [x["custom_id"] for x in out]
+    err_ids = [x["custom_id"] for x in err]
+    assert len(set(out_ids)) == len(out_ids), "duplicate custom_id in the output file"
+    assert len(set(err_ids)) == len(err_ids), "duplicate custom_id in the error file"
+    assert not set(out_ids) & set(err_ids), "a custom_id is in both files"
+    return {x["custom_id"]: x for x in out}, {x["custom_id"]: x for x in err}

@@ -1,0 +1,157 @@
+"""/v1/files through the official SDK against a real server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from conftest import API_KEY, Server, chat_line, jsonl, raw_request, upload
+
+FILE_KEYS = {"id", "object", "bytes", "created_at", "expires_at", "filename", "purpose", "status", "status_details"}
+
+
+def test_upload_retrieve_content_delete(client: openai.OpenAI, server: Server) -> None:
+    data = jsonl([chat_line(i) for i in range(3)])
+    created = client.files.create(file=("batchinput.jsonl", data), purpose="batch")
+    assert created.object == "file"
+    assert created.status == "processed"
+    assert created.bytes == len(data)
+    assert created.filename == "batchinput.jsonl"
+    assert created.purpose == "batch"
+    # batch files expire after 30 days by default
+    assert created.expires_at == created.created_at + 30 * 24 * 3600
+
+    status, headers, body = raw_request(
+        "GET", f"{server.base_url}/files/{created.id}", {"Authorization": f"Bearer {API_KEY}"}
+    )
+    assert status == 200 and set(json.loads(body)) == FILE_KEYS
+    assert headers["x-request-id"].startswith("req_")
+
+    assert client.files.retrieve(created.id).id == created.id
+    assert client.files.content(created.id).read() == data
+    with client.files.with_streaming_response.content(created.id) as resp:
+        assert b"".join(resp.iter_bytes(chunk_size=7)) == data
+
+    deleted = client.files.delete(created.id)
+    assert deleted.deleted is True and deleted.id == created.id
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.files.retrieve(created.id)
+    assert exc.value.body["param"] == "id"
+    with pytest.raises(openai.NotFoundError):
+        client.files.content(created.id)
+    with pytest.raises(openai.NotFoundError):
+        client.files.delete(created.id)
+
+
+def test_expires_after_is_honoured(client: openai.OpenAI) -> None:
+    created = client.files.create(
+        file=("x.jsonl", jsonl([chat_line(1)])),
+        purpose="batch",
+        expires_after={"anchor": "created_at", "seconds": 3600},
+    )
+    assert created.expires_at == created.created_at + 3600
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.files.create(
+            file=("x.jsonl", jsonl([chat_line(1)])), purpose="batch",
+            expires_after={"anchor": "created_at", "seconds": 10},
+        )
+    assert exc.value.body["param"] == "expires_after.seconds"
+
+
+def test_other_purposes_do_not_expire_and_skip_jsonl_check(client: openai.OpenAI) -> None:
+    created = client.files.create(file=("notes.txt", b"not json at all"), purpose="user_data")
+    assert created.expires_at is None
+    assert client.files.content(created.id).read() == b"not json at all"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"\n\n", b"{malformed json\n", b"[1, 2, 3]\n", b"hello world"],
+    ids=["empty", "blank", "malformed", "array", "text"],
+)
+def test_batch_upload_that_is_not_jsonl_is_refused(client: openai.OpenAI, content: bytes) -> None:
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.files.create(file=("bad.jsonl", content), purpose="batch")
+    assert "jsonl" in exc.value.message.lower()
+    assert exc.value.response.headers["x-should-retry"] == "false"
+
+
+def test_good_first_line_then_garbage_passes_upload(client: openai.OpenAI) -> None:
+    created = client.files.create(file=("x.jsonl", jsonl([chat_line(1)]) + b"{garbage\n"), purpose="batch")
+    assert created.status == "processed"
+
+
+def test_invalid_purpose_and_missing_fields(client: openai.OpenAI, server: Server) -> None:
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.files.create(file=("x.jsonl", b"{}\n"), purpose="nonsense")  # type: ignore[arg-type]
+    assert exc.value.body["param"] == "purpose"
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    status, _, body = raw_request("POST", f"{server.base_url}/files", {**auth, "Content-Type": "application/json"},
+                                  b"{}")
+    assert status == 400 and "multipart" in json.loads(body)["error"]["message"]
+    boundary = "XyZ"
+    no_file = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+               f"--{boundary}--\r\n").encode()
+    status, _, body = raw_request("POST", f"{server.base_url}/files",
+                                  {**auth, "Content-Type": f"multipart/form-data; boundary={boundary}"}, no_file)
+    assert status == 400 and json.loads(body)["error"]["param"] == "file"
+
+
+def test_filename_is_sanitised(client: openai.OpenAI, server: Server) -> None:
+    # The SDK percent-encodes control characters; the path part is dropped either way.
+    created = client.files.create(file=("../../etc/pa\x00ss\nwd.jsonl", jsonl([chat_line(1)])), purpose="batch")
+    assert created.filename == "pa%00ss%0Awd.jsonl"
+    boundary = "b0undary"
+    body = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"..\\..\\x\ty.jsonl\"\r\n"
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode() + jsonl([chat_line(1)]) + f"\r\n--{boundary}--\r\n".encode()
+    status, _, raw = raw_request(
+        "POST", f"{server.base_url}/files",
+        {"Authorization": f"Bearer {API_KEY}", "Content-Type": f"multipart/form-data; boundary={boundary}"}, body,
+    )
+    assert status == 200, raw
+    assert json.loads(raw)["filename"] == "xy.jsonl"
+
+
+def test_list_pagination_order_and_purpose(server: Server) -> None:
+    # A fresh owner's view: the admin-free second key sees only its own files.
+    client = server.client("sk-test-bob")
+    before = {f.id for f in client.files.list()}
+    ids = [client.files.create(file=(f"f{i}.jsonl", jsonl([chat_line(i)])), purpose="batch").id for i in range(5)]
+    other = client.files.create(file=("u.txt", b"x"), purpose="user_data").id
+    listed = [f.id for f in client.files.list(purpose="batch", limit=2) if f.id not in before]
+    assert listed == list(reversed(ids))  # newest first, auto-paginated two at a time
+    page = client.files.list(purpose="batch", limit=2, order="asc", after=ids[1])
+    assert [f.id for f in page.data] == ids[2:4] and page.has_more
+    assert other in {f.id for f in client.files.list(purpose="user_data")}
+    assert other not in {f.id for f in client.files.list(purpose="batch")}
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.files.list(after="file-doesnotexist")
+    assert exc.value.body["param"] == "after"
+    with pytest.raises(openai.BadRequestError):
+        client.files.list(limit=0)
+
+
+def test_oversized_upload_is_413(make_server: Any, tmp_path: Path) -> None:
+    config = tmp_path / "small.toml"
+    config.write_text("[limits]\nmax_file_bytes = 4096\n")
+    client = make_server("--config", str(config)).client()
+    with pytest.raises(openai.APIStatusError) as exc:
+        client.files.create(file=("big.jsonl", jsonl([chat_line(i) for i in range(200)])), purpose="batch")
+    assert exc.value.status_code == 413
+    assert exc.value.body["type"] == "invalid_request_error"
+    assert [f.id for f in client.files.list()] == []  # nothing half-written became a file
+
+
+def test_content_download_is_not_json_typed(client: openai.OpenAI, server: Server) -> None:
+    file_id = upload(client, [chat_line(1)])
+    status, headers, _ = raw_request(
+        "GET", f"{server.base_url}/files/{file_id}/content", {"Authorization": f"Bearer {API_KEY}"}
+    )
+    assert status == 200
+    assert headers["content-type"] == "application/octet-stream"

@@ -1,0 +1,95 @@
+"""Every validation code, seen as a client sees it: the batch fails, nothing runs, every bad line
+is reported with its 1-based line number."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import openai
+from conftest import Upstream, chat_line, jsonl, run_batch, upload, wait_terminal
+
+
+def _errors(batch: Any) -> list[tuple[int | None, str, str | None]]:
+    return [(e.line, e.code, e.param) for e in batch.errors.data]
+
+
+def test_every_bad_line_is_reported_and_nothing_runs(client: openai.OpenAI, upstream: Upstream) -> None:
+    upstream.reset()
+    good = chat_line(0)
+    lines: list[Any] = [
+        good,                                                              # 1 ok
+        "{not json",                                                       # 2
+        {k: v for k, v in chat_line(3).items() if k != "custom_id"},       # 3
+        {**chat_line(4), "url": "/v1/embeddings"},                          # 4
+        {**chat_line(5), "custom_id": "req-0"},                             # 5 duplicate of line 1
+        chat_line(6, stream=True),                                         # 6
+        {**chat_line(7), "method": "GET"},                                 # 7
+        {**chat_line(8), "body": {"messages": [{"role": "user", "content": "x"}]}},  # 8 no model
+        {**chat_line(9), "body": {"model": "m"}},                           # 9 no messages
+        {**chat_line(10), "body": "text"},                                  # 10
+        "[1, 2]",                                                          # 11
+        {k: v for k, v in chat_line(12).items() if k != "body"},           # 12
+        {**chat_line(13), "custom_id": 13},                                 # 13
+        chat_line(14),                                                     # 14 ok
+    ]
+    batch = run_batch(client, lines)
+    assert batch.status == "failed" and batch.failed_at is not None and batch.in_progress_at is None
+    assert batch.output_file_id is None and batch.error_file_id is None
+    assert _errors(batch) == [
+        (2, "invalid_json_line", None),
+        (3, "missing_required_parameter", "custom_id"),
+        (4, "invalid_url", "url"),
+        (5, "duplicate_custom_id", "custom_id"),
+        (6, "streaming_unsupported", "body.stream"),
+        (7, "invalid_request", "method"),
+        (8, "invalid_request", "body.model"),
+        (9, "invalid_request", "body.messages"),
+        (10, "invalid_request", "body"),
+        (11, "invalid_request", None),
+        (12, "missing_required_parameter", "body"),
+        (13, "invalid_request", "custom_id"),
+    ]
+    assert all(e.message for e in batch.errors.data)
+    assert "line 1" in batch.errors.data[3].message  # says which line it duplicates
+    assert upstream.stats()["requests"] == 0  # nothing ran
+
+
+def test_model_not_found_with_exact_routes(make_server: Any) -> None:
+    client = make_server("--no-fallback", routes=("gpt-*", "exact-model")).client()
+    lines = [chat_line(1, model="gpt-4o"), chat_line(2, model="llama-3"), chat_line(3, model="exact-model")]
+    batch = run_batch(client, lines)
+    assert _errors(batch) == [(2, "model_not_found", "body.model")]
+    assert "llama-3" in batch.errors.data[0].message
+    assert run_batch(client, [lines[0], lines[2]]).status == "completed"
+
+
+def test_empty_and_blank_only_files(client: openai.OpenAI) -> None:
+    # Upload refuses an empty file; a file with a good first line then only blanks is fine.
+    file_id = upload(client, jsonl([chat_line(1)]) + b"\n  \n\r\n")
+    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    done = wait_terminal(client, batch.id)
+    assert done.status == "completed" and done.request_counts.total == 1
+
+
+def test_bom_crlf_and_missing_final_newline(client: openai.OpenAI) -> None:
+    data = b"\xef\xbb\xbf" + b"\r\n".join(json.dumps(chat_line(i)).encode() for i in range(5))
+    file_id = upload(client, data)
+    done = wait_terminal(client, client.batches.create(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h").id)
+    assert done.status == "completed" and done.request_counts.completed == 5
+
+
+def test_too_many_requests(make_server: Any, tmp_path: Any) -> None:
+    config = tmp_path / "limits.toml"
+    config.write_text("[limits]\nmax_requests_per_batch = 10\n")
+    client = make_server("--config", str(config)).client()
+    batch = run_batch(client, [chat_line(i) for i in range(11)])
+    assert batch.status == "failed"
+    assert _errors(batch) == [(None, "too_many_tasks", None)]
+
+
+def test_non_utf8_line(client: openai.OpenAI) -> None:
+    data = jsonl([chat_line(1)]) + b'{"custom_id": "\xff\xfe", "method": "POST"}\n'
+    batch = run_batch(client, data)  # type: ignore[arg-type]
+    assert _errors(batch) == [(2, "invalid_json_line", None)]
