@@ -10,12 +10,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import urllib.error
-import urllib.request
 
 import openai
 import pytest

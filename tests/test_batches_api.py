@@ -8,6 +8,7 @@ from typing import Any
 
 import openai
 import pytest
+
 from conftest import (
     ADMIN_KEY,
     API_KEY,

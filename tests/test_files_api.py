@@ -8,6 +8,7 @@ from typing import Any
 
 import openai
 import pytest
+
 from conftest import API_KEY, Server, chat_line, jsonl, raw_request, upload
 
 FILE_KEYS = {"id", "object", "bytes", "created_at", "expires_at", "filename", "purpose", "status", "status_details"}

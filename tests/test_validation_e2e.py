@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import openai
+
 from conftest import Upstream, chat_line, jsonl, run_batch, upload, wait_terminal
 
 

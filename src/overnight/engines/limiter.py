@@ -4,7 +4,6 @@ when it signals overload (429/503/timeouts), between a floor and a ceiling."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 
 
@@ -19,12 +18,15 @@ class AdaptiveLimiter:
         self.peak_in_flight = 0
         self._decrease_factor = decrease_factor
         self._waiters: deque[asyncio.Future[None]] = deque()
-        self._last_decrease = 0.0
+        # Bumped at each decrease. A request remembers the epoch it started in, so the burst of
+        # failures from one overloaded window causes one decrease, not one per request.
+        self.epoch = 0
 
-    async def acquire(self) -> None:
+    async def acquire(self) -> int:
+        """Wait for a slot; returns the epoch to pass to `on_overload`."""
         if self.in_flight < int(self.limit) and not self._waiters:
             self._take()
-            return
+            return self.epoch
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(future)
         try:
@@ -35,6 +37,7 @@ class AdaptiveLimiter:
             else:
                 self._waiters.remove(future)
             raise
+        return self.epoch
 
     def _take(self) -> None:
         self.in_flight += 1
@@ -58,10 +61,8 @@ class AdaptiveLimiter:
             self.limit = min(self.maximum, self.limit + 1.0 / self.limit)
             self._wake()
 
-    def on_overload(self) -> None:
-        # One decrease per burst: the requests already in flight when overload began report it too.
-        now = time.monotonic()
-        if now - self._last_decrease < 0.2:
-            return
-        self._last_decrease = now
+    def on_overload(self, started_epoch: int) -> None:
+        if started_epoch != self.epoch:
+            return  # this window was already answered by a decrease
+        self.epoch += 1
         self.limit = max(float(self.minimum), self.limit * self._decrease_factor)

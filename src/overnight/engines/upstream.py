@@ -81,7 +81,7 @@ class UpstreamEngine:
         assert self._session is not None
         capped_by_deadline = time_left < self.settings.timeout_seconds
         timeout = aiohttp.ClientTimeout(total=min(self.settings.timeout_seconds, time_left), sock_connect=10)
-        await self.limiter.acquire()
+        epoch = await self.limiter.acquire()
         try:
             async with self._session.post(url, data=payload, timeout=timeout) as resp:
                 raw = await resp.read()
@@ -91,19 +91,19 @@ class UpstreamEngine:
         except TimeoutError:
             if capped_by_deadline:  # the completion window closed while the request was in flight
                 return EngineResponse.failure(C.BATCH_EXPIRED, _EXPIRED_MESSAGE), None
-            self.limiter.on_overload()
+            self.limiter.on_overload(epoch)
             return EngineResponse.failure(
                 "upstream_timeout", f"The upstream {self.name} did not answer within the timeout."
             ), None
         except aiohttp.ClientError as exc:
-            self.limiter.on_overload()
+            self.limiter.on_overload(epoch)
             return EngineResponse.failure(
                 "upstream_unreachable", f"Could not reach the upstream {self.name}: {type(exc).__name__}."
             ), None
         finally:
             self.limiter.release()
         if status in OVERLOAD_STATUS:
-            self.limiter.on_overload()
+            self.limiter.on_overload(epoch)
         elif status < 500:
             self.limiter.on_success()
         return EngineResponse(status, _json_body(raw, status), request_id), retry_after

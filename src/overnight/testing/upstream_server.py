@@ -122,7 +122,12 @@ async def _fault(state: UpstreamState, request: web.Request, body: dict[str, Any
         return None
     state.served[kind] += 1
     if kind == "timeout":
-        await asyncio.sleep(TIMEOUT_HANG_SECONDS)
+        # A hung request is not counted as in flight: the client gave up on it long ago.
+        state.in_flight -= 1
+        try:
+            await asyncio.sleep(TIMEOUT_HANG_SECONDS)
+        finally:
+            state.in_flight += 1
         return _error(504, "injected hang ended")
     if kind == "reset":
         if request.transport is not None:

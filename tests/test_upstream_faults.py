@@ -1,0 +1,94 @@
+"""Upstream faults against a real fault-injecting server process: transient failures are retried
+until answered, permanent ones reported once, concurrency stays within bounds, nothing is lost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from conftest import Upstream, chat_line, results_by_id, run_batch
+
+
+def _config(tmp_path: Path, upstream_url: str, **options: Any) -> str:
+    lines = ["[[upstreams]]", f'base_url = "{upstream_url}"', 'models = ["*"]']
+    retry = options.pop("retry", None)
+    lines += [f"{k} = {v}" for k, v in options.items()]
+    if retry:
+        lines += ["[upstreams.retry]", *[f"{k} = {v}" for k, v in retry.items()]]
+    path = tmp_path / "upstreams.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_transient_faults_are_retried_until_answered(make_server: Any, upstream: Upstream, tmp_path: Path) -> None:
+    config = _config(tmp_path, upstream.base_url, timeout_seconds=1.0, retry={"base_delay": 0.01, "max_delay": 0.1})
+    client = make_server("--config", config, routes=()).client()
+    upstream.reset()
+    faults = ["429:2", "500:1", "502:1", "503:3", "504:1", "reset:2", "timeout:1"]
+    lines = [chat_line(i, x_fault=faults[i % len(faults)], x_fault_key=f"tr-{i}") for i in range(70)]
+    done = run_batch(client, lines, timeout=90)
+    outputs, errors = results_by_id(client, done)
+    assert not errors, list(errors.values())[:2]
+    assert len(outputs) == 70
+    served = upstream.stats()["served"]
+    assert served["429"] == 20 and served["500"] == 10 and served["503"] == 30
+    assert served["reset"] == 20 and served["timeout"] == 10
+    assert served["ok"] == 70
+
+
+def test_permanent_errors_are_reported_once(client: Any, upstream: Upstream) -> None:
+    upstream.reset()
+    lines = [chat_line(i, x_fault=code) for i, code in enumerate(["400", "404", "422"] * 5)]
+    done = run_batch(client, lines)
+    outputs, errors = results_by_id(client, done)
+    assert not outputs and len(errors) == 15
+    assert upstream.stats()["requests"] == 15  # not retried
+    assert {e["response"]["status_code"] for e in errors.values()} == {400, 404, 422}
+    assert errors["req-1"]["response"]["body"]["error"]["code"] == "model_not_found"
+
+
+def test_attempt_cap_reports_the_last_response(make_server: Any, upstream: Upstream, tmp_path: Path) -> None:
+    config = _config(tmp_path, upstream.base_url, retry={"max_attempts": 3, "base_delay": 0.01})
+    client = make_server("--config", config, routes=()).client()
+    upstream.reset()
+    done = run_batch(client, [chat_line(1, x_fault="503:99", x_fault_key="cap")])
+    _, errors = results_by_id(client, done)
+    assert errors["req-1"]["response"]["status_code"] == 503
+    assert upstream.stats()["requests"] == 3
+
+
+def test_unreachable_upstream_gives_error_lines(make_server: Any, tmp_path: Path) -> None:
+    config = _config(tmp_path, "http://127.0.0.1:9/v1", retry={"max_attempts": 2, "base_delay": 0.01})
+    client = make_server("--config", config, routes=()).client()
+    done = run_batch(client, [chat_line(i) for i in range(3)])
+    outputs, errors = results_by_id(client, done)
+    assert done.status == "completed" and not outputs
+    assert {e["error"]["code"] for e in errors.values()} == {"upstream_unreachable"}
+    assert all(e["response"] is None for e in errors.values())
+
+
+def test_concurrency_never_exceeds_configured_maximum(make_server: Any, upstream: Upstream, tmp_path: Path) -> None:
+    config = _config(tmp_path, upstream.base_url, max_concurrency=8, initial_concurrency=8)
+    client = make_server("--config", config, routes=()).client()
+    upstream.reset()
+    done = run_batch(client, [chat_line(i, x_fault="slow:5") for i in range(400)])
+    assert done.request_counts.completed == 400
+    peak = upstream.stats()["peak_in_flight"]
+    assert 1 <= peak <= 8
+
+
+def test_overloaded_upstream_is_backed_off_and_nothing_is_lost(workdir: Path, make_server: Any,
+                                                                 tmp_path: Path) -> None:
+    small = Upstream(workdir, "--max-concurrency", "6", "--delay-ms", "5")
+    try:
+        config = _config(tmp_path, small.base_url, max_concurrency=64, initial_concurrency=32,
+                         retry={"max_attempts": 50, "base_delay": 0.01, "max_delay": 0.2})
+        client = make_server("--config", config, routes=()).client()
+        done = run_batch(client, [chat_line(i) for i in range(600)], timeout=120)
+        outputs, errors = results_by_id(client, done)
+        assert not errors and len(outputs) == 600
+        stats = small.stats()
+        # Backing off keeps rejected attempts a minority of all attempts, despite starting at 32.
+        assert stats["served"].get("overload", 0) < stats["served"]["ok"]
+    finally:
+        small.stop()

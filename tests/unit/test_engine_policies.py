@@ -1,0 +1,71 @@
+"""The retry policy's decisions and the adaptive limiter's arithmetic."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from overnight.engines.limiter import AdaptiveLimiter
+from overnight.engines.retry import RetryPolicy, parse_retry_after
+
+
+def test_permanent_statuses_are_not_retried() -> None:
+    policy = RetryPolicy()
+    for status in (400, 401, 403, 404, 422):
+        assert not policy.decide(1, status, None, 0, 100).retry
+    for status in (None, 408, 429, 500, 502, 503, 504):
+        assert policy.decide(1, status, None, 0, 100).retry
+
+
+def test_retry_after_is_honoured_and_deadline_is_a_hard_stop() -> None:
+    policy = RetryPolicy()
+    assert policy.decide(1, 429, 2.5, 0, 100).delay == 2.5
+    assert not policy.decide(1, 429, 2.5, 99, 100).retry  # the wait would cross the deadline
+    assert not RetryPolicy(max_attempts=3).decide(3, 503, None, 0, 100).retry
+
+
+def test_backoff_is_jittered_and_bounded() -> None:
+    policy = RetryPolicy(max_attempts=20, base_delay=0.5, max_delay=4, rng=random.Random(7))
+    delays = [policy.decide(attempt, 500, None, 0, 1e9).delay for attempt in range(1, 12)]
+    assert all(0 <= d <= 4 for d in delays)
+    assert len(set(delays)) == len(delays)
+
+
+def test_parse_retry_after() -> None:
+    assert parse_retry_after({"retry-after-ms": "250"}) == 0.25
+    assert parse_retry_after({"retry-after": "3"}) == 3.0
+    assert parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) is None
+    assert parse_retry_after({}) is None
+
+
+def test_additive_increase_multiplicative_decrease() -> None:
+    limiter = AdaptiveLimiter(initial=10, minimum=2, maximum=12)
+    for _ in range(10):
+        limiter.on_success()
+    assert 10.9 < limiter.limit < 11.1  # +1 per window of `limit` successes
+    epoch = limiter.epoch
+    limiter.on_overload(epoch)
+    limiter.on_overload(epoch)  # the same window: one decrease only
+    assert 5.4 < limiter.limit < 5.6
+    for _ in range(10):
+        limiter.on_overload(limiter.epoch)
+    assert limiter.limit == 2
+    for _ in range(1000):
+        limiter.on_success()
+    assert limiter.limit == 12
+
+
+def test_limiter_never_admits_more_than_the_limit() -> None:
+    async def scenario() -> int:
+        limiter = AdaptiveLimiter(initial=3, minimum=1, maximum=3)
+
+        async def job() -> None:
+            await limiter.acquire()
+            await asyncio.sleep(0.001)
+            limiter.release()
+
+        await asyncio.gather(*(job() for _ in range(50)))
+        assert limiter.in_flight == 0
+        return limiter.peak_in_flight
+
+    assert asyncio.run(scenario()) == 3

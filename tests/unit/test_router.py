@@ -1,0 +1,48 @@
+"""Routing by model name: exact names first, then globs in order, aliases, endpoint defaults."""
+
+from __future__ import annotations
+
+from overnight.engines.port import EngineRequest, EngineResponse
+from overnight.engines.router import Route, Router
+
+
+class NamedEngine:
+    def __init__(self, name: str, models: list[str] | None = None) -> None:
+        self.name = name
+        self._models = models or []
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def execute(self, request: EngineRequest) -> EngineResponse:
+        return EngineResponse(200, {"engine": self.name})
+
+    def served_models(self) -> list[str]:
+        return self._models
+
+
+def test_exact_beats_glob_and_globs_keep_their_order() -> None:
+    a, b, c = NamedEngine("a"), NamedEngine("b"), NamedEngine("c")
+    router = Router([Route("gpt-*", a), Route("*", b), Route("gpt-4o", c)])
+    assert router.resolve("gpt-4o", "/v1/chat/completions").engine is c  # type: ignore[union-attr]
+    assert router.resolve("gpt-3.5", "/v1/chat/completions").engine is a  # type: ignore[union-attr]
+    assert router.resolve("llama", "/v1/chat/completions").engine is b  # type: ignore[union-attr]
+
+
+def test_aliases_and_endpoint_defaults() -> None:
+    local, embed = NamedEngine("local", ["SmolLM2"]), NamedEngine("embed", ["MiniLM"])
+    router = Router([], aliases={"gpt-4o-mini": "SmolLM2"},
+                    defaults={"/v1/chat/completions": local, "/v1/embeddings": embed})
+    resolved = router.resolve("gpt-4o-mini", "/v1/chat/completions")
+    assert resolved is not None and resolved.engine is local and resolved.model == "SmolLM2"
+    assert router.resolve("text-embedding-3-small", "/v1/embeddings").engine is embed  # type: ignore[union-attr]
+    assert Router([Route("x", local)]).resolve("y", "/v1/chat/completions") is None
+    assert set(router.model_names()) == {"SmolLM2", "MiniLM", "gpt-4o-mini"}
+
+
+def test_route_limited_to_endpoints() -> None:
+    embed = NamedEngine("embed")
+    router = Router([Route("MiniLM", embed, frozenset({"/v1/embeddings"}))])
+    assert router.resolve("MiniLM", "/v1/chat/completions") is None
+    assert router.resolve("MiniLM", "/v1/embeddings") is not None
