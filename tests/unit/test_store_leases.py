@@ -48,8 +48,9 @@ def test_claim_is_exclusive_and_expired_lease_is_reclaimed(store: MetadataStore)
     again = store.claim_shard(NOW + 31, 30, "t3")  # lease expired: the worker died
     assert again is not None and again.shard_id == first.shard_id and again.attempt == 2
     # the old holder can no longer commit; the new one can
-    assert not store.commit_shard(first.shard_id, "t1", "batch_a", ShardResult("r1", completed=10), NOW)
-    assert store.commit_shard(again.shard_id, "t3", "batch_a", ShardResult("r3", completed=10), NOW)
+    assert store.commit_shard(first.shard_id, "t1", "batch_a", ShardResult("r1", completed=10), NOW) == "lost"
+    outcome = store.commit_shard(again.shard_id, "t3", "batch_a", ShardResult("r3", completed=10), NOW)
+    assert outcome == "batch_ready"  # its last shard: the batch moves to finalizing
     batch = store.get_batch(None, "batch_a")
     assert batch is not None and batch.request_completed == 10 and batch.status == C.FINALIZING
 
@@ -75,7 +76,8 @@ def test_cancel_skips_pending_and_finalize_waits_for_live_shards(store: Metadata
     assert cancelled is not None and cancelled.status == C.CANCELLING
     assert store.claim_shard(NOW, 30, "tz") is None  # nothing new starts
     assert store.claim_batch_task(NOW + 1, 30, "f1") is None  # a shard is still running
-    assert store.commit_shard(running.shard_id, "tr", "batch_a", ShardResult("r", completed=4, failed=6), NOW)
+    result = ShardResult("r", completed=4, failed=6)
+    assert store.commit_shard(running.shard_id, "tr", "batch_a", result, NOW) == "committed"
     task = store.claim_batch_task(NOW + 2, 30, "f2")
     assert task is not None and task.kind == "finalize" and task.final_status == C.CANCELLED
     assert [s.status for s in task.shards] == [C.SHARD_DONE, C.SHARD_SKIPPED, C.SHARD_SKIPPED]

@@ -63,7 +63,8 @@ def _finish(number: int, offset: int, length: int, pending: bytearray, limit: in
     if len(pending) < length - 1 or len(pending) > limit:
         yield Line(number, offset, length, None)
     elif pending and not pending.isspace():
-        yield _line(number, offset, length, bytes(pending).rstrip(b"\r"))
+        data = bytes(pending)
+        yield _line(number, offset, length, data[:-1] if data.endswith(b"\r") else data)
 
 
 def _line(number: int, offset: int, length: int, data: bytes) -> Line:
@@ -74,4 +75,4 @@ def _line(number: int, offset: int, length: int, data: bytes) -> Line:
 
 def split_requests(data: bytes) -> list[bytes]:
     """The non-blank lines of one shard's byte range (a shard never starts inside a line)."""
-    return [line.rstrip(b"\r") for line in data.split(b"\n") if line.strip()]
+    return [line[:-1] if line.endswith(b"\r") else line for line in data.split(b"\n") if line.strip()]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from sqlalchemy import (
@@ -27,7 +27,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.pool import NullPool
 
 from overnight import constants as C
 from overnight.store import schema as T
@@ -45,7 +44,10 @@ _BATCH_COLUMNS = [c for c in T.batches.c if c.name not in ("seq", "errors_json",
 
 
 def _sqlite_engine(url: str) -> Engine:
-    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False}, poolclass=NullPool)
+    # A small pool: opening a SQLite connection (and its PRAGMAs) costs more than most queries.
+    engine = create_engine(
+        url, connect_args={"timeout": 60, "check_same_thread": False}, pool_size=8, max_overflow=8
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -454,10 +456,12 @@ class MetadataStore:
             ).scalars()
             return lost, set(stopped)
 
-    def commit_shard(self, shard_id: int, token: str, batch_id: str, result: ShardResult, now: int) -> bool:
+    def commit_shard(
+        self, shard_id: int, token: str, batch_id: str, result: ShardResult, now: int
+    ) -> Literal["lost", "committed", "batch_ready"]:
         """Mark a shard done if we still hold its lease, add its counts to the batch, and move the
-        batch to finalizing when this was its last open shard. False: the lease was lost, the
-        results object is an orphan and someone else runs (or ran) the shard."""
+        batch to finalizing when this was its last open shard (`batch_ready`). `lost`: the lease
+        was lost, the results object is an orphan and someone else runs (or ran) the shard."""
         s, b = T.shards, T.batches
         with self._write() as conn:
             done = conn.execute(
@@ -478,7 +482,7 @@ class MetadataStore:
                 )
             )
             if not done.rowcount:
-                return False
+                return "lost"
             conn.execute(
                 update(b)
                 .where(b.c.id == batch_id)
@@ -495,12 +499,12 @@ class MetadataStore:
             still_open = exists().where(
                 s.c.batch_id == batch_id, s.c.status.in_([C.SHARD_PENDING, C.SHARD_RUNNING])
             )
-            conn.execute(
+            ready = conn.execute(
                 update(b)
                 .where(b.c.id == batch_id, b.c.status == C.IN_PROGRESS, ~still_open)
                 .values(status=C.FINALIZING, finalizing_at=now)
             )
-            return True
+            return "batch_ready" if ready.rowcount else "committed"
 
     def finish_batch(
         self,

@@ -45,8 +45,8 @@ class ShardRunner:
         self.senders = senders
         self.clock = clock
 
-    async def run(self, claim: ClaimedShard, state: ShardState) -> bool:
-        """Run and commit the shard. True when committed (and the batch may be ready to finalize)."""
+    async def run(self, claim: ClaimedShard, state: ShardState) -> str:
+        """Run and commit the shard: `committed`, `batch_ready` (its batch can finalize) or `lost`."""
         data = await asyncio.to_thread(
             self.files.read_range, claim.input_storage_key, claim.byte_offset, claim.byte_length
         )
@@ -63,14 +63,14 @@ class ShardRunner:
 
         await asyncio.gather(*(sender() for _ in range(min(self.senders, len(requests)))))
         if state.lease_lost:
-            return False
+            return "lost"
         await asyncio.to_thread(self._write_results, result.result_key, lines)
-        committed = await asyncio.to_thread(
+        outcome = await asyncio.to_thread(
             self.store.commit_shard, claim.shard_id, claim.lease_token, claim.batch_id, result, int(self.clock())
         )
-        if not committed:
+        if outcome == "lost":
             await asyncio.to_thread(self.files.delete, result.result_key)
-        return committed
+        return outcome
 
     async def _run_line(
         self,

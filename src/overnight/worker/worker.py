@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 from overnight import constants as C
 from overnight.batches.finalize import finalize_batch
@@ -49,13 +50,18 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shards: dict[int, tuple[ClaimedShard, ShardState]] = {}
         self._batch_tasks = 0
+        self._batch_due = True  # claim batch-level work at the next turn of the claim loop
 
     # -- wiring ---------------------------------------------------------------------------
 
     def wake(self) -> None:
         """Thread-safe nudge: new work may be claimable (a batch was created or cancelled)."""
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._wake.set)
+            self._loop.call_soon_threadsafe(self._nudge)
+
+    def _nudge(self) -> None:
+        self._batch_due = True
+        self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
@@ -74,10 +80,18 @@ class Worker:
     # -- claiming -------------------------------------------------------------------------
 
     async def _claim_loop(self, stop: asyncio.Event) -> None:
+        """Claim shards whenever a slot is free; claim batch-level tasks when woken (a batch was
+        created or cancelled, a shard finished its batch) or every poll interval."""
         running: set[asyncio.Task[None]] = set()
+        next_batch_poll = 0.0
         try:
             while not stop.is_set():
-                claimed = await self._claim_some(running)
+                claimed = False
+                if self._batch_due or time.monotonic() >= next_batch_poll:
+                    self._batch_due = False
+                    next_batch_poll = time.monotonic() + self.settings.poll_seconds
+                    claimed = await self._claim_batch_task(running)
+                claimed = await self._claim_shards(running) or claimed
                 if not claimed:
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):
@@ -87,15 +101,20 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
 
-    async def _claim_some(self, running: set[asyncio.Task[None]]) -> bool:
-        claimed = False
-        now = self.clock()
+    async def _claim_batch_task(self, running: set[asyncio.Task[None]]) -> bool:
+        if self._batch_tasks >= 2:
+            return False
         lease = self.settings.lease_seconds
-        if self._batch_tasks < 2:
-            task = await asyncio.to_thread(self.store.claim_batch_task, now, lease, new_lease_token())
-            if task is not None:
-                claimed = True
-                self._spawn(running, self._run_batch_task(task))
+        task = await asyncio.to_thread(self.store.claim_batch_task, self.clock(), lease, new_lease_token())
+        if task is None:
+            return False
+        self._batch_due = True  # there may be more
+        self._spawn(running, self._run_batch_task(task))
+        return True
+
+    async def _claim_shards(self, running: set[asyncio.Task[None]]) -> bool:
+        claimed = False
+        lease = self.settings.lease_seconds
         while len(self._shards) < self.settings.max_shards_in_flight:
             shard = await asyncio.to_thread(self.store.claim_shard, self.clock(), lease, new_lease_token())
             if shard is None:
@@ -106,14 +125,15 @@ class Worker:
             self._spawn(running, self._run_shard(shard, state))
         return claimed
 
-    def _spawn(self, running: set[asyncio.Task[None]], coro: object) -> None:
-        task = asyncio.create_task(coro)  # type: ignore[arg-type]
+    def _spawn(self, running: set[asyncio.Task[None]], coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
         running.add(task)
         task.add_done_callback(running.discard)
 
     async def _run_shard(self, shard: ClaimedShard, state: ShardState) -> None:
         try:
-            await self.runner.run(shard, state)
+            if await self.runner.run(shard, state) == "batch_ready":
+                self._batch_due = True
         except Exception:
             # The lease expires and another attempt runs the shard; nothing was committed.
             log.exception("shard %s of %s failed; it will be retried", shard.shard_index, shard.batch_id)
@@ -127,6 +147,7 @@ class Worker:
             async with self._batch_lease(task.batch.id, task.lease_token):
                 if task.kind == "validate":
                     await self._validate(task)
+                    self._batch_due = True  # a failed or cancelled validation is finalized next
                 else:
                     await asyncio.to_thread(finalize_batch, task, self.files, self.store, int(self.clock()))
         except Exception:

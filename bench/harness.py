@@ -1,0 +1,129 @@
+"""Shared pieces of the benchmarks: processes on 127.0.0.1, input files, machine info, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+SYSTEM_A = "You are a helpful assistant that answers questions about geography."
+SYSTEM_B = "Answer in one short sentence. Do not add any explanation."
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
+            "cpus": os.cpu_count()}
+
+
+def chat_request_line(i: int, model: str = "gpt-4o-mini") -> dict[str, Any]:
+    """A line shaped like an OpenAI batch file: two system messages and a question."""
+    return {
+        "custom_id": f"request-{i}",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {
+            "model": model,
+            "messages": [
+                {"role": "system", "content": SYSTEM_A},
+                {"role": "system", "content": SYSTEM_B},
+                {"role": "user", "content": f"What is the capital of country number {i}?"},
+            ],
+            "max_tokens": 64,
+        },
+    }
+
+
+def write_chat_batch(path: Path, lines: int) -> Path:
+    with path.open("wb") as fh:
+        for i in range(lines):
+            fh.write(json.dumps(chat_request_line(i)).encode() + b"\n")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} not ready")
+
+
+@contextmanager
+def process(args: list[str], ready_url: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_ready(ready_url)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextmanager
+def upstream_process(workdir: Path, *extra: str) -> Iterator[str]:
+    port = free_port()
+    args = [sys.executable, "-m", "overnight.testing.upstream_server", "--port", str(port), *extra]
+    with process(args, f"http://127.0.0.1:{port}/stats", workdir / "upstream.log"):
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+@contextmanager
+def overnight_process(workdir: Path, upstream_url: str, *extra: str, key: str = "sk-bench") -> Iterator[Any]:
+    port = free_port()
+    data = workdir / f"data-{port}"
+    args = [sys.executable, "-m", "overnight", "serve", "--port", str(port), "--data-dir", str(data),
+            "--upstream", f"*={upstream_url}", "--api-key", key, "--no-embedded", *extra]
+    with process(args, f"http://127.0.0.1:{port}/health", workdir / f"overnight-{port}.log") as proc:
+        yield f"http://127.0.0.1:{port}/v1", proc
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def save(name: str, result: dict[str, Any]) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **result}, indent=2) + "\n")
+    return path
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
