@@ -303,3 +303,17 @@ def test_models_endpoint_and_openapi(server: Server) -> None:
                  "/v1/batches/{batch_id}", "/v1/batches/{batch_id}/cancel", "/v1/models"):
         assert path in paths
     assert "multipart/form-data" in paths["/v1/files"]["post"]["requestBody"]["content"]
+
+
+def test_request_counts_move_before_a_shard_commits(make_server: Any) -> None:
+    srv = make_server("--shard-lines", "1000", "--max-shards", "1")
+    client = srv.client()
+    lines = [chat_line(i, x_fault="slow:40") for i in range(300)]
+    batch = client.batches.create(input_file_id=upload(client, lines), endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    seen = []
+    while (current := client.batches.retrieve(batch.id)).status not in ("completed", "failed"):
+        seen.append(current.request_counts.completed)
+    assert any(0 < n < 300 for n in seen), seen  # one 300-line shard, yet progress was visible
+    assert seen == sorted(seen)
+    assert current.request_counts.completed == 300

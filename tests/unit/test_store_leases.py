@@ -12,7 +12,7 @@ from alembic.migration import MigrationContext
 from overnight import constants as C
 from overnight.store import schema
 from overnight.store.metadata import MetadataStore
-from overnight.store.records import BatchRecord, FileRecord, ShardPlan, ShardResult
+from overnight.store.records import BatchRecord, FileRecord, ShardPlan, ShardProgress, ShardResult
 
 NOW = 1_000_000
 
@@ -60,11 +60,15 @@ def test_heartbeat_extends_and_reports_lost_and_stopped(store: MetadataStore) ->
     a = store.claim_shard(NOW, 30, "ta")
     b = store.claim_shard(NOW, 30, "tb")
     assert a and b
-    lost, stopped = store.heartbeat_shards([(a.shard_id, "ta"), (b.shard_id, "wrong")], NOW + 60)
+    lost, stopped = store.heartbeat_shards(
+        [ShardProgress(a.shard_id, "ta", completed=3, failed=1), ShardProgress(b.shard_id, "wrong")], NOW + 60
+    )
     assert lost == {b.shard_id} and stopped == set()
+    live = store.get_batch("owner", "batch_a")
+    assert live is not None and (live.request_completed, live.request_failed) == (3, 1)  # before any commit
     assert store.claim_shard(NOW + 45, 30, "tx") is not None  # b's lease expired (not extended)
     store.request_cancel("owner", "batch_a", NOW)
-    _, stopped = store.heartbeat_shards([(a.shard_id, "ta")], NOW + 60)
+    _, stopped = store.heartbeat_shards([ShardProgress(a.shard_id, "ta")], NOW + 60)
     assert stopped == {a.shard_id}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +38,7 @@ from overnight.store.records import (
     FileRecord,
     SettledShard,
     ShardPlan,
+    ShardProgress,
     ShardResult,
 )
 
@@ -202,7 +204,7 @@ class MetadataStore:
             row = conn.execute(
                 select(T.batches).where(T.batches.c.id == batch_id, _owned(T.batches, owner))
             ).first()
-        return _batch_record(row) if row else None
+            return _with_live_counts(conn, [_batch_record(row)])[0] if row else None
 
     def list_batches(
         self, owner: str | None, after: str | None, limit: int
@@ -218,7 +220,7 @@ class MetadataStore:
                     return None
                 query = query.where(T.batches.c.seq < cursor)
             rows = conn.execute(query.order_by(T.batches.c.seq.desc()).limit(limit + 1)).all()
-        return [_batch_record(r) for r in rows[:limit]], len(rows) > limit
+            return _with_live_counts(conn, [_batch_record(r) for r in rows[:limit]]), len(rows) > limit
 
     def request_cancel(self, owner: str | None, batch_id: str, now: int) -> BatchRecord | None:
         """Move a validating/in-progress batch to cancelling and skip its shards that never started.
@@ -406,6 +408,8 @@ class MetadataStore:
                     lease_token=token,
                     lease_expires_at=now + lease_seconds,
                     attempt=s.c.attempt + 1,
+                    completed=0,
+                    failed=0,
                 )
                 .returning(*s.c)
             ).first()
@@ -432,23 +436,24 @@ class MetadataStore:
         )
 
     def heartbeat_shards(
-        self, leases: Sequence[tuple[int, str]], until: float
+        self, leases: Sequence[ShardProgress], until: float
     ) -> tuple[set[int], set[int]]:
-        """Extend the leases we hold. Returns (shards whose lease we lost, shards whose batch stopped
+        """Extend the leases we hold and record each shard's live progress (so request_counts move
+        before the shard commits). Returns (shards whose lease we lost, shards whose batch stopped
         being in progress: cancelled or past its deadline), so the runner stops sending their lines."""
         if not leases:
             return set(), set()
         lost: set[int] = set()
         with self._write() as conn:
-            for shard_id, token in leases:
+            for lease in leases:
                 result = conn.execute(
                     update(T.shards)
-                    .where(T.shards.c.id == shard_id, T.shards.c.lease_token == token)
-                    .values(lease_expires_at=until)
+                    .where(T.shards.c.id == lease.shard_id, T.shards.c.lease_token == lease.lease_token)
+                    .values(lease_expires_at=until, completed=lease.completed, failed=lease.failed)
                 )
                 if not result.rowcount:
-                    lost.add(shard_id)
-            ids = [shard_id for shard_id, _ in leases]
+                    lost.add(lease.shard_id)
+            ids = [lease.shard_id for lease in leases]
             stopped = conn.execute(
                 select(T.shards.c.id)
                 .select_from(T.shards.join(T.batches, T.batches.c.id == T.shards.c.batch_id))
@@ -575,6 +580,31 @@ class MetadataStore:
     def count_rows(self, table: str) -> int:
         with self._read() as conn:
             return int(conn.execute(select(func.count()).select_from(T.metadata.tables[table])).scalar() or 0)
+
+
+def _with_live_counts(conn: Connection, records: list[BatchRecord]) -> list[BatchRecord]:
+    """Add the progress that running shards reported by heartbeat to the committed counts."""
+    live_ids = [r.id for r in records if r.status in (C.IN_PROGRESS, C.CANCELLING)]
+    if not live_ids:
+        return records
+    s = T.shards
+    rows = conn.execute(
+        select(s.c.batch_id, func.sum(s.c.completed), func.sum(s.c.failed))
+        .where(s.c.batch_id.in_(live_ids), s.c.status == C.SHARD_RUNNING)
+        .group_by(s.c.batch_id)
+    ).all()
+    progress = {r[0]: (int(r[1] or 0), int(r[2] or 0)) for r in rows}
+    out = []
+    for record in records:
+        done, failed = progress.get(record.id, (0, 0))
+        if done or failed:
+            record = replace(
+                record,
+                request_completed=record.request_completed + done,
+                request_failed=record.request_failed + failed,
+            )
+        out.append(record)
+    return out
 
 
 def _visible_file(now: int) -> Any:

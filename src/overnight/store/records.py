@@ -104,6 +104,16 @@ class ClaimedShard:
 
 
 @dataclass(frozen=True, slots=True)
+class ShardProgress:
+    """What a heartbeat reports for a shard it holds."""
+
+    shard_id: int
+    lease_token: str
+    completed: int = 0
+    failed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class SettledShard:
     """A shard as finalize sees it: committed results, or a byte range of lines that never ran."""
 

@@ -24,10 +24,11 @@ from overnight.store.records import ClaimedShard, ShardResult
 
 @dataclass(slots=True)
 class ShardState:
-    """Flags the heartbeat raises while the shard runs."""
+    """Shared between a running shard and the heartbeat: flags it raises, progress it reports."""
 
     lease_lost: bool = False
     batch_stopped: bool = False  # cancelled (or otherwise no longer in progress): send no more lines
+    result: ShardResult | None = None
 
 
 class ShardRunner:
@@ -54,6 +55,7 @@ class ShardRunner:
         del data
         lines: list[bytes] = [b""] * len(requests)
         result = ShardResult(result_key=f"results/{claim.batch_id}/{claim.shard_index:07d}.{claim.attempt}.jsonl")
+        state.result = result
         deadline = float(claim.expires_at) if claim.expires_at is not None else float("inf")
         pending = iter(enumerate(requests))
 

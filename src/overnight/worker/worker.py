@@ -18,7 +18,7 @@ from overnight.files.port import FileStore
 from overnight.ids import new_lease_token
 from overnight.settings import Limits, WorkerSettings
 from overnight.store.metadata import MetadataStore
-from overnight.store.records import BatchTask, ClaimedShard
+from overnight.store.records import BatchTask, ClaimedShard, ShardProgress
 from overnight.worker.shard_runner import ShardRunner, ShardState
 
 log = logging.getLogger("overnight.worker")
@@ -214,7 +214,12 @@ class Worker:
 
     async def heartbeat(self) -> None:
         """Extend our shard leases and learn which shards must stop (lease lost, batch cancelled)."""
-        held = [(shard_id, claim.lease_token) for shard_id, (claim, _) in list(self._shards.items())]
+        held = [
+            ShardProgress(shard_id, claim.lease_token, state.result.completed, state.result.failed)
+            if state.result is not None
+            else ShardProgress(shard_id, claim.lease_token)
+            for shard_id, (claim, state) in list(self._shards.items())
+        ]
         if not held:
             return
         until = self.clock() + self.settings.lease_seconds
