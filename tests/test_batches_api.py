@@ -317,3 +317,24 @@ def test_request_counts_move_before_a_shard_commits(make_server: Any) -> None:
     assert any(0 < n < 300 for n in seen), seen  # one 300-line shard, yet progress was visible
     assert seen == sorted(seen)
     assert current.request_counts.completed == 300
+
+
+def test_rate_limit_per_key_and_body_size_limit(make_server: Any, tmp_path: Any) -> None:
+    config = tmp_path / "rate.toml"
+    config.write_text("[limits]\nrequests_per_minute = 60\nmax_json_body_bytes = 2048\n")
+    srv = make_server("--config", str(config))
+    limited = srv.client(max_retries=0)
+    with pytest.raises(openai.RateLimitError) as exc:
+        for _ in range(30):  # burst is 10 at 60/min
+            limited.batches.list()
+    assert exc.value.body["code"] == "rate_limit_exceeded"
+    assert int(exc.value.response.headers["retry-after"]) >= 1
+    srv.client(OTHER_KEY, max_retries=0).batches.list()  # another key has its own budget
+    status, headers, raw = raw_request(
+        "POST", f"{srv.base_url}/batches",
+        {"Authorization": f"Bearer {OTHER_KEY}", "Content-Type": "application/json"},
+        json.dumps({"input_file_id": "f", "endpoint": "/v1/chat/completions", "completion_window": "24h",
+                    "metadata": {"k": "v" * 4000}}).encode(),
+    )
+    assert status == 413 and json.loads(raw)["error"]["type"] == "invalid_request_error"
+    assert headers["x-request-id"].startswith("req_")

@@ -19,6 +19,10 @@ class Limits:
     shard_max_bytes: int = 16 * MiB
     # Validation reports every bad line, but stores at most this many entries in `errors`.
     max_reported_errors: int = 1000
+    # API requests per minute per key (0: unlimited). Polling once a second uses 60.
+    requests_per_minute: int = 6000
+    # Largest JSON request body outside of file uploads.
+    max_json_body_bytes: int = 1024 * 1024
     # What the one completion window OpenAI defines ("24h") lasts on this server. Shorter values
     # are for tests and for operators who want an earlier deadline.
     completion_window_seconds: int = 24 * 3600

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from overnight import constants as C
 from overnight.api.auth import Authenticator, hash_key, owner_of
+from overnight.api.rate_limit import RateLimiter
 from overnight.api.services import Services
 from overnight.batches.file_service import FileService
 from overnight.batches.service import BatchService
@@ -128,5 +129,6 @@ def build(settings: Settings, announce: Callable[[str], None] = print) -> Compon
         ),
         router=router,
         limits=settings.limits,
+        rate_limiter=RateLimiter(settings.limits.requests_per_minute),
     )
     return Components(settings, store, files, router, worker, services)

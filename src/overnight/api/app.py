@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from overnight import __version__
 from overnight.api import routes_batches, routes_files, routes_misc
-from overnight.api.errors import RequestIdMiddleware, install_error_handlers
+from overnight.api.errors import BodySizeLimitMiddleware, RequestIdMiddleware, install_error_handlers
 from overnight.api.services import Services
 
 
@@ -47,7 +47,8 @@ def create_app(
     )
     app.state.services = services
     install_error_handlers(app)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=services.limits.max_json_body_bytes)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response, 413s included, gets an id
     app.include_router(routes_files.router)
     app.include_router(routes_batches.router)
     app.include_router(routes_misc.router)

@@ -66,6 +66,8 @@ def _mask(key: str) -> str:
 
 
 def principal(request: Request) -> Principal:
-    """FastAPI dependency: the caller, or a 401 in the OpenAI envelope."""
-    auth: Authenticator = request.app.state.services.auth
-    return auth.authenticate(request.headers.get("authorization"))
+    """FastAPI dependency: the caller, or a 401 (unknown key) / 429 (over its rate) in the OpenAI envelope."""
+    services = request.app.state.services
+    caller = services.auth.authenticate(request.headers.get("authorization"))
+    services.rate_limiter.check(caller.owner)
+    return caller

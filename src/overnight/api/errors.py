@@ -38,7 +38,7 @@ def error_response(
 
 async def _overnight_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, OvernightError)
-    return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.code)
+    return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.code, exc.headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -106,3 +106,37 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+class BodySizeLimitMiddleware:
+    """413 for JSON bodies over the limit (file uploads enforce their own, larger, limit)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, exempt_path: str = "/v1/files") -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.exempt_path = exempt_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == self.exempt_path:
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(scope, receive, send)
+            return
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise OvernightError(f"The request body is larger than {self.max_bytes:,} bytes.")
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(413, f"The request body is larger than {self.max_bytes:,} bytes, the most "
+                                       "this endpoint accepts.")
+        await response(scope, receive, send)

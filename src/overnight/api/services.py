@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from overnight.api.auth import Authenticator
+from overnight.api.rate_limit import RateLimiter
 from overnight.batches.file_service import FileService
 from overnight.batches.service import BatchService
 from overnight.engines.router import Router
@@ -18,4 +19,5 @@ class Services:
     batches: BatchService
     router: Router
     limits: Limits
+    rate_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0))
     ready: bool = False

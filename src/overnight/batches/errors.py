@@ -12,6 +12,7 @@ class OvernightError(Exception):
         self.message = message
         self.param = param
         self.code = code
+        self.headers: dict[str, str] = {}
 
 
 class InvalidRequest(OvernightError):
