@@ -84,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run a worker only, against a shared database and data dir")
     _common(worker)
+
+    cleanup = sub.add_parser("cleanup", help="remove deleted/expired files and orphaned objects once, and exit")
+    _common(cleanup)
+    cleanup.add_argument("--orphan-age-seconds", type=float, default=3600.0,
+                         help="objects no row names are removed once this old (0 only while no server runs)")
     return parser
 
 
@@ -135,6 +140,12 @@ def main(argv: list[str] | None = None) -> None:
         serve(settings)
     elif args.command == "worker":
         asyncio.run(run_worker_only(settings))
+    elif args.command == "cleanup":
+        from overnight.wiring import build
+
+        parts = build(settings, announce=None)
+        removed = parts.worker.collect_garbage(orphan_age=args.orphan_age_seconds)
+        print(f"removed {removed} objects", file=sys.stderr)
     else:
         sys.exit(asyncio.run(run_file(settings, args.input, args.output, args.errors, args.endpoint)))
 
@@ -159,7 +170,7 @@ def serve(settings: Settings) -> None:
 async def run_worker_only(settings: Settings) -> None:
     from overnight.wiring import build
 
-    parts = build(settings, announce=lambda _text: None)
+    parts = build(settings, announce=None)
     await parts.start_engines()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -187,7 +198,7 @@ async def run_file(
         scratch = tempfile.mkdtemp(prefix="overnight-run-")
         settings = replace(settings, data_dir=Path(scratch))
     settings = replace(settings, worker=replace(settings.worker, poll_seconds=0.05), api_keys=("local",))
-    parts = build(settings, announce=lambda _text: None)
+    parts = build(settings, announce=None)
     try:
         endpoint = endpoint or _first_url(input_path) or C.CHAT_COMPLETIONS
         owner = "local"

@@ -92,9 +92,10 @@ def _stem(path: str) -> str:
 
 
 def load_authenticator(
-    settings: Settings, store: MetadataStore, announce: Callable[[str], None]
+    settings: Settings, store: MetadataStore, announce: Callable[[str], None] | None
 ) -> Authenticator:
-    """Configured keys, plus keys created earlier. With none at all, create one and print it once."""
+    """Configured keys, plus keys created earlier. With none at all and someone to tell (`announce`),
+    create one and print it once."""
     hashes = store.stored_key_hashes()
     for key in settings.api_keys:
         h = hash_key(key)
@@ -102,7 +103,7 @@ def load_authenticator(
     for key in settings.admin_keys:
         h = hash_key(key)
         hashes[h] = (owner_of(h), True)
-    if not hashes:
+    if not hashes and announce is not None:
         key = "sk-overnight-" + secrets.token_urlsafe(24)
         h = hash_key(key)
         store.add_key_hash(h, owner_of(h), False, int(time.time()))
@@ -114,7 +115,8 @@ def load_authenticator(
     return Authenticator(hashes)
 
 
-def build(settings: Settings, announce: Callable[[str], None] = print) -> Components:
+def build(settings: Settings, announce: Callable[[str], None] | None = print) -> Components:
+    """Wire everything. `announce` shows a newly created API key; None (worker, cleanup) creates none."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = MetadataStore(settings.resolved_database_url)
     store.migrate()
