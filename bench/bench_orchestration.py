@@ -18,7 +18,16 @@ from typing import Any
 import aiohttp
 import openai
 import orjson
-from harness import chat_request_line, machine, median, overnight_process, save, upstream_process, write_chat_batch
+
+from harness import (
+    chat_request_line,
+    machine,
+    median,
+    overnight_process,
+    save,
+    upstream_process,
+    write_chat_batch,
+)
 
 CONCURRENCY = 64
 

@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     settings = settings_from(args, dict(os.environ))
+    problem = _data_dir_problem(settings.data_dir)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     if args.command == "serve":
         serve(settings)
     elif args.command == "worker":
@@ -148,6 +152,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"removed {removed} objects", file=sys.stderr)
     else:
         sys.exit(asyncio.run(run_file(settings, args.input, args.output, args.errors, args.endpoint)))
+
+
+def _data_dir_problem(data_dir: Path) -> str | None:
+    """Say plainly why the data directory cannot be used, before anything is written to it."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        probe = data_dir / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        return f"the data directory {data_dir} is not writable ({exc.strerror}); choose another with --data-dir"
+    return None
 
 
 def serve(settings: Settings) -> None:

@@ -16,6 +16,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from overnight.batches.errors import OvernightError
+from overnight.files.port import StorageFullError
 
 log = logging.getLogger("overnight.api")
 
@@ -71,6 +72,17 @@ async def _validation_error(_request: Request, exc: Exception) -> Response:
     return error_response(400, message, param=param, code=code)
 
 
+async def _storage_full(_request: Request, exc: Exception) -> Response:
+    log.error("storage full: %s", exc)
+    return error_response(
+        507,
+        "The server's storage is full: nothing was saved. Delete files you no longer need "
+        "(DELETE /v1/files/{id}) or ask the operator to free space, then try again.",
+        error_type="server_error",
+        code="insufficient_storage",
+    )
+
+
 async def _unexpected_error(_request: Request, exc: Exception) -> Response:
     log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
     return error_response(
@@ -84,6 +96,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(OvernightError, _overnight_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StorageFullError, _storage_full)
     app.add_exception_handler(Exception, _unexpected_error)
 
 

