@@ -69,7 +69,9 @@ class EmbeddedSettings:
     chat_model_path: str | None = None  # a GGUF; None means the packaged SmolLM2
     chat_model_name: str | None = None
     embedding_model_dir: str | None = None
-    n_ctx: int = 8192
+    # Total KV cache; each of the n_seq_max slots gets n_ctx // n_seq_max tokens (prompt + completion).
+    # Slots have separate KV streams so that batched output equals one-at-a-time output.
+    n_ctx: int = 32768
     n_seq_max: int = 16
     threads: int | None = None
 

