@@ -33,8 +33,6 @@ class WorkerSettings:
     lease_seconds: float = 30.0
     poll_seconds: float = 0.5
     max_shards_in_flight: int = 8
-    # Lines of one shard sent at once; the engine's own limiter decides the real concurrency.
-    senders_per_shard: int = 64
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from overnight.engines.router import Route, Router
 class NamedEngine:
     def __init__(self, name: str, models: list[str] | None = None) -> None:
         self.name = name
+        self.max_in_flight = 1
         self._models = models or []
 
     async def start(self) -> None: ...

@@ -675,6 +675,8 @@ class LlamaChatEngine:
     def __init__(self, model_path: str, model_name: str, n_ctx: int = 8192, n_seq_max: int = 16,
                  threads: int | None = None, *, prefix_sharing: bool = True) -> None:
         self.name = f"embedded:{model_name}"
+        # Keep a queue beyond the slots, so admission can pick requests that share a cached prefix.
+        self.max_in_flight = 4 * n_seq_max
         self.model_path = model_path
         self.model_name = model_name
         self.n_ctx = n_ctx

@@ -44,6 +44,8 @@ class Engine(Protocol):
     raises for a per-request failure, it returns it."""
 
     name: str
+    # How many requests it is useful to have outstanding at once: the worker runs this many senders.
+    max_in_flight: int
 
     async def start(self) -> None: ...
 

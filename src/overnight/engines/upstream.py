@@ -26,6 +26,7 @@ class UpstreamEngine:
     def __init__(self, settings: UpstreamSettings, policy: RetryPolicy | None = None) -> None:
         self.settings = settings
         self.name = settings.label
+        self.max_in_flight = settings.max_concurrency
         self.policy = policy or RetryPolicy(
             max_attempts=settings.retry.max_attempts,
             base_delay=settings.retry.base_delay,
@@ -39,6 +40,7 @@ class UpstreamEngine:
         if settings.api_key:
             self._headers["Authorization"] = f"Bearer {settings.api_key}"
         self._session: aiohttp.ClientSession | None = None
+        self._timeout = aiohttp.ClientTimeout(total=settings.timeout_seconds, sock_connect=10)
 
     async def start(self) -> None:
         if self._session is None:
@@ -80,7 +82,7 @@ class UpstreamEngine:
     async def _attempt(self, url: str, payload: bytes, time_left: float) -> tuple[EngineResponse, float | None]:
         assert self._session is not None
         capped_by_deadline = time_left < self.settings.timeout_seconds
-        timeout = aiohttp.ClientTimeout(total=min(self.settings.timeout_seconds, time_left), sock_connect=10)
+        timeout = aiohttp.ClientTimeout(total=time_left, sock_connect=10) if capped_by_deadline else self._timeout
         epoch = await self.limiter.acquire()
         try:
             async with self._session.post(url, data=payload, timeout=timeout) as resp:

@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -15,11 +16,12 @@ from overnight import constants as C
 from overnight.batches.jsonl import split_requests
 from overnight.batches.results import ERROR_TAG, OUTPUT_TAG, error_line, response_line
 from overnight.engines.port import EngineRequest, EngineResponse
-from overnight.engines.router import Router
+from overnight.engines.router import Resolved, Router
 from overnight.files.port import FileStore
 from overnight.ids import line_id, line_request_id
 from overnight.store.metadata import MetadataStore
 from overnight.store.records import ClaimedShard, ShardResult
+from overnight.worker.lanes import EngineLane, Lanes
 
 
 @dataclass(slots=True)
@@ -37,13 +39,13 @@ class ShardRunner:
         store: MetadataStore,
         files: FileStore,
         router: Router,
-        senders: int,
+        lanes: Lanes,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.files = files
         self.router = router
-        self.senders = senders
+        self.lanes = lanes
         self.clock = clock
 
     async def run(self, claim: ClaimedShard, state: ShardState) -> str:
@@ -51,49 +53,87 @@ class ShardRunner:
         data = await asyncio.to_thread(
             self.files.read_range, claim.input_storage_key, claim.byte_offset, claim.byte_length
         )
-        requests = split_requests(data)
+        run = _ShardRun(self, claim, state, [orjson.loads(raw) for raw in split_requests(data)])
         del data
-        lines: list[bytes] = [b""] * len(requests)
-        result = ShardResult(result_key=f"results/{claim.batch_id}/{claim.shard_index:07d}.{claim.attempt}.jsonl")
-        state.result = result
-        deadline = float(claim.expires_at) if claim.expires_at is not None else float("inf")
-        pending = iter(enumerate(requests))
-
-        async def sender() -> None:
-            for i, raw in pending:
-                lines[i] = await self._run_line(claim, claim.first_request + i, raw, deadline, state, result)
-
-        await asyncio.gather(*(sender() for _ in range(min(self.senders, len(requests)))))
+        by_lane: dict[int, tuple[EngineLane | None, list[tuple[_ShardRun, int]]]] = {}
+        for i, request in enumerate(run.requests):
+            resolved = self.router.resolve(request["body"].get("model", ""), claim.endpoint)
+            run.resolved.append(resolved)
+            lane = self.lanes.for_engine(resolved.engine) if resolved is not None else None
+            by_lane.setdefault(id(lane), (lane, []))[1].append((run, i))
+        for lane, jobs in by_lane.values():
+            if lane is not None:
+                lane.submit(jobs)
+            else:  # no engine serves the model any more: these lines are answered at once
+                for _, i in jobs:
+                    await run.run_line(i)
+        await run.finished()
         if state.lease_lost:
             return "lost"
-        await asyncio.to_thread(self._write_results, result.result_key, lines)
+        await asyncio.to_thread(self._write_results, run.result.result_key, run.lines)
         outcome = await asyncio.to_thread(
-            self.store.commit_shard, claim.shard_id, claim.lease_token, claim.batch_id, result, int(self.clock())
+            self.store.commit_shard, claim.shard_id, claim.lease_token, claim.batch_id, run.result, int(self.clock())
         )
         if outcome == "lost":
-            await asyncio.to_thread(self.files.delete, result.result_key)
+            await asyncio.to_thread(self.files.delete, run.result.result_key)
         return outcome
 
-    async def _run_line(
-        self,
-        claim: ClaimedShard,
-        index: int,
-        raw: bytes,
-        deadline: float,
-        state: ShardState,
-        result: ShardResult,
-    ) -> bytes:
-        request = orjson.loads(raw)
+    def _write_results(self, key: str, lines: list[bytes]) -> None:
+        with self.files.writer(key) as out:
+            out.write(b"\n".join(lines) + b"\n")
+
+
+class _ShardRun:
+    """One attempt at a shard: its parsed lines, their results so far, and when they are all in."""
+
+    def __init__(self, runner: ShardRunner, claim: ClaimedShard, state: ShardState,
+                 requests: list[dict[str, Any]]) -> None:
+        self.runner = runner
+        self.claim = claim
+        self.state = state
+        self.requests = requests
+        self.resolved: list[Resolved | None] = []
+        self.lines: list[bytes] = [b""] * len(requests)
+        self.result = state.result = ShardResult(
+            result_key=f"results/{claim.batch_id}/{claim.shard_index:07d}.{claim.attempt}.jsonl"
+        )
+        self.deadline = float(claim.expires_at) if claim.expires_at is not None else float("inf")
+        self.remaining = len(requests)
+        self.failure: BaseException | None = None
+        self._done = asyncio.Event()
+
+    async def finished(self) -> None:
+        if self.remaining:
+            await self._done.wait()
+        if self.failure is not None:
+            raise self.failure
+
+    async def run_line(self, i: int) -> None:
+        """Called by a lane's sender; never raises (a sender must not die)."""
+        try:
+            if self.failure is None:
+                self.lines[i] = await self._execute(i)
+        except Exception as exc:  # a bug, not the line's fault: the shard is retried, not reported
+            self.failure = exc
+        self.remaining -= 1
+        if self.remaining == 0 or self.failure is not None:
+            self._done.set()
+
+    async def _execute(self, i: int) -> bytes:
+        claim, state, result = self.claim, self.state, self.result
+        request = self.requests[i]
+        self.requests[i] = _DONE  # drop the body as soon as it is sent
+        index = claim.first_request + i
         custom_id: str = request["custom_id"]
         body = request["body"]
         ident = line_id(claim.batch_id, index)
         if state.batch_stopped or state.lease_lost:
             result.failed += 1
             return ERROR_TAG + error_line(ident, custom_id, C.BATCH_CANCELLED)
-        if self.clock() >= deadline:
+        if self.runner.clock() >= self.deadline:
             result.failed += 1
             return ERROR_TAG + error_line(ident, custom_id, C.BATCH_EXPIRED)
-        resolved = self.router.resolve(body.get("model", ""), claim.endpoint)
+        resolved = self.resolved[i]
         if resolved is None:  # the routes changed since validation (a restart with other settings)
             response = EngineResponse.http_error(
                 404, f"The model '{body.get('model')}' is not served by this server.", code="model_not_found",
@@ -102,7 +142,7 @@ class ShardRunner:
         else:
             if resolved.model != body.get("model"):
                 body = {**body, "model": resolved.model}
-            response = await resolved.engine.execute(EngineRequest(claim.endpoint, body, deadline))
+            response = await resolved.engine.execute(EngineRequest(claim.endpoint, body, self.deadline))
         if response.status_code is None:
             result.failed += 1
             return ERROR_TAG + error_line(ident, custom_id, response.error_code or "engine_error", response.error_message)
@@ -120,6 +160,5 @@ class ShardRunner:
         result.failed += 1
         return ERROR_TAG + line
 
-    def _write_results(self, key: str, lines: list[bytes]) -> None:
-        with self.files.writer(key) as out:
-            out.write(b"\n".join(lines) + b"\n")
+
+_DONE: dict[str, Any] = {}

@@ -19,6 +19,7 @@ from overnight.ids import new_lease_token
 from overnight.settings import Limits, WorkerSettings
 from overnight.store.metadata import MetadataStore
 from overnight.store.records import BatchTask, ClaimedShard, ShardProgress
+from overnight.worker.lanes import Lanes
 from overnight.worker.shard_runner import ShardRunner, ShardState
 
 log = logging.getLogger("overnight.worker")
@@ -45,7 +46,8 @@ class Worker:
         self.limits = limits
         self.clock = clock
         self.janitor_seconds = janitor_seconds
-        self.runner = ShardRunner(store, files, router, settings.senders_per_shard, clock)
+        self.lanes = Lanes()
+        self.runner = ShardRunner(store, files, router, self.lanes, clock)
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shards: dict[int, tuple[ClaimedShard, ShardState]] = {}
@@ -76,6 +78,7 @@ class Worker:
             for task in loops:
                 task.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
+            await self.lanes.close()
 
     # -- claiming -------------------------------------------------------------------------
 

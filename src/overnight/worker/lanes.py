@@ -1,0 +1,66 @@
+"""One lane per engine: a fixed pool of sender tasks that drains a queue of lines from every running
+shard. The pool is as large as the engine can usefully take at once (`Engine.max_in_flight`), so
+senders never queue behind the engine's own limiter, and no task is created per line."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from typing import Any, Protocol
+
+from overnight.engines.port import Engine
+
+
+class LineRunner(Protocol):
+    async def run_line(self, index: int) -> None:
+        """Run line `index`; must not raise."""
+        ...
+
+
+Job = tuple[LineRunner, int]  # a tuple, not a closure per line: cheaper on the hot path
+
+
+class EngineLane:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._pending: deque[Job] = deque()
+        self._work = asyncio.Event()
+        self._senders = [asyncio.create_task(self._sender()) for _ in range(max(1, engine.max_in_flight))]
+
+    def submit(self, jobs: list[Any]) -> None:
+        self._pending.extend(jobs)
+        self._work.set()
+
+    async def _sender(self) -> None:
+        while True:
+            while self._pending:
+                runner, index = self._pending.popleft()
+                await runner.run_line(index)
+            self._work.clear()
+            await self._work.wait()
+
+    async def close(self) -> None:
+        for task in self._senders:
+            task.cancel()
+        for task in self._senders:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class Lanes:
+    """Lanes created on first use, inside the running event loop."""
+
+    def __init__(self) -> None:
+        self._lanes: dict[int, EngineLane] = {}
+
+    def for_engine(self, engine: Engine) -> EngineLane:
+        lane = self._lanes.get(id(engine))
+        if lane is None:
+            lane = self._lanes[id(engine)] = EngineLane(engine)
+        return lane
+
+    async def close(self) -> None:
+        for lane in self._lanes.values():
+            await lane.close()
+        self._lanes.clear()
