@@ -31,11 +31,13 @@ def write_input(path: Path, size: int) -> int:
     lines = 0
     written = 0
     with path.open("wb") as fh:
-        while written < size:
+        while True:
             line = json.dumps({
                 "custom_id": f"r{lines}", "method": "POST", "url": "/v1/chat/completions",
                 "body": {"model": "m", "messages": [{"role": "user", "content": f"{lines} {padding}"}]},
             }).encode() + b"\n"
+            if written + len(line) > size:  # stay within the size (2G is exactly the upload limit)
+                break
             fh.write(line)
             written += len(line)
             lines += 1
@@ -51,7 +53,10 @@ class RssSampler(threading.Thread):
 
     def run(self) -> None:
         while self.running:
-            self.peak = max(self.peak, rss_mb(self.pid))
+            try:
+                self.peak = max(self.peak, rss_mb(self.pid))
+            except FileNotFoundError:  # the server exited
+                return
             time.sleep(0.05)
 
 

@@ -232,7 +232,7 @@ async def run_file(
         await parts.start_engines()
         stop = asyncio.Event()
         worker_task = asyncio.create_task(parts.worker.run(stop))
-        bar = tqdm(total=0, unit="req", file=sys.stderr, desc="validating")
+        bar = tqdm(total=0, unit="req", file=sys.stderr, desc="validating", disable=None)  # None: off unless a TTY
         while True:
             record = parts.services.batches.get(None, batch.id)
             if record.request_total and bar.total != record.request_total:
