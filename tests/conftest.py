@@ -191,16 +191,6 @@ def upload(client: openai.OpenAI, lines: list[Any] | bytes, name: str = "input.j
     return client.files.create(file=(name, data), purpose="batch").id
 
 
-def wait_terminal(client: openai.OpenAI, batch_id: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        batch = client.batches.retrieve(batch_id)
-        if batch.status in TERMINAL:
-            return batch
-        time.sleep(0.05)
-    raise AssertionError(f"batch {batch_id} not terminal after {timeout}s: {batch.status}")
-
-
 def wait_status(client: openai.OpenAI, batch_id: str, statuses: set[str], timeout: float = 30.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -208,7 +198,11 @@ def wait_status(client: openai.OpenAI, batch_id: str, statuses: set[str], timeou
         if batch.status in statuses:
             return batch
         time.sleep(0.02)
-    raise AssertionError(f"batch {batch_id} never reached {statuses}")
+    raise AssertionError(f"batch {batch_id} never reached {statuses} in {timeout}s: {batch.status}")
+
+
+def wait_terminal(client: openai.OpenAI, batch_id: str, timeout: float = 60.0) -> Any:
+    return wait_status(client, batch_id, TERMINAL, timeout)
 
 
 def read_jsonl(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:

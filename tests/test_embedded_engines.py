@@ -36,12 +36,10 @@ def chat(content: str, system: str | None = None, **params: Any) -> EngineReques
     return EngineRequest("/v1/chat/completions", body, time.time() + 600)
 
 
-def run_chat(work: Callable[[Any], Awaitable[Any]], **engine_args: Any) -> Any:
-    from overnight.engines.llama_chat import LlamaChatEngine
+def with_engine(engine: Any, work: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Start the engine, run `work(engine)`, close it: all in one event loop."""
 
     async def main() -> Any:
-        engine = LlamaChatEngine(CHAT_PATH, "smol", **{"n_ctx": 8 * 512, "n_seq_max": 8, "threads": 2,
-                                                       **engine_args})
         await engine.start()
         try:
             return await work(engine)
@@ -49,6 +47,13 @@ def run_chat(work: Callable[[Any], Awaitable[Any]], **engine_args: Any) -> Any:
             await engine.close()
 
     return asyncio.run(main())
+
+
+def run_chat(work: Callable[[Any], Awaitable[Any]], **engine_args: Any) -> Any:
+    from overnight.engines.llama_chat import LlamaChatEngine
+
+    settings = {"n_ctx": 8 * 512, "n_seq_max": 8, "threads": 2, **engine_args}
+    return with_engine(LlamaChatEngine(CHAT_PATH, "smol", **settings), work)
 
 
 def content(response: EngineResponse) -> str:
@@ -175,15 +180,7 @@ def test_more_requests_than_slots_and_clean_close() -> None:
 def run_embed(work: Callable[[Any], Awaitable[Any]]) -> Any:
     from overnight.engines.embeddings import MiniLMEmbeddingEngine
 
-    async def main() -> Any:
-        engine = MiniLMEmbeddingEngine(EMBED_DIR)
-        await engine.start()
-        try:
-            return await work(engine)
-        finally:
-            await engine.close()
-
-    return asyncio.run(main())
+    return with_engine(MiniLMEmbeddingEngine(EMBED_DIR), work)
 
 
 def embed(inp: Any, **params: Any) -> EngineRequest:

@@ -30,7 +30,8 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
-    lease_seconds: float = 30.0
+    # A killed worker's shards are taken over this long after its last heartbeat (one a second).
+    lease_seconds: float = 15.0
     poll_seconds: float = 0.5
     max_shards_in_flight: int = 8
 
