@@ -92,7 +92,6 @@ class Server:
 
     def start(self) -> Server:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.pop("OVERNIGHT_API_KEYS", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "overnight", "serve", "--port", str(self.port),
              "--data-dir", str(self.data_dir), *self.args],

@@ -14,7 +14,8 @@ through unchanged:
     "x_fault": "slow:200"    answer after 200 ms
 
 Attempts are counted per `x_fault_key` (default: the whole body). `--chaos P` injects a random
-transient fault (429/500/503/reset) into a fraction P of first attempts. `--max-concurrency N`
+transient fault (429/500/503/reset) into a fraction P of first attempts. `--api-key K` answers 401
+unless `Authorization: Bearer K` is sent. `--max-concurrency N`
 answers 429 while more than N requests are in flight (an overloaded server). GET /stats reports
 requests seen, peak concurrency and faults served; POST /stats/reset clears them.
 """
@@ -49,6 +50,7 @@ class UpstreamState:
     peak_in_flight: int = 0
     requests: int = 0
     chaos_seen: set[str] = field(default_factory=set)
+    api_key: str = ""
 
 
 def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -139,6 +141,8 @@ async def _fault(state: UpstreamState, request: web.Request, body: dict[str, Any
 def make_app(state: UpstreamState) -> web.Application:
     async def handle(request: web.Request) -> web.StreamResponse:
         endpoint = request.match_info["endpoint"]
+        if state.api_key and request.headers.get("Authorization") != f"Bearer {state.api_key}":
+            return _error(401, "wrong or missing upstream API key", "invalid_api_key")
         state.requests += 1
         state.in_flight += 1
         state.peak_in_flight = max(state.peak_in_flight, state.in_flight)
@@ -189,9 +193,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--max-concurrency", type=int, default=0)
     parser.add_argument("--delay-ms", type=float, default=0.0)
+    parser.add_argument("--api-key", default="", help="answer 401 unless this bearer key is sent")
     args = parser.parse_args(argv)
     state = UpstreamState(chaos=args.chaos, max_concurrency=args.max_concurrency, delay=args.delay_ms / 1000,
-                          rng=random.Random(args.seed))
+                          rng=random.Random(args.seed), api_key=args.api_key)
     asyncio.run(_serve(make_app(state), args.host, args.port, args.port_file))
 
 

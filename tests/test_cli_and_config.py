@@ -1,0 +1,98 @@
+"""The command line and configuration: generated keys, keys from the environment, `overnight run`,
+aliases and upstream API keys from a config file."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from conftest import Server, Upstream, chat_line, jsonl, results_by_id, run_batch
+
+
+def test_generated_key_is_printed_once_and_stored_hashed(tmp_path: Path, upstream: Upstream) -> None:
+    srv = Server(tmp_path / "data", ["--upstream", f"*={upstream.base_url}", "--no-embedded"]).start()
+    try:
+        key = re.search(r"sk-overnight-[\w-]+", srv.log.read_text())
+        assert key is not None
+        assert run_batch(srv.client(key.group(0)), [chat_line(1)]).status == "completed"
+        srv.stop()
+        srv.start()  # the same key works after a restart and is not printed again
+        assert len(re.findall(r"sk-overnight-[\w-]+", srv.log.read_text())) == 1
+        assert srv.client(key.group(0)).batches.list().data
+        with pytest.raises(openai.AuthenticationError):
+            srv.client("sk-overnight-guess").batches.list()
+        stored = b"".join(p.read_bytes() for p in (tmp_path / "data").glob("overnight.db*"))
+        assert key.group(0).encode() not in stored  # only its hash is kept
+    finally:
+        srv.stop()
+
+
+def test_keys_from_the_environment(tmp_path: Path, upstream: Upstream, monkeypatch: Any) -> None:
+    srv = Server(tmp_path / "data", ["--upstream", f"*={upstream.base_url}", "--no-embedded"])
+    monkeypatch.setenv("OVERNIGHT_API_KEYS", "sk-env-one, sk-env-two")
+    srv.start()  # the server process inherits the environment
+    try:
+        assert srv.client("sk-env-two").files.list() is not None
+        with pytest.raises(openai.AuthenticationError):
+            srv.client("sk-env-three").files.list()
+    finally:
+        srv.stop()
+
+
+def test_overnight_run_writes_outputs_and_errors(tmp_path: Path, upstream: Upstream) -> None:
+    lines = [chat_line(i) for i in range(300)]
+    lines[7]["body"]["x_fault"] = "400"
+    (tmp_path / "in.jsonl").write_bytes(jsonl(lines))
+    result = subprocess.run(
+        [sys.executable, "-m", "overnight", "run", "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"),
+         "--errors", str(tmp_path / "err.jsonl"), "--upstream", f"*={upstream.base_url}", "--no-embedded"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    err = [json.loads(x) for x in (tmp_path / "err.jsonl").read_text().splitlines()]
+    assert [x["custom_id"] for x in out] == [f"req-{i}" for i in range(300) if i != 7]
+    assert [x["custom_id"] for x in err] == ["req-7"]
+    assert "299 completed, 1 failed" in result.stderr
+
+
+def test_overnight_run_reports_validation_errors(tmp_path: Path, upstream: Upstream) -> None:
+    (tmp_path / "in.jsonl").write_bytes(jsonl([chat_line(0), chat_line(0)]))
+    result = subprocess.run(
+        [sys.executable, "-m", "overnight", "run", "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "o.jsonl"),
+         "--upstream", f"*={upstream.base_url}", "--no-embedded"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert "line 2: duplicate_custom_id" in result.stderr
+
+
+def test_aliases_and_upstream_keys_from_config(tmp_path: Path, workdir: Path, make_server: Any) -> None:
+    guarded = Upstream(workdir, "--api-key", "upstream-secret")
+    try:
+        config = tmp_path / "overnight.toml"
+        config.write_text(
+            "[[upstreams]]\n"
+            f'base_url = "{guarded.base_url}"\n'
+            'api_key = "upstream-secret"\n'
+            'models = ["llama-*"]\n'
+            "[[upstreams]]\n"
+            f'base_url = "{guarded.base_url}"\n'
+            'models = ["keyless-*"]\n'
+            "[aliases]\n"
+            '"gpt-4o-mini" = "llama-3-8b"\n'
+        )
+        client = make_server("--config", str(config), "--no-fallback", routes=()).client()
+        done = run_batch(client, [chat_line(1, model="gpt-4o-mini"), chat_line(2, model="keyless-model")])
+        outputs, errors = results_by_id(client, done)
+        assert outputs["req-1"]["response"]["body"]["model"] == "llama-3-8b"  # the alias reached the upstream
+        assert errors["req-2"]["response"]["status_code"] == 401  # no key configured for that route
+    finally:
+        guarded.stop()
