@@ -14,8 +14,9 @@ MiB = 1024**2
 class Limits:
     max_file_bytes: int = 2 * GiB
     max_requests_per_batch: int = 1_000_000
-    # A shard ends at whichever comes first; its lines are one unit of durable work.
-    shard_max_lines: int = 256
+    # A shard ends at whichever comes first; its lines are one unit of durable work. None: the
+    # serving engine's choice (1000 lines for an upstream, 64 for the embedded chat engine).
+    shard_max_lines: int | None = None
     shard_max_bytes: int = 16 * MiB
     # Validation reports every bad line, but stores at most this many entries in `errors`.
     max_reported_errors: int = 1000

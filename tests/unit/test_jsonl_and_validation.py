@@ -41,7 +41,8 @@ def _line(i: int, **changes: object) -> dict[str, object]:
 
 def _validate(lines: list[object], limits: Limits | None = None) -> object:
     data = b"".join((x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n" for x in lines)
-    return validate_input(lambda: [data], C.CHAT_COMPLETIONS, lambda m: m != "unknown", limits or Limits()), data
+    served = lambda m: None if m == "unknown" else 100  # noqa: E731
+    return validate_input(lambda: [data], C.CHAT_COMPLETIONS, served, limits or Limits()), data
 
 
 @given(st.lists(st.integers(0, 50), min_size=1, max_size=60), st.integers(1, 7))
@@ -80,3 +81,10 @@ def test_error_list_is_capped_but_counted() -> None:
 def test_oversized_line_is_reported() -> None:
     report, _ = _validate([_line(0), _line(1, pad="x" * 500)], Limits(shard_max_bytes=300))
     assert [(e["line"], e["code"]) for e in report.errors] == [(2, "line_too_long")]  # type: ignore[attr-defined]
+
+
+def test_shard_size_is_the_serving_engines_unless_configured() -> None:
+    report, _ = _validate([_line(i) for i in range(250)])
+    assert [p.request_count for p in report.plans] == [100, 100, 50]  # type: ignore[attr-defined]
+    report, _ = _validate([_line(i) for i in range(250)], Limits(shard_max_lines=120))
+    assert [p.request_count for p in report.plans] == [120, 120, 10]  # type: ignore[attr-defined]

@@ -10,6 +10,7 @@ class NamedEngine:
     def __init__(self, name: str, models: list[str] | None = None) -> None:
         self.name = name
         self.max_in_flight = 1
+        self.shard_lines = 10
         self._models = models or []
 
     async def start(self) -> None: ...

@@ -50,9 +50,14 @@ class _Collector:
             self.report.errors.append({"code": code, "message": message, "param": param, "line": line})
 
 
+DEFAULT_SHARD_LINES = 256
+
+
 class _ShardPlanner:
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
+        # Fixed by the first line whose model is served (unless the limits fix it).
+        self.max_lines: int | None = limits.shard_max_lines
         self.plans: list[ShardPlan] = []
         self.first_request = 0
         self.count = 0
@@ -61,7 +66,8 @@ class _ShardPlanner:
 
     def add(self, request_index: int, offset: int, length: int) -> None:
         if self.count and (
-            self.count >= self.limits.shard_max_lines or offset + length - self.start > self.limits.shard_max_bytes
+            self.count >= (self.max_lines or DEFAULT_SHARD_LINES)
+            or offset + length - self.start > self.limits.shard_max_bytes
         ):
             self.flush()
         if not self.count:
@@ -80,17 +86,18 @@ class _ShardPlanner:
 def validate_input(
     chunks: Callable[[], Iterable[bytes]],
     endpoint: str,
-    model_is_served: Callable[[str], bool],
+    shard_lines_for: Callable[[str], int | None],
     limits: Limits,
 ) -> ValidationReport:
-    """`chunks()` opens a fresh stream over the file (called twice only if custom_id hashes collide)."""
+    """`chunks()` opens a fresh stream over the file (called twice only if custom_id hashes collide).
+    `shard_lines_for(model)` is None when no engine serves the model, else that engine's shard size."""
     report = ValidationReport()
     errors = _Collector(report, limits.max_reported_errors)
     planner = _ShardPlanner(limits)
     seen: set[int] = set()
     collisions: set[int] = set()
     required = REQUIRED_BODY_FIELDS.get(endpoint, ())
-    served: dict[str, bool] = {}
+    served: dict[str, int | None] = {}
     for line in iter_lines(chunks(), limits.shard_max_bytes):
         if report.total >= limits.max_requests_per_batch:
             errors.add(
@@ -111,7 +118,9 @@ def validate_input(
                 line.number,
             )
             continue
-        custom_id = _check_line(line.data, line.number, endpoint, required, model_is_served, served, errors)
+        custom_id = _check_line(line.data, line.number, endpoint, required, shard_lines_for, served, errors)
+        if planner.max_lines is None and served:
+            planner.max_lines = next((n for n in served.values() if n), None)
         if custom_id is not None:
             h = hash(custom_id)
             if h in seen:
@@ -143,8 +152,8 @@ def _check_line(
     number: int,
     endpoint: str,
     required: tuple[str, ...],
-    model_is_served: Callable[[str], bool],
-    served: dict[str, bool],
+    shard_lines_for: Callable[[str], int | None],
+    served: dict[str, int | None],
     errors: _Collector,
 ) -> str | None:
     """Check one line; return its custom_id when it has a usable one."""
@@ -185,7 +194,7 @@ def _check_line(
         ok = False
     body = obj.get("body")
     if "body" in obj:
-        ok = _check_body(body, number, endpoint, required, model_is_served, served, errors) and ok
+        ok = _check_body(body, number, endpoint, required, shard_lines_for, served, errors) and ok
     return custom_id if isinstance(custom_id, str) and custom_id else None
 
 
@@ -194,8 +203,8 @@ def _check_body(
     number: int,
     endpoint: str,
     required: tuple[str, ...],
-    model_is_served: Callable[[str], bool],
-    served: dict[str, bool],
+    shard_lines_for: Callable[[str], int | None],
+    served: dict[str, int | None],
     errors: _Collector,
 ) -> bool:
     if not isinstance(body, dict):
@@ -220,8 +229,8 @@ def _check_body(
         ok = False
     else:
         if model not in served:
-            served[model] = model_is_served(model)
-        if not served[model]:
+            served[model] = shard_lines_for(model)
+        if served[model] is None:
             errors.add(
                 "model_not_found",
                 f"The provided model '{model}' is not served by this server for {endpoint}. "

@@ -149,6 +149,7 @@ class MiniLMEmbeddingEngine:
                  *, max_batch: int = 64, max_seq_length: int = 256) -> None:
         self.name = f"embedded:{model_name}"
         self.max_in_flight = 2 * max_batch  # one batch computing, the next one gathering
+        self.shard_lines = 256
         self.model_dir = model_dir
         self.model_name = model_name
         # Recorded only: numpy's BLAS thread pool is sized by the environment (OMP_NUM_THREADS etc.).

@@ -677,6 +677,7 @@ class LlamaChatEngine:
         self.name = f"embedded:{model_name}"
         # Keep a queue beyond the slots, so admission can pick requests that share a cached prefix.
         self.max_in_flight = 4 * n_seq_max
+        self.shard_lines = 4 * n_seq_max  # a few seconds to minutes of decoding per shard
         self.model_path = model_path
         self.model_name = model_name
         self.n_ctx = n_ctx

@@ -46,6 +46,9 @@ class Engine(Protocol):
     name: str
     # How many requests it is useful to have outstanding at once: the worker runs this many senders.
     max_in_flight: int
+    # Requests per shard for batches it serves: many for fast engines (less bookkeeping per line),
+    # few for slow ones (less work redone after a crash, since a shard commits as a whole).
+    shard_lines: int
 
     async def start(self) -> None: ...
 

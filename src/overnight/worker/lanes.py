@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from overnight.engines.port import Engine
@@ -22,11 +23,17 @@ Job = tuple[LineRunner, int]  # a tuple, not a closure per line: cheaper on the 
 
 
 class EngineLane:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, on_low: Callable[[], None]) -> None:
         self.engine = engine
+        self.size = max(1, engine.max_in_flight)
+        self._on_low = on_low
         self._pending: deque[Job] = deque()
         self._work = asyncio.Event()
-        self._senders = [asyncio.create_task(self._sender()) for _ in range(max(1, engine.max_in_flight))]
+        self._senders = [asyncio.create_task(self._sender()) for _ in range(self.size)]
+
+    @property
+    def backlog(self) -> int:
+        return len(self._pending)
 
     def submit(self, jobs: list[Any]) -> None:
         self._pending.extend(jobs)
@@ -36,6 +43,8 @@ class EngineLane:
         while True:
             while self._pending:
                 runner, index = self._pending.popleft()
+                if len(self._pending) == self.size:  # running low: time to claim the next shard
+                    self._on_low()
                 await runner.run_line(index)
             self._work.clear()
             await self._work.wait()
@@ -49,16 +58,24 @@ class EngineLane:
 
 
 class Lanes:
-    """Lanes created on first use, inside the running event loop."""
+    """Lanes created on first use, inside the running event loop. `on_low` is called when a lane's
+    queue runs low, so the worker claims the next shard before the senders run dry."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_low: Callable[[], None] = lambda: None) -> None:
         self._lanes: dict[int, EngineLane] = {}
+        self.on_low = on_low
 
     def for_engine(self, engine: Engine) -> EngineLane:
         lane = self._lanes.get(id(engine))
         if lane is None:
-            lane = self._lanes[id(engine)] = EngineLane(engine)
+            lane = self._lanes[id(engine)] = EngineLane(engine, self.on_low)
         return lane
+
+    def wants_more(self, unsubmitted: int) -> bool:
+        """Whether queued lines (plus claimed ones not yet queued) are fewer than two rounds of
+        every lane's senders: enough to never starve them, few enough that a crash redoes little."""
+        capacity = sum(lane.size for lane in self._lanes.values()) or 64
+        return sum(lane.backlog for lane in self._lanes.values()) + unsubmitted < 2 * capacity
 
     async def close(self) -> None:
         for lane in self._lanes.values():

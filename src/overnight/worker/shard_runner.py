@@ -31,6 +31,7 @@ class ShardState:
     lease_lost: bool = False
     batch_stopped: bool = False  # cancelled (or otherwise no longer in progress): send no more lines
     result: ShardResult | None = None
+    queued: bool = False  # its lines are in the lanes' queues
 
 
 class ShardRunner:
@@ -64,7 +65,9 @@ class ShardRunner:
         for lane, jobs in by_lane.values():
             if lane is not None:
                 lane.submit(jobs)
-            else:  # no engine serves the model any more: these lines are answered at once
+        state.queued = True
+        for lane, jobs in by_lane.values():
+            if lane is None:  # no engine serves the model any more: these lines are answered at once
                 for _, i in jobs:
                     await run.run_line(i)
         await run.finished()

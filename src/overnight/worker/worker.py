@@ -46,7 +46,7 @@ class Worker:
         self.limits = limits
         self.clock = clock
         self.janitor_seconds = janitor_seconds
-        self.lanes = Lanes()
+        self.lanes = Lanes(on_low=self._nudge_shards)
         self.runner = ShardRunner(store, files, router, self.lanes, clock)
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -63,6 +63,9 @@ class Worker:
 
     def _nudge(self) -> None:
         self._batch_due = True
+        self._wake.set()
+
+    def _nudge_shards(self) -> None:
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -118,7 +121,7 @@ class Worker:
     async def _claim_shards(self, running: set[asyncio.Task[None]]) -> bool:
         claimed = False
         lease = self.settings.lease_seconds
-        while len(self._shards) < self.settings.max_shards_in_flight:
+        while len(self._shards) < self.settings.max_shards_in_flight and self.lanes.wants_more(self._unqueued()):
             shard = await asyncio.to_thread(self.store.claim_shard, self.clock(), lease, new_lease_token())
             if shard is None:
                 break
@@ -127,6 +130,9 @@ class Worker:
             self._shards[shard.shard_id] = (shard, state)
             self._spawn(running, self._run_shard(shard, state))
         return claimed
+
+    def _unqueued(self) -> int:
+        return sum(claim.request_count for claim, state in self._shards.values() if not state.queued)
 
     def _spawn(self, running: set[asyncio.Task[None]], coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -173,11 +179,12 @@ class Worker:
             await asyncio.to_thread(self.store.fail_batch, batch.id, task.lease_token, [error], now)
             return
 
-        def model_is_served(model: str) -> bool:
-            return self.router.resolve(model, batch.endpoint) is not None
+        def shard_lines_for(model: str) -> int | None:
+            resolved = self.router.resolve(model, batch.endpoint)
+            return resolved.engine.shard_lines if resolved is not None else None
 
         report = await asyncio.to_thread(
-            validate_input, lambda: self.files.iter_chunks(key), batch.endpoint, model_is_served, self.limits
+            validate_input, lambda: self.files.iter_chunks(key), batch.endpoint, shard_lines_for, self.limits
         )
         now = int(self.clock())
         if report.ok:
