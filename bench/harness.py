@@ -110,10 +110,18 @@ def overnight_process(workdir: Path, upstream_url: str, *extra: str, key: str = 
 
 
 def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (the server's worker processes)."""
+    total = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+            total += int(line.split()[1]) / 1024
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                total += rss_mb(int(child))
+            except FileNotFoundError:
+                pass
+    return total
 
 
 def save(name: str, result: dict[str, Any]) -> Path:

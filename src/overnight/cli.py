@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from dataclasses import replace
@@ -74,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", action="append", default=[], help="an accepted API key (repeatable)")
     serve.add_argument("--admin-key", action="append", default=[], help="a key that sees every owner's objects")
     serve.add_argument("--no-worker", action="store_true", help="serve the API only (run `overnight worker` apart)")
+    serve.add_argument("--workers", type=int, default=None,
+                       help="worker processes beside the API (default 1; 0 runs the worker in the API process)")
 
     run = sub.add_parser("run", help="run one batch file through the same machinery, without a server")
     _common(run)
@@ -128,6 +129,8 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         worker=worker,
         limits=limits,
         run_worker=not getattr(args, "no_worker", False),
+        worker_processes=getattr(args, "workers", None) if getattr(args, "workers", None) is not None
+        else settings.worker_processes,
     )
 
 
@@ -143,7 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         serve(settings)
     elif args.command == "worker":
-        asyncio.run(run_worker_only(settings))
+        from overnight.worker.processes import run_worker
+
+        asyncio.run(run_worker(settings))
     elif args.command == "cleanup":
         from overnight.wiring import build
 
@@ -167,35 +172,35 @@ def _data_dir_problem(data_dir: Path) -> str | None:
 
 
 def serve(settings: Settings) -> None:
+    """The API, plus the worker: in `settings.worker_processes` child processes (default 1), or
+    in the API's own event loop when that is 0."""
     import uvicorn
 
     from overnight.api.app import create_app
     from overnight.wiring import build
+    from overnight.worker.processes import WorkerProcesses
 
     parts = build(settings, announce=lambda text: print(text, file=sys.stderr, flush=True))
-    app = create_app(
-        parts.services,
-        on_startup=parts.start_engines,
-        background=parts.worker.run if settings.run_worker else None,
-        on_shutdown=parts.close,
-    )
+    if not settings.run_worker:
+        app = create_app(parts.services, on_shutdown=parts.close)
+    elif settings.worker_processes == 0:
+        app = create_app(parts.services, on_startup=parts.start_engines, background=parts.worker.run,
+                         on_shutdown=parts.close)
+    else:
+        workers = WorkerProcesses(settings, settings.worker_processes)
+        parts.services.batches.on_change = workers.notify
+
+        async def start_workers() -> None:
+            workers.start()
+
+        async def stop_workers() -> None:
+            await asyncio.to_thread(workers.stop)
+            await parts.close()
+
+        app = create_app(parts.services, on_startup=start_workers, background=workers.supervise,
+                         on_shutdown=stop_workers)
     log.info("serving on http://%s:%s/v1 (data in %s)", settings.host, settings.port, settings.data_dir)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
-
-
-async def run_worker_only(settings: Settings) -> None:
-    from overnight.wiring import build
-
-    parts = build(settings, announce=None)
-    await parts.start_engines()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await parts.worker.run(stop)
-    finally:
-        await parts.close()
 
 
 async def run_file(

@@ -92,6 +92,8 @@ class Settings:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     embedded: EmbeddedSettings = field(default_factory=EmbeddedSettings)
     run_worker: bool = True
+    # `overnight serve` runs the worker in this many child processes (0: inside the API process).
+    worker_processes: int = 1
 
     @property
     def resolved_database_url(self) -> str:
