@@ -50,6 +50,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="lines whose model matches no route fail validation (model_not_found) instead of "
         "running on the embedded default model",
     )
+    parser.add_argument("--gemma", action="store_true",
+                        help="also serve Gemma 3 270M as 'gemma-3-270m' (needs the gemma extra and --accept-gemma-terms)")
+    parser.add_argument("--accept-gemma-terms", action="store_true",
+                        help="accept the Gemma Terms of Use (ai.google.dev/gemma/terms) for serving Gemma")
     parser.add_argument("--lease-seconds", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shard-lines", type=int, default=None, help="requests per shard (default 256)")
     parser.add_argument("--max-shards", type=int, default=None, help="shards run at once per worker")
@@ -114,6 +118,9 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
     if args.completion_window_seconds is not None:
         limits = replace(limits, completion_window_seconds=args.completion_window_seconds)
     embedded = settings.embedded
+    if args.gemma or args.accept_gemma_terms:
+        embedded = replace(embedded, gemma=embedded.gemma or args.gemma,
+                           accept_gemma_terms=embedded.accept_gemma_terms or args.accept_gemma_terms)
     if args.no_embedded:
         embedded = EmbeddedSettings(enabled=False)
     return replace(
@@ -143,6 +150,16 @@ def main(argv: list[str] | None = None) -> None:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
+    from overnight.wiring import ConfigurationError
+
+    try:
+        _dispatch(args, settings)
+    except ConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> None:
     if args.command == "serve":
         serve(settings)
     elif args.command == "worker":

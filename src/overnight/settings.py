@@ -74,6 +74,11 @@ class EmbeddedSettings:
     n_ctx: int = 32768
     n_seq_max: int = 16
     threads: int | None = None
+    # Gemma 3 270M as a second chat model, routed by its name "gemma-3-270m" (never the default).
+    # Serving it counts as distributing it: it is only loaded once the operator accepts the
+    # Gemma Terms of Use (ai.google.dev/gemma/terms) with accept_gemma_terms.
+    gemma: bool = False
+    accept_gemma_terms: bool = False
 
 
 @dataclass(frozen=True, slots=True)

