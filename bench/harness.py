@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -117,10 +117,8 @@ def rss_mb(pid: int) -> float:
             total += int(line.split()[1]) / 1024
     for task in Path(f"/proc/{pid}/task").iterdir():
         for child in (task / "children").read_text().split():
-            try:
+            with suppress(FileNotFoundError):  # the child just exited
                 total += rss_mb(int(child))
-            except FileNotFoundError:
-                pass
     return total
 
 

@@ -190,6 +190,14 @@ def upload(client: openai.OpenAI, lines: list[Any] | bytes, name: str = "input.j
     return client.files.create(file=(name, data), purpose="batch").id
 
 
+def until(condition: Any, timeout: float = 30.0, interval: float = 0.01) -> None:
+    """Poll `condition()` until it is true; fail after `timeout` seconds (every loop is bounded)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"condition not met within {timeout}s"
+        time.sleep(interval)
+
+
 def wait_status(client: openai.OpenAI, batch_id: str, statuses: set[str], timeout: float = 30.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -19,6 +19,7 @@ from conftest import (
     read_jsonl,
     results_by_id,
     run_batch,
+    until,
     upload,
     wait_status,
     wait_terminal,
@@ -220,8 +221,7 @@ def test_cancel_in_progress_keeps_partial_output(make_server: Any) -> None:
     file_id = upload(client, lines)
     batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
     wait_status(client, batch.id, {"in_progress"})
-    while client.batches.retrieve(batch.id).request_counts.completed < 10:
-        pass
+    until(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 10)
     cancelling = client.batches.cancel(batch.id)
     assert cancelling.status == "cancelling" and cancelling.cancelling_at is not None
     done = wait_terminal(client, batch.id)
@@ -281,7 +281,9 @@ def test_async_client_round_trip(server: Server) -> None:
                                             purpose="batch")
         batch = await client.batches.create(input_file_id=created.id, endpoint="/v1/chat/completions",
                                             completion_window="24h")
-        while batch.status not in ("completed", "failed"):
+        for _ in range(600):  # bounded: 30 s
+            if batch.status in ("completed", "failed"):
+                break
             await asyncio.sleep(0.05)
             batch = await client.batches.retrieve(batch.id)
         content = await client.files.content(batch.output_file_id)
@@ -312,7 +314,9 @@ def test_request_counts_move_before_a_shard_commits(make_server: Any) -> None:
     batch = client.batches.create(input_file_id=upload(client, lines), endpoint="/v1/chat/completions",
                                   completion_window="24h")
     seen = []
-    while (current := client.batches.retrieve(batch.id)).status not in ("completed", "failed"):
+    for _ in range(20_000):  # bounded
+        if (current := client.batches.retrieve(batch.id)).status in ("completed", "failed"):
+            break
         seen.append(current.request_counts.completed)
     assert any(0 < n < 300 for n in seen), seen  # one 300-line shard, yet progress was visible
     assert seen == sorted(seen)

@@ -16,7 +16,7 @@ from typing import Any
 import openai
 import pytest
 
-from conftest import TERMINAL, Server, chat_line, jsonl, results_by_id, upload, wait_terminal
+from conftest import TERMINAL, Server, chat_line, jsonl, results_by_id, until, upload, wait_terminal
 
 PHASES = ["upload", "validating", "in_progress", "finalizing", "cancelling"]
 TRIALS = 20
@@ -57,14 +57,12 @@ def _run_trial(srv: Server, phase: str, rng: random.Random) -> dict[str, Any]:
         time.sleep(rng.uniform(0.0, 0.1))
     elif phase in ("in_progress", "cancelling"):
         target = rng.randint(1, LINES // 2)
-        while client.batches.retrieve(batch.id).request_counts.completed < target:
-            time.sleep(0.01)
+        until(lambda: client.batches.retrieve(batch.id).request_counts.completed >= target)
         if phase == "cancelling":
             client.batches.cancel(batch.id)
             time.sleep(rng.uniform(0.0, 0.05))
     elif phase == "finalizing":
-        while client.batches.retrieve(batch.id).status not in ("finalizing", *TERMINAL):
-            time.sleep(0.005)
+        until(lambda: client.batches.retrieve(batch.id).status in ("finalizing", *TERMINAL), interval=0.005)
     srv.kill()
     srv.start()
     client = srv.client()

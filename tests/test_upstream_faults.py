@@ -89,7 +89,8 @@ def test_overloaded_upstream_is_backed_off_and_nothing_is_lost(workdir: Path, ma
         outputs, errors = results_by_id(client, done)
         assert not errors and len(outputs) == 600
         stats = small.stats()
-        # Backing off keeps rejected attempts a minority of all attempts, despite starting at 32.
-        assert stats["served"].get("overload", 0) < stats["served"]["ok"]
+        # Backing off keeps rejected attempts few, despite starting at 32 in flight.
+        # (measured: 76 rejected attempts for 600 lines; 1,777 before backing off once per window)
+        assert stats["served"].get("overload", 0) < stats["served"]["ok"] / 4
     finally:
         small.stop()
