@@ -35,6 +35,8 @@ class WorkerSettings:
     lease_seconds: float = 15.0
     poll_seconds: float = 0.5
     max_shards_in_flight: int = 8
+    # Validations and finalizations run at once (each in a thread; they are mostly I/O).
+    max_batch_tasks: int = 4
 
 
 @dataclass(frozen=True, slots=True)

@@ -108,7 +108,7 @@ class Worker:
             await asyncio.gather(*running, return_exceptions=True)
 
     async def _claim_batch_task(self, running: set[asyncio.Task[None]]) -> bool:
-        if self._batch_tasks >= 2:
+        if self._batch_tasks >= self.settings.max_batch_tasks:
             return False
         lease = self.settings.lease_seconds
         task = await asyncio.to_thread(self.store.claim_batch_task, self.clock(), lease, new_lease_token())
