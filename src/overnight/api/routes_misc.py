@@ -11,15 +11,8 @@ from overnight.api.auth import Principal, principal
 from overnight.api.errors import error_response
 from overnight.api.json import json_response
 from overnight.api.schemas import ERRORS, ModelList
-from overnight.engines.packaged_models import GEMMA_MODEL_NAME, GEMMA_NOTICE
 
 router = APIRouter()
-
-
-def _owner(model: str) -> str:
-    if model == GEMMA_MODEL_NAME:  # the Gemma terms ask that recipients be told them
-        return "google; " + GEMMA_NOTICE
-    return "overnight"
 
 
 @router.get("/health", tags=["health"], summary="200 once the server is ready")
@@ -31,6 +24,6 @@ def health(request: Request) -> Response:
 
 @router.get("/v1/models", tags=["models"], response_model=ModelList, responses=ERRORS, summary="Served models")
 def list_models(request: Request, _caller: Annotated[Principal, Depends(principal)]) -> Response:
-    names = request.app.state.services.router.model_names()
-    data = [{"id": name, "object": "model", "created": 0, "owned_by": _owner(name)} for name in names]
+    models = request.app.state.services.router.models()
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": owner} for name, owner in models.items()]
     return json_response({"object": "list", "data": data})

@@ -150,6 +150,7 @@ class MiniLMEmbeddingEngine:
         self.name = f"embedded:{model_name}"
         self.max_in_flight = 2 * max_batch  # one batch computing, the next one gathering
         self.shard_lines = 256
+        self.owned_by = "overnight"
         self.model_dir = model_dir
         self.model_name = model_name
         # Recorded only: numpy's BLAS thread pool is sized by the environment (OMP_NUM_THREADS etc.).

@@ -674,9 +674,11 @@ class LlamaChatEngine:
 
     def __init__(self, model_path: str, model_name: str, n_ctx: int = 8192, n_seq_max: int = 16,
                  threads: int | None = None, *, prefix_sharing: bool = True,
-                 chat_template: str | None = None) -> None:
-        """`chat_template` (Jinja, as in a GGUF's tokenizer.chat_template) replaces the model's own."""
+                 chat_template: str | None = None, owned_by: str = "overnight") -> None:
+        """`chat_template` (Jinja, as in a GGUF's tokenizer.chat_template) replaces the model's own;
+        `owned_by` is what GET /v1/models says of the model (a licence notice, where one is owed)."""
         self.name = f"embedded:{model_name}"
+        self.owned_by = owned_by
         self.chat_template = chat_template
         # Keep a queue beyond the slots, so admission can pick requests that share a cached prefix.
         self.max_in_flight = 4 * n_seq_max

@@ -46,6 +46,8 @@ class Engine(Protocol):
     name: str
     # How many requests it is useful to have outstanding at once: the worker runs this many senders.
     max_in_flight: int
+    # Who provides its models, as GET /v1/models says (a licence notice where one is owed).
+    owned_by: str
     # Requests per shard for batches it serves: many for fast engines (less bookkeeping per line),
     # few for slow ones (less work redone after a crash, since a shard commits as a whole).
     shard_lines: int

@@ -62,12 +62,15 @@ class Router:
             seen.setdefault(id(engine), engine)
         return list(seen.values())
 
-    def model_names(self) -> list[str]:
-        names: list[str] = []
+    def models(self) -> dict[str, str]:
+        """Concrete model names served (exact routes, engines' own models, aliases) -> owner."""
+        owners: dict[str, str] = {}
         for route in self.routes:
             if not any(ch in route.pattern for ch in "*?["):
-                names.append(route.pattern)
+                owners.setdefault(route.pattern, route.engine.owned_by)
         for engine in self.engines():
-            names.extend(engine.served_models())
-        names.extend(self.aliases)
-        return sorted(set(names))
+            for name in engine.served_models():
+                owners[name] = engine.owned_by
+        for alias in self.aliases:
+            owners.setdefault(alias, "overnight")
+        return dict(sorted(owners.items()))

@@ -28,6 +28,7 @@ class UpstreamEngine:
         self.name = settings.label
         self.max_in_flight = settings.max_concurrency
         self.shard_lines = 1000
+        self.owned_by = "overnight"
         self.policy = policy or RetryPolicy(
             max_attempts=settings.retry.max_attempts,
             base_delay=settings.retry.base_delay,
