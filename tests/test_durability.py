@@ -65,3 +65,17 @@ def test_ten_thousand_lines(client: Any) -> None:
     assert done.status == "completed" and done.request_counts.completed == total
     outputs, _ = results_by_id(client, done)
     assert list(outputs) == [f"req-{i}" for i in range(total)]  # input order
+
+
+def test_graceful_stop_hands_back_leases(make_server: Any) -> None:
+    srv = make_server("--lease-seconds", "60", "--shard-lines", "50")
+    client = srv.client()
+    lines = [chat_line(i, x_fault="slow:20") for i in range(400)]
+    batch = client.batches.create(input_file_id=upload(client, lines), endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    until(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 50)
+    srv.stop()  # SIGTERM: in-flight shards are released, not left to a 60 s lease
+    srv.start()
+    done = wait_terminal(srv.client(), batch.id, timeout=40)
+    outputs, errors = results_by_id(srv.client(), done)
+    assert done.status == "completed" and not errors and len(outputs) == 400

@@ -69,3 +69,24 @@ def test_limiter_never_admits_more_than_the_limit() -> None:
         return limiter.peak_in_flight
 
     assert asyncio.run(scenario()) == 3
+
+
+def test_cancelled_waiters_leave_the_limiter_consistent() -> None:
+    async def scenario() -> None:
+        limiter = AdaptiveLimiter(initial=1, minimum=1, maximum=1)
+        await limiter.acquire()
+        waiters = [asyncio.create_task(limiter.acquire()) for _ in range(3)]
+        await asyncio.sleep(0)
+        waiters[0].cancel()
+        limiter.release()  # hands the slot to the next live waiter, dropping the cancelled one
+        await asyncio.sleep(0)
+        for task in waiters[1:]:
+            task.cancel()
+        results = await asyncio.gather(*waiters, return_exceptions=True)
+        # every cancelled acquire raises CancelledError (not ValueError: a swallowed cancellation
+        # once kept a worker from stopping), and the slot handed to a cancelled waiter comes back
+        assert isinstance(results[0], asyncio.CancelledError) and isinstance(results[2], asyncio.CancelledError)
+        assert results[1] == 0  # the live waiter got the slot
+        assert limiter.in_flight == 1 and not limiter._waiters
+
+    asyncio.run(scenario())

@@ -34,7 +34,7 @@ class AdaptiveLimiter:
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 self.release()  # we were handed a slot but nobody will use it
-            else:
+            elif future in self._waiters:  # (_wake may already have dropped a cancelled waiter)
                 self._waiters.remove(future)
             raise
         return self.epoch

@@ -461,6 +461,18 @@ class MetadataStore:
             ).scalars()
             return lost, set(stopped)
 
+    def release_shards(self, leases: Sequence[tuple[int, str]]) -> None:
+        """Hand back shards we hold but will not finish (graceful shutdown): they are pending again
+        at once, instead of after their lease runs out."""
+        with self._write() as conn:
+            for shard_id, token in leases:
+                conn.execute(
+                    update(T.shards)
+                    .where(T.shards.c.id == shard_id, T.shards.c.lease_token == token,
+                           T.shards.c.status == C.SHARD_RUNNING)
+                    .values(status=C.SHARD_PENDING, lease_token=None, lease_expires_at=None, completed=0, failed=0)
+                )
+
     def commit_shard(
         self, shard_id: int, token: str, batch_id: str, result: ShardResult, now: int
     ) -> Literal["lost", "committed", "batch_ready"]:

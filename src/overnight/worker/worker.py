@@ -52,6 +52,7 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shards: dict[int, tuple[ClaimedShard, ShardState]] = {}
         self._batch_tasks = 0
+        self._batch_leases: dict[str, str] = {}  # batch-level tasks running: batch id -> lease token
         self._batch_due = True  # claim batch-level work at the next turn of the claim loop
 
     # -- wiring ---------------------------------------------------------------------------
@@ -78,10 +79,22 @@ class Worker:
         try:
             await stop.wait()
         finally:
+            held = [(shard_id, claim.lease_token) for shard_id, (claim, _) in self._shards.items()]
+            batch_leases = list(self._batch_leases.items())
             for task in loops:
                 task.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
             await self.lanes.close()
+            await asyncio.to_thread(self._hand_back, held, batch_leases)
+
+    def _hand_back(self, shards: list[tuple[int, str]], batches: list[tuple[str, str]]) -> None:
+        """On a graceful stop, release what we hold so a restart (or another worker) resumes at once."""
+        try:
+            self.store.release_shards(shards)
+            for batch_id, token in batches:
+                self.store.release_batch_lease(batch_id, token)
+        except Exception:
+            log.exception("could not hand back leases; they will expire instead")
 
     # -- claiming -------------------------------------------------------------------------
 
@@ -152,6 +165,7 @@ class Worker:
 
     async def _run_batch_task(self, task: BatchTask) -> None:
         self._batch_tasks += 1
+        self._batch_leases[task.batch.id] = task.lease_token
         try:
             async with self._batch_lease(task.batch.id, task.lease_token):
                 if task.kind == "validate":
@@ -163,6 +177,7 @@ class Worker:
             log.exception("%s of batch %s failed; it will be retried", task.kind, task.batch.id)
         finally:
             self._batch_tasks -= 1
+            self._batch_leases.pop(task.batch.id, None)
             self._wake.set()
 
     async def _validate(self, task: BatchTask) -> None:
