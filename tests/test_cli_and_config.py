@@ -96,3 +96,20 @@ def test_aliases_and_upstream_keys_from_config(tmp_path: Path, workdir: Path, ma
         assert errors["req-2"]["response"]["status_code"] == 401  # no key configured for that route
     finally:
         guarded.stop()
+
+
+def test_keys_and_bodies_never_reach_the_log(make_server: Any) -> None:
+    srv = make_server("--shard-lines", "5")
+    client = srv.client()
+    secret_line = chat_line(1)
+    secret_line["body"]["messages"][0]["content"] = "TOP-SECRET-PROMPT-4711"
+    failing = chat_line(2, x_fault="400")
+    failing["body"]["messages"][0]["content"] = "ANOTHER-SECRET-8812"
+    done = run_batch(client, [secret_line, failing])
+    assert done.status == "completed"
+    with pytest.raises(openai.AuthenticationError):
+        srv.client("sk-wrong-key-should-not-be-logged").batches.list()
+    srv.stop()  # flush everything the server had to say
+    log = srv.log.read_text()
+    for secret in ("TOP-SECRET-PROMPT-4711", "ANOTHER-SECRET-8812", "sk-test-alice", "sk-wrong-key-should-not"):
+        assert secret not in log
