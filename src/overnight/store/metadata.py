@@ -585,15 +585,6 @@ class MetadataStore:
             used |= set(conn.execute(select(T.shards.c.result_key).where(T.shards.c.result_key.in_(keys))).scalars())
         return used
 
-    def batch_is_terminal(self, batch_id: str) -> bool:
-        status = self.batch_status(batch_id)
-        return status is None or status in C.TERMINAL_STATES
-
-    def count_rows(self, table: str) -> int:
-        with self._read() as conn:
-            return int(conn.execute(select(func.count()).select_from(T.metadata.tables[table])).scalar() or 0)
-
-
 def _with_live_counts(conn: Connection, records: list[BatchRecord]) -> list[BatchRecord]:
     """Add the progress that running shards reported by heartbeat to the committed counts."""
     live_ids = [r.id for r in records if r.status in (C.IN_PROGRESS, C.CANCELLING)]
