@@ -43,6 +43,7 @@ from overnight.store.records import (
 )
 
 _BATCH_COLUMNS = [c for c in T.batches.c if c.name not in ("seq", "errors_json", "metadata_json", "lease_expires_at")]
+_BATCH_FIELDS = [c.name for c in _BATCH_COLUMNS]
 
 
 def _sqlite_engine(url: str) -> Engine:
@@ -71,11 +72,11 @@ def _sqlite_engine(url: str) -> Engine:
 
 
 def _batch_record(row: Any) -> BatchRecord:
-    values = {c.name: row._mapping[c.name] for c in _BATCH_COLUMNS}
-    errors_json = row._mapping["errors_json"]
-    metadata_json = row._mapping["metadata_json"]
+    m = row._mapping  # a property that builds a view: take it once, not once per column
+    errors_json = m["errors_json"]
+    metadata_json = m["metadata_json"]
     return BatchRecord(
-        **values,
+        **{name: m[name] for name in _BATCH_FIELDS},
         errors=orjson.loads(errors_json) if errors_json else None,
         metadata=orjson.loads(metadata_json) if metadata_json else None,
     )
