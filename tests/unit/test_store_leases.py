@@ -123,3 +123,16 @@ def test_deleted_file_bytes_wait_for_active_batches(store: MetadataStore) -> Non
     assert task is not None
     store.finish_batch("batch_a", "f", C.COMPLETED, None, None, 10, 0, NOW)
     assert store.collect_garbage(NOW) == ["files/file-in"]
+
+
+def test_results_of_a_finished_batch_are_not_live(store: MetadataStore) -> None:
+    _batch_in_progress(store, shards=1)
+    shard = store.claim_shard(NOW, 30, "t")
+    assert shard is not None
+    store.commit_shard(shard.shard_id, "t", "batch_a", ShardResult("results/batch_a/0.1.jsonl", completed=10), NOW)
+    assert store.live_storage_keys(["results/batch_a/0.1.jsonl"]) == {"results/batch_a/0.1.jsonl"}
+    task = store.claim_batch_task(NOW, 30, "f")
+    assert task is not None
+    # finalize published the files, then the process died before deleting the shard's results
+    store.finish_batch("batch_a", "f", C.COMPLETED, None, None, 10, 0, NOW)
+    assert store.live_storage_keys(["results/batch_a/0.1.jsonl", "files/file-in"]) == {"files/file-in"}

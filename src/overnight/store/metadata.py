@@ -578,13 +578,23 @@ class MetadataStore:
         return [r.storage_key for r in rows]
 
     def live_storage_keys(self, keys: Sequence[str]) -> set[str]:
-        """Which of `keys` are still referenced by a file row or a committed shard."""
+        """Which of `keys` are still needed: a file's bytes, or a committed shard's results while its
+        batch is not finished (a finished batch's results live on in its output and error files;
+        finalize deletes them, and this catches those a crash left behind)."""
         if not keys:
             return set()
+        s, b = T.shards, T.batches
         with self._read() as conn:
             used = set(conn.execute(select(T.files.c.storage_key).where(T.files.c.storage_key.in_(keys))).scalars())
-            used |= set(conn.execute(select(T.shards.c.result_key).where(T.shards.c.result_key.in_(keys))).scalars())
+            used |= set(
+                conn.execute(
+                    select(s.c.result_key)
+                    .select_from(s.join(b, b.c.id == s.c.batch_id))
+                    .where(s.c.result_key.in_(keys), b.c.status.in_(list(C.ACTIVE_STATES)))
+                ).scalars()
+            )
         return used
+
 
 def _with_live_counts(conn: Connection, records: list[BatchRecord]) -> list[BatchRecord]:
     """Add the progress that running shards reported by heartbeat to the committed counts."""
