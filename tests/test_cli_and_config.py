@@ -13,7 +13,7 @@ from typing import Any
 import openai
 import pytest
 
-from conftest import Server, Upstream, chat_line, jsonl, results_by_id, run_batch
+from conftest import Server, Upstream, chat_line, jsonl, results_by_id, run_batch, upload, wait_terminal
 
 
 def test_generated_key_is_printed_once_and_stored_hashed(tmp_path: Path, upstream: Upstream) -> None:
@@ -113,3 +113,29 @@ def test_keys_and_bodies_never_reach_the_log(make_server: Any) -> None:
     log = srv.log.read_text()
     for secret in ("TOP-SECRET-PROMPT-4711", "ANOTHER-SECRET-8812", "sk-test-alice", "sk-wrong-key-should-not"):
         assert secret not in log
+
+
+def test_worker_inside_the_api_process(make_server: Any) -> None:
+    srv = make_server("--workers", "0")
+    assert not (Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text().split())
+    done = run_batch(srv.client(), [chat_line(i) for i in range(50)])
+    assert done.status == "completed" and done.request_counts.completed == 50
+
+
+def test_api_only_server_with_a_separate_worker(make_server: Any, upstream: Upstream) -> None:
+    srv = make_server("--no-worker")
+    client = srv.client()
+    batch = client.batches.create(input_file_id=upload(client, [chat_line(1)]), endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    assert client.batches.retrieve(batch.id).status == "validating"  # nobody works on it yet
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "overnight", "worker", "--data-dir", str(srv.data_dir), "--no-embedded",
+         "--upstream", f"*={upstream.base_url}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        done = wait_terminal(client, batch.id, timeout=60)
+        assert done.status == "completed" and done.request_counts.completed == 1
+    finally:
+        worker.terminate()
+        worker.wait(30)
