@@ -1,0 +1,149 @@
+"""The shard runner on the in-memory file store and an engine double: what a shard commits when its
+batch is cancelled mid-way, when its lease is lost, and when the engine breaks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from overnight import constants as C
+from overnight.engines.port import EngineRequest, EngineResponse
+from overnight.engines.router import Route, Router
+from overnight.files.memory import MemoryFileStore
+from overnight.store.metadata import MetadataStore
+from overnight.store.records import BatchRecord, FileRecord, ShardPlan
+from overnight.worker.lanes import Lanes
+from overnight.worker.shard_runner import ShardRunner, ShardState
+
+NOW = 1_000_000.0
+LINES = 20
+
+
+class ScriptedEngine:
+    """Answers each request after `gate` opens for it; `fail_at` raises (a bug, not a line error)."""
+
+    name = "double"
+    max_in_flight = 4
+    shard_lines = LINES
+    owned_by = "test"
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.seen: list[str] = []
+        self.fail_at = fail_at
+        self.gate = asyncio.Semaphore(0)
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def served_models(self) -> list[str]:
+        return []
+
+    async def execute(self, request: EngineRequest) -> EngineResponse:
+        await self.gate.acquire()
+        text = request.body["messages"][0]["content"]
+        self.seen.append(text)
+        if self.fail_at is not None and len(self.seen) == self.fail_at:
+            raise RuntimeError("engine bug")
+        return EngineResponse(200, {"model": "m", "usage": {"prompt_tokens": 1, "completion_tokens": 2}})
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[MetadataStore, MemoryFileStore]:
+    store = MetadataStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store.migrate()
+    files = MemoryFileStore()
+    data = b"".join(
+        json.dumps({"custom_id": f"c{i}", "method": "POST", "url": C.CHAT_COMPLETIONS,
+                    "body": {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]}}).encode() + b"\n"
+        for i in range(LINES)
+    )
+    with files.writer("files/in") as out:
+        out.write(data)
+    store.insert_file(FileRecord("file-in", "o", "batch", "in", len(data), int(NOW), None, "files/in"))
+    store.insert_batch(BatchRecord("batch_x", "o", C.CHAT_COMPLETIONS, "file-in", "24h", C.VALIDATING, int(NOW),
+                                   int(NOW) + 86400))
+    assert store.claim_batch_task(NOW, 30, "v") is not None
+    store.start_batch("batch_x", "v", [ShardPlan(0, 0, LINES, 0, len(data))], LINES, int(NOW))
+    return store, files
+
+
+def _results(files: MemoryFileStore) -> list[tuple[bytes, dict[str, Any]]]:
+    keys = [k for k in files.blobs if k.startswith("results/")]
+    assert len(keys) == 1
+    return [(line[:1], orjson.loads(line[1:])) for line in files.blobs[keys[0]][0].splitlines()]
+
+
+def _run(store: MetadataStore, files: MemoryFileStore, engine: ScriptedEngine, script: Any) -> Any:
+    async def scenario() -> Any:
+        lanes = Lanes()
+        runner = ShardRunner(store, files, Router([Route("*", engine)]), lanes, clock=lambda: NOW)
+        claim = store.claim_shard(NOW, 30, "lease")
+        assert claim is not None
+        state = ShardState()
+        task = asyncio.create_task(runner.run(claim, state))
+        try:
+            await script(engine, state)
+            return await asyncio.wait_for(task, 5)
+        finally:
+            await lanes.close()
+
+    return asyncio.run(scenario())
+
+
+def test_cancel_mid_shard_reports_unsent_lines_as_cancelled(setup: Any) -> None:
+    store, files = setup
+
+    async def script(engine: ScriptedEngine, state: ShardState) -> None:
+        for _ in range(6):
+            engine.gate.release()
+        await asyncio.sleep(0.05)
+        state.batch_stopped = True  # the heartbeat saw the batch cancelled
+        for _ in range(LINES):
+            engine.gate.release()  # let the in-flight ones finish
+
+    assert _run(store, files, ScriptedEngine(), script) == "batch_ready"
+    lines = _results(files)
+    assert [obj["custom_id"] for _, obj in lines] == [f"c{i}" for i in range(LINES)]  # input order, all there
+    ran = [obj for tag, obj in lines if tag == b"O"]
+    cancelled = [obj for tag, obj in lines if tag == b"E"]
+    assert 6 <= len(ran) <= 6 + ScriptedEngine.max_in_flight  # finished, plus those already in flight
+    assert all(obj["error"]["code"] == C.BATCH_CANCELLED for obj in cancelled)
+    batch = store.get_batch(None, "batch_x")
+    assert batch is not None and (batch.request_completed, batch.request_failed) == (len(ran), len(cancelled))
+
+
+def test_a_shard_whose_lease_was_lost_is_not_committed(setup: Any) -> None:
+    store, files = setup
+
+    async def script(engine: ScriptedEngine, state: ShardState) -> None:
+        for _ in range(3):
+            engine.gate.release()
+        await asyncio.sleep(0.05)
+        state.lease_lost = True
+        for _ in range(LINES):
+            engine.gate.release()
+
+    assert _run(store, files, ScriptedEngine(), script) == "lost"
+    assert not [k for k in files.blobs if k.startswith("results/")]
+    batch = store.get_batch(None, "batch_x")
+    assert batch is not None and batch.request_completed == 0 and batch.status == C.IN_PROGRESS
+
+
+def test_an_engine_bug_fails_the_shard_instead_of_reporting_lines(setup: Any) -> None:
+    store, files = setup
+
+    async def script(engine: ScriptedEngine, state: ShardState) -> None:
+        for _ in range(LINES):
+            engine.gate.release()
+
+    with pytest.raises(RuntimeError, match="engine bug"):
+        _run(store, files, ScriptedEngine(fail_at=5), script)
+    assert not [k for k in files.blobs if k.startswith("results/")]  # nothing committed: it runs again
+    batch = store.get_batch(None, "batch_x")
+    assert batch is not None and batch.request_completed == 0 and batch.request_failed == 0
