@@ -79,6 +79,14 @@ def _results(files: MemoryFileStore) -> list[tuple[bytes, dict[str, Any]]]:
     return [(line[:1], orjson.loads(line[1:])) for line in files.blobs[keys[0]][0].splitlines()]
 
 
+async def _until_seen(engine: ScriptedEngine, count: int) -> None:
+    for _ in range(500):  # bounded: 5 s
+        if len(engine.seen) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the engine saw {len(engine.seen)} requests, expected {count}")
+
+
 def _run(store: MetadataStore, files: MemoryFileStore, engine: ScriptedEngine, script: Any) -> Any:
     async def scenario() -> Any:
         lanes = Lanes()
@@ -102,7 +110,7 @@ def test_cancel_mid_shard_reports_unsent_lines_as_cancelled(setup: Any) -> None:
     async def script(engine: ScriptedEngine, state: ShardState) -> None:
         for _ in range(6):
             engine.gate.release()
-        await asyncio.sleep(0.05)
+        await _until_seen(engine, 6)
         state.batch_stopped = True  # the heartbeat saw the batch cancelled
         for _ in range(LINES):
             engine.gate.release()  # let the in-flight ones finish
@@ -124,7 +132,7 @@ def test_a_shard_whose_lease_was_lost_is_not_committed(setup: Any) -> None:
     async def script(engine: ScriptedEngine, state: ShardState) -> None:
         for _ in range(3):
             engine.gate.release()
-        await asyncio.sleep(0.05)
+        await _until_seen(engine, 3)
         state.lease_lost = True
         for _ in range(LINES):
             engine.gate.release()
