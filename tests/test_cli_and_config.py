@@ -67,11 +67,12 @@ def test_overnight_run_reports_validation_errors(tmp_path: Path, upstream: Upstr
     (tmp_path / "in.jsonl").write_bytes(jsonl([chat_line(0), chat_line(0)]))
     result = subprocess.run(
         [sys.executable, "-m", "overnight", "run", "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "o.jsonl"),
-         "--upstream", f"*={upstream.base_url}", "--no-embedded"],
+         "--upstream", f"*={upstream.base_url}", "--no-embedded", "--data-dir", str(tmp_path / "kept")],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 1
     assert "line 2: duplicate_custom_id" in result.stderr
+    assert (tmp_path / "kept" / "overnight.db").is_file()  # a chosen data dir is kept, not a scratch one
 
 
 def test_aliases_and_upstream_keys_from_config(tmp_path: Path, workdir: Path, make_server: Any) -> None:

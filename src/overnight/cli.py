@@ -173,7 +173,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> None:
         removed = parts.worker.collect_garbage(orphan_age=args.orphan_age_seconds)
         print(f"removed {removed} objects", file=sys.stderr)
     else:
-        sys.exit(asyncio.run(run_file(settings, args.input, args.output, args.errors, args.endpoint)))
+        # Without a data dir chosen, the run keeps nothing: it works in a scratch directory.
+        scratch = args.data_dir is None and "OVERNIGHT_DATA_DIR" not in os.environ
+        sys.exit(asyncio.run(run_file(settings, args.input, args.output, args.errors, args.endpoint, scratch)))
 
 
 def _data_dir_problem(data_dir: Path) -> str | None:
@@ -221,7 +223,12 @@ def serve(settings: Settings) -> None:
 
 
 async def run_file(
-    settings: Settings, input_path: Path, output_path: Path, errors_path: Path | None, endpoint: str | None
+    settings: Settings,
+    input_path: Path,
+    output_path: Path,
+    errors_path: Path | None,
+    endpoint: str | None,
+    scratch: bool = False,
 ) -> int:
     """Run one JSONL file as a batch and write its results; the `vllm run-batch` use case."""
     from tqdm import tqdm
@@ -231,10 +238,9 @@ async def run_file(
     if not input_path.is_file():
         print(f"error: no such input file: {input_path}", file=sys.stderr)
         return 2
-    scratch = None
-    if settings.data_dir == Path("./data") and "OVERNIGHT_DATA_DIR" not in os.environ:
-        scratch = tempfile.mkdtemp(prefix="overnight-run-")
-        settings = replace(settings, data_dir=Path(scratch))
+    scratch_dir = tempfile.mkdtemp(prefix="overnight-run-") if scratch else None
+    if scratch_dir is not None:
+        settings = replace(settings, data_dir=Path(scratch_dir))
     settings = replace(settings, worker=replace(settings.worker, poll_seconds=0.05), api_keys=("local",))
     parts = build(settings, announce=None)
     try:
@@ -271,8 +277,8 @@ async def run_file(
         return _write_results(parts, record, output_path, errors_path)
     finally:
         await parts.close()
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+        if scratch_dir is not None:
+            shutil.rmtree(scratch_dir, ignore_errors=True)
 
 
 def _write_results(parts: Components, record: BatchRecord, output_path: Path, errors_path: Path | None) -> int:

@@ -87,6 +87,20 @@ async def _until_seen(engine: ScriptedEngine, count: int) -> None:
     raise AssertionError(f"the engine saw {len(engine.seen)} requests, expected {count}")
 
 
+def _raise_after(answers: int, flag: str) -> Any:
+    """A script: let `answers` requests through, raise the heartbeat's `flag`, then let the rest go."""
+
+    async def script(engine: ScriptedEngine, state: ShardState) -> None:
+        for _ in range(answers):
+            engine.gate.release()
+        await _until_seen(engine, answers)
+        setattr(state, flag, True)
+        for _ in range(LINES):
+            engine.gate.release()  # the requests already in flight finish
+
+    return script
+
+
 def _run(store: MetadataStore, files: MemoryFileStore, engine: ScriptedEngine, script: Any) -> Any:
     async def scenario() -> Any:
         lanes = Lanes()
@@ -107,15 +121,8 @@ def _run(store: MetadataStore, files: MemoryFileStore, engine: ScriptedEngine, s
 def test_cancel_mid_shard_reports_unsent_lines_as_cancelled(setup: Any) -> None:
     store, files = setup
 
-    async def script(engine: ScriptedEngine, state: ShardState) -> None:
-        for _ in range(6):
-            engine.gate.release()
-        await _until_seen(engine, 6)
-        state.batch_stopped = True  # the heartbeat saw the batch cancelled
-        for _ in range(LINES):
-            engine.gate.release()  # let the in-flight ones finish
-
-    assert _run(store, files, ScriptedEngine(), script) == "batch_ready"
+    # the heartbeat sees the batch cancelled after 6 answers
+    assert _run(store, files, ScriptedEngine(), _raise_after(6, "batch_stopped")) == "batch_ready"
     lines = _results(files)
     assert [obj["custom_id"] for _, obj in lines] == [f"c{i}" for i in range(LINES)]  # input order, all there
     ran = [obj for tag, obj in lines if tag == b"O"]
@@ -129,15 +136,7 @@ def test_cancel_mid_shard_reports_unsent_lines_as_cancelled(setup: Any) -> None:
 def test_a_shard_whose_lease_was_lost_is_not_committed(setup: Any) -> None:
     store, files = setup
 
-    async def script(engine: ScriptedEngine, state: ShardState) -> None:
-        for _ in range(3):
-            engine.gate.release()
-        await _until_seen(engine, 3)
-        state.lease_lost = True
-        for _ in range(LINES):
-            engine.gate.release()
-
-    assert _run(store, files, ScriptedEngine(), script) == "lost"
+    assert _run(store, files, ScriptedEngine(), _raise_after(3, "lease_lost")) == "lost"
     assert not [k for k in files.blobs if k.startswith("results/")]
     batch = store.get_batch(None, "batch_x")
     assert batch is not None and batch.request_completed == 0 and batch.status == C.IN_PROGRESS

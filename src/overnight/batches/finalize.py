@@ -4,8 +4,6 @@ Publishing the files and the terminal state is one transaction fenced by the bat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import orjson
 
 from overnight import constants as C
@@ -20,19 +18,13 @@ _UNLIMITED = 1 << 62
 _SKIPPED_CODE = {C.CANCELLED: C.BATCH_CANCELLED, C.EXPIRED: C.BATCH_EXPIRED}
 
 
-@dataclass(slots=True)
-class _Counts:
-    completed: int = 0
-    failed: int = 0
-
-
 def finalize_batch(task: BatchTask, files: FileStore, store: MetadataStore, now: int) -> bool:
     """Write the output and error files and publish them. False if the lease was lost meanwhile."""
     batch = task.batch
     assert task.final_status is not None
     out_record = _new_output_record(batch.id, batch.owner, "output", batch.output_expires_after, now)
     err_record = _new_output_record(batch.id, batch.owner, "error", batch.output_expires_after, now)
-    counts = _Counts()
+    completed = failed = 0
     with files.writer(out_record.storage_key) as out, files.writer(err_record.storage_key) as err:
         for shard in task.shards:
             if shard.status == C.SHARD_DONE and shard.result_key:
@@ -40,17 +32,17 @@ def finalize_batch(task: BatchTask, files: FileStore, store: MetadataStore, now:
                     data = line.data or b""
                     if data[:1] == OUTPUT_TAG:
                         out.write(data[1:] + b"\n")
-                        counts.completed += 1
+                        completed += 1
                     elif data[:1] == ERROR_TAG:
                         err.write(data[1:] + b"\n")
-                        counts.failed += 1
+                        failed += 1
             else:
                 code = _SKIPPED_CODE.get(task.final_status, C.BATCH_CANCELLED)
                 raw = files.read_range(task.input_storage_key or "", shard.byte_offset, shard.byte_length)
                 for i, request in enumerate(split_requests(raw)):
                     custom_id = orjson.loads(request)["custom_id"]
                     err.write(error_line(line_id(batch.id, shard.first_request + i), custom_id, code) + b"\n")
-                    counts.failed += 1
+                    failed += 1
         out_size, err_size = out.bytes_written, err.bytes_written
     output = _sized(out_record, out_size)
     error = _sized(err_record, err_size)
@@ -58,7 +50,7 @@ def finalize_batch(task: BatchTask, files: FileStore, store: MetadataStore, now:
         if not size:
             files.delete(record.storage_key)  # OpenAI leaves the id null rather than an empty file
     published = store.finish_batch(
-        batch.id, task.lease_token, task.final_status, output, error, counts.completed, counts.failed, now
+        batch.id, task.lease_token, task.final_status, output, error, completed, failed, now
     )
     if not published:
         for record in (output, error):

@@ -69,8 +69,6 @@ class LocalFileStore:
             while chunk := fh.read(chunk_size):
                 yield chunk
 
-    def size(self, key: str) -> int:
-        return self._path(key).stat().st_size
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

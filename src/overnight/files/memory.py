@@ -37,8 +37,6 @@ class MemoryFileStore:
         for start in range(0, len(data), chunk_size):
             yield data[start : start + chunk_size]
 
-    def size(self, key: str) -> int:
-        return len(self.blobs[key][0])
 
     def exists(self, key: str) -> bool:
         return key in self.blobs
