@@ -1,17 +1,21 @@
 """Any OpenAI-compatible server (vLLM, SGLang, llama.cpp, Ollama, a hosted provider) over HTTP.
 
-aiohttp, not httpx: on this kind of machine one loopback upstream at concurrency 64 sustains
-~7,500 req/s with aiohttp and ~400 with httpx, and the client is the hot path of a batch.
+The client is the hot path of a batch, so it is pyreqwest: Rust's reqwest/hyper, with the
+connection pool, HTTP parsing and socket I/O on its own thread, off the GIL. Against one loopback
+upstream at concurrency 64 on the 2-core dev machine it sustained ~18,000 requests/s at ~50 us of
+CPU per request, where aiohttp sustained ~11,500 at ~80 us and httpx ~400.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 from typing import Any
 
-import aiohttp
 import orjson
+from pyreqwest.client import Client, ClientBuilder
+from pyreqwest.exceptions import RequestError, RequestTimeoutError
 
 from overnight import constants as C
 from overnight.engines.limiter import AdaptiveLimiter
@@ -41,18 +45,25 @@ class UpstreamEngine:
         self._headers = {"Content-Type": "application/json"}
         if settings.api_key:
             self._headers["Authorization"] = f"Bearer {settings.api_key}"
-        self._session: aiohttp.ClientSession | None = None
-        self._timeout = aiohttp.ClientTimeout(total=settings.timeout_seconds, sock_connect=10)
+        self._client: Client | None = None
 
     async def start(self) -> None:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self.settings.max_concurrency, keepalive_timeout=60)
-            self._session = aiohttp.ClientSession(connector=connector, headers=self._headers)
+        if self._client is None:
+            self._client = (
+                ClientBuilder()
+                .max_connections(self.settings.max_concurrency)
+                .default_headers(self._headers)
+                .connect_timeout(timedelta(seconds=10))
+                .timeout(timedelta(seconds=self.settings.timeout_seconds))
+                .pool_idle_timeout(timedelta(seconds=60))
+                .no_proxy()  # proxy variables are not read: upstreams are named explicitly
+                .build()
+            )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
     def served_models(self) -> list[str]:
         return []
@@ -63,7 +74,7 @@ class UpstreamEngine:
         return self._base + path
 
     async def execute(self, request: EngineRequest) -> EngineResponse:
-        if self._session is None:
+        if self._client is None:
             await self.start()
         url = self.url_for(request.endpoint)
         payload = orjson.dumps(request.body)
@@ -82,24 +93,26 @@ class UpstreamEngine:
             await asyncio.sleep(decision.delay)
 
     async def _attempt(self, url: str, payload: bytes, time_left: float) -> tuple[EngineResponse, float | None]:
-        assert self._session is not None
+        assert self._client is not None
         capped_by_deadline = time_left < self.settings.timeout_seconds
-        timeout = aiohttp.ClientTimeout(total=time_left, sock_connect=10) if capped_by_deadline else self._timeout
+        builder = self._client.post(url).body_bytes(payload)
+        if capped_by_deadline:
+            builder = builder.timeout(timedelta(seconds=time_left))
         epoch = await self.limiter.acquire()
         try:
-            async with self._session.post(url, data=payload, timeout=timeout) as resp:
-                raw = await resp.read()
-                status = resp.status
-                request_id = resp.headers.get("x-request-id")
-                retry_after = parse_retry_after(resp.headers)
-        except TimeoutError:
+            resp = await builder.build().send()
+            raw = bytes(await resp.bytes())
+            status = resp.status
+            request_id = resp.get_header("x-request-id")
+            retry_after = parse_retry_after(resp.headers)
+        except RequestTimeoutError:
             if capped_by_deadline:  # the completion window closed while the request was in flight
                 return EngineResponse.failure(C.BATCH_EXPIRED, _EXPIRED_MESSAGE), None
             self.limiter.on_overload(epoch)
             return EngineResponse.failure(
                 "upstream_timeout", f"The upstream {self.name} did not answer within the timeout."
             ), None
-        except aiohttp.ClientError as exc:
+        except RequestError as exc:  # connection refused, reset, closed mid-answer
             self.limiter.on_overload(epoch)
             return EngineResponse.failure(
                 "upstream_unreachable", f"Could not reach the upstream {self.name}: {type(exc).__name__}."

@@ -197,7 +197,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     state = UpstreamState(chaos=args.chaos, max_concurrency=args.max_concurrency, delay=args.delay_ms / 1000,
                           rng=random.Random(args.seed), api_key=args.api_key)
-    asyncio.run(_serve(make_app(state), args.host, args.port, args.port_file))
+    _run(_serve(make_app(state), args.host, args.port, args.port_file))
+
+
+def _run(coro: Any) -> None:
+    """On uvloop when it is installed (it comes with uvicorn[standard]), as real servers run."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
 
 
 async def _serve(app: web.Application, host: str, port: int, port_file: Path | None) -> None:
