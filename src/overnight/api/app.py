@@ -12,6 +12,7 @@ from overnight import __version__
 from overnight.api import routes_batches, routes_files, routes_misc
 from overnight.api.errors import BodySizeLimitMiddleware, RequestIdMiddleware, install_error_handlers
 from overnight.api.services import Services
+from overnight.gc_tuning import freeze_startup_objects
 
 
 def create_app(
@@ -27,6 +28,7 @@ def create_app(
         stop = asyncio.Event()
         if on_startup is not None:
             await on_startup()
+        freeze_startup_objects()
         task = asyncio.create_task(background(stop)) if background is not None else None
         services.ready = True
         try:

@@ -19,6 +19,7 @@ import sys
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
+from overnight.gc_tuning import freeze_startup_objects
 from overnight.settings import Settings
 
 log = logging.getLogger("overnight.workers")
@@ -99,6 +100,7 @@ async def run_worker(settings: Settings, wake: Connection | None = None, parent_
 
     parts = build(settings, announce=None)
     await parts.start_engines()
+    freeze_startup_objects()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -136,3 +138,4 @@ def _die_with_parent() -> None:
         return
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
