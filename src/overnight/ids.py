@@ -21,8 +21,14 @@ def new_lease_token() -> str:
 
 def line_id(batch_id: str, line_index: int) -> str:
     """`batch_req_<batch hex><line index>`: unique per input line, the same on every attempt."""
-    return f"batch_req_{batch_id.removeprefix('batch_')}{line_index:08x}"
+    return f"{line_id_prefix(batch_id)}{line_index:08x}"
 
 
-def line_request_id(batch_id: str, line_index: int) -> str:
-    return f"req_{batch_id.removeprefix('batch_')[:16]}{line_index:08x}"
+def line_id_prefix(batch_id: str) -> str:
+    """What every line id of the batch starts with (hot loops add the index themselves)."""
+    return "batch_req_" + batch_id.removeprefix("batch_")
+
+
+def line_request_id_prefix(batch_id: str) -> str:
+    """The same for `response.request_id` of an engine that gives none: `req_<16 hex><index>`."""
+    return "req_" + batch_id.removeprefix("batch_")[:16]

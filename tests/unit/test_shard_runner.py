@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
+from sqlalchemy import select
 
 from overnight import constants as C
 from overnight.engines.port import EngineRequest, EngineResponse
@@ -17,6 +18,7 @@ from overnight.engines.router import Route, Router
 from overnight.files.memory import MemoryFileStore
 from overnight.store.metadata import MetadataStore
 from overnight.store.records import BatchRecord, FileRecord, ShardPlan
+from overnight.store.schema import shards
 from overnight.worker.lanes import Lanes
 from overnight.worker.shard_runner import ShardRunner, ShardState
 
@@ -73,10 +75,17 @@ def setup(tmp_path: Path) -> tuple[MetadataStore, MemoryFileStore]:
     return store, files
 
 
-def _results(files: MemoryFileStore) -> list[tuple[bytes, dict[str, Any]]]:
+def _results(store: MetadataStore, files: MemoryFileStore) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The committed results object's output section and error section, parsed."""
     keys = [k for k in files.blobs if k.startswith("results/")]
     assert len(keys) == 1
-    return [(line[:1], orjson.loads(line[1:])) for line in files.blobs[keys[0]][0].splitlines()]
+    with store.engine.connect() as conn:
+        output_bytes = conn.execute(select(shards.c.result_output_bytes)).scalar_one()
+    blob = files.blobs[keys[0]][0]
+    return (
+        [orjson.loads(line) for line in blob[:output_bytes].splitlines()],
+        [orjson.loads(line) for line in blob[output_bytes:].splitlines()],
+    )
 
 
 async def _until_seen(engine: ScriptedEngine, count: int) -> None:
@@ -123,10 +132,9 @@ def test_cancel_mid_shard_reports_unsent_lines_as_cancelled(setup: Any) -> None:
 
     # the heartbeat sees the batch cancelled after 6 answers
     assert _run(store, files, ScriptedEngine(), _raise_after(6, "batch_stopped")) == "batch_ready"
-    lines = _results(files)
-    assert [obj["custom_id"] for _, obj in lines] == [f"c{i}" for i in range(LINES)]  # input order, all there
-    ran = [obj for tag, obj in lines if tag == b"O"]
-    cancelled = [obj for tag, obj in lines if tag == b"E"]
+    ran, cancelled = _results(store, files)
+    # lines are sent in input order, so what ran is the first part and what was cancelled the rest
+    assert [obj["custom_id"] for obj in ran + cancelled] == [f"c{i}" for i in range(LINES)]
     assert 6 <= len(ran) <= 6 + ScriptedEngine.max_in_flight  # finished, plus those already in flight
     assert all(obj["error"]["code"] == C.BATCH_CANCELLED for obj in cancelled)
     batch = store.get_batch(None, "batch_x")

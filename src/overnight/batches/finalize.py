@@ -1,6 +1,9 @@
 """Finalizing: stream the committed shard results, in input order, into the output file and the
 error file; lines of shards that never ran become `batch_cancelled` / `batch_expired` error lines.
-Publishing the files and the terminal state is one transaction fenced by the batch lease."""
+Publishing the files and the terminal state is one transaction fenced by the batch lease.
+
+Each results object is an output section then an error section, so this is a copy of byte
+ranges in large chunks, not a loop over lines."""
 
 from __future__ import annotations
 
@@ -8,8 +11,8 @@ import orjson
 
 from overnight import constants as C
 from overnight.batches.jsonl import iter_lines, split_requests
-from overnight.batches.results import ERROR_TAG, OUTPUT_TAG, error_line
-from overnight.files.port import FileStore
+from overnight.batches.results import error_line
+from overnight.files.port import BlobWriter, FileStore
 from overnight.ids import line_id, new_file_id
 from overnight.store.metadata import MetadataStore
 from overnight.store.records import BatchTask, FileRecord
@@ -28,14 +31,12 @@ def finalize_batch(task: BatchTask, files: FileStore, store: MetadataStore, now:
     with files.writer(out_record.storage_key) as out, files.writer(err_record.storage_key) as err:
         for shard in task.shards:
             if shard.status == C.SHARD_DONE and shard.result_key:
-                for line in iter_lines(files.iter_chunks(shard.result_key), _UNLIMITED):
-                    data = line.data or b""
-                    if data[:1] == OUTPUT_TAG:
-                        out.write(data[1:] + b"\n")
-                        completed += 1
-                    elif data[:1] == ERROR_TAG:
-                        err.write(data[1:] + b"\n")
-                        failed += 1
+                if shard.result_output_bytes is None:
+                    done, bad = _copy_tagged_lines(files, shard.result_key, out, err)
+                else:
+                    done, bad = _copy_sections(files, shard.result_key, shard.result_output_bytes, out, err)
+                completed += done
+                failed += bad
             else:
                 code = _SKIPPED_CODE.get(task.final_status, C.BATCH_CANCELLED)
                 raw = files.read_range(task.input_storage_key or "", shard.byte_offset, shard.byte_length)
@@ -61,6 +62,40 @@ def finalize_batch(task: BatchTask, files: FileStore, store: MetadataStore, now:
         if shard.result_key:
             files.delete(shard.result_key)
     return True
+
+
+def _copy_sections(
+    files: FileStore, key: str, output_bytes: int, out: BlobWriter, err: BlobWriter
+) -> tuple[int, int]:
+    """Bytes [0, output_bytes) to the output file, the rest to the error file; lines counted."""
+    left = output_bytes
+    lines_out = lines_err = 0
+    for chunk in files.iter_chunks(key):
+        view = memoryview(chunk)
+        head, tail = view[:left], view[left:]
+        left -= len(head)
+        if head:
+            out.write(head)
+            lines_out += chunk.count(b"\n", 0, len(head))
+        if tail:
+            err.write(tail)
+            lines_err += chunk.count(b"\n", len(head))
+    return lines_out, lines_err
+
+
+def _copy_tagged_lines(files: FileStore, key: str, out: BlobWriter, err: BlobWriter) -> tuple[int, int]:
+    """Results written before they had sections (schema revision 0001): each line is prefixed by
+    `O` (output file) or `E` (error file)."""
+    lines_out = lines_err = 0
+    for line in iter_lines(files.iter_chunks(key), _UNLIMITED):
+        data = line.data or b""
+        if data[:1] == b"O":
+            out.write(data[1:] + b"\n")
+            lines_out += 1
+        elif data[:1] == b"E":
+            err.write(data[1:] + b"\n")
+            lines_err += 1
+    return lines_out, lines_err
 
 
 def _new_output_record(batch_id: str, owner: str, kind: str, ttl: int | None, now: int) -> FileRecord:

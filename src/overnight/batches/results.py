@@ -1,16 +1,10 @@
-"""Output and error lines, byte for byte as OpenAI writes them, and the per-shard results object.
-
-A shard's results object is JSONL where each line is prefixed by one byte: `O` for the output file
-(2xx responses) or `E` for the error file (non-2xx responses and failures with no response)."""
+"""Output and error lines, byte for byte as OpenAI writes them."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import orjson
-
-OUTPUT_TAG = b"O"
-ERROR_TAG = b"E"
 
 _MESSAGES = {
     "batch_expired": "This request could not be executed before the completion window expired.",

@@ -17,7 +17,7 @@ class _LocalWriter:
         self._fh = fh
         self.bytes_written = 0
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         self._fh.write(data)  # type: ignore[attr-defined]
         self.bytes_written += len(data)
 

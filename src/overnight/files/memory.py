@@ -14,7 +14,7 @@ class _MemoryWriter:
         self.parts: list[bytes] = []
         self.bytes_written = 0
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         self.parts.append(bytes(data))
         self.bytes_written += len(data)
 

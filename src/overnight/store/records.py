@@ -67,6 +67,7 @@ class ShardResult:
     """What a worker commits for a shard: where its result lines are and what they add up to."""
 
     result_key: str
+    output_bytes: int = 0  # length of the output section; the error section follows it
     completed: int = 0
     failed: int = 0
     input_tokens: int = 0
@@ -120,6 +121,7 @@ class SettledShard:
     shard_index: int
     status: str
     result_key: str | None
+    result_output_bytes: int | None  # None: written before results had sections (tagged lines)
     first_request: int
     request_count: int
     byte_offset: int

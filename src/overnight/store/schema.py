@@ -104,6 +104,9 @@ shards = Table(
     Column("lease_expires_at", Float),
     # Committed results: one object per (shard, attempt), written before the commit that names it.
     Column("result_key", Text),
+    # The results object holds the output lines, then the error lines: the first this many bytes
+    # are the output section, so finalize copies byte ranges instead of splitting lines.
+    Column("result_output_bytes", BigInteger),
     Column("completed", Integer, nullable=False, default=0),
     Column("failed", Integer, nullable=False, default=0),
     Column("input_tokens", BigInteger, nullable=False, default=0),

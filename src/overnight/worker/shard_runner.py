@@ -1,6 +1,9 @@
 """Runs one claimed shard: read its byte range, send its lines through the engines, write one
 results object, commit it fenced by the lease. Lines run at least once; a shard whose lease was
-lost is not committed (whoever holds it now commits instead), so each line is reported once."""
+lost is not committed (whoever holds it now commits instead), so each line is reported once.
+
+A results object is the shard's output lines (2xx responses) in input order, then its error lines
+(everything else); the commit records where the output section ends."""
 
 from __future__ import annotations
 
@@ -14,11 +17,11 @@ import orjson
 
 from overnight import constants as C
 from overnight.batches.jsonl import split_requests
-from overnight.batches.results import ERROR_TAG, OUTPUT_TAG, error_line, response_line
+from overnight.batches.results import error_line, response_line
 from overnight.engines.port import EngineRequest, EngineResponse
 from overnight.engines.router import Resolved, Router
 from overnight.files.port import FileStore
-from overnight.ids import line_id, line_request_id
+from overnight.ids import line_id_prefix, line_request_id_prefix
 from overnight.store.metadata import MetadataStore
 from overnight.store.records import ClaimedShard, ShardResult
 from overnight.worker.lanes import EngineLane, Lanes
@@ -73,7 +76,7 @@ class ShardRunner:
         await run.finished()
         if state.lease_lost:
             return "lost"
-        await asyncio.to_thread(self._write_results, run.result.result_key, run.lines)
+        await asyncio.to_thread(self._write_results, run)
         outcome = await asyncio.to_thread(
             self.store.commit_shard, claim.shard_id, claim.lease_token, claim.batch_id, run.result, int(self.clock())
         )
@@ -81,9 +84,20 @@ class ShardRunner:
             await asyncio.to_thread(self.files.delete, run.result.result_key)
         return outcome
 
-    def _write_results(self, key: str, lines: list[bytes]) -> None:
-        with self.files.writer(key) as out:
-            out.write(b"\n".join(lines) + b"\n")
+    def _write_results(self, run: _ShardRun) -> None:
+        lines, failed = run.lines, run.failed_at
+        if failed:
+            failed_set = set(failed)
+            output = [line for i, line in enumerate(lines) if i not in failed_set]
+            errors = [lines[i] for i in sorted(failed)]
+        else:
+            output, errors = lines, []
+        output_section = b"\n".join(output) + b"\n" if output else b""
+        with self.files.writer(run.result.result_key) as out:
+            out.write(output_section)
+            if errors:
+                out.write(b"\n".join(errors) + b"\n")
+        run.result.output_bytes = len(output_section)
 
 
 class _ShardRun:
@@ -97,6 +111,9 @@ class _ShardRun:
         self.requests = requests
         self.resolved: list[Resolved | None] = []
         self.lines: list[bytes] = [b""] * len(requests)
+        self.failed_at: list[int] = []  # indexes of lines that go to the error file
+        self.id_prefix = line_id_prefix(claim.batch_id)
+        self.request_id_prefix = line_request_id_prefix(claim.batch_id)
         self.result = state.result = ShardResult(
             result_key=f"results/{claim.batch_id}/{claim.shard_index:07d}.{claim.attempt}.jsonl"
         )
@@ -115,27 +132,31 @@ class _ShardRun:
         """Called by a lane's sender; never raises (a sender must not die)."""
         try:
             if self.failure is None:
-                self.lines[i] = await self._execute(i)
+                line, ok = await self._execute(i)
+                self.lines[i] = line
+                if not ok:
+                    self.failed_at.append(i)
         except Exception as exc:  # a bug, not the line's fault: the shard is retried, not reported
             self.failure = exc
         self.remaining -= 1
         if self.remaining == 0 or self.failure is not None:
             self._done.set()
 
-    async def _execute(self, i: int) -> bytes:
+    async def _execute(self, i: int) -> tuple[bytes, bool]:
+        """The line's result line, and whether it belongs in the output file (else the error file)."""
         claim, state, result = self.claim, self.state, self.result
         request = self.requests[i]
         self.requests[i] = _DONE  # drop the body as soon as it is sent
         index = claim.first_request + i
         custom_id: str = request["custom_id"]
         body = request["body"]
-        ident = line_id(claim.batch_id, index)
+        ident = f"{self.id_prefix}{index:08x}"
         if state.batch_stopped or state.lease_lost:
             result.failed += 1
-            return ERROR_TAG + error_line(ident, custom_id, C.BATCH_CANCELLED)
+            return error_line(ident, custom_id, C.BATCH_CANCELLED), False
         if self.runner.clock() >= self.deadline:
             result.failed += 1
-            return ERROR_TAG + error_line(ident, custom_id, C.BATCH_EXPIRED)
+            return error_line(ident, custom_id, C.BATCH_EXPIRED), False
         resolved = self.resolved[i]
         if resolved is None:  # the routes changed since validation (a restart with other settings)
             response = EngineResponse.http_error(
@@ -148,8 +169,8 @@ class _ShardRun:
             response = await resolved.engine.execute(EngineRequest(claim.endpoint, body, self.deadline))
         if response.status_code is None:
             result.failed += 1
-            return ERROR_TAG + error_line(ident, custom_id, response.error_code or "engine_error", response.error_message)
-        request_id = response.request_id or line_request_id(claim.batch_id, index)
+            return error_line(ident, custom_id, response.error_code or "engine_error", response.error_message), False
+        request_id = response.request_id or f"{self.request_id_prefix}{index:08x}"
         line = response_line(ident, custom_id, response.status_code, request_id, response.body)
         if response.ok:
             result.completed += 1
@@ -159,9 +180,9 @@ class _ShardRun:
                 result.add_usage(usage)
             if result.model is None and isinstance(body_out.get("model"), str):
                 result.model = body_out["model"]
-            return OUTPUT_TAG + line
+            return line, True
         result.failed += 1
-        return ERROR_TAG + line
+        return line, False
 
 
 _DONE: dict[str, Any] = {}
