@@ -139,6 +139,7 @@ class Worker:
             if shard is None:
                 break
             claimed = True
+            self.lanes.note_shard(shard.request_count)
             state = ShardState()
             self._shards[shard.shard_id] = (shard, state)
             self._spawn(running, self._run_shard(shard, state))
