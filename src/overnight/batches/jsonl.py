@@ -12,7 +12,7 @@ from dataclasses import dataclass
 BOM = b"\xef\xbb\xbf"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs several times more per line
 class Line:
     number: int  # 1-based physical line
     offset: int  # byte offset of the line's first byte in the file
@@ -37,7 +37,9 @@ def iter_lines(chunks: Iterable[bytes], max_line_bytes: int) -> Iterator[Line]:
                 if length - 1 > max_line_bytes:
                     yield Line(number, offset, length, None)
                 elif line and not line.isspace():
-                    yield _line(number, offset, length, line[:-1] if line.endswith(b"\r") else line)
+                    if line.endswith(b"\r"):
+                        line = line[:-1]
+                    yield Line(number, offset, length, line) if offset else _line(number, offset, length, line)
                 offset += length
                 start = end + 1
                 continue
