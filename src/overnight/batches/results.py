@@ -13,13 +13,19 @@ _MESSAGES = {
 
 
 def response_line(
-    line_id: str, custom_id: str, status_code: int, request_id: str, body: dict[str, Any] | None
+    line_id: str, custom_id: str, status_code: int, request_id: str, body: dict[str, Any] | None,
+    raw_body: bytes | None = None,
 ) -> bytes:
+    """`raw_body`, when given, is `body` as compact JSON bytes: embedded as is."""
     return orjson.dumps(
         {
             "id": line_id,
             "custom_id": custom_id,
-            "response": {"status_code": status_code, "request_id": request_id, "body": body},
+            "response": {
+                "status_code": status_code,
+                "request_id": request_id,
+                "body": body if raw_body is None else orjson.Fragment(raw_body),
+            },
             "error": None,
         }
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import timedelta
-from typing import Any
 
 import orjson
 from pyreqwest.client import Client, ClientBuilder
@@ -46,6 +45,7 @@ class UpstreamEngine:
         if settings.api_key:
             self._headers["Authorization"] = f"Bearer {settings.api_key}"
         self._client: Client | None = None
+        self._urls: dict[str, str] = {}
 
     async def start(self) -> None:
         if self._client is None:
@@ -70,8 +70,11 @@ class UpstreamEngine:
 
     def url_for(self, endpoint: str) -> str:
         """`/v1/chat/completions` against `http://host:8001/v1` -> `http://host:8001/v1/chat/completions`."""
-        path = endpoint.removeprefix("/v1") if self._base.endswith("/v1") else endpoint
-        return self._base + path
+        url = self._urls.get(endpoint)
+        if url is None:
+            path = endpoint.removeprefix("/v1") if self._base.endswith("/v1") else endpoint
+            url = self._urls[endpoint] = self._base + path
+        return url
 
     async def execute(self, request: EngineRequest) -> EngineResponse:
         if self._client is None:
@@ -104,7 +107,7 @@ class UpstreamEngine:
             raw = bytes(await resp.bytes())
             status = resp.status
             request_id = resp.get_header("x-request-id")
-            retry_after = parse_retry_after(resp.headers)
+            retry_after = parse_retry_after(resp.headers) if status >= 400 else None
         except RequestTimeoutError:
             if capped_by_deadline:  # the completion window closed while the request was in flight
                 return EngineResponse.failure(C.BATCH_EXPIRED, _EXPIRED_MESSAGE), None
@@ -123,16 +126,18 @@ class UpstreamEngine:
             self.limiter.on_overload(epoch)
         elif status < 500:
             self.limiter.on_success()
-        return EngineResponse(status, _json_body(raw, status), request_id), retry_after
+        return _response(status, raw, request_id), retry_after
 
 
-def _json_body(raw: bytes, status: int) -> dict[str, Any]:
+def _response(status: int, raw: bytes, request_id: str | None) -> EngineResponse:
     try:
         body = orjson.loads(raw)
-        if isinstance(body, dict):
-            return body
     except orjson.JSONDecodeError:
-        pass
+        body = None
+    if isinstance(body, dict):
+        compact = b"\n" not in raw and b"\r" not in raw
+        return EngineResponse(status, body, request_id, raw=raw if compact else None)
     text = raw[:2000].decode("utf-8", "replace")
-    return {"error": {"message": f"Upstream answered {status} with a non-JSON body: {text}",
-                      "type": "upstream_error", "param": None, "code": None}}
+    error = {"error": {"message": f"Upstream answered {status} with a non-JSON body: {text}",
+                       "type": "upstream_error", "param": None, "code": None}}
+    return EngineResponse(status, error, request_id)

@@ -78,14 +78,21 @@ class ShardResult:
 
     def add_usage(self, usage: dict[str, Any]) -> None:
         """Add one response's `usage` (chat/completions or embeddings shape) to the totals."""
-        prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0)) or 0
-        completion = usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0
-        self.input_tokens += int(prompt)
-        self.output_tokens += int(completion)
-        details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
-        self.cached_tokens += int(details.get("cached_tokens") or 0)
-        out_details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
-        self.reasoning_tokens += int(out_details.get("reasoning_tokens") or 0)
+        get = usage.get
+        prompt = get("prompt_tokens")
+        self.input_tokens += _count(get("input_tokens") if prompt is None else prompt)
+        completion = get("completion_tokens")
+        self.output_tokens += _count(get("output_tokens") if completion is None else completion)
+        details = get("prompt_tokens_details") or get("input_tokens_details")
+        if isinstance(details, dict):
+            self.cached_tokens += _count(details.get("cached_tokens"))
+        details = get("completion_tokens_details") or get("output_tokens_details")
+        if isinstance(details, dict):
+            self.reasoning_tokens += _count(details.get("reasoning_tokens"))
+
+
+def _count(value: Any) -> int:
+    return value if type(value) is int else int(value or 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -171,7 +171,7 @@ class _ShardRun:
             result.failed += 1
             return error_line(ident, custom_id, response.error_code or "engine_error", response.error_message), False
         request_id = response.request_id or f"{self.request_id_prefix}{index:08x}"
-        line = response_line(ident, custom_id, response.status_code, request_id, response.body)
+        line = response_line(ident, custom_id, response.status_code, request_id, response.body, response.raw)
         if response.ok:
             result.completed += 1
             body_out = response.body or {}

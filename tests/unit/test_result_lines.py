@@ -1,0 +1,53 @@
+"""Result lines and usage totals: the upstream's body passes through byte for byte when it is
+compact, and is serialized again when it is not; usage in either shape adds up."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from overnight.batches.results import response_line
+from overnight.engines.upstream import _response
+from overnight.store.records import ShardResult
+
+BODY = {"id": "cmpl-1", "model": "m", "choices": [{"index": 0, "text": "caf\u00e9 \u2615"}], "x": 1.0e-7}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        orjson.dumps(BODY),
+        b'{ "id" : "cmpl-1", "model": "m", "choices": [{"index": 0, "text": "caf\\u00e9 \\u2615"}], "x": 1e-07 }',
+        orjson.dumps(BODY, option=orjson.OPT_INDENT_2),  # line breaks: must not reach the JSONL file
+        b'{"id":"cmpl-1",\r"model":"m","choices":[{"index":0,"text":"caf\xc3\xa9 \xe2\x98\x95"}],"x":1e-7}',
+    ],
+)
+def test_an_upstream_body_lands_on_one_line_and_means_the_same(raw: bytes) -> None:
+    response = _response(200, raw, "req_1")
+    assert response.body == BODY
+    line = response_line("batch_req_1", "c1", 200, "req_1", response.body, response.raw)
+    assert b"\n" not in line and b"\r" not in line
+    parsed = orjson.loads(line)
+    assert parsed["response"]["body"] == BODY
+    assert parsed == orjson.loads(response_line("batch_req_1", "c1", 200, "req_1", BODY))
+    if response.raw is not None:
+        assert raw in line  # passed through as sent
+
+
+def test_a_non_json_upstream_body_becomes_an_error_body() -> None:
+    response = _response(502, b"<html>Bad Gateway</html>", None)
+    assert response.raw is None and response.body is not None
+    assert "non-JSON body: <html>Bad Gateway</html>" in response.body["error"]["message"]
+
+
+def test_usage_of_either_shape_adds_up() -> None:
+    result = ShardResult("k")
+    result.add_usage({"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 4},
+                      "completion_tokens_details": {"reasoning_tokens": 2}})
+    result.add_usage({"input_tokens": "3", "output_tokens": 1, "input_tokens_details": {"cached_tokens": None},
+                      "output_tokens_details": {"reasoning_tokens": 1}})
+    result.add_usage({"prompt_tokens": 7, "total_tokens": 7})  # embeddings: no completion tokens
+    result.add_usage({"prompt_tokens": None, "prompt_tokens_details": None})
+    assert (result.input_tokens, result.output_tokens, result.cached_tokens, result.reasoning_tokens) == (
+        20, 6, 4, 3,
+    )
