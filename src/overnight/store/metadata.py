@@ -18,6 +18,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     and_,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -101,6 +102,188 @@ def _owned(table: Any, owner: str | None) -> Any:
     return True if owner is None else table.c.owner == owner
 
 
+# -- statements run per shard or per API call, built once -------------------------------------
+# Building a statement and its cache key cost more than running it: an empty claim took 0.62 ms
+# of CPU with the statement built per call, 0.14 ms prebuilt. Parameters are bound at execution.
+
+_b, _s, _f = T.batches, T.shards, T.files
+_NOW = bindparam("p_now")
+
+
+def _claim_batch_task_statement() -> Any:
+    live_shard = exists().where(
+        _s.c.batch_id == _b.c.id, _s.c.status == C.SHARD_RUNNING, _s.c.lease_expires_at > _NOW
+    )
+    lease_free = or_(_b.c.lease_expires_at.is_(None), _b.c.lease_expires_at < _NOW)
+    ready = or_(
+        _b.c.status.in_([C.VALIDATING, C.FINALIZING]),
+        and_(_b.c.status == C.CANCELLING, ~live_shard),
+        and_(_b.c.status == C.IN_PROGRESS, _b.c.expires_at <= _NOW, ~live_shard),
+    )
+    candidate = (
+        select(_b.c.id).where(lease_free, ready).order_by(_b.c.seq).limit(1).with_for_update(skip_locked=True)
+    )
+    return (
+        update(_b)
+        .where(_b.c.id == candidate.scalar_subquery())
+        .values(lease_token=bindparam("p_token"), lease_expires_at=bindparam("p_until"))
+        .returning(*_b.c)
+    )
+
+
+def _claim_shard_statement() -> Any:
+    runnable = or_(
+        _s.c.status == C.SHARD_PENDING,
+        and_(_s.c.status == C.SHARD_RUNNING, _s.c.lease_expires_at < _NOW),
+    )
+    open_batch = exists().where(_b.c.id == _s.c.batch_id, _b.c.status == C.IN_PROGRESS, _b.c.expires_at > _NOW)
+    candidate = (
+        select(_s.c.id)
+        .where(runnable, open_batch)
+        .order_by(_s.c.shard_index, _s.c.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    )
+    return (
+        update(_s)
+        .where(_s.c.id == candidate.scalar_subquery())
+        .values(
+            status=C.SHARD_RUNNING,
+            lease_token=bindparam("p_token"),
+            lease_expires_at=bindparam("p_until"),
+            attempt=_s.c.attempt + 1,
+            completed=0,
+            failed=0,
+        )
+        .returning(*_s.c)
+    )
+
+
+_CLAIM_BATCH_TASK = _claim_batch_task_statement()
+_INPUT_KEY = select(_f.c.storage_key).where(_f.c.id == bindparam("p_file"))
+_SKIP_OPEN_SHARDS = (
+    update(_s)
+    .where(_s.c.batch_id == bindparam("p_batch"), _s.c.status.in_([C.SHARD_PENDING, C.SHARD_RUNNING]))
+    .values(status=C.SHARD_SKIPPED, lease_token=None)
+)
+_SETTLED_SHARDS = (
+    select(
+        _s.c.shard_index,
+        _s.c.status,
+        _s.c.result_key,
+        _s.c.result_output_bytes,
+        _s.c.first_request,
+        _s.c.request_count,
+        _s.c.byte_offset,
+        _s.c.byte_length,
+    )
+    .where(_s.c.batch_id == bindparam("p_batch"))
+    .order_by(_s.c.shard_index)
+)
+_EXTEND_BATCH_LEASE = (
+    update(_b)
+    .where(_b.c.id == bindparam("p_batch"), _b.c.lease_token == bindparam("p_token"))
+    .values(lease_expires_at=bindparam("p_until"))
+)
+_CLAIM_SHARD = _claim_shard_statement()
+_SHARD_BATCH = (
+    select(_b.c.endpoint, _b.c.expires_at, _f.c.storage_key)
+    .select_from(_b.join(_f, _f.c.id == _b.c.input_file_id))
+    .where(_b.c.id == bindparam("p_batch"))
+)
+_HEARTBEAT = (
+    update(_s)
+    .where(_s.c.id == bindparam("p_shard"), _s.c.lease_token == bindparam("p_token"))
+    .values(lease_expires_at=bindparam("p_until"), completed=bindparam("p_completed"),
+            failed=bindparam("p_failed"))
+)
+_STOPPED_SHARDS = (
+    select(_s.c.id)
+    .select_from(_s.join(_b, _b.c.id == _s.c.batch_id))
+    .where(_s.c.id.in_(bindparam("p_shards", expanding=True)), _b.c.status != C.IN_PROGRESS)
+)
+_COMMIT_SHARD = (
+    update(_s)
+    .where(_s.c.id == bindparam("p_shard"), _s.c.lease_token == bindparam("p_token"),
+           _s.c.status == C.SHARD_RUNNING)
+    .values(
+        status=C.SHARD_DONE,
+        lease_token=None,
+        lease_expires_at=None,
+        result_key=bindparam("p_result_key"),
+        result_output_bytes=bindparam("p_output_bytes"),
+        completed=bindparam("p_completed"),
+        failed=bindparam("p_failed"),
+        input_tokens=bindparam("p_input_tokens"),
+        cached_tokens=bindparam("p_cached_tokens"),
+        output_tokens=bindparam("p_output_tokens"),
+        reasoning_tokens=bindparam("p_reasoning_tokens"),
+        model=bindparam("p_model"),
+    )
+)
+_ADD_SHARD_TO_BATCH = (
+    update(_b)
+    .where(_b.c.id == bindparam("p_batch"))
+    .values(
+        request_completed=_b.c.request_completed + bindparam("p_completed"),
+        request_failed=_b.c.request_failed + bindparam("p_failed"),
+        input_tokens=_b.c.input_tokens + bindparam("p_input_tokens"),
+        cached_tokens=_b.c.cached_tokens + bindparam("p_cached_tokens"),
+        output_tokens=_b.c.output_tokens + bindparam("p_output_tokens"),
+        reasoning_tokens=_b.c.reasoning_tokens + bindparam("p_reasoning_tokens"),
+        model=func.coalesce(_b.c.model, bindparam("p_model")),
+    )
+)
+_FINALIZE_IF_LAST = (
+    update(_b)
+    .where(
+        _b.c.id == bindparam("p_batch"),
+        _b.c.status == C.IN_PROGRESS,
+        ~exists().where(_s.c.batch_id == bindparam("p_batch"), _s.c.status.in_([C.SHARD_PENDING, C.SHARD_RUNNING])),
+    )
+    .values(status=C.FINALIZING, finalizing_at=bindparam("p_now_int"))
+)
+_START_BATCH = (
+    update(_b)
+    .where(_b.c.id == bindparam("p_batch"), _b.c.lease_token == bindparam("p_token"), _b.c.status == C.VALIDATING)
+    .values(status=C.IN_PROGRESS, in_progress_at=bindparam("p_now_int"), request_total=bindparam("p_total"),
+            lease_token=None, lease_expires_at=None)
+)
+_INSERT_SHARDS = insert(_s)
+_FINISH_BATCH = {
+    final: update(_b)
+    .where(_b.c.id == bindparam("p_batch"), _b.c.lease_token == bindparam("p_token"))
+    .values(
+        status=final,
+        output_file_id=bindparam("p_output"),
+        error_file_id=bindparam("p_error"),
+        request_completed=bindparam("p_completed"),
+        request_failed=bindparam("p_failed"),
+        lease_token=None,
+        lease_expires_at=None,
+        **{stamp: bindparam("p_now_int")},
+    )
+    for final, stamp in ((C.COMPLETED, "completed_at"), (C.CANCELLED, "cancelled_at"), (C.EXPIRED, "expired_at"))
+}
+_INSERT_BATCH = insert(_b)
+_INSERT_FILE = insert(_f)
+# API reads, in two forms: scoped to an owner, and the admin view of every owner.
+_GET_BATCH = {
+    True: select(_b).where(_b.c.id == bindparam("p_batch"), _b.c.owner == bindparam("p_owner")),
+    False: select(_b).where(_b.c.id == bindparam("p_batch")),
+}
+_VISIBLE_FILE = and_(_f.c.deleted_at.is_(None), or_(_f.c.expires_at.is_(None), _f.c.expires_at > _NOW))
+_GET_FILE = {
+    True: select(_f).where(_f.c.id == bindparam("p_file"), _f.c.owner == bindparam("p_owner"), _VISIBLE_FILE),
+    False: select(_f).where(_f.c.id == bindparam("p_file"), _VISIBLE_FILE),
+}
+_LIVE_PROGRESS = (
+    select(_s.c.batch_id, func.sum(_s.c.completed), func.sum(_s.c.failed))
+    .where(_s.c.batch_id.in_(bindparam("p_batches", expanding=True)), _s.c.status == C.SHARD_RUNNING)
+    .group_by(_s.c.batch_id)
+)
+
+
 class MetadataStore:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -153,12 +336,12 @@ class MetadataStore:
 
     def insert_file(self, record: FileRecord) -> None:
         with self._write() as conn:
-            conn.execute(insert(T.files).values(**_file_values(record)))
+            conn.execute(_INSERT_FILE, _file_values(record))
 
     def get_file(self, owner: str | None, file_id: str, now: int) -> FileRecord | None:
         with self._read() as conn:
             row = conn.execute(
-                select(T.files).where(T.files.c.id == file_id, _owned(T.files, owner), _visible_file(now))
+                _GET_FILE[owner is not None], {"p_file": file_id, "p_owner": owner, "p_now": now}
             ).first()
         return _file_record(row) if row else None
 
@@ -198,13 +381,11 @@ class MetadataStore:
         values = {c.name: getattr(record, c.name) for c in _BATCH_COLUMNS}
         values["metadata_json"] = orjson.dumps(record.metadata).decode() if record.metadata is not None else None
         with self._write() as conn:
-            conn.execute(insert(T.batches).values(**values))
+            conn.execute(_INSERT_BATCH, values)
 
     def get_batch(self, owner: str | None, batch_id: str) -> BatchRecord | None:
         with self._read() as conn:
-            row = conn.execute(
-                select(T.batches).where(T.batches.c.id == batch_id, _owned(T.batches, owner))
-            ).first()
+            row = conn.execute(_GET_BATCH[owner is not None], {"p_batch": batch_id, "p_owner": owner}).first()
             return _with_live_counts(conn, [_batch_record(row)])[0] if row else None
 
     def list_batches(
@@ -254,65 +435,26 @@ class MetadataStore:
           `expires_at` with no live shard (towards expired).
         Shards that never ran, or whose holder died, are marked skipped in the same transaction.
         """
-        b, s = T.batches, T.shards
-        live_shard = exists().where(
-            s.c.batch_id == b.c.id, s.c.status == C.SHARD_RUNNING, s.c.lease_expires_at > now
-        )
-        lease_free = or_(b.c.lease_expires_at.is_(None), b.c.lease_expires_at < now)
-        ready = or_(
-            b.c.status.in_([C.VALIDATING, C.FINALIZING]),
-            and_(b.c.status == C.CANCELLING, ~live_shard),
-            and_(b.c.status == C.IN_PROGRESS, b.c.expires_at <= now, ~live_shard),
-        )
-        candidate = (
-            select(b.c.id).where(lease_free, ready).order_by(b.c.seq).limit(1).with_for_update(skip_locked=True)
-        )
         with self._write() as conn:
             row = conn.execute(
-                update(b)
-                .where(b.c.id == candidate.scalar_subquery())
-                .values(lease_token=token, lease_expires_at=now + lease_seconds)
-                .returning(*b.c)
+                _CLAIM_BATCH_TASK, {"p_now": now, "p_token": token, "p_until": now + lease_seconds}
             ).first()
             if row is None:
                 return None
             batch = _batch_record(row)
-            input_key = conn.execute(
-                select(T.files.c.storage_key).where(T.files.c.id == batch.input_file_id)
-            ).scalar()
+            input_key = conn.execute(_INPUT_KEY, {"p_file": batch.input_file_id}).scalar()
             if batch.status == C.VALIDATING:
                 return BatchTask("validate", batch, token, input_storage_key=input_key)
             final = {C.FINALIZING: C.COMPLETED, C.CANCELLING: C.CANCELLED}.get(batch.status, C.EXPIRED)
             # Whatever has not committed by now never will: its lines are reported, not run.
-            conn.execute(
-                update(s)
-                .where(s.c.batch_id == batch.id, s.c.status.in_([C.SHARD_PENDING, C.SHARD_RUNNING]))
-                .values(status=C.SHARD_SKIPPED, lease_token=None)
-            )
-            shards = conn.execute(
-                select(
-                    s.c.shard_index,
-                    s.c.status,
-                    s.c.result_key,
-                    s.c.result_output_bytes,
-                    s.c.first_request,
-                    s.c.request_count,
-                    s.c.byte_offset,
-                    s.c.byte_length,
-                )
-                .where(s.c.batch_id == batch.id)
-                .order_by(s.c.shard_index)
-            ).all()
+            conn.execute(_SKIP_OPEN_SHARDS, {"p_batch": batch.id})
+            shards = conn.execute(_SETTLED_SHARDS, {"p_batch": batch.id}).all()
         settled = [SettledShard(*r) for r in shards]
         return BatchTask("finalize", batch, token, final, input_key, settled)
 
     def extend_batch_lease(self, batch_id: str, token: str, until: float) -> bool:
         with self._write() as conn:
-            result = conn.execute(
-                update(T.batches)
-                .where(T.batches.c.id == batch_id, T.batches.c.lease_token == token)
-                .values(lease_expires_at=until)
-            )
+            result = conn.execute(_EXTEND_BATCH_LEASE, {"p_batch": batch_id, "p_token": token, "p_until": until})
             return result.rowcount > 0
 
     def start_batch(
@@ -321,19 +463,7 @@ class MetadataStore:
         """validating -> in_progress with its shards, if we still hold the lease and nobody cancelled."""
         with self._write() as conn:
             moved = conn.execute(
-                update(T.batches)
-                .where(
-                    T.batches.c.id == batch_id,
-                    T.batches.c.lease_token == token,
-                    T.batches.c.status == C.VALIDATING,
-                )
-                .values(
-                    status=C.IN_PROGRESS,
-                    in_progress_at=now,
-                    request_total=total,
-                    lease_token=None,
-                    lease_expires_at=None,
-                )
+                _START_BATCH, {"p_batch": batch_id, "p_token": token, "p_now_int": now, "p_total": total}
             )
             if not moved.rowcount:
                 return False
@@ -351,7 +481,7 @@ class MetadataStore:
                 for p in plans
             ]
             for start in range(0, len(rows), 500):
-                conn.execute(insert(T.shards), rows[start : start + 500])
+                conn.execute(_INSERT_SHARDS, rows[start : start + 500])
             return True
 
     def fail_batch(self, batch_id: str, token: str, errors: list[dict[str, Any]], now: int) -> bool:
@@ -388,40 +518,11 @@ class MetadataStore:
         in-progress batches before their deadline. Ordered by shard_index first, so concurrent
         batches advance round-robin instead of one batch starving the rest.
         """
-        b, s = T.batches, T.shards
-        runnable = or_(
-            s.c.status == C.SHARD_PENDING,
-            and_(s.c.status == C.SHARD_RUNNING, s.c.lease_expires_at < now),
-        )
-        open_batch = exists().where(b.c.id == s.c.batch_id, b.c.status == C.IN_PROGRESS, b.c.expires_at > now)
-        candidate = (
-            select(s.c.id)
-            .where(runnable, open_batch)
-            .order_by(s.c.shard_index, s.c.id)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        )
         with self._write() as conn:
-            row = conn.execute(
-                update(s)
-                .where(s.c.id == candidate.scalar_subquery())
-                .values(
-                    status=C.SHARD_RUNNING,
-                    lease_token=token,
-                    lease_expires_at=now + lease_seconds,
-                    attempt=s.c.attempt + 1,
-                    completed=0,
-                    failed=0,
-                )
-                .returning(*s.c)
-            ).first()
+            row = conn.execute(_CLAIM_SHARD, {"p_now": now, "p_token": token, "p_until": now + lease_seconds}).first()
             if row is None:
                 return None
-            batch = conn.execute(
-                select(b.c.endpoint, b.c.expires_at, T.files.c.storage_key)
-                .select_from(b.join(T.files, T.files.c.id == b.c.input_file_id))
-                .where(b.c.id == row.batch_id)
-            ).one()
+            batch = conn.execute(_SHARD_BATCH, {"p_batch": row.batch_id}).one()
         return ClaimedShard(
             shard_id=row.id,
             lease_token=token,
@@ -448,19 +549,14 @@ class MetadataStore:
         lost: set[int] = set()
         with self._write() as conn:
             for lease in leases:
-                result = conn.execute(
-                    update(T.shards)
-                    .where(T.shards.c.id == lease.shard_id, T.shards.c.lease_token == lease.lease_token)
-                    .values(lease_expires_at=until, completed=lease.completed, failed=lease.failed)
-                )
+                result = conn.execute(_HEARTBEAT, {
+                    "p_shard": lease.shard_id, "p_token": lease.lease_token, "p_until": until,
+                    "p_completed": lease.completed, "p_failed": lease.failed,
+                })
                 if not result.rowcount:
                     lost.add(lease.shard_id)
             ids = [lease.shard_id for lease in leases]
-            stopped = conn.execute(
-                select(T.shards.c.id)
-                .select_from(T.shards.join(T.batches, T.batches.c.id == T.shards.c.batch_id))
-                .where(T.shards.c.id.in_(ids), T.batches.c.status != C.IN_PROGRESS)
-            ).scalars()
+            stopped = conn.execute(_STOPPED_SHARDS, {"p_shards": ids}).scalars()
             return lost, set(stopped)
 
     def release_shards(self, leases: Sequence[tuple[int, str]]) -> None:
@@ -481,49 +577,24 @@ class MetadataStore:
         """Mark a shard done if we still hold its lease, add its counts to the batch, and move the
         batch to finalizing when this was its last open shard (`batch_ready`). `lost`: the lease
         was lost, the results object is an orphan and someone else runs (or ran) the shard."""
-        s, b = T.shards, T.batches
+        counts = {
+            "p_completed": result.completed,
+            "p_failed": result.failed,
+            "p_input_tokens": result.input_tokens,
+            "p_cached_tokens": result.cached_tokens,
+            "p_output_tokens": result.output_tokens,
+            "p_reasoning_tokens": result.reasoning_tokens,
+            "p_model": result.model,
+        }
         with self._write() as conn:
-            done = conn.execute(
-                update(s)
-                .where(s.c.id == shard_id, s.c.lease_token == token, s.c.status == C.SHARD_RUNNING)
-                .values(
-                    status=C.SHARD_DONE,
-                    lease_token=None,
-                    lease_expires_at=None,
-                    result_key=result.result_key,
-                    result_output_bytes=result.output_bytes,
-                    completed=result.completed,
-                    failed=result.failed,
-                    input_tokens=result.input_tokens,
-                    cached_tokens=result.cached_tokens,
-                    output_tokens=result.output_tokens,
-                    reasoning_tokens=result.reasoning_tokens,
-                    model=result.model,
-                )
-            )
+            done = conn.execute(_COMMIT_SHARD, {
+                "p_shard": shard_id, "p_token": token, "p_result_key": result.result_key,
+                "p_output_bytes": result.output_bytes, **counts,
+            })
             if not done.rowcount:
                 return "lost"
-            conn.execute(
-                update(b)
-                .where(b.c.id == batch_id)
-                .values(
-                    request_completed=b.c.request_completed + result.completed,
-                    request_failed=b.c.request_failed + result.failed,
-                    input_tokens=b.c.input_tokens + result.input_tokens,
-                    cached_tokens=b.c.cached_tokens + result.cached_tokens,
-                    output_tokens=b.c.output_tokens + result.output_tokens,
-                    reasoning_tokens=b.c.reasoning_tokens + result.reasoning_tokens,
-                    model=func.coalesce(b.c.model, result.model),
-                )
-            )
-            still_open = exists().where(
-                s.c.batch_id == batch_id, s.c.status.in_([C.SHARD_PENDING, C.SHARD_RUNNING])
-            )
-            ready = conn.execute(
-                update(b)
-                .where(b.c.id == batch_id, b.c.status == C.IN_PROGRESS, ~still_open)
-                .values(status=C.FINALIZING, finalizing_at=now)
-            )
+            conn.execute(_ADD_SHARD_TO_BATCH, {"p_batch": batch_id, **counts})
+            ready = conn.execute(_FINALIZE_IF_LAST, {"p_batch": batch_id, "p_now_int": now})
             return "batch_ready" if ready.rowcount else "committed"
 
     def finish_batch(
@@ -538,27 +609,18 @@ class MetadataStore:
         now: int,
     ) -> bool:
         """Publish the output/error files and move the batch to its terminal state, fenced by the lease."""
-        stamp = {C.COMPLETED: "completed_at", C.CANCELLED: "cancelled_at", C.EXPIRED: "expired_at"}[final_status]
         with self._write() as conn:
-            moved = conn.execute(
-                update(T.batches)
-                .where(T.batches.c.id == batch_id, T.batches.c.lease_token == token)
-                .values(
-                    status=final_status,
-                    output_file_id=output_file.id if output_file else None,
-                    error_file_id=error_file.id if error_file else None,
-                    request_completed=completed,
-                    request_failed=failed,
-                    lease_token=None,
-                    lease_expires_at=None,
-                    **{stamp: now},
-                )
-            )
+            moved = conn.execute(_FINISH_BATCH[final_status], {
+                "p_batch": batch_id, "p_token": token, "p_now_int": now,
+                "p_output": output_file.id if output_file else None,
+                "p_error": error_file.id if error_file else None,
+                "p_completed": completed, "p_failed": failed,
+            })
             if not moved.rowcount:
                 return False
             for record in (output_file, error_file):
                 if record is not None:
-                    conn.execute(insert(T.files).values(**_file_values(record)))
+                    conn.execute(_INSERT_FILE, _file_values(record))
             return True
 
     def batch_status(self, batch_id: str) -> str | None:
@@ -603,12 +665,7 @@ def _with_live_counts(conn: Connection, records: list[BatchRecord]) -> list[Batc
     live_ids = [r.id for r in records if r.status in (C.IN_PROGRESS, C.CANCELLING)]
     if not live_ids:
         return records
-    s = T.shards
-    rows = conn.execute(
-        select(s.c.batch_id, func.sum(s.c.completed), func.sum(s.c.failed))
-        .where(s.c.batch_id.in_(live_ids), s.c.status == C.SHARD_RUNNING)
-        .group_by(s.c.batch_id)
-    ).all()
+    rows = conn.execute(_LIVE_PROGRESS, {"p_batches": live_ids}).all()
     progress = {r[0]: (int(r[1] or 0), int(r[2] or 0)) for r in rows}
     out = []
     for record in records:
