@@ -29,6 +29,11 @@ def main() -> None:
         workdir = Path(tmp)
         with upstream_process(workdir) as upstream_url, \
                 overnight_process(workdir, upstream_url) as (base_url, _proc):
+            # Warm up first: the worker process is still starting when /health first answers, and
+            # connections and the adaptive limiter start cold; the smallest size would pay for it.
+            warm = write_chat_batch(workdir / "warm-up.jsonl", 2000)
+            run_on_fastest_loop(raw_client(upstream_url, 2000))
+            overnight_run(base_url, warm, 2000)
             for size in sizes:
                 path = write_chat_batch(workdir / f"in-{size}.jsonl", size)
                 raw = run_on_fastest_loop(raw_client(upstream_url, size))
