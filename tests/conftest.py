@@ -108,12 +108,17 @@ class Server:
         self.proc.wait(10)
 
     def stop(self) -> None:
+        """SIGTERM, and check that the server and its worker processes shut down cleanly."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.kill()
+                raise AssertionError(f"the server did not stop within 15 s of SIGTERM; see {self.log}") from None
+            # uvicorn re-raises SIGTERM after its graceful shutdown, so -SIGTERM is a clean exit too
+            assert self.proc.returncode in (0, -signal.SIGTERM), f"exited with {self.proc.returncode}; see {self.log}"
+            assert "Fatal Python error" not in self.log.read_text(errors="replace"), f"see {self.log}"
 
     def client(self, key: str = API_KEY, **kwargs: Any) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base_url, api_key=key, **kwargs)

@@ -30,6 +30,7 @@ class EngineLane:
         self._on_low = on_low
         self._pending: deque[Job] = deque()
         self._work = asyncio.Event()
+        self._closed = False
         self._senders = [asyncio.create_task(self._sender()) for _ in range(self.size)]
 
     @property
@@ -41,16 +42,23 @@ class EngineLane:
         self._work.set()
 
     async def _sender(self) -> None:
-        while True:
-            while self._pending:
+        while not self._closed:
+            while self._pending and not self._closed:
                 runner, index = self._pending.popleft()
                 if len(self._pending) == self.low_water:  # running low: time to claim the next shard
                     self._on_low()
                 await runner.run_line(index)
             self._work.clear()
-            await self._work.wait()
+            if not self._closed:
+                await self._work.wait()
 
     async def close(self) -> None:
+        """Stop the senders. Cancelling alone is not enough: a cancellation that arrives just as
+        pyreqwest delivers a response is lost (the await returns the response; ~1% of cancels in
+        a test of 12,800), and a sender that lost it would wait for work forever. So the lane is
+        also marked closed, and such a sender stops after the line it is on."""
+        self._closed = True
+        self._work.set()
         for task in self._senders:
             task.cancel()
         for task in self._senders:
