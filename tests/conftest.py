@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -32,12 +33,13 @@ def free_port() -> int:
 
 
 def raw_request(
-    method: str, url: str, headers: dict[str, str] | None = None, body: bytes | None = None
+    method: str, url: str, headers: dict[str, str] | None = None, body: bytes | None = None,
+    context: ssl.SSLContext | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     """A plain HTTP call (stdlib), for what the SDK cannot send or hides."""
     request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=30) as resp:
+        with urllib.request.urlopen(request, timeout=30, context=context) as resp:
             return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
@@ -45,34 +47,44 @@ def raw_request(
         return 0, {}, b""
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> None:
+def wait_http(
+    url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30.0, context: ssl.SSLContext | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        if raw_request("GET", url)[0] == 200:
+        if raw_request("GET", url, context=context)[0] == 200:
             return
         time.sleep(0.05)
     raise RuntimeError(f"{url} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
 class Upstream:
-    def __init__(self, workdir: Path, *args: str) -> None:
+    """The fake upstream as a subprocess; with `tls=(cert, key, ca)` it serves HTTPS."""
+
+    def __init__(self, workdir: Path, *args: str, tls: tuple[Path, Path, Path] | None = None) -> None:
         self.port = free_port()
         self.log = workdir / f"upstream-{self.port}.log"
+        scheme = "http"
+        if tls is not None:
+            scheme = "https"
+            args = (*args, "--tls-cert", str(tls[0]), "--tls-key", str(tls[1]))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "overnight.testing.upstream_server", "--port", str(self.port), *args],
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
         )
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        wait_http(f"http://127.0.0.1:{self.port}/stats", self.proc, self.log)
+        self.root = f"{scheme}://127.0.0.1:{self.port}"
+        self.base_url = f"{self.root}/v1"
+        self.context = ssl.create_default_context(cafile=str(tls[2])) if tls is not None else None
+        wait_http(f"{self.root}/stats", self.proc, self.log, context=self.context)
 
     def stats(self) -> dict[str, Any]:
-        return json.loads(raw_request("GET", f"http://127.0.0.1:{self.port}/stats")[2])
+        return json.loads(raw_request("GET", f"{self.root}/stats", context=self.context)[2])
 
     def reset(self) -> None:
-        raw_request("POST", f"http://127.0.0.1:{self.port}/stats/reset")
+        raw_request("POST", f"{self.root}/stats/reset", context=self.context)
 
     def stop(self) -> None:
         self.proc.terminate()

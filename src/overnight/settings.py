@@ -54,6 +54,9 @@ class UpstreamSettings:
     models: tuple[str, ...] = ("*",)
     name: str = ""
     api_key: str | None = None
+    # PEM file of extra root certificates to trust for this upstream (a private CA); the system's
+    # trusted roots are trusted either way.
+    ca_file: str | None = None
     max_concurrency: int = 64
     min_concurrency: int = 1
     initial_concurrency: int = 16

@@ -8,6 +8,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from overnight import constants as C
 from overnight.api.auth import Authenticator, hash_key, owner_of
@@ -48,6 +49,8 @@ class Components:
 def build_router(settings: Settings) -> Router:
     routes: list[Route] = []
     for upstream in settings.upstreams:
+        if upstream.ca_file is not None:
+            _check_ca_file(upstream.ca_file)
         engine = UpstreamEngine(upstream)
         routes.extend(Route(pattern, engine) for pattern in upstream.models)
     defaults: dict[str, Engine] = {}
@@ -116,6 +119,15 @@ def gemma_engine(settings: Settings) -> Engine | None:
 
 class ConfigurationError(Exception):
     """Settings that cannot work; the CLI prints the message and exits."""
+
+
+def _check_ca_file(path: str) -> None:
+    try:
+        pem = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"Cannot read the upstream ca_file {path}: {exc.strerror}.") from None
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise ConfigurationError(f"The upstream ca_file {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----).")
 
 
 def _stem(path: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import orjson
 from pyreqwest.client import Client, ClientBuilder
@@ -49,7 +50,7 @@ class UpstreamEngine:
 
     async def start(self) -> None:
         if self._client is None:
-            self._client = (
+            builder = (
                 ClientBuilder()
                 .max_connections(self.settings.max_concurrency)
                 .default_headers(self._headers)
@@ -57,8 +58,10 @@ class UpstreamEngine:
                 .timeout(timedelta(seconds=self.settings.timeout_seconds))
                 .pool_idle_timeout(timedelta(seconds=60))
                 .no_proxy()  # proxy variables are not read: upstreams are named explicitly
-                .build()
             )
+            if self.settings.ca_file is not None:
+                builder = builder.add_root_certificate_pem(Path(self.settings.ca_file).read_bytes())
+            self._client = builder.build()
 
     async def close(self) -> None:
         if self._client is not None:

@@ -15,7 +15,7 @@ through unchanged:
 
 Attempts are counted per `x_fault_key` (default: the whole body). `--chaos P` injects a random
 transient fault (429/500/503/reset) into a fraction P of first attempts. `--api-key K` answers 401
-unless `Authorization: Bearer K` is sent. `--max-concurrency N`
+unless `Authorization: Bearer K` is sent. `--tls-cert C --tls-key K` serves HTTPS. `--max-concurrency N`
 answers 429 while more than N requests are in flight (an overloaded server). GET /stats reports
 requests seen, peak concurrency and faults served; POST /stats/reset clears them.
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import ssl
 import sys
 import time
 from collections import Counter
@@ -194,10 +195,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-concurrency", type=int, default=0)
     parser.add_argument("--delay-ms", type=float, default=0.0)
     parser.add_argument("--api-key", default="", help="answer 401 unless this bearer key is sent")
+    parser.add_argument("--tls-cert", type=Path, default=None, help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--tls-key", type=Path, default=None, help="the certificate's private key (PEM)")
     args = parser.parse_args(argv)
     state = UpstreamState(chaos=args.chaos, max_concurrency=args.max_concurrency, delay=args.delay_ms / 1000,
                           rng=random.Random(args.seed), api_key=args.api_key)
-    _run(_serve(make_app(state), args.host, args.port, args.port_file))
+    tls = None
+    if args.tls_cert is not None:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+    _run(_serve(make_app(state), args.host, args.port, args.port_file, tls))
 
 
 def _run(coro: Any) -> None:
@@ -210,15 +217,18 @@ def _run(coro: Any) -> None:
         uvloop.run(coro)
 
 
-async def _serve(app: web.Application, host: str, port: int, port_file: Path | None) -> None:
+async def _serve(
+    app: web.Application, host: str, port: int, port_file: Path | None, tls: ssl.SSLContext | None
+) -> None:
     runner = web.AppRunner(app, access_log=None, handle_signals=True)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=1024)
+    site = web.TCPSite(runner, host, port, backlog=1024, ssl_context=tls)
     await site.start()
     bound = runner.addresses[0][1]
     if port_file is not None:
         port_file.write_text(str(bound))
-    print(f"upstream listening on http://{host}:{bound}/v1", file=sys.stderr, flush=True)
+    scheme = "https" if tls is not None else "http"
+    print(f"upstream listening on {scheme}://{host}:{bound}/v1", file=sys.stderr, flush=True)
     try:
         await asyncio.Event().wait()
     finally:
