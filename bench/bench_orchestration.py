@@ -31,6 +31,7 @@ from harness import (
     upstream_process,
     write_chat_batch,
 )
+from overnight.runtime import exit_now
 
 CONCURRENCY = 64
 
@@ -190,3 +191,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # pyreqwest's runtime thread can abort interpreter finalization (see overnight.runtime)

@@ -56,6 +56,7 @@ def test_overnight_run_writes_outputs_and_errors(tmp_path: Path, upstream: Upstr
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "Fatal Python error" not in result.stderr
     out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     err = [json.loads(x) for x in (tmp_path / "err.jsonl").read_text().splitlines()]
     assert [x["custom_id"] for x in out] == [f"req-{i}" for i in range(300) if i != 7]

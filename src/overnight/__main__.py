@@ -1,3 +1,3 @@
-from overnight.cli import main
+from overnight.cli import entry
 
-main()
+entry()

@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
+import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -139,6 +140,25 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         worker_processes=getattr(args, "workers", None) if getattr(args, "workers", None) is not None
         else settings.worker_processes,
     )
+
+
+def entry() -> None:
+    """The `overnight` command: `main`, then exit without interpreter finalization (see
+    `runtime.exit_now`). Tests call `main` directly."""
+    from overnight.runtime import exit_now
+
+    try:
+        main()
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+        exit_now(exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1)
+    except KeyboardInterrupt:
+        exit_now(130)
+    except BaseException:
+        traceback.print_exc()
+        exit_now(1)
+    exit_now(0)
 
 
 def main(argv: list[str] | None = None) -> None:

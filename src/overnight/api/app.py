@@ -12,7 +12,7 @@ from overnight import __version__
 from overnight.api import routes_batches, routes_files, routes_misc
 from overnight.api.errors import BodySizeLimitMiddleware, RequestIdMiddleware, install_error_handlers
 from overnight.api.services import Services
-from overnight.gc_tuning import freeze_startup_objects
+from overnight.runtime import freeze_startup_objects
 
 
 def create_app(

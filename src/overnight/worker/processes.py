@@ -19,7 +19,7 @@ import sys
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
-from overnight.gc_tuning import freeze_startup_objects
+from overnight.runtime import exit_now, freeze_startup_objects
 from overnight.settings import Settings
 
 log = logging.getLogger("overnight.workers")
@@ -92,6 +92,7 @@ def worker_main(settings: Settings, wake: Connection, parent_pid: int) -> None:
 
         runner = uvloop.run
     runner(run_worker(settings, wake, parent_pid))
+    exit_now(0)
 
 
 async def run_worker(settings: Settings, wake: Connection | None = None, parent_pid: int | None = None) -> None:
