@@ -138,6 +138,7 @@ def _response(status: int, raw: bytes, request_id: str | None) -> EngineResponse
     except orjson.JSONDecodeError:
         body = None
     if isinstance(body, dict):
+        raw = raw.strip()  # many servers end the body with a newline (Go's json.Encoder, Flask)
         compact = b"\n" not in raw and b"\r" not in raw
         return EngineResponse(status, body, request_id, raw=raw if compact else None)
     text = raw[:2000].decode("utf-8", "replace")
