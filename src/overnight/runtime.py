@@ -22,7 +22,7 @@ def exit_now(code: int) -> None:
     The HTTP client's Rust runtime thread outlives the event loop, and during finalization it can
     release a Python thread state that is no longer current: CPython then aborts ("Fatal Python
     error: PyGILState_Release", exit status 134). A minimal script that sends requests with
-    pyreqwest and exits did so in 4 of 18 exits here; overnight's processes, which close the
+    pyreqwest and exits did so in 4 of 24 exits here; overnight's processes, which close the
     client well before exiting, never did in the runs watched, so this is a precaution. Everything
     overnight keeps is committed and fsynced before this point, so skipping finalization loses
     nothing."""

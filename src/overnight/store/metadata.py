@@ -272,6 +272,7 @@ _GET_BATCH = {
     True: select(_b).where(_b.c.id == bindparam("p_batch"), _b.c.owner == bindparam("p_owner")),
     False: select(_b).where(_b.c.id == bindparam("p_batch")),
 }
+# Not deleted and not expired at `p_now`.
 _VISIBLE_FILE = and_(_f.c.deleted_at.is_(None), or_(_f.c.expires_at.is_(None), _f.c.expires_at > _NOW))
 _GET_FILE = {
     True: select(_f).where(_f.c.id == bindparam("p_file"), _f.c.owner == bindparam("p_owner"), _VISIBLE_FILE),
@@ -350,7 +351,7 @@ class MetadataStore:
     ) -> tuple[list[FileRecord], bool] | None:
         """A page of files and whether more follow; None when the `after` cursor is unknown."""
         descending = order == "desc"
-        query = select(T.files).where(_owned(T.files, owner), _visible_file(now))
+        query = select(T.files).where(_owned(T.files, owner), _VISIBLE_FILE)
         if purpose:
             query = query.where(T.files.c.purpose == purpose)
         with self._read() as conn:
@@ -362,7 +363,7 @@ class MetadataStore:
                     return None
                 query = query.where(T.files.c.seq < cursor if descending else T.files.c.seq > cursor)
             query = query.order_by(T.files.c.seq.desc() if descending else T.files.c.seq.asc())
-            rows = conn.execute(query.limit(limit + 1)).all()
+            rows = conn.execute(query.limit(limit + 1), {"p_now": now}).all()
         return [_file_record(r) for r in rows[:limit]], len(rows) > limit
 
     def delete_file(self, owner: str | None, file_id: str, now: int) -> bool:
@@ -370,8 +371,9 @@ class MetadataStore:
         with self._write() as conn:
             result = conn.execute(
                 update(T.files)
-                .where(T.files.c.id == file_id, _owned(T.files, owner), _visible_file(now))
-                .values(deleted_at=now)
+                .where(T.files.c.id == file_id, _owned(T.files, owner), _VISIBLE_FILE)
+                .values(deleted_at=now),
+                {"p_now": now},
             )
             return result.rowcount > 0
 
@@ -678,12 +680,6 @@ def _with_live_counts(conn: Connection, records: list[BatchRecord]) -> list[Batc
             )
         out.append(record)
     return out
-
-
-def _visible_file(now: int) -> Any:
-    return and_(
-        T.files.c.deleted_at.is_(None), or_(T.files.c.expires_at.is_(None), T.files.c.expires_at > now)
-    )
 
 
 def _file_values(record: FileRecord) -> dict[str, Any]:
