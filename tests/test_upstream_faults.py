@@ -66,6 +66,7 @@ def test_unreachable_upstream_gives_error_lines(make_server: Any, tmp_path: Path
     assert done.status == "completed" and not outputs
     assert {e["error"]["code"] for e in errors.values()} == {"upstream_unreachable"}
     assert all(e["response"] is None for e in errors.values())
+    assert all("Connection refused" in e["error"]["message"] for e in errors.values())  # the cause, not just a class
 
 
 def test_concurrency_never_exceeds_configured_maximum(make_server: Any, upstream: Upstream, tmp_path: Path) -> None:

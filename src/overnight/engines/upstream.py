@@ -118,10 +118,10 @@ class UpstreamEngine:
             return EngineResponse.failure(
                 "upstream_timeout", f"The upstream {self.name} did not answer within the timeout."
             ), None
-        except RequestError as exc:  # connection refused, reset, closed mid-answer
+        except RequestError as exc:  # connection refused, reset, closed mid-answer, TLS
             self.limiter.on_overload(epoch)
             return EngineResponse.failure(
-                "upstream_unreachable", f"Could not reach the upstream {self.name}: {type(exc).__name__}."
+                "upstream_unreachable", f"Could not reach the upstream {self.name}: {_describe(exc)}."
             ), None
         finally:
             self.limiter.release()
@@ -145,3 +145,11 @@ def _response(status: int, raw: bytes, request_id: str | None) -> EngineResponse
     error = {"error": {"message": f"Upstream answered {status} with a non-JSON body: {text}",
                        "type": "upstream_error", "param": None, "code": None}}
     return EngineResponse(status, error, request_id)
+
+
+def _describe(exc: RequestError) -> str:
+    """The error's kind and its innermost cause, e.g. `ConnectError (Connection refused (os error
+    111))` or the certificate problem of a TLS failure: what the operator needs to fix it."""
+    causes = (getattr(exc, "details", None) or {}).get("causes") or []
+    cause = causes[-1].get("message") if causes and isinstance(causes[-1], dict) else None
+    return f"{type(exc).__name__} ({cause})" if cause else type(exc).__name__
