@@ -228,6 +228,7 @@ def serve(settings: Settings) -> None:
     else:
         workers = WorkerProcesses(settings, settings.worker_processes)
         parts.services.batches.on_change = workers.notify
+        parts.services.workers_ready = workers.ready
 
         async def start_workers() -> None:
             workers.start()

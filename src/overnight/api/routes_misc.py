@@ -15,10 +15,13 @@ from overnight.api.schemas import ERRORS, ModelList
 router = APIRouter()
 
 
-@router.get("/health", tags=["health"], summary="200 once the server is ready")
+@router.get("/health", tags=["health"], summary="200 once the server and its workers are ready")
 def health(request: Request) -> Response:
-    if not request.app.state.services.ready:
+    services = request.app.state.services
+    if not services.ready:
         return error_response(503, "Starting up.", error_type="server_error")
+    if not services.workers_ready():
+        return error_response(503, "Starting up: the worker process is loading.", error_type="server_error")
     return json_response({"status": "ok"})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from overnight.api.auth import Authenticator
@@ -21,3 +22,5 @@ class Services:
     limits: Limits
     rate_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0))
     ready: bool = False
+    # Whether the worker processes beside this API can claim work (always, when there are none).
+    workers_ready: Callable[[], bool] = lambda: True

@@ -16,8 +16,10 @@ import multiprocessing
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event
 
 from overnight.runtime import exit_now, freeze_startup_objects
 from overnight.settings import Settings
@@ -25,6 +27,13 @@ from overnight.settings import Settings
 log = logging.getLogger("overnight.workers")
 
 _PR_SET_PDEATHSIG = 1
+
+
+@dataclass(slots=True)
+class _Child:
+    process: BaseProcess
+    wake: Connection  # the parent's end: a byte says "new work"
+    ready: Event  # set by the child once it can claim work
 
 
 class WorkerProcesses:
@@ -35,53 +44,61 @@ class WorkerProcesses:
         self.settings = settings
         self.count = count
         self._context = multiprocessing.get_context("spawn")
-        self._workers: list[tuple[BaseProcess, Connection]] = []
+        self._workers: list[_Child] = []
         self._stopping = False
 
     def start(self) -> None:
         for _ in range(self.count):
             self._workers.append(self._spawn())
 
-    def _spawn(self) -> tuple[BaseProcess, Connection]:
+    def _spawn(self) -> _Child:
         reader, writer = self._context.Pipe(duplex=False)
+        ready = self._context.Event()
         process = self._context.Process(
-            target=worker_main, args=(self.settings, reader, os.getpid()), name="overnight-worker", daemon=True
+            target=worker_main, args=(self.settings, reader, os.getpid(), ready), name="overnight-worker",
+            daemon=True,
         )
         process.start()
         reader.close()
-        return process, writer
+        return _Child(process, writer, ready)
+
+    def ready(self) -> bool:
+        """Whether every worker process has started (its engines loaded) and can claim work: until
+        then /health answers 503, so whoever waits for it does not time the workers' start-up."""
+        return all(child.ready.is_set() for child in self._workers)
 
     def notify(self) -> None:
-        for _, writer in self._workers:
+        for child in self._workers:
             with contextlib.suppress(OSError, ValueError):
-                writer.send_bytes(b"!")
+                child.wake.send_bytes(b"!")
 
     async def supervise(self, stop: asyncio.Event) -> None:
         """Restart a worker that died (a crash in an engine, the OOM killer) until `stop`."""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 2.0)
-            for i, (process, writer) in enumerate(self._workers):
-                if not process.is_alive() and not self._stopping and not stop.is_set():
-                    log.error("worker process %s exited with %s; starting another", process.pid, process.exitcode)
-                    writer.close()
+            for i, child in enumerate(self._workers):
+                if not child.process.is_alive() and not self._stopping and not stop.is_set():
+                    log.error("worker process %s exited with %s; starting another", child.process.pid,
+                              child.process.exitcode)
+                    child.wake.close()
                     self._workers[i] = self._spawn()
 
     def stop(self, timeout: float = 20.0) -> None:
         self._stopping = True
-        for process, _ in self._workers:
-            if process.is_alive():
-                process.terminate()  # SIGTERM: the worker stops claiming and lets in-flight work go
-        for process, writer in self._workers:
-            process.join(timeout)
-            if process.is_alive():
-                process.kill()
-                process.join(5)
-            writer.close()
+        for child in self._workers:
+            if child.process.is_alive():
+                child.process.terminate()  # SIGTERM: the worker stops claiming and lets in-flight work go
+        for child in self._workers:
+            child.process.join(timeout)
+            if child.process.is_alive():
+                child.process.kill()
+                child.process.join(5)
+            child.wake.close()
         self._workers.clear()
 
 
-def worker_main(settings: Settings, wake: Connection, parent_pid: int) -> None:
+def worker_main(settings: Settings, wake: Connection, parent_pid: int, ready: Event | None = None) -> None:
     """Entry point of a worker process (a top-level function, so `spawn` can import it)."""
     _die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
@@ -91,11 +108,13 @@ def worker_main(settings: Settings, wake: Connection, parent_pid: int) -> None:
         import uvloop
 
         runner = uvloop.run
-    runner(run_worker(settings, wake, parent_pid))
+    runner(run_worker(settings, wake, parent_pid, ready))
     exit_now(0)
 
 
-async def run_worker(settings: Settings, wake: Connection | None = None, parent_pid: int | None = None) -> None:
+async def run_worker(
+    settings: Settings, wake: Connection | None = None, parent_pid: int | None = None, ready: Event | None = None
+) -> None:
     """Run one worker until SIGTERM/SIGINT (or until the parent process is gone)."""
     from overnight.wiring import build
 
@@ -127,6 +146,8 @@ async def run_worker(settings: Settings, wake: Connection | None = None, parent_
         stop.set()
 
     watcher = asyncio.create_task(watch_parent())
+    if ready is not None:
+        ready.set()
     try:
         await parts.worker.run(stop)
     finally:
