@@ -60,6 +60,17 @@ def wait_http(
     raise RuntimeError(f"{url} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
+def serve_refused(*args: str) -> str:
+    """Run `overnight serve ARGS`, expect it to refuse to start (exit status 2, a message, no
+    traceback), and return its stderr."""
+    result = subprocess.run(
+        [sys.executable, "-m", "overnight", "serve", "--port", "0", *args], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    return result.stderr
+
+
 class Upstream:
     """The fake upstream as a subprocess; with `tls=(cert, key, ca)` it serves HTTPS."""
 

@@ -4,14 +4,12 @@ data directory, routed by name, and announced with its notice."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from conftest import API_KEY, Server, raw_request, results_by_id, run_batch
+from conftest import API_KEY, Server, raw_request, results_by_id, run_batch, serve_refused
 from overnight.engines.packaged_models import GEMMA_CHAT_TEMPLATE, GEMMA_MODEL_NAME
 
 pytestmark = pytest.mark.embedded
@@ -32,12 +30,8 @@ def test_gemma_turn_format() -> None:
 
 
 def test_gemma_is_refused_until_its_terms_are_accepted(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "overnight", "serve", "--data-dir", str(tmp_path), "--gemma", "--api-key", API_KEY],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert result.returncode == 2
-    assert "ai.google.dev/gemma/terms" in result.stderr and "--accept-gemma-terms" in result.stderr
+    stderr = serve_refused("--data-dir", str(tmp_path), "--gemma", "--api-key", API_KEY)
+    assert "ai.google.dev/gemma/terms" in stderr and "--accept-gemma-terms" in stderr
 
 
 def test_gemma_serves_a_batch_by_name(tmp_path: Path) -> None:

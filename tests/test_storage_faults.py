@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
 
-from conftest import Server, Upstream, chat_line, jsonl, run_batch, server_args
+from conftest import Server, Upstream, chat_line, jsonl, run_batch, serve_refused, server_args
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root (CI runs as root)")
 
@@ -49,12 +48,7 @@ def test_disk_full_upload_is_507_and_nothing_is_kept(small_disk: Path, upstream:
 def test_unwritable_data_dir_is_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file-not-dir"
     blocker.write_text("x")
-    result = subprocess.run(
-        [sys.executable, "-m", "overnight", "serve", "--data-dir", str(blocker / "data"), "--no-embedded"],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert result.returncode == 2
-    assert "not writable" in result.stderr and "--data-dir" in result.stderr
-    assert "Traceback" not in result.stderr
+    stderr = serve_refused("--data-dir", str(blocker / "data"), "--no-embedded")
+    assert "not writable" in stderr and "--data-dir" in stderr
 
 

@@ -5,13 +5,12 @@ are made here with the openssl command (a CA, and a server certificate it signs 
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import Upstream, chat_line, results_by_id, run_batch
+from conftest import Upstream, chat_line, results_by_id, run_batch, serve_refused
 
 
 def _openssl(*args: str) -> None:
@@ -67,10 +66,5 @@ def test_an_https_upstream_with_a_private_ca(
 def test_an_unreadable_ca_file_stops_the_server_with_a_clear_error(tmp_path: Path) -> None:
     config = tmp_path / "overnight.toml"
     config.write_text('[[upstreams]]\nbase_url = "https://127.0.0.1:1/v1"\nca_file = "/nonexistent/ca.pem"\n')
-    proc = subprocess.run(
-        [sys.executable, "-m", "overnight", "serve", "--port", "0", "--data-dir", str(tmp_path / "data"),
-         "--config", str(config), "--no-embedded"],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert proc.returncode == 2
-    assert "Cannot read the upstream ca_file /nonexistent/ca.pem" in proc.stderr
+    stderr = serve_refused("--data-dir", str(tmp_path / "data"), "--config", str(config), "--no-embedded")
+    assert "Cannot read the upstream ca_file /nonexistent/ca.pem" in stderr
