@@ -11,6 +11,7 @@ from overnight.api.auth import Principal, principal
 from overnight.api.json import json_response
 from overnight.api.schemas import ERRORS, Batch, BatchList, CreateBatchRequest
 from overnight.api.services import Services
+from overnight.api.text import reject_lone_surrogates
 from overnight.batches.wire import batch_object, list_object
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"], responses=ERRORS)
@@ -23,6 +24,7 @@ def _services(request: Request) -> Services:
 
 @router.post("", response_model=Batch, summary="Create a batch")
 def create_batch(request: Request, caller: Caller, body: CreateBatchRequest) -> Response:
+    reject_lone_surrogates(body.model_dump())
     record = _services(request).batches.create(
         caller.owner,
         body.input_file_id,
