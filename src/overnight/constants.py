@@ -28,6 +28,9 @@ SHARD_PENDING: Final = "pending"
 SHARD_RUNNING: Final = "running"
 SHARD_DONE: Final = "done"
 SHARD_SKIPPED: Final = "skipped"
+# Gave up: the same failure twice, or too many attempts; its lines are reported with SHARD_FAILED_CODE.
+SHARD_FAILED: Final = "failed"
+SHARD_FAILED_CODE: Final = "shard_failed"
 
 # File purposes accepted on upload (SDK FilePurpose), and the one we write.
 UPLOAD_PURPOSES: Final = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data", "evals"})
@@ -37,6 +40,8 @@ FILE_EXPIRY_MIN_SECONDS: Final = 3600
 FILE_EXPIRY_MAX_SECONDS: Final = 30 * 24 * 3600
 BATCH_FILE_DEFAULT_TTL: Final = 30 * 24 * 3600
 
+# Longer names are refused at validation: a model name is a routing key kept in caches.
+MAX_MODEL_NAME_CHARS: Final = 256
 METADATA_MAX_PAIRS: Final = 16
 METADATA_MAX_KEY: Final = 64
 METADATA_MAX_VALUE: Final = 512
@@ -44,3 +49,5 @@ METADATA_MAX_VALUE: Final = 512
 # Per-line error codes that have no HTTP response behind them.
 BATCH_EXPIRED: Final = "batch_expired"
 BATCH_CANCELLED: Final = "batch_cancelled"
+# A line whose run raised inside overnight (a bug, or input no engine could take): its error says what.
+ENGINE_ERROR: Final = "engine_error"

@@ -37,6 +37,9 @@ class WorkerSettings:
     max_shards_in_flight: int = 8
     # Validations and finalizations run at once (each in a thread; they are mostly I/O).
     max_batch_tasks: int = 4
+    # A shard claimed this many times without committing (its workers keep dying on it) is given
+    # up: its lines are reported as `shard_failed` instead of being run again.
+    max_shard_attempts: int = 10
 
 
 @dataclass(frozen=True, slots=True)

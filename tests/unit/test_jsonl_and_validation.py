@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from overnight import constants as C
+from overnight.batches import validation
 from overnight.batches.jsonl import iter_lines, split_requests
 from overnight.batches.validation import validate_input
 from overnight.settings import Limits
@@ -88,3 +89,21 @@ def test_shard_size_is_the_serving_engines_unless_configured() -> None:
     assert [p.request_count for p in report.plans] == [100, 100, 50]  # type: ignore[attr-defined]
     report, _ = _validate([_line(i) for i in range(250)], Limits(shard_max_lines=120))
     assert [p.request_count for p in report.plans] == [120, 120, 10]  # type: ignore[attr-defined]
+
+
+def test_model_lookups_are_remembered_only_up_to_a_bound() -> None:
+    """A file of distinct model names must not grow the validator's memory without bound."""
+    asked: list[str] = []
+
+    def served(model: str) -> int | None:
+        asked.append(model)
+        return 10
+
+    lines = b"".join(json.dumps(_line(i, body={"model": f"m{i % 3000}", "messages": [{"role": "user",
+                     "content": "x"}]})).encode() + b"\n" for i in range(6000))
+    report = validate_input(lambda: [lines], C.CHAT_COMPLETIONS, served, Limits())
+    assert report.ok
+    # the first 1,024 names are remembered; the rest are asked each time (the router caches them)
+    remembered = validation._MAX_REMEMBERED_MODELS
+    assert len(asked) == remembered + 2 * (3000 - remembered)
+    assert [p.request_count for p in report.plans][:2] == [10, 10]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from overnight.engines.port import EngineRequest, EngineResponse
-from overnight.engines.router import Route, Router
+from overnight.engines.router import ROUTE_CACHE_ENTRIES, Route, Router
 
 
 class NamedEngine:
@@ -49,3 +49,14 @@ def test_route_limited_to_endpoints() -> None:
     router = Router([Route("MiniLM", embed, frozenset({"/v1/embeddings"}))])
     assert router.resolve("MiniLM", "/v1/chat/completions") is None
     assert router.resolve("MiniLM", "/v1/embeddings") is not None
+
+
+def test_the_routing_cache_is_bounded_whatever_the_input() -> None:
+    router = Router([Route("gpt-*", NamedEngine("a"))], defaults={"/v1/chat/completions": NamedEngine("d")})
+    for i in range(ROUTE_CACHE_ENTRIES * 3):
+        assert router.resolve(f"model-{i}", "/v1/chat/completions") is not None
+    assert len(router._cache) == ROUTE_CACHE_ENTRIES
+    # the newest decisions are the ones kept, and evicted ones are simply resolved again
+    assert ("model-0", "/v1/chat/completions") not in router._cache
+    resolved = router.resolve("gpt-4", "/v1/chat/completions")
+    assert resolved is not None and resolved.engine.name == "a"

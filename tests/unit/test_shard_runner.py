@@ -1,5 +1,5 @@
 """The shard runner on the in-memory file store and an engine double: what a shard commits when its
-batch is cancelled mid-way, when its lease is lost, and when the engine breaks."""
+batch is cancelled mid-way, when its lease is lost, when a line raises, and when a shard keeps failing."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from overnight import constants as C
+from overnight.batches.finalize import finalize_batch
 from overnight.engines.port import EngineRequest, EngineResponse
 from overnight.engines.router import Route, Router
 from overnight.files.memory import MemoryFileStore
@@ -150,15 +151,59 @@ def test_a_shard_whose_lease_was_lost_is_not_committed(setup: Any) -> None:
     assert batch is not None and batch.request_completed == 0 and batch.status == C.IN_PROGRESS
 
 
-def test_an_engine_bug_fails_the_shard_instead_of_reporting_lines(setup: Any) -> None:
+def test_a_line_that_raises_is_that_lines_error_and_the_shard_still_commits(setup: Any) -> None:
     store, files = setup
 
     async def script(engine: ScriptedEngine, state: ShardState) -> None:
         for _ in range(LINES):
             engine.gate.release()
 
-    with pytest.raises(RuntimeError, match="engine bug"):
-        _run(store, files, ScriptedEngine(fail_at=5), script)
-    assert not [k for k in files.blobs if k.startswith("results/")]  # nothing committed: it runs again
+    # Before: the exception failed the whole shard, which re-ran every line every lease period.
+    assert _run(store, files, ScriptedEngine(fail_at=5), script) == "batch_ready"
+    ran, failed = _results(store, files)
+    assert len(ran) == LINES - 1
+    assert len(failed) == 1 and failed[0]["error"]["code"] == C.ENGINE_ERROR
+    assert "RuntimeError: engine bug" in failed[0]["error"]["message"]
+    assert sorted(obj["custom_id"] for obj in ran + failed) == sorted(f"c{i}" for i in range(LINES))
     batch = store.get_batch(None, "batch_x")
-    assert batch is not None and batch.request_completed == 0 and batch.request_failed == 0
+    assert batch is not None and (batch.request_completed, batch.request_failed) == (LINES - 1, 1)
+
+
+def test_a_shard_that_fails_the_same_way_twice_is_settled_and_its_lines_reported(setup: Any) -> None:
+    store, files = setup
+    first = store.claim_shard(NOW, 30, "t1")
+    assert first is not None and first.last_error is None
+    assert store.fail_shard(first.shard_id, "t1", "batch_x", "OSError: disk on fire", False, int(NOW)) == "retry"
+    second = store.claim_shard(NOW, 30, "t2")  # at once, not after the lease runs out
+    assert second is not None and second.last_error == "OSError: disk on fire"
+    # a failure that is fenced by the lease: a stale holder cannot settle it
+    assert store.fail_shard(second.shard_id, "t1", "batch_x", "OSError: disk on fire", False, int(NOW)) == "lost"
+    outcome = store.fail_shard(second.shard_id, "t2", "batch_x", "OSError: disk on fire", False, int(NOW))
+    assert outcome == "batch_ready"
+    assert store.claim_shard(NOW, 30, "t3") is None
+
+    task = store.claim_batch_task(NOW, 30, "f")
+    assert task is not None and task.final_status == C.COMPLETED
+    assert finalize_batch(task, files, store, int(NOW))
+    batch = store.get_batch(None, "batch_x")
+    assert batch is not None and batch.status == C.COMPLETED and batch.request_failed == LINES
+    assert batch.error_file_id is not None and batch.output_file_id is None
+    record = store.get_file(None, batch.error_file_id, int(NOW))
+    assert record is not None
+    lines = [orjson.loads(line) for line in files.blobs[record.storage_key][0].splitlines()]
+    assert [obj["custom_id"] for obj in lines] == [f"c{i}" for i in range(LINES)]
+    assert {obj["error"]["code"] for obj in lines} == {C.SHARD_FAILED_CODE}
+    assert "disk on fire" in lines[0]["error"]["message"]
+
+
+def test_a_different_failure_is_retried_and_attempts_are_capped(setup: Any) -> None:
+    store, _files = setup
+    claim = store.claim_shard(NOW, 30, "t1")
+    assert claim is not None
+    assert store.fail_shard(claim.shard_id, "t1", "batch_x", "error A", False, int(NOW)) == "retry"
+    claim = store.claim_shard(NOW, 30, "t2")
+    assert claim is not None
+    assert store.fail_shard(claim.shard_id, "t2", "batch_x", "error B", False, int(NOW)) == "retry"
+    claim = store.claim_shard(NOW, 30, "t3")
+    assert claim is not None and claim.attempt == 3
+    assert store.fail_shard(claim.shard_id, "t3", "batch_x", "gave up", True, int(NOW)) == "batch_ready"

@@ -1,5 +1,6 @@
 """Finalizing: stream the committed shard results, in input order, into the output file and the
-error file; lines of shards that never ran become `batch_cancelled` / `batch_expired` error lines.
+error file; lines of shards that never ran become `batch_cancelled` / `batch_expired` error lines,
+and lines of shards that were given up (`failed`) `shard_failed` ones.
 Publishing the files and the terminal state is one transaction fenced by the batch lease.
 
 Each results object is an output section then an error section, so this is a copy of byte
@@ -38,11 +39,16 @@ def finalize_batch(task: BatchTask, files: FileStore, store: MetadataStore, now:
                 completed += done
                 failed += bad
             else:
-                code = _SKIPPED_CODE.get(task.final_status, C.BATCH_CANCELLED)
+                if shard.status == C.SHARD_FAILED:
+                    code = C.SHARD_FAILED_CODE
+                    message = f"overnight could not run this request's shard ({shard.last_error})."
+                else:
+                    code, message = _SKIPPED_CODE.get(task.final_status, C.BATCH_CANCELLED), None
                 raw = files.read_range(task.input_storage_key or "", shard.byte_offset, shard.byte_length)
                 for i, request in enumerate(split_requests(raw)):
                     custom_id = orjson.loads(request)["custom_id"]
-                    err.write(error_line(line_id(batch.id, shard.first_request + i), custom_id, code) + b"\n")
+                    ident = line_id(batch.id, shard.first_request + i)
+                    err.write(error_line(ident, custom_id, code, message) + b"\n")
                     failed += 1
         out_size, err_size = out.bytes_written, err.bytes_written
     output = _sized(out_record, out_size)

@@ -1,4 +1,6 @@
-"""Output and error lines, byte for byte as OpenAI writes them."""
+"""Output and error lines, byte for byte as OpenAI writes them, safe for line-based readers:
+U+2028 and U+2029 are escaped (valid raw in JSON, but Python's `str.splitlines()` splits on them,
+which breaks the common `for line in content.text.splitlines()` loop)."""
 
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ def response_line(
     line_id: str, custom_id: str, status_code: int, request_id: str, body: dict[str, Any] | None,
     raw_body: bytes | None = None,
 ) -> bytes:
-    """`raw_body`, when given, is `body` as compact JSON bytes: embedded as is."""
-    return orjson.dumps(
+    """`raw_body`, when given, is `body` as JSON text without line breaks: embedded as is."""
+    return _one_line(orjson.dumps(
         {
             "id": line_id,
             "custom_id": custom_id,
@@ -28,15 +30,22 @@ def response_line(
             },
             "error": None,
         }
-    )
+    ))
 
 
 def error_line(line_id: str, custom_id: str, code: str, message: str | None = None) -> bytes:
-    return orjson.dumps(
+    return _one_line(orjson.dumps(
         {
             "id": line_id,
             "custom_id": custom_id,
             "response": None,
             "error": {"code": code, "message": message or _MESSAGES.get(code, code)},
         }
-    )
+    ))
+
+
+def _one_line(line: bytes) -> bytes:
+    # U+2028 and U+2029 are E2 80 A8 and E2 80 A9 in UTF-8; outside strings JSON has no use for them.
+    if b"\xe2\x80" in line:
+        line = line.replace(b"\xe2\x80\xa8", b"\\u2028").replace(b"\xe2\x80\xa9", b"\\u2029")
+    return line

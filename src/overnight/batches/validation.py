@@ -15,6 +15,7 @@ import orjson
 
 from overnight import constants as C
 from overnight.batches.jsonl import iter_lines
+from overnight.batches.request_line import RequestLineError, parse_request_line
 from overnight.settings import Limits
 from overnight.store.records import ShardPlan
 
@@ -51,6 +52,9 @@ class _Collector:
 
 
 DEFAULT_SHARD_LINES = 256
+# Distinct model names whose routing one validation remembers; past this the router's own
+# (bounded) cache answers. Input must not be able to grow memory without bound.
+_MAX_REMEMBERED_MODELS = 1024
 
 
 class _ShardPlanner:
@@ -97,7 +101,7 @@ def validate_input(
     seen: set[int] = set()
     collisions: set[int] = set()
     required = REQUIRED_BODY_FIELDS.get(endpoint, ())
-    served: dict[str, int | None] = {}
+    served = _ModelRouting(shard_lines_for)
     for line in iter_lines(chunks(), limits.shard_max_bytes):
         if report.total >= limits.max_requests_per_batch:
             errors.add(
@@ -118,9 +122,9 @@ def validate_input(
                 line.number,
             )
             continue
-        custom_id = _check_line(line.data, line.number, endpoint, required, shard_lines_for, served, errors)
-        if planner.max_lines is None and served:
-            planner.max_lines = next((n for n in served.values() if n), None)
+        custom_id = _check_line(line.data, line.number, endpoint, required, served, errors)
+        if planner.max_lines is None:
+            planner.max_lines = served.first_shard_lines
         if custom_id is not None:
             h = hash(custom_id)
             if h in seen:
@@ -152,14 +156,13 @@ def _check_line(
     number: int,
     endpoint: str,
     required: tuple[str, ...],
-    shard_lines_for: Callable[[str], int | None],
-    served: dict[str, int | None],
+    served: _ModelRouting,
     errors: _Collector,
 ) -> str | None:
     """Check one line; return its custom_id when it has a usable one."""
     try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError:
+        obj, _ = parse_request_line(data)
+    except RequestLineError:
         errors.add("invalid_json_line", "This line is not parseable as valid JSON (UTF-8).", None, number)
         return None
     if not isinstance(obj, dict):
@@ -194,7 +197,7 @@ def _check_line(
         ok = False
     body = obj.get("body")
     if "body" in obj:
-        ok = _check_body(body, number, endpoint, required, shard_lines_for, served, errors) and ok
+        ok = _check_body(body, number, endpoint, required, served, errors) and ok
     return custom_id if isinstance(custom_id, str) and custom_id else None
 
 
@@ -203,8 +206,7 @@ def _check_body(
     number: int,
     endpoint: str,
     required: tuple[str, ...],
-    shard_lines_for: Callable[[str], int | None],
-    served: dict[str, int | None],
+    served: _ModelRouting,
     errors: _Collector,
 ) -> bool:
     if not isinstance(body, dict):
@@ -227,10 +229,17 @@ def _check_body(
     elif not isinstance(model, str) or not model:
         errors.add("invalid_request", "body.model must be a non-empty string.", "body.model", number)
         ok = False
+    elif len(model) > C.MAX_MODEL_NAME_CHARS:
+        errors.add(
+            "invalid_request",
+            f"body.model is {len(model):,} characters long; a model name may be at most "
+            f"{C.MAX_MODEL_NAME_CHARS} characters.",
+            "body.model",
+            number,
+        )
+        ok = False
     else:
-        if model not in served:
-            served[model] = shard_lines_for(model)
-        if served[model] is None:
+        if served.shard_lines(model) is None:
             errors.add(
                 "model_not_found",
                 f"The provided model '{model}' is not served by this server for {endpoint}. "
@@ -250,6 +259,27 @@ def _check_body(
         errors.add("invalid_request", "body.messages must be a non-empty array of messages.", "body.messages", number)
         ok = False
     return ok
+
+
+class _ModelRouting:
+    """Which models are served (and their engines' shard sizes), remembered for up to
+    `_MAX_REMEMBERED_MODELS` names."""
+
+    def __init__(self, shard_lines_for: Callable[[str], int | None]) -> None:
+        self._lookup = shard_lines_for
+        self._known: dict[str, int | None] = {}
+        self.first_shard_lines: int | None = None  # of the first served model seen
+
+    def shard_lines(self, model: str) -> int | None:
+        try:
+            return self._known[model]
+        except KeyError:
+            lines = self._lookup(model)
+            if len(self._known) < _MAX_REMEMBERED_MODELS:
+                self._known[model] = lines
+            if self.first_shard_lines is None:
+                self.first_shard_lines = lines
+            return lines
 
 
 def _report_duplicates(

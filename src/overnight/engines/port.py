@@ -11,8 +11,11 @@ from typing import Any, Protocol
 @dataclass(slots=True)
 class EngineRequest:
     endpoint: str  # as in the batch line, e.g. "/v1/chat/completions"
-    body: dict[str, Any]  # the line's body, passed through unchanged (alias already applied)
+    body: dict[str, Any]  # the line's body, parsed (alias already applied)
     deadline: float  # epoch seconds: no attempt starts, and no retry waits, past this
+    # The body's JSON text exactly as the user wrote it (alias applied): what an HTTP engine
+    # sends, so numbers keep their digits and strings their characters. None: serialize `body`.
+    raw_body: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -25,8 +28,8 @@ class EngineResponse:
     request_id: str | None = None
     error_code: str | None = None
     error_message: str | None = None
-    # The body as the upstream sent it, when it is compact JSON (no line breaks): written to the
-    # output file as is, rather than serialized again from `body`.
+    # The body's JSON text as the upstream sent it, less its line breaks: written to the output
+    # file as is, so the values the user gets are exactly the upstream's.
     raw: bytes | None = None
 
     @property

@@ -8,6 +8,10 @@ from dataclasses import dataclass
 
 from overnight.engines.port import Engine
 
+# Routing decisions remembered. Model names come from user input, so the cache is bounded (the
+# oldest entry goes first); a miss costs a walk over the routes, a few microseconds.
+ROUTE_CACHE_ENTRIES = 4096
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -44,6 +48,8 @@ class Router:
         try:
             return self._cache[key]
         except KeyError:
+            if len(self._cache) >= ROUTE_CACHE_ENTRIES:
+                del self._cache[next(iter(self._cache))]
             resolved = self._cache[key] = self._resolve(model, endpoint)
             return resolved
 

@@ -83,14 +83,14 @@ class UpstreamEngine:
         if self._client is None:
             await self.start()
         url = self.url_for(request.endpoint)
-        payload = orjson.dumps(request.body)
+        payload = request.raw_body if request.raw_body is not None else orjson.dumps(request.body)
         attempt = 0
         while True:
             attempt += 1
             now = time.time()
             if now >= request.deadline:
                 return EngineResponse.failure(C.BATCH_EXPIRED, _EXPIRED_MESSAGE)
-            response, retry_after = await self._attempt(url, payload, request.deadline - now)
+            response, retry_after = await self._attempt(url, payload, request.deadline)
             if response.ok:
                 return response
             decision = self.policy.decide(attempt, response.status_code, retry_after, time.time(), request.deadline)
@@ -98,14 +98,19 @@ class UpstreamEngine:
                 return response
             await asyncio.sleep(decision.delay)
 
-    async def _attempt(self, url: str, payload: bytes, time_left: float) -> tuple[EngineResponse, float | None]:
+    async def _attempt(self, url: str, payload: bytes, deadline: float) -> tuple[EngineResponse, float | None]:
         assert self._client is not None
+        epoch = await self.limiter.acquire()
+        # The deadline is checked after the wait for a concurrency slot, which can be long: no
+        # request starts after the completion window closed.
+        time_left = deadline - time.time()
         capped_by_deadline = time_left < self.settings.timeout_seconds
         builder = self._client.post(url).body_bytes(payload)
         if capped_by_deadline:
-            builder = builder.timeout(timedelta(seconds=time_left))
-        epoch = await self.limiter.acquire()
+            builder = builder.timeout(timedelta(seconds=max(time_left, 0.001)))
         try:
+            if time_left <= 0:
+                return EngineResponse.failure(C.BATCH_EXPIRED, _EXPIRED_MESSAGE), None
             resp = await builder.build().send()
             raw = bytes(await resp.bytes())
             status = resp.status
@@ -138,9 +143,12 @@ def _response(status: int, raw: bytes, request_id: str | None) -> EngineResponse
     except orjson.JSONDecodeError:
         body = None
     if isinstance(body, dict):
-        raw = raw.strip()  # many servers end the body with a newline (Go's json.Encoder, Flask)
-        compact = b"\n" not in raw and b"\r" not in raw
-        return EngineResponse(status, body, request_id, raw=raw if compact else None)
+        # An output line must be one line. In JSON that parsed, CR and LF can only be white space
+        # between tokens (inside strings they are escaped), so dropping them keeps every value.
+        raw = raw.strip()
+        if b"\n" in raw or b"\r" in raw:
+            raw = raw.replace(b"\r", b"").replace(b"\n", b"")
+        return EngineResponse(status, body, request_id, raw=raw)
     text = raw[:2000].decode("utf-8", "replace")
     error = {"error": {"message": f"Upstream answered {status} with a non-JSON body: {text}",
                        "type": "upstream_error", "param": None, "code": None}}

@@ -15,10 +15,12 @@ from typing import Any, Literal
 
 import orjson
 from sqlalchemy import (
+    Boolean,
     Connection,
     Engine,
     and_,
     bindparam,
+    case,
     create_engine,
     delete,
     event,
@@ -176,6 +178,8 @@ _SETTLED_SHARDS = (
         _s.c.request_count,
         _s.c.byte_offset,
         _s.c.byte_length,
+        _s.c.expired,
+        _s.c.last_error,
     )
     .where(_s.c.batch_id == bindparam("p_batch"))
     .order_by(_s.c.shard_index)
@@ -219,7 +223,27 @@ _COMMIT_SHARD = (
         output_tokens=bindparam("p_output_tokens"),
         reasoning_tokens=bindparam("p_reasoning_tokens"),
         model=bindparam("p_model"),
+        expired=bindparam("p_expired"),
     )
+)
+# A failed attempt: back to pending at once, unless the previous attempt failed the same way (or
+# the attempts ran out): then the shard is settled as failed and its lines reported, not retried.
+_FAIL_SHARD = (
+    update(_s)
+    .where(_s.c.id == bindparam("p_shard"), _s.c.lease_token == bindparam("p_token"),
+           _s.c.status == C.SHARD_RUNNING)
+    .values(
+        status=case(
+            (or_(_s.c.last_error == bindparam("p_error"), bindparam("p_give_up", type_=Boolean)), C.SHARD_FAILED),
+            else_=C.SHARD_PENDING,
+        ),
+        last_error=bindparam("p_error"),
+        lease_token=None,
+        lease_expires_at=None,
+        completed=0,
+        failed=0,
+    )
+    .returning(_s.c.status)
 )
 _ADD_SHARD_TO_BATCH = (
     update(_b)
@@ -447,11 +471,13 @@ class MetadataStore:
             input_key = conn.execute(_INPUT_KEY, {"p_file": batch.input_file_id}).scalar()
             if batch.status == C.VALIDATING:
                 return BatchTask("validate", batch, token, input_storage_key=input_key)
-            final = {C.FINALIZING: C.COMPLETED, C.CANCELLING: C.CANCELLED}.get(batch.status, C.EXPIRED)
             # Whatever has not committed by now never will: its lines are reported, not run.
             conn.execute(_SKIP_OPEN_SHARDS, {"p_batch": batch.id})
             shards = conn.execute(_SETTLED_SHARDS, {"p_batch": batch.id}).all()
         settled = [SettledShard(*r) for r in shards]
+        final = {C.FINALIZING: C.COMPLETED, C.CANCELLING: C.CANCELLED}.get(batch.status, C.EXPIRED)
+        if final == C.COMPLETED and any(shard.expired for shard in settled):
+            final = C.EXPIRED  # the window closed before every line ran: OpenAI's `expired`
         return BatchTask("finalize", batch, token, final, input_key, settled)
 
     def extend_batch_lease(self, batch_id: str, token: str, until: float) -> bool:
@@ -538,6 +564,7 @@ class MetadataStore:
             endpoint=batch.endpoint,
             expires_at=batch.expires_at,
             input_storage_key=batch.storage_key,
+            last_error=row.last_error,
         )
 
     def heartbeat_shards(
@@ -591,13 +618,30 @@ class MetadataStore:
         with self._write() as conn:
             done = conn.execute(_COMMIT_SHARD, {
                 "p_shard": shard_id, "p_token": token, "p_result_key": result.result_key,
-                "p_output_bytes": result.output_bytes, **counts,
+                "p_output_bytes": result.output_bytes, "p_expired": result.expired, **counts,
             })
             if not done.rowcount:
                 return "lost"
             conn.execute(_ADD_SHARD_TO_BATCH, {"p_batch": batch_id, **counts})
             ready = conn.execute(_FINALIZE_IF_LAST, {"p_batch": batch_id, "p_now_int": now})
             return "batch_ready" if ready.rowcount else "committed"
+
+    def fail_shard(
+        self, shard_id: int, token: str, batch_id: str, error: str, give_up: bool, now: int
+    ) -> Literal["lost", "retry", "failed", "batch_ready"]:
+        """Record that an attempt at a shard failed (fenced by the lease). It runs again at once
+        (`retry`), unless it failed with this same error before or `give_up`: then it is settled as
+        failed (`failed`, or `batch_ready` when that was the batch's last open shard)."""
+        with self._write() as conn:
+            status = conn.execute(
+                _FAIL_SHARD, {"p_shard": shard_id, "p_token": token, "p_error": error, "p_give_up": give_up}
+            ).scalar()
+            if status is None:
+                return "lost"
+            if status == C.SHARD_PENDING:
+                return "retry"
+            ready = conn.execute(_FINALIZE_IF_LAST, {"p_batch": batch_id, "p_now_int": now})
+            return "batch_ready" if ready.rowcount else "failed"
 
     def finish_batch(
         self,

@@ -75,6 +75,7 @@ class ShardResult:
     output_tokens: int = 0
     reasoning_tokens: int = 0
     model: str | None = None
+    expired: int = 0  # of `failed`: lines not run because the completion window closed
 
     def add_usage(self, usage: dict[str, Any]) -> None:
         """Add one response's `usage` (chat/completions or embeddings shape) to the totals."""
@@ -109,6 +110,7 @@ class ClaimedShard:
     endpoint: str
     expires_at: int | None
     input_storage_key: str
+    last_error: str | None = None  # why the previous attempt failed, if it did
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +135,8 @@ class SettledShard:
     request_count: int
     byte_offset: int
     byte_length: int
+    expired: int = 0  # lines the shard reported as not run before the deadline
+    last_error: str | None = None  # for a `failed` shard: what its lines are reported with
 
 
 @dataclass(frozen=True, slots=True)

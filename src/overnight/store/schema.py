@@ -114,6 +114,11 @@ shards = Table(
     Column("output_tokens", BigInteger, nullable=False, default=0),
     Column("reasoning_tokens", BigInteger, nullable=False, default=0),
     Column("model", Text),
+    # Lines not run because the completion window closed: the batch then ends `expired`.
+    Column("expired", Integer, nullable=False, default=0, server_default="0"),
+    # Why the last attempt failed (an exception in the worker, not a line's error). The same
+    # failure twice settles the shard as `failed`: its lines are reported, not retried forever.
+    Column("last_error", Text),
     UniqueConstraint("batch_id", "shard_index", name="uq_shards_batch_index"),
     # The claim scans pending shards in round-robin order across batches.
     Index("ix_shards_status_index", "status", "shard_index"),

@@ -13,6 +13,11 @@ through unchanged:
     "x_fault": "400" / "404" / "422"   a permanent error, every time
     "x_fault": "slow:200"    answer after 200 ms
 
+Two more fields check that bodies pass through exactly: `"x_echo_raw": true` puts the request body,
+byte for byte as received, in the answer as `x_request`; `"x_extras": true` adds values that a
+re-serialization would change (`12345678901234567890123`, `1.10`, raw U+2028/U+2029 in a string)
+and answers indented JSON over several lines, as some servers do.
+
 Attempts are counted per `x_fault_key` (default: the whole body). `--chaos P` injects a random
 transient fault (429/500/503/reset) into a fraction P of first attempts. `--api-key K` answers 401
 unless `Authorization: Bearer K` is sent. `--tls-cert C --tls-key K` serves HTTPS. `--max-concurrency N`
@@ -37,6 +42,7 @@ import orjson
 from aiohttp import web
 
 TIMEOUT_HANG_SECONDS = 30.0
+_EXTRAS = b'{"big": 12345678901234567890123, "dec": 1.10, "sep": "a\xe2\x80\xa8b\xe2\x80\xa9c"}'
 
 
 @dataclass
@@ -162,7 +168,14 @@ def make_app(state: UpstreamState) -> web.Application:
             if state.delay:
                 await asyncio.sleep(state.delay)
             state.served["ok"] += 1
-            return _json(_answer(endpoint, body))
+            answer = _answer(endpoint, body)
+            if body.get("x_echo_raw") is True:
+                answer["x_request"] = orjson.Fragment(raw)
+            if body.get("x_extras") is True:
+                answer["x_extras"] = orjson.Fragment(_EXTRAS)
+                return web.Response(body=orjson.dumps(answer, option=orjson.OPT_INDENT_2) + b"\n",
+                                    content_type="application/json")
+            return _json(answer)
         finally:
             state.in_flight -= 1
 

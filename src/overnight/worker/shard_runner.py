@@ -8,15 +8,15 @@ A results object is the shard's output lines (2xx responses) in input order, the
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from overnight import constants as C
 from overnight.batches.jsonl import split_requests
+from overnight.batches.request_line import parse_request_line, with_model
 from overnight.batches.results import error_line, response_line
 from overnight.engines.port import EngineRequest, EngineResponse
 from overnight.engines.router import Resolved, Router
@@ -25,6 +25,8 @@ from overnight.ids import line_id_prefix, line_request_id_prefix
 from overnight.store.metadata import MetadataStore
 from overnight.store.records import ClaimedShard, ShardResult
 from overnight.worker.lanes import EngineLane, Lanes
+
+log = logging.getLogger("overnight.worker")
 
 
 @dataclass(slots=True)
@@ -57,10 +59,10 @@ class ShardRunner:
         data = await asyncio.to_thread(
             self.files.read_range, claim.input_storage_key, claim.byte_offset, claim.byte_length
         )
-        run = _ShardRun(self, claim, state, [orjson.loads(raw) for raw in split_requests(data)])
+        run = _ShardRun(self, claim, state, [parse_request_line(raw) for raw in split_requests(data)])
         del data
         by_lane: dict[int, tuple[EngineLane | None, list[tuple[_ShardRun, int]]]] = {}
-        for i, request in enumerate(run.requests):
+        for i, (request, _) in enumerate(run.requests):
             resolved = self.router.resolve(request["body"].get("model", ""), claim.endpoint)
             run.resolved.append(resolved)
             lane = self.lanes.for_engine(resolved.engine) if resolved is not None else None
@@ -104,13 +106,14 @@ class _ShardRun:
     """One attempt at a shard: its parsed lines, their results so far, and when they are all in."""
 
     def __init__(self, runner: ShardRunner, claim: ClaimedShard, state: ShardState,
-                 requests: list[dict[str, Any]]) -> None:
+                 requests: list[tuple[dict[str, Any], bytes | None]]) -> None:
         self.runner = runner
         self.claim = claim
         self.state = state
         self.requests = requests
         self.resolved: list[Resolved | None] = []
         self.lines: list[bytes] = [b""] * len(requests)
+        self.custom_ids: list[str] = [""] * len(requests)  # filled as lines start: for error lines
         self.failed_at: list[int] = []  # indexes of lines that go to the error file
         self.id_prefix = line_id_prefix(claim.batch_id)
         self.request_id_prefix = line_request_id_prefix(claim.batch_id)
@@ -136,19 +139,37 @@ class _ShardRun:
                 self.lines[i] = line
                 if not ok:
                     self.failed_at.append(i)
-        except Exception as exc:  # a bug, not the line's fault: the shard is retried, not reported
-            self.failure = exc
+        except Exception as exc:
+            # Whatever one line raises is that line's error. Retrying the shard instead would
+            # re-send every other line, and a line that always raises would loop the batch.
+            try:
+                self.lines[i] = self._line_failed(i, exc)
+                self.failed_at.append(i)
+            except Exception as inner:  # cannot even report it (no custom_id?): the shard fails
+                self.failure = inner
         self.remaining -= 1
         if self.remaining == 0 or self.failure is not None:
             self._done.set()
 
+    def _line_failed(self, i: int, exc: Exception) -> bytes:
+        self.result.failed += 1
+        log.warning("line %s of batch %s raised %s", self.claim.first_request + i, self.claim.batch_id,
+                    type(exc).__name__, exc_info=exc)
+        return error_line(
+            f"{self.id_prefix}{self.claim.first_request + i:08x}",
+            self.custom_ids[i],
+            C.ENGINE_ERROR,
+            f"overnight could not run this request ({type(exc).__name__}: {str(exc)[:500]}).",
+        )
+
     async def _execute(self, i: int) -> tuple[bytes, bool]:
         """The line's result line, and whether it belongs in the output file (else the error file)."""
         claim, state, result = self.claim, self.state, self.result
-        request = self.requests[i]
+        request, body_bytes = self.requests[i]
         self.requests[i] = _DONE  # drop the body as soon as it is sent
         index = claim.first_request + i
         custom_id: str = request["custom_id"]
+        self.custom_ids[i] = custom_id
         body = request["body"]
         ident = f"{self.id_prefix}{index:08x}"
         if state.batch_stopped or state.lease_lost:
@@ -156,6 +177,7 @@ class _ShardRun:
             return error_line(ident, custom_id, C.BATCH_CANCELLED), False
         if self.runner.clock() >= self.deadline:
             result.failed += 1
+            result.expired += 1
             return error_line(ident, custom_id, C.BATCH_EXPIRED), False
         resolved = self.resolved[i]
         if resolved is None:  # the routes changed since validation (a restart with other settings)
@@ -165,11 +187,17 @@ class _ShardRun:
             )
         else:
             if resolved.model != body.get("model"):
+                if body_bytes is not None:
+                    body_bytes = with_model(body_bytes, body, resolved.model)
                 body = {**body, "model": resolved.model}
-            response = await resolved.engine.execute(EngineRequest(claim.endpoint, body, self.deadline))
+            response = await resolved.engine.execute(
+                EngineRequest(claim.endpoint, body, self.deadline, body_bytes)
+            )
         if response.status_code is None:
             result.failed += 1
-            return error_line(ident, custom_id, response.error_code or "engine_error", response.error_message), False
+            if response.error_code == C.BATCH_EXPIRED:
+                result.expired += 1
+            return error_line(ident, custom_id, response.error_code or C.ENGINE_ERROR, response.error_message), False
         request_id = response.request_id or f"{self.request_id_prefix}{index:08x}"
         line = response_line(ident, custom_id, response.status_code, request_id, response.body, response.raw)
         if response.ok:
@@ -185,4 +213,4 @@ class _ShardRun:
         return line, False
 
 
-_DONE: dict[str, Any] = {}
+_DONE: tuple[dict[str, Any], None] = ({}, None)

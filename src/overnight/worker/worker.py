@@ -155,14 +155,30 @@ class Worker:
 
     async def _run_shard(self, shard: ClaimedShard, state: ShardState) -> None:
         try:
-            if await self.runner.run(shard, state) == "batch_ready":
+            if shard.attempt > self.settings.max_shard_attempts:
+                error = (f"gave up after {shard.attempt - 1} attempts: the worker running this shard "
+                         f"stopped each time (last error: {shard.last_error or 'none recorded'})")
+                await self._fail_shard(shard, error, give_up=True)
+            elif await self.runner.run(shard, state) == "batch_ready":
                 self._batch_due = True
-        except Exception:
-            # The lease expires and another attempt runs the shard; nothing was committed.
-            log.exception("shard %s of %s failed; it will be retried", shard.shard_index, shard.batch_id)
+        except Exception as exc:
+            # Nothing was committed. Run again at once, or settle the shard if it failed this way before.
+            log.exception("shard %s of %s failed", shard.shard_index, shard.batch_id)
+            with contextlib.suppress(Exception):
+                await self._fail_shard(shard, f"{type(exc).__name__}: {str(exc)[:500]}", give_up=False)
         finally:
             self._shards.pop(shard.shard_id, None)
             self._wake.set()
+
+    async def _fail_shard(self, shard: ClaimedShard, error: str, give_up: bool) -> None:
+        outcome = await asyncio.to_thread(
+            self.store.fail_shard, shard.shard_id, shard.lease_token, shard.batch_id, error, give_up,
+            int(self.clock()),
+        )
+        if outcome != "retry":
+            log.error("shard %s of %s given up (%s): %s", shard.shard_index, shard.batch_id, outcome, error)
+        if outcome == "batch_ready":
+            self._batch_due = True
 
     async def _run_batch_task(self, task: BatchTask) -> None:
         self._batch_tasks += 1
