@@ -76,7 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--api-key", action="append", default=[], help="an accepted API key (repeatable)")
-    serve.add_argument("--admin-key", action="append", default=[], help="a key that sees every owner's objects")
+    serve.add_argument("--admin-key", action="append", default=[],
+                       help="a key that reads every owner's objects and may cancel any batch "
+                       "(it deletes only its own files)")
     serve.add_argument("--no-worker", action="store_true", help="serve the API only (run `overnight worker` apart)")
     serve.add_argument("--workers", type=int, default=None,
                        help="worker processes beside the API (default 1; 0 runs the worker in the API process)")

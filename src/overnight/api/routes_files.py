@@ -113,7 +113,8 @@ def retrieve_file(request: Request, caller: Caller, file_id: str) -> Response:
 
 @router.delete("/{file_id}", response_model=FileDeleted, summary="Delete a file")
 def delete_file(request: Request, caller: Caller, file_id: str) -> Response:
-    _services(request).files.delete(caller.scope, file_id)
+    # `owner`, not `scope`: an admin reads every tenant's files but deletes only its own.
+    _services(request).files.delete(caller.owner, file_id)
     return json_response({"id": file_id, "object": "file", "deleted": True})
 
 
