@@ -1,4 +1,5 @@
-"""Local-directory adapter: write to a temp file, fsync, rename; a crash leaves only temp files."""
+"""Local-directory adapter: write to a temp file, fsync, rename; a crash leaves only temp files.
+Directories are made 0700 and files 0600 whatever the umask (see `private`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from overnight.files.port import CHUNK_SIZE, StorageFullError
+from overnight.files.private import create_private, make_private_dirs
 
 
 class _LocalWriter:
@@ -27,8 +29,8 @@ class LocalFileStore:
         self.root = root
         self._blobs = root / "blobs"
         self._tmp = root / "tmp"
-        self._blobs.mkdir(parents=True, exist_ok=True)
-        self._tmp.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(self._blobs)
+        make_private_dirs(self._tmp)
         for leftover in self._tmp.iterdir():  # temp files of a crashed process never became blobs
             leftover.unlink(missing_ok=True)
 
@@ -42,12 +44,12 @@ class LocalFileStore:
         final = self._path(key)
         tmp = self._tmp / f"{secrets.token_hex(8)}.part"
         try:
-            with open(tmp, "wb", buffering=CHUNK_SIZE) as fh:
+            with os.fdopen(create_private(tmp), "wb", buffering=CHUNK_SIZE) as fh:
                 writer = _LocalWriter(fh)
                 yield writer
                 fh.flush()
                 os.fsync(fh.fileno())
-            final.parent.mkdir(parents=True, exist_ok=True)
+            make_private_dirs(final.parent)
             os.replace(tmp, final)
             _fsync_dir(final.parent)
         except OSError as exc:
