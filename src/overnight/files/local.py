@@ -102,7 +102,8 @@ class LocalFileStore:
 
     def remove_empty_dirs(self, older_than: float) -> int:
         """Remove empty directories below the namespaces (left by versions whose `delete` kept
-        them) last changed before `older_than`, so a writer's fresh directory is never taken."""
+        them) last changed before `older_than`: one a writer has just made is left alone, and one
+        it reuses is covered by its retry in `_publish`."""
         removed = 0
         for dirpath, _, _ in os.walk(self._blobs, topdown=False):
             directory = Path(dirpath)

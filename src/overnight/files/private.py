@@ -64,7 +64,11 @@ def tighten(path: Path) -> int:
 def tighten_data_dir(data_dir: Path) -> int:
     """Make an existing data directory (followed if it is a link), and what overnight keeps in it,
     private."""
-    changed = _strip(data_dir, data_dir.stat())
+    try:
+        changed = _strip(data_dir, data_dir.stat())
+    except PermissionError:
+        changed = 0
+        log.warning("could not make the data directory %s private to this user (not its owner?)", data_dir)
     for name in DATA_DIR_ENTRIES:
         changed += tighten(data_dir / name)
     if changed:
