@@ -105,9 +105,10 @@ class Upstream:
 class Server:
     """`overnight serve` as a subprocess; `kill()` is SIGKILL, `start()` again reuses the data dir."""
 
-    def __init__(self, data_dir: Path, args: list[str]) -> None:
+    def __init__(self, data_dir: Path, args: list[str], umask: int = -1) -> None:
         self.data_dir = data_dir
         self.args = args
+        self.umask = umask  # the process umask to start with; -1 keeps this one's
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.log = data_dir.parent / f"server-{self.port}.log"
@@ -121,6 +122,7 @@ class Server:
             stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
             env=env,
+            umask=self.umask,
         )
         wait_http(f"http://127.0.0.1:{self.port}/health", self.proc, self.log)
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +157,51 @@ def test_content_download_is_not_json_typed(client: openai.OpenAI, server: Serve
     )
     assert status == 200
     assert headers["content-type"] == "application/octet-stream"
+
+
+
+def _check_download(client: openai.OpenAI, server: Server, file_id: str, data: bytes, name: str,
+                    fallback: str) -> None:
+    assert client.files.retrieve(file_id).filename == name
+    assert client.files.content(file_id).read() == data
+    status, headers, body = raw_request(
+        "GET", f"{server.base_url}/files/{file_id}/content", {"Authorization": f"Bearer {API_KEY}"}
+    )
+    assert status == 200 and body == data
+    # RFC 6266: an ASCII fallback in a quoted-string, and the exact name in filename* (RFC 5987)
+    plain, _, extended = headers["content-disposition"].partition("; filename*=UTF-8''")
+    assert plain == f'attachment; filename="{fallback}"'
+    assert extended.isascii() and " " not in extended and '"' not in extended
+    assert urllib.parse.unquote(extended, errors="strict") == name
+
+
+@pytest.mark.parametrize(
+    ("name", "fallback"),
+    [
+        ("日本語.jsonl", "___.jsonl"),
+        ("emoji🙂.jsonl", "emoji_.jsonl"),
+        ("café.jsonl", "cafe.jsonl"),
+        ("semi;colon, 100%.jsonl", "semi;colon, 100%.jsonl"),
+    ],
+)
+def test_download_of_a_non_latin1_filename(client: openai.OpenAI, server: Server, name: str, fallback: str) -> None:
+    data = jsonl([chat_line(1)])
+    file_id = client.files.create(file=(name, data), purpose="batch").id
+    _check_download(client, server, file_id, data, name, fallback)
+
+
+def test_download_of_a_filename_with_quotes(client: openai.OpenAI, server: Server) -> None:
+    # The SDK percent-encodes '"' in the multipart filename, so this upload is written by hand.
+    data = jsonl([chat_line(1)])
+    boundary = "b0undary"
+    body = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"say \\\"hi\\\" ü.jsonl\"\r\n"
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    status, _, raw = raw_request(
+        "POST", f"{server.base_url}/files",
+        {"Authorization": f"Bearer {API_KEY}", "Content-Type": f"multipart/form-data; boundary={boundary}"}, body,
+    )
+    assert status == 200, raw
+    _check_download(client, server, json.loads(raw)["id"], data, 'say "hi" ü.jsonl', 'say \\"hi\\" u.jsonl')

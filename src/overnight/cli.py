@@ -76,7 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--api-key", action="append", default=[], help="an accepted API key (repeatable)")
-    serve.add_argument("--admin-key", action="append", default=[], help="a key that sees every owner's objects")
+    serve.add_argument("--admin-key", action="append", default=[],
+                       help="a key that reads every owner's objects and may cancel any batch "
+                       "(it deletes only its own files)")
     serve.add_argument("--no-worker", action="store_true", help="serve the API only (run `overnight worker` apart)")
     serve.add_argument("--workers", type=int, default=None,
                        help="worker processes beside the API (default 1; 0 runs the worker in the API process)")
@@ -166,10 +168,18 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     settings = settings_from(args, dict(os.environ))
+    if args.command != "run":
+        # Belt and braces beside the explicit modes: whatever else this process creates (the
+        # Gemma model, files a library writes) is private too. `run` keeps the umask for its outputs.
+        os.umask(0o077)
     problem = _data_dir_problem(settings.data_dir)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
+    if args.command != "run" or args.data_dir is not None or "OVERNIGHT_DATA_DIR" in os.environ:
+        from overnight.files.private import tighten_data_dir
+
+        tighten_data_dir(settings.data_dir)  # an older version left it 0755, its files 0644
     from overnight.wiring import ConfigurationError
 
     try:
@@ -200,10 +210,12 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> None:
 
 def _data_dir_problem(data_dir: Path) -> str | None:
     """Say plainly why the data directory cannot be used, before anything is written to it."""
+    from overnight.files.private import create_private, make_private_dirs
+
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(data_dir)
         probe = data_dir / ".write-test"
-        probe.write_bytes(b"ok")
+        os.close(create_private(probe, exclusive=False))
         probe.unlink()
     except OSError as exc:
         return f"the data directory {data_dir} is not writable ({exc.strerror}); choose another with --data-dir"

@@ -20,6 +20,7 @@ from overnight.engines.port import Engine
 from overnight.engines.router import Route, Router
 from overnight.engines.upstream import UpstreamEngine
 from overnight.files.local import LocalFileStore
+from overnight.files.private import make_private_dirs
 from overnight.settings import Settings
 from overnight.store.metadata import MetadataStore
 from overnight.worker.worker import Worker
@@ -160,7 +161,7 @@ def load_authenticator(
 
 def build(settings: Settings, announce: Callable[[str], None] | None = print) -> Components:
     """Wire everything. `announce` shows a newly created API key; None (worker, cleanup) creates none."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(settings.data_dir)
     store = MetadataStore(settings.resolved_database_url)
     store.migrate()
     files = LocalFileStore(settings.data_dir)

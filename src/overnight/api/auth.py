@@ -1,5 +1,7 @@
-"""API keys: only their sha256 is kept. Each key is its own tenant (owner); an admin key sees every
-owner's files and batches. Unknown owners get 404, never 403, so existence does not leak."""
+"""API keys: only their sha256 is kept. Each key is its own tenant (owner). An admin key reads every
+owner's files and batches (list, retrieve, download) and may cancel any batch (an operator must be
+able to stop runaway work), but creates batches only from its own files and deletes only its own
+files. Objects out of reach answer 404, never 403, so existence does not leak."""
 
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ class Principal:
 
     @property
     def scope(self) -> str | None:
-        """The owner filter for reads: None (everyone) for an admin."""
+        """The owner filter for reads and for cancelling a batch: None (everyone) for an admin.
+        Creating and deleting use `owner` instead: an admin cannot remove a tenant's data."""
         return None if self.is_admin else self.owner
 
 

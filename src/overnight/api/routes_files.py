@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import unicodedata
 from typing import Annotated, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request
 from python_multipart.exceptions import FormParserError
@@ -111,7 +113,8 @@ def retrieve_file(request: Request, caller: Caller, file_id: str) -> Response:
 
 @router.delete("/{file_id}", response_model=FileDeleted, summary="Delete a file")
 def delete_file(request: Request, caller: Caller, file_id: str) -> Response:
-    _services(request).files.delete(caller.scope, file_id)
+    # `owner`, not `scope`: an admin reads every tenant's files but deletes only its own.
+    _services(request).files.delete(caller.owner, file_id)
     return json_response({"id": file_id, "object": "file", "deleted": True})
 
 
@@ -128,6 +131,21 @@ def file_content(request: Request, caller: Caller, file_id: str) -> Response:
         media_type="application/octet-stream",
         headers={
             "content-length": str(record.bytes),
-            "content-disposition": f'attachment; filename="{record.filename}"',
+            "content-disposition": content_disposition(record.filename),
         },
     )
+
+
+def content_disposition(filename: str) -> str:
+    """RFC 6266: an ASCII `filename` for old clients, and the exact name as UTF-8 in `filename*`
+    (RFC 5987). Header values must be Latin-1, so a raw non-ASCII name cannot go in as it is."""
+    fallback: list[str] = []
+    for ch in unicodedata.normalize("NFKD", filename):
+        if unicodedata.combining(ch) or ord(ch) < 0x20 or ord(ch) == 0x7F:
+            continue  # accents fall off their letters ("é" -> "e"); control characters go
+        if ch in '"\\':
+            fallback.append("\\" + ch)  # a quoted-pair inside the quoted-string
+        else:
+            fallback.append(ch if ord(ch) < 0x80 else "_")
+    encoded = quote(filename, safe="!#$&+^`|~")  # RFC 5987 attr-chars stay as they are
+    return f"attachment; filename=\"{''.join(fallback) or 'download'}\"; filename*=UTF-8''{encoded}"

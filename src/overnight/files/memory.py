@@ -37,12 +37,14 @@ class MemoryFileStore:
         for start in range(0, len(data), chunk_size):
             yield data[start : start + chunk_size]
 
-
     def exists(self, key: str) -> bool:
         return key in self.blobs
 
     def delete(self, key: str) -> None:
         self.blobs.pop(key, None)
+
+    def remove_empty_dirs(self, older_than: float) -> int:
+        return 0  # keys only: there are no directories to leave behind
 
     def list_keys(self, prefix: str, older_than: float) -> Iterator[str]:
         return iter([k for k, (_, t) in self.blobs.items() if k.startswith(prefix) and t < older_than])

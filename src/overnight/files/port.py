@@ -33,11 +33,16 @@ class FileStore(Protocol):
 
     def iter_chunks(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]: ...
 
-
     def exists(self, key: str) -> bool: ...
 
     def delete(self, key: str) -> None:
-        """Remove a blob; a missing one is not an error."""
+        """Remove a blob; a missing one is not an error. A store with directories also removes
+        the directory this emptied."""
+        ...
+
+    def remove_empty_dirs(self, older_than: float) -> int:
+        """Remove empty directories last changed before the epoch time `older_than` (left by
+        earlier versions); returns how many."""
         ...
 
     def list_keys(self, prefix: str, older_than: float) -> Iterator[str]:

@@ -7,6 +7,7 @@ PostgreSQL the claims use `FOR UPDATE SKIP LOCKED` so many workers never queue b
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -31,8 +32,10 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.engine import make_url
 
 from overnight import constants as C
+from overnight.files.private import create_private, tighten
 from overnight.store import schema as T
 from overnight.store.records import (
     BatchRecord,
@@ -47,6 +50,21 @@ from overnight.store.records import (
 
 _BATCH_COLUMNS = [c for c in T.batches.c if c.name not in ("seq", "errors_json", "metadata_json", "lease_expires_at")]
 _BATCH_FIELDS = [c.name for c in _BATCH_COLUMNS]
+
+
+def _private_sqlite_files(url: str) -> None:
+    """SQLite creates a database file 0644 (less the umask) and gives its -wal and -shm files the
+    database file's permissions: so create the file 0600 before SQLite does, and tighten the files
+    an older version left 0644. An empty file is an empty database to SQLite."""
+    path = make_url(url).database
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        os.close(create_private(Path(path), exclusive=False))
+    except OSError:
+        return  # a missing directory, say: SQLite reports it when it opens the file
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        tighten(Path(name))
 
 
 def _sqlite_engine(url: str) -> Engine:
@@ -314,6 +332,7 @@ class MetadataStore:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
+            _private_sqlite_files(url)
             self.engine = _sqlite_engine(url)
         else:
             self.engine = create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
