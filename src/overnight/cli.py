@@ -55,6 +55,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="also serve Gemma 3 270M as 'gemma-3-270m' (needs the gemma extra and --accept-gemma-terms)")
     parser.add_argument("--accept-gemma-terms", action="store_true",
                         help="accept the Gemma Terms of Use (ai.google.dev/gemma/terms) for serving Gemma")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="embedded chat: a temperature-0 line's answer depends only on the line (no prefix "
+                        "reuse between slots; slower on shared system prompts)")
     parser.add_argument("--lease-seconds", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shard-lines", type=int, default=None, help="requests per shard (default 256)")
     parser.add_argument("--max-shards", type=int, default=None, help="shards run at once per worker")
@@ -124,6 +127,8 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
     if args.gemma or args.accept_gemma_terms:
         embedded = replace(embedded, gemma=embedded.gemma or args.gemma,
                            accept_gemma_terms=embedded.accept_gemma_terms or args.accept_gemma_terms)
+    if args.deterministic:
+        embedded = replace(embedded, deterministic=True)
     if args.no_embedded:
         embedded = EmbeddedSettings(enabled=False)
     return replace(

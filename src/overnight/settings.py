@@ -82,6 +82,10 @@ class EmbeddedSettings:
     n_ctx: int = 32768
     n_seq_max: int = 16
     threads: int | None = None
+    # Greedy output that depends only on the line: no prefix reuse between slots (a prompt whose
+    # prefix came from another slot's cache decodes its tail in a differently sized chunk, and
+    # greedy answers can change). Costs the prefix-reuse speed-up on shared system prompts.
+    deterministic: bool = False
     # Gemma 3 270M as a second chat model, routed by its name "gemma-3-270m" (never the default).
     # Serving it counts as distributing it: it is only loaded once the operator accepts the
     # Gemma Terms of Use (ai.google.dev/gemma/terms) with accept_gemma_terms.

