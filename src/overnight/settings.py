@@ -30,6 +30,20 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpSettings:
+    """What one client may cost the server before it is cut off: slow or oversized requests hold a
+    connection (and, for uploads, a temp file) only this long."""
+
+    # From a connection's first byte (or its opening) to the end of a request's headers.
+    header_timeout_seconds: float = 10.0
+    # The longest pause between two pieces of a request body; an upload that stalls longer is
+    # dropped (its temp file removed) and answered 408.
+    body_idle_timeout_seconds: float = 30.0
+    # Request line plus headers; larger requests get 431 before the app sees them.
+    max_header_bytes: int = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerSettings:
     # A killed worker's shards are taken over this long after its last heartbeat (one a second).
     lease_seconds: float = 15.0
@@ -99,6 +113,7 @@ class Settings:
     # Lines whose model matches no route run on the embedded default model (issue: zero-config).
     fallback_to_default: bool = True
     limits: Limits = field(default_factory=Limits)
+    http: HttpSettings = field(default_factory=HttpSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     embedded: EmbeddedSettings = field(default_factory=EmbeddedSettings)
     run_worker: bool = True
@@ -133,6 +148,8 @@ def load_config_file(path: Path, base: Settings) -> Settings:
     changes: dict[str, object] = {"upstreams": tuple(upstreams), "aliases": aliases}
     if "limits" in raw:
         changes["limits"] = replace(base.limits, **raw["limits"])
+    if "http" in raw:
+        changes["http"] = replace(base.http, **raw["http"])
     if "worker" in raw:
         changes["worker"] = replace(base.worker, **raw["worker"])
     if "embedded" in raw:

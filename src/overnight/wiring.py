@@ -20,7 +20,7 @@ from overnight.engines.port import Engine
 from overnight.engines.router import Route, Router
 from overnight.engines.upstream import UpstreamEngine
 from overnight.files.local import LocalFileStore
-from overnight.settings import Settings
+from overnight.settings import HttpSettings, Settings
 from overnight.store.metadata import MetadataStore
 from overnight.worker.worker import Worker
 
@@ -158,8 +158,17 @@ def load_authenticator(
     return Authenticator(hashes)
 
 
+def check_http_settings(http: HttpSettings) -> None:
+    """Values that cannot work: timeouts that cut off every request, a header limit no client fits in."""
+    if http.header_timeout_seconds <= 0 or http.body_idle_timeout_seconds <= 0:
+        raise ConfigurationError("header_timeout_seconds and body_idle_timeout_seconds must be above 0.")
+    if http.max_header_bytes < 4096:
+        raise ConfigurationError("max_header_bytes must be at least 4096; ordinary requests need that much.")
+
+
 def build(settings: Settings, announce: Callable[[str], None] | None = print) -> Components:
     """Wire everything. `announce` shows a newly created API key; None (worker, cleanup) creates none."""
+    check_http_settings(settings.http)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = MetadataStore(settings.resolved_database_url)
     store.migrate()
