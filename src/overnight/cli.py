@@ -84,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="close connections whose request headers take longer than this (default 10)")
     serve.add_argument("--body-idle-timeout", type=float, default=None, metavar="SECONDS",
                        help="answer 408 to a request whose body pauses longer than this (default 30)")
+    serve.add_argument("--auth-failure-burst", type=int, default=None, metavar="N",
+                       help="failed authentications per client address before 429 (default 20; 0: no limit)")
+    serve.add_argument("--auth-failures-per-second", type=float, default=None, metavar="RATE",
+                       help="how fast an address's failed-authentication budget refills (default 1)")
 
     run = sub.add_parser("run", help="run one batch file through the same machinery, without a server")
     _common(run)
@@ -123,7 +127,8 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
     if args.completion_window_seconds is not None:
         limits = replace(limits, completion_window_seconds=args.completion_window_seconds)
     http = settings.http
-    http_flags = {"header_timeout": "header_timeout_seconds", "body_idle_timeout": "body_idle_timeout_seconds"}
+    http_flags = {"header_timeout": "header_timeout_seconds", "body_idle_timeout": "body_idle_timeout_seconds",
+                  "auth_failure_burst": "auth_failure_burst", "auth_failures_per_second": "auth_failures_per_second"}
     for flag, name in http_flags.items():  # serve's flags only
         if getattr(args, flag, None) is not None:
             http = replace(http, **{name: getattr(args, flag)})

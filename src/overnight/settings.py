@@ -32,7 +32,7 @@ class Limits:
 @dataclass(frozen=True, slots=True)
 class HttpSettings:
     """What one client may cost the server before it is cut off: slow or oversized requests hold a
-    connection (and, for uploads, a temp file) only this long."""
+    connection (and, for uploads, a temp file) only this long, and wrong keys are throttled."""
 
     # From a connection's first byte (or its opening) to the end of a request's headers.
     header_timeout_seconds: float = 10.0
@@ -41,6 +41,12 @@ class HttpSettings:
     body_idle_timeout_seconds: float = 30.0
     # Request line plus headers; larger requests get 431 before the app sees them.
     max_header_bytes: int = 64 * 1024
+    # Failed authentications per client address (IPv6: per /64): a burst of this many, then
+    # `auth_failures_per_second`; over it, 429 before the key is checked. 0 turns it off.
+    auth_failure_burst: int = 20
+    auth_failures_per_second: float = 1.0
+    # How many addresses the throttle remembers at most (the one whose last failure is oldest goes first).
+    auth_failure_addresses: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)
