@@ -13,7 +13,19 @@ from typing import Any
 import openai
 import pytest
 
-from conftest import Server, Upstream, chat_line, jsonl, results_by_id, run_batch, upload, wait_terminal
+from conftest import (
+    Server,
+    Upstream,
+    chat_line,
+    jsonl,
+    results_by_id,
+    run_batch,
+    serve_refused,
+    upload,
+    wait_terminal,
+)
+from overnight.cli import _parser, settings_from
+from overnight.settings import HttpSettings
 
 
 def test_generated_key_is_printed_once_and_stored_hashed(tmp_path: Path, upstream: Upstream) -> None:
@@ -141,3 +153,20 @@ def test_api_only_server_with_a_separate_worker(make_server: Any, upstream: Upst
     finally:
         worker.terminate()
         worker.wait(30)
+
+
+def test_http_limits_from_flags_and_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "http.toml"
+    config.write_text("[http]\nheader_timeout_seconds = 3\nmax_header_bytes = 8192\nauth_failure_burst = 0\n"
+                      "auth_failure_addresses = 500\n")
+    args = _parser().parse_args(["serve", "--config", str(config), "--body-idle-timeout", "2.5",
+                                 "--auth-failures-per-second", "4"])
+    assert settings_from(args, {}).http == HttpSettings(
+        header_timeout_seconds=3, body_idle_timeout_seconds=2.5, max_header_bytes=8192, auth_failure_burst=0,
+        auth_failures_per_second=4, auth_failure_addresses=500,
+    )
+    assert settings_from(_parser().parse_args(["serve"]), {}).http == HttpSettings()
+    stderr = serve_refused("--data-dir", str(tmp_path / "data"), "--no-embedded", "--header-timeout", "0")
+    assert "header_timeout_seconds and body_idle_timeout_seconds must be above 0" in stderr
+    stderr = serve_refused("--data-dir", str(tmp_path / "data"), "--no-embedded", "--api-key", "k" * 1025)
+    assert "longer than 1024 characters" in stderr

@@ -85,6 +85,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-worker", action="store_true", help="serve the API only (run `overnight worker` apart)")
     serve.add_argument("--workers", type=int, default=None,
                        help="worker processes beside the API (default 1; 0 runs the worker in the API process)")
+    serve.add_argument("--header-timeout", type=float, default=None, metavar="SECONDS",
+                       help="close connections whose request headers take longer than this (default 10)")
+    serve.add_argument("--body-idle-timeout", type=float, default=None, metavar="SECONDS",
+                       help="answer 408 to a request whose body pauses longer than this (default 30)")
+    serve.add_argument("--auth-failure-burst", type=int, default=None, metavar="N",
+                       help="failed authentications per client address before 429 (default 20; 0: no limit)")
+    serve.add_argument("--auth-failures-per-second", type=float, default=None, metavar="RATE",
+                       help="how fast an address's failed-authentication budget refills (default 1)")
 
     run = sub.add_parser("run", help="run one batch file through the same machinery, without a server")
     _common(run)
@@ -123,6 +131,12 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         limits = replace(limits, shard_max_lines=args.shard_lines)
     if args.completion_window_seconds is not None:
         limits = replace(limits, completion_window_seconds=args.completion_window_seconds)
+    http = settings.http
+    http_flags = {"header_timeout": "header_timeout_seconds", "body_idle_timeout": "body_idle_timeout_seconds",
+                  "auth_failure_burst": "auth_failure_burst", "auth_failures_per_second": "auth_failures_per_second"}
+    for flag, name in http_flags.items():  # serve's flags only
+        if getattr(args, flag, None) is not None:
+            http = replace(http, **{name: getattr(args, flag)})
     embedded = settings.embedded
     if args.gemma or args.accept_gemma_terms:
         embedded = replace(embedded, gemma=embedded.gemma or args.gemma,
@@ -143,6 +157,7 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         embedded=embedded,
         worker=worker,
         limits=limits,
+        http=http,
         run_worker=not getattr(args, "no_worker", False),
         worker_processes=getattr(args, "workers", None) if getattr(args, "workers", None) is not None
         else settings.worker_processes,
@@ -233,15 +248,17 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     from overnight.api.app import create_app
+    from overnight.api.http_protocol import guarded_protocol
     from overnight.wiring import build
     from overnight.worker.processes import WorkerProcesses
 
     parts = build(settings, announce=lambda text: print(text, file=sys.stderr, flush=True))
+    idle = settings.http.body_idle_timeout_seconds
     if not settings.run_worker:
-        app = create_app(parts.services, on_shutdown=parts.close)
+        app = create_app(parts.services, on_shutdown=parts.close, body_idle_timeout=idle)
     elif settings.worker_processes == 0:
         app = create_app(parts.services, on_startup=parts.start_engines, background=parts.worker.run,
-                         on_shutdown=parts.close)
+                         on_shutdown=parts.close, body_idle_timeout=idle)
     else:
         workers = WorkerProcesses(settings, settings.worker_processes)
         parts.services.batches.on_change = workers.notify
@@ -255,9 +272,11 @@ def serve(settings: Settings) -> None:
             await parts.close()
 
         app = create_app(parts.services, on_startup=start_workers, background=workers.supervise,
-                         on_shutdown=stop_workers)
+                         on_shutdown=stop_workers, body_idle_timeout=idle)
     log.info("serving on http://%s:%s/v1 (data in %s)", settings.host, settings.port, settings.data_dir)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+    # The protocol bounds the time and size of request headers, which uvicorn does not.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
+                http=guarded_protocol(settings.http))
 
 
 async def run_file(

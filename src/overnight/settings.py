@@ -30,6 +30,26 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpSettings:
+    """What one client may cost the server before it is cut off: slow or oversized requests hold a
+    connection (and, for uploads, a temp file) only this long, and wrong keys are throttled."""
+
+    # From a connection's first byte (or its opening) to the end of a request's headers.
+    header_timeout_seconds: float = 10.0
+    # The longest pause between two pieces of a request body; an upload that stalls longer is
+    # dropped (its temp file removed) and answered 408.
+    body_idle_timeout_seconds: float = 30.0
+    # Request line plus headers; larger requests get 431 before the app sees them.
+    max_header_bytes: int = 64 * 1024
+    # Failed authentications per client address (IPv6: per /64): a burst of this many, then
+    # `auth_failures_per_second`; over it, 429 before the key is checked. 0 turns it off.
+    auth_failure_burst: int = 20
+    auth_failures_per_second: float = 1.0
+    # How many addresses the throttle remembers at most (the one whose last failure is oldest goes first).
+    auth_failure_addresses: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerSettings:
     # A killed worker's shards are taken over this long after its last heartbeat (one a second).
     lease_seconds: float = 15.0
@@ -106,6 +126,7 @@ class Settings:
     # Lines whose model matches no route run on the embedded default model (issue: zero-config).
     fallback_to_default: bool = True
     limits: Limits = field(default_factory=Limits)
+    http: HttpSettings = field(default_factory=HttpSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     embedded: EmbeddedSettings = field(default_factory=EmbeddedSettings)
     run_worker: bool = True
@@ -140,6 +161,8 @@ def load_config_file(path: Path, base: Settings) -> Settings:
     changes: dict[str, object] = {"upstreams": tuple(upstreams), "aliases": aliases}
     if "limits" in raw:
         changes["limits"] = replace(base.limits, **raw["limits"])
+    if "http" in raw:
+        changes["http"] = replace(base.http, **raw["http"])
     if "worker" in raw:
         changes["worker"] = replace(base.worker, **raw["worker"])
     if "embedded" in raw:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from overnight import constants as C
-from overnight.api.auth import Authenticator, hash_key, owner_of
+from overnight.api.auth import MAX_KEY_CHARS, Authenticator, hash_key, owner_of
+from overnight.api.auth_throttle import AuthFailureThrottle
 from overnight.api.rate_limit import RateLimiter
 from overnight.api.services import Services
 from overnight.batches.file_service import FileService
@@ -21,7 +22,7 @@ from overnight.engines.router import Route, Router
 from overnight.engines.upstream import UpstreamEngine
 from overnight.files.local import LocalFileStore
 from overnight.files.private import make_private_dirs
-from overnight.settings import Settings
+from overnight.settings import HttpSettings, Settings
 from overnight.store.metadata import MetadataStore
 from overnight.worker.worker import Worker
 
@@ -141,6 +142,9 @@ def load_authenticator(
 ) -> Authenticator:
     """Configured keys, plus keys created earlier. With none at all and someone to tell (`announce`),
     create one and print it once."""
+    if any(len(key) > MAX_KEY_CHARS for key in (*settings.api_keys, *settings.admin_keys)):
+        raise ConfigurationError(f"A configured API key is longer than {MAX_KEY_CHARS} characters, more than the "
+                                 "server accepts from a client; use a shorter one.")
     hashes = store.stored_key_hashes()
     for key in settings.api_keys:
         h = hash_key(key)
@@ -160,8 +164,21 @@ def load_authenticator(
     return Authenticator(hashes)
 
 
+def check_http_settings(http: HttpSettings) -> None:
+    """Values that cannot work: timeouts that cut off every request, a header limit no client fits in,
+    negative budgets."""
+    if http.header_timeout_seconds <= 0 or http.body_idle_timeout_seconds <= 0:
+        raise ConfigurationError("header_timeout_seconds and body_idle_timeout_seconds must be above 0.")
+    if http.max_header_bytes < 4096:
+        raise ConfigurationError("max_header_bytes must be at least 4096; ordinary requests need that much.")
+    if http.auth_failure_burst < 0 or http.auth_failures_per_second < 0 or http.auth_failure_addresses < 1:
+        raise ConfigurationError("auth_failure_burst and auth_failures_per_second cannot be negative, and "
+                                 "auth_failure_addresses must be at least 1.")
+
+
 def build(settings: Settings, announce: Callable[[str], None] | None = print) -> Components:
     """Wire everything. `announce` shows a newly created API key; None (worker, cleanup) creates none."""
+    check_http_settings(settings.http)
     make_private_dirs(settings.data_dir)
     store = MetadataStore(settings.resolved_database_url)
     store.migrate()
@@ -177,5 +194,9 @@ def build(settings: Settings, announce: Callable[[str], None] | None = print) ->
         router=router,
         limits=settings.limits,
         rate_limiter=RateLimiter(settings.limits.requests_per_minute),
+        auth_throttle=AuthFailureThrottle(
+            settings.http.auth_failure_burst, settings.http.auth_failures_per_second,
+            settings.http.auth_failure_addresses,
+        ),
     )
     return Components(settings, store, files, router, worker, services)

@@ -10,9 +10,11 @@ from fastapi import FastAPI
 
 from overnight import __version__
 from overnight.api import routes_batches, routes_files, routes_misc
+from overnight.api.body_timeout import BodyIdleTimeoutMiddleware
 from overnight.api.errors import BodySizeLimitMiddleware, RequestIdMiddleware, install_error_handlers
 from overnight.api.services import Services
 from overnight.runtime import freeze_startup_objects
+from overnight.settings import HttpSettings
 
 
 def create_app(
@@ -20,6 +22,7 @@ def create_app(
     on_startup: Callable[[], Awaitable[None]] | None = None,
     background: Callable[[asyncio.Event], Awaitable[None]] | None = None,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
+    body_idle_timeout: float = HttpSettings().body_idle_timeout_seconds,
 ) -> FastAPI:
     """`background(stop)` runs for the app's lifetime (the in-process worker)."""
 
@@ -50,6 +53,7 @@ def create_app(
     app.state.services = services
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=services.limits.max_json_body_bytes)
+    app.add_middleware(BodyIdleTimeoutMiddleware, idle_seconds=body_idle_timeout)
     app.add_middleware(RequestIdMiddleware)  # outermost: every response, 413s included, gets an id
     app.include_router(routes_files.router)
     app.include_router(routes_batches.router)

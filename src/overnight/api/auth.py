@@ -1,7 +1,9 @@
 """API keys: only their sha256 is kept. Each key is its own tenant (owner). An admin key reads every
 owner's files and batches (list, retrieve, download) and may cancel any batch (an operator must be
 able to stop runaway work), but creates batches only from its own files and deletes only its own
-files. Objects out of reach answer 404, never 403, so existence does not leak."""
+files. Objects out of reach answer 404, never 403, so existence does not leak.
+Keys longer than `MAX_KEY_CHARS` are refused without hashing them: no configured key is that long,
+and hashing whatever a client sends would let it choose how much work each request costs."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from overnight.batches.errors import OvernightError
+
+MAX_KEY_CHARS = 1024
 
 
 class Unauthorized(OvernightError):
@@ -43,21 +47,27 @@ class Authenticator:
         self._hashes = hashes  # sha256 hex -> (owner, is_admin)
 
     def authenticate(self, authorization: str | None) -> Principal:
-        scheme, _, key = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
+        scheme, _, given = (authorization or "").partition(" ")
+        key = given.strip()
+        if scheme.lower() != "bearer" or not key:
             raise Unauthorized(
                 "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' "
                 "(the OpenAI SDK does this when you pass api_key=...).",
                 code="invalid_api_key",
             )
-        digest = hash_key(key.strip())
+        if len(key) > MAX_KEY_CHARS:
+            raise Unauthorized(
+                f"The API key provided is longer than {MAX_KEY_CHARS} characters; no key this server accepts is.",
+                code="invalid_api_key",
+            )
+        digest = hash_key(key)
         match = None
         for known, entry in self._hashes.items():  # constant-time compare against every key
             if hmac.compare_digest(known, digest):
                 match = entry
         if match is None:
             raise Unauthorized(
-                f"Incorrect API key provided: {_mask(key.strip())}. Use a key configured with --api-key or "
+                f"Incorrect API key provided: {_mask(key)}. Use a key configured with --api-key or "
                 "OVERNIGHT_API_KEYS, or the one printed when the server first started.",
                 code="invalid_api_key",
             )
@@ -69,10 +79,17 @@ def _mask(key: str) -> str:
 
 
 async def principal(request: Request) -> Principal:
-    """FastAPI dependency: the caller, or a 401 (unknown key) / 429 (over its rate) in the OpenAI envelope.
+    """FastAPI dependency: the caller, or a 401 (unknown key) / 429 (over its rate, or its address
+    over its budget of failed attempts) in the OpenAI envelope.
     `async` although it never waits: it runs on the event loop, not in the thread pool, which
-    saves a thread hop per request and keeps the rate limiter's buckets single-threaded."""
+    saves a thread hop per request and keeps the limiters' buckets single-threaded."""
     services = request.app.state.services
-    caller = services.auth.authenticate(request.headers.get("authorization"))
+    address = request.client.host if request.client is not None else ""
+    services.auth_throttle.check(address)
+    try:
+        caller: Principal = services.auth.authenticate(request.headers.get("authorization"))
+    except Unauthorized:
+        services.auth_throttle.failed(address)
+        raise
     services.rate_limiter.check(caller.owner)
     return caller

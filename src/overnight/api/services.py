@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from overnight.api.auth import Authenticator
+from overnight.api.auth_throttle import AuthFailureThrottle
 from overnight.api.rate_limit import RateLimiter
 from overnight.batches.file_service import FileService
 from overnight.batches.service import BatchService
@@ -21,6 +22,7 @@ class Services:
     router: Router
     limits: Limits
     rate_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0))
+    auth_throttle: AuthFailureThrottle = field(default_factory=lambda: AuthFailureThrottle(0, 0.0, 1))
     ready: bool = False
     # Whether the worker processes beside this API can claim work (always, when there are none).
     workers_ready: Callable[[], bool] = lambda: True
