@@ -159,9 +159,12 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         limits=limits,
         http=http,
         run_worker=not getattr(args, "no_worker", False),
-        worker_processes=getattr(args, "workers", None) if getattr(args, "workers", None) is not None
-        else settings.worker_processes,
+        worker_processes=_int_or(getattr(args, "workers", None), settings.worker_processes),
     )
+
+
+def _int_or(value: int | None, default: int) -> int:
+    return value if value is not None else default
 
 
 def entry() -> None:

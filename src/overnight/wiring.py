@@ -53,8 +53,8 @@ def build_router(settings: Settings) -> Router:
     for upstream in settings.upstreams:
         if upstream.ca_file is not None:
             _check_ca_file(upstream.ca_file)
-        engine = UpstreamEngine(upstream)
-        routes.extend(Route(pattern, engine) for pattern in upstream.models)
+        upstream_engine = UpstreamEngine(upstream)
+        routes.extend(Route(pattern, upstream_engine) for pattern in upstream.models)
     defaults: dict[str, Engine] = {}
     if settings.embedded.enabled:
         defaults = embedded_engines(settings)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -20,7 +21,7 @@ from overnight.settings import HttpSettings
 def create_app(
     services: Services,
     on_startup: Callable[[], Awaitable[None]] | None = None,
-    background: Callable[[asyncio.Event], Awaitable[None]] | None = None,
+    background: Callable[[asyncio.Event], Coroutine[Any, Any, None]] | None = None,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
     body_idle_timeout: float = HttpSettings().body_idle_timeout_seconds,
 ) -> FastAPI:

@@ -19,7 +19,8 @@ Caller = Annotated[Principal, Depends(principal)]
 
 
 def _services(request: Request) -> Services:
-    return request.app.state.services
+    services: Services = request.app.state.services
+    return services
 
 
 @router.post("", response_model=Batch, summary="Create a batch")

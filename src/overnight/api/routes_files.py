@@ -47,7 +47,8 @@ _UPLOAD_BODY = {
 
 
 def _services(request: Request) -> Services:
-    return request.app.state.services
+    services: Services = request.app.state.services
+    return services
 
 
 @router.post("", response_model=FileObject, openapi_extra=_UPLOAD_BODY, summary="Upload a file")

@@ -51,8 +51,7 @@ def finalize_batch(task: BatchTask, files: FileStore, store: MetadataStore, now:
                     err.write(error_line(ident, custom_id, code, message) + b"\n")
                     failed += 1
         out_size, err_size = out.bytes_written, err.bytes_written
-    output = _sized(out_record, out_size)
-    error = _sized(err_record, err_size)
+    output, error = _sized(out_record, out_size), _sized(err_record, err_size)
     for record, size in ((out_record, out_size), (err_record, err_size)):
         if not size:
             files.delete(record.storage_key)  # OpenAI leaves the id null rather than an empty file
@@ -60,9 +59,9 @@ def finalize_batch(task: BatchTask, files: FileStore, store: MetadataStore, now:
         batch.id, task.lease_token, task.final_status, output, error, completed, failed, now
     )
     if not published:
-        for record in (output, error):
-            if record is not None:
-                files.delete(record.storage_key)
+        for unpublished in (output, error):
+            if unpublished is not None:
+                files.delete(unpublished.storage_key)
         return False
     for shard in task.shards:
         if shard.result_key:

@@ -173,8 +173,9 @@ class MiniLMEmbeddingEngine:
         async with self._start_lock:
             if self._thread is not None:
                 return
-            self._tokenizer, self._bert = await asyncio.to_thread(self._load)
-            self.dimensions = self._bert.hidden
+            self._tokenizer, bert = await asyncio.to_thread(self._load)
+            self._bert = bert
+            self.dimensions = bert.hidden
             self._stopping = False
             self._thread = threading.Thread(target=self._run, name="overnight-embeddings", daemon=True)
             self._thread.start()
@@ -275,7 +276,8 @@ class MiniLMEmbeddingEngine:
                 self._cond.wait()
             if self._stopping:
                 return None
-            jobs, n = [], 0
+            jobs: list[_Job] = []
+            n = 0
             while self._queue and (not jobs or n + len(self._queue[0].items) <= self.max_batch):
                 job = self._queue.popleft()
                 jobs.append(job)

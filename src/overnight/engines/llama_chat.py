@@ -62,7 +62,7 @@ N_UBATCH = 512
 _LLAMA_LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level: 3 WARN, 4 ERROR
 
 
-@llama_cpp.llama_log_callback
+@llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]  # a ctypes CFUNCTYPE
 def _llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     """Route llama.cpp's own messages to Python logging: warnings and errors only, the load chatter
     (hundreds of INFO lines per model) would drown the server log."""
@@ -703,7 +703,7 @@ class LlamaChatEngine:
         """Max prompt + completion tokens of one request (after start)."""
         if self._native is None:
             raise RuntimeError("the engine is not started")
-        return self._native.window
+        return int(self._native.window)
 
     async def start(self) -> None:
         async with self._start_lock:
@@ -812,7 +812,7 @@ class LlamaChatEngine:
         requested = _requested_max_tokens(body, chat)
         window = native.window
         if requested is None:  # OpenAI chat default: up to the context length
-            requested = window - n_prompt
+            requested = int(window - n_prompt)
             if requested >= 1:
                 return requested
         if requested < 1 or n_prompt + requested > window:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import orjson
 from sqlalchemy import (
+    BindParameter,
     Boolean,
     Connection,
     Engine,
@@ -127,7 +128,7 @@ def _owned(table: Any, owner: str | None) -> Any:
 # of CPU with the statement built per call, 0.14 ms prebuilt. Parameters are bound at execution.
 
 _b, _s, _f = T.batches, T.shards, T.files
-_NOW = bindparam("p_now")
+_NOW: BindParameter[float] = bindparam("p_now")
 
 
 def _claim_batch_task_statement() -> Any:
@@ -493,7 +494,7 @@ class MetadataStore:
             # Whatever has not committed by now never will: its lines are reported, not run.
             conn.execute(_SKIP_OPEN_SHARDS, {"p_batch": batch.id})
             shards = conn.execute(_SETTLED_SHARDS, {"p_batch": batch.id}).all()
-        settled = [SettledShard(*r) for r in shards]
+        settled = [SettledShard(**r._mapping) for r in shards]
         final = {C.FINALIZING: C.COMPLETED, C.CANCELLING: C.CANCELLED}.get(batch.status, C.EXPIRED)
         if final == C.COMPLETED and any(shard.expired for shard in settled):
             final = C.EXPIRED  # the window closed before every line ran: OpenAI's `expired`

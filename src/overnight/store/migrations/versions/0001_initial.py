@@ -15,7 +15,7 @@ depends_on = None
 AutoId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
-def _counter(name: str) -> sa.Column:
+def _counter(name: str) -> sa.Column[int]:
     return sa.Column(name, sa.BigInteger, nullable=False)
 
 
