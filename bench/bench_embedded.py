@@ -147,7 +147,7 @@ def batch_run(requests: list[EngineRequest], threads: int, n_seq_max: int, workd
         try:
             start = time.perf_counter()
             file_id = parts.services.files.new_upload_id()
-            with parts.files.writer(parts.services.files.storage_key(file_id)) as out:
+            with parts.core.files.writer(parts.services.files.storage_key(file_id)) as out:
                 out.write(data)
             parts.services.files.register_upload("bench", file_id, "in.jsonl", "batch", len(data), data, None)
             batch = parts.services.batches.create("bench", file_id, "/v1/chat/completions", "24h")
@@ -155,7 +155,7 @@ def batch_run(requests: list[EngineRequest], threads: int, n_seq_max: int, workd
             while (record := parts.services.batches.get(None, batch.id)).status not in TERMINAL_STATES:
                 await asyncio.sleep(0.1)
             output = parts.services.files.get(None, record.output_file_id or "")
-            lines = b"".join(parts.files.iter_chunks(output.storage_key)).splitlines()
+            lines = b"".join(parts.core.files.iter_chunks(output.storage_key)).splitlines()
             elapsed = time.perf_counter() - start
         finally:
             stop.set()

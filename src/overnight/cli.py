@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import traceback
 from dataclasses import replace
 from pathlib import Path
@@ -220,10 +221,14 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> None:
 
         asyncio.run(run_worker(settings))
     elif args.command == "cleanup":
-        from overnight.wiring import build
+        from overnight.batches.housekeeping import collect_garbage
+        from overnight.wiring import build_core
 
-        parts = build(settings, announce=None)
-        removed = parts.worker.collect_garbage(orphan_age=args.orphan_age_seconds)
+        core = build_core(settings)  # no engines, no worker, no authenticator: only what cleanup reads
+        try:
+            removed = collect_garbage(core.store.housekeeping, core.files, time.time(), args.orphan_age_seconds)
+        finally:
+            core.close()
         print(f"removed {removed} objects", file=sys.stderr)
     else:
         # Without a data dir chosen, the run keeps nothing: it works in a scratch directory.
@@ -308,7 +313,7 @@ async def run_file(
         owner = "local"
         file_id = parts.services.files.new_upload_id()
         key = parts.services.files.storage_key(file_id)
-        with parts.files.writer(key) as out, input_path.open("rb") as src:
+        with parts.core.files.writer(key) as out, input_path.open("rb") as src:
             head = src.read(1024 * 1024)
             out.write(head)
             while chunk := src.read(1024 * 1024):
@@ -354,7 +359,7 @@ def _write_results(parts: Components, record: BatchRecord, output_path: Path, er
             fh = opened.get(path) or opened.setdefault(path, path.open("wb"))
             if file_id:
                 stored = parts.services.files.get(None, file_id)
-                for chunk in parts.files.iter_chunks(stored.storage_key):
+                for chunk in parts.core.files.iter_chunks(stored.storage_key):
                     fh.write(chunk)
     finally:
         for fh in opened.values():

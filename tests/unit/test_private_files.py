@@ -13,8 +13,8 @@ import pytest
 
 from overnight.files.local import LocalFileStore
 from overnight.files.private import tighten_data_dir
-from overnight.store.metadata import MetadataStore
 from overnight.store.records import FileRecord
+from overnight.store.sql import SqlStore
 
 
 def _mode(path: Path) -> int:
@@ -44,9 +44,9 @@ def test_local_store_objects_are_private(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("loose_umask")
 def test_sqlite_files_are_private(tmp_path: Path) -> None:
-    store = MetadataStore(f"sqlite:///{tmp_path / 'overnight.db'}")
+    store = SqlStore(f"sqlite:///{tmp_path / 'overnight.db'}")
     store.migrate()
-    store.insert_file(FileRecord("file-a", "owner", "batch", "a.jsonl", 1, 0, None, "files/file-a"))
+    store.files.insert_file(FileRecord("file-a", "owner", "batch", "a.jsonl", 1, 0, None, "files/file-a"))
     try:
         for name in ("overnight.db", "overnight.db-wal", "overnight.db-shm"):
             assert _mode(tmp_path / name) == 0o600, name

@@ -17,9 +17,9 @@ from overnight.batches.finalize import finalize_batch
 from overnight.engines.port import EngineRequest, EngineResponse
 from overnight.engines.router import Route, Router
 from overnight.files.memory import MemoryFileStore
-from overnight.store.metadata import MetadataStore
 from overnight.store.records import BatchRecord, FileRecord, ShardPlan
 from overnight.store.schema import shards
+from overnight.store.sql import SqlStore
 from overnight.worker.lanes import Lanes
 from overnight.worker.shard_runner import ShardRunner, ShardState
 
@@ -57,8 +57,8 @@ class ScriptedEngine:
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> tuple[MetadataStore, MemoryFileStore]:
-    store = MetadataStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
+def setup(tmp_path: Path) -> tuple[SqlStore, MemoryFileStore]:
+    store = SqlStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
     store.migrate()
     files = MemoryFileStore()
     data = b"".join(
@@ -68,19 +68,19 @@ def setup(tmp_path: Path) -> tuple[MetadataStore, MemoryFileStore]:
     )
     with files.writer("files/in") as out:
         out.write(data)
-    store.insert_file(FileRecord("file-in", "o", "batch", "in", len(data), int(NOW), None, "files/in"))
-    store.insert_batch(BatchRecord("batch_x", "o", C.CHAT_COMPLETIONS, "file-in", "24h", C.VALIDATING, int(NOW),
+    store.files.insert_file(FileRecord("file-in", "o", "batch", "in", len(data), int(NOW), None, "files/in"))
+    store.batches.insert_batch(BatchRecord("batch_x", "o", C.CHAT_COMPLETIONS, "file-in", "24h", C.VALIDATING, int(NOW),
                                    int(NOW) + 86400))
-    assert store.claim_batch_task(NOW, 30, "v") is not None
-    store.start_batch("batch_x", "v", [ShardPlan(0, 0, LINES, 0, len(data))], LINES, int(NOW))
+    assert store.queue.claim_batch_task(NOW, 30, "v") is not None
+    store.queue.start_batch("batch_x", "v", [ShardPlan(0, 0, LINES, 0, len(data))], LINES, int(NOW))
     return store, files
 
 
-def _results(store: MetadataStore, files: MemoryFileStore) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _results(store: SqlStore, files: MemoryFileStore) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The committed results object's output section and error section, parsed."""
     keys = [k for k in files.blobs if k.startswith("results/")]
     assert len(keys) == 1
-    with store.engine.connect() as conn:
+    with store.db.engine.connect() as conn:
         output_bytes = conn.execute(select(shards.c.result_output_bytes)).scalar_one()
     blob = files.blobs[keys[0]][0]
     return (
@@ -111,11 +111,11 @@ def _raise_after(answers: int, flag: str) -> Any:
     return script
 
 
-def _run(store: MetadataStore, files: MemoryFileStore, engine: ScriptedEngine, script: Any) -> Any:
+def _run(store: SqlStore, files: MemoryFileStore, engine: ScriptedEngine, script: Any) -> Any:
     async def scenario() -> Any:
         lanes = Lanes()
-        runner = ShardRunner(store, files, Router([Route("*", engine)]), lanes, clock=lambda: NOW)
-        claim = store.claim_shard(NOW, 30, "lease")
+        runner = ShardRunner(store.queue, files, Router([Route("*", engine)]), lanes, clock=lambda: NOW)
+        claim = store.queue.claim_shard(NOW, 30, "lease")
         assert claim is not None
         state = ShardState()
         task = asyncio.create_task(runner.run(claim, state))
@@ -138,7 +138,7 @@ def test_cancel_mid_shard_reports_unsent_lines_as_cancelled(setup: Any) -> None:
     assert [obj["custom_id"] for obj in ran + cancelled] == [f"c{i}" for i in range(LINES)]
     assert 6 <= len(ran) <= 6 + ScriptedEngine.max_in_flight  # finished, plus those already in flight
     assert all(obj["error"]["code"] == C.BATCH_CANCELLED for obj in cancelled)
-    batch = store.get_batch(None, "batch_x")
+    batch = store.batches.get_batch(None, "batch_x")
     assert batch is not None and (batch.request_completed, batch.request_failed) == (len(ran), len(cancelled))
 
 
@@ -147,7 +147,7 @@ def test_a_shard_whose_lease_was_lost_is_not_committed(setup: Any) -> None:
 
     assert _run(store, files, ScriptedEngine(), _raise_after(3, "lease_lost")) == "lost"
     assert not [k for k in files.blobs if k.startswith("results/")]
-    batch = store.get_batch(None, "batch_x")
+    batch = store.batches.get_batch(None, "batch_x")
     assert batch is not None and batch.request_completed == 0 and batch.status == C.IN_PROGRESS
 
 
@@ -165,30 +165,30 @@ def test_a_line_that_raises_is_that_lines_error_and_the_shard_still_commits(setu
     assert len(failed) == 1 and failed[0]["error"]["code"] == C.ENGINE_ERROR
     assert "RuntimeError: engine bug" in failed[0]["error"]["message"]
     assert sorted(obj["custom_id"] for obj in ran + failed) == sorted(f"c{i}" for i in range(LINES))
-    batch = store.get_batch(None, "batch_x")
+    batch = store.batches.get_batch(None, "batch_x")
     assert batch is not None and (batch.request_completed, batch.request_failed) == (LINES - 1, 1)
 
 
 def test_a_shard_that_fails_the_same_way_twice_is_settled_and_its_lines_reported(setup: Any) -> None:
     store, files = setup
-    first = store.claim_shard(NOW, 30, "t1")
+    first = store.queue.claim_shard(NOW, 30, "t1")
     assert first is not None and first.last_error is None
-    assert store.fail_shard(first.shard_id, "t1", "batch_x", "OSError: disk on fire", False, int(NOW)) == "retry"
-    second = store.claim_shard(NOW, 30, "t2")  # at once, not after the lease runs out
+    assert store.queue.fail_shard(first.shard_id, "t1", "batch_x", "OSError: disk on fire", False, int(NOW)) == "retry"
+    second = store.queue.claim_shard(NOW, 30, "t2")  # at once, not after the lease runs out
     assert second is not None and second.last_error == "OSError: disk on fire"
     # a failure that is fenced by the lease: a stale holder cannot settle it
-    assert store.fail_shard(second.shard_id, "t1", "batch_x", "OSError: disk on fire", False, int(NOW)) == "lost"
-    outcome = store.fail_shard(second.shard_id, "t2", "batch_x", "OSError: disk on fire", False, int(NOW))
+    assert store.queue.fail_shard(second.shard_id, "t1", "batch_x", "OSError: disk on fire", False, int(NOW)) == "lost"
+    outcome = store.queue.fail_shard(second.shard_id, "t2", "batch_x", "OSError: disk on fire", False, int(NOW))
     assert outcome == "batch_ready"
-    assert store.claim_shard(NOW, 30, "t3") is None
+    assert store.queue.claim_shard(NOW, 30, "t3") is None
 
-    task = store.claim_batch_task(NOW, 30, "f")
+    task = store.queue.claim_batch_task(NOW, 30, "f")
     assert task is not None and task.final_status == C.COMPLETED
-    assert finalize_batch(task, files, store, int(NOW))
-    batch = store.get_batch(None, "batch_x")
+    assert finalize_batch(task, files, store.queue, int(NOW))
+    batch = store.batches.get_batch(None, "batch_x")
     assert batch is not None and batch.status == C.COMPLETED and batch.request_failed == LINES
     assert batch.error_file_id is not None and batch.output_file_id is None
-    record = store.get_file(None, batch.error_file_id, int(NOW))
+    record = store.files.get_file(None, batch.error_file_id, int(NOW))
     assert record is not None
     lines = [orjson.loads(line) for line in files.blobs[record.storage_key][0].splitlines()]
     assert [obj["custom_id"] for obj in lines] == [f"c{i}" for i in range(LINES)]
@@ -198,12 +198,12 @@ def test_a_shard_that_fails_the_same_way_twice_is_settled_and_its_lines_reported
 
 def test_a_different_failure_is_retried_and_attempts_are_capped(setup: Any) -> None:
     store, _files = setup
-    claim = store.claim_shard(NOW, 30, "t1")
+    claim = store.queue.claim_shard(NOW, 30, "t1")
     assert claim is not None
-    assert store.fail_shard(claim.shard_id, "t1", "batch_x", "error A", False, int(NOW)) == "retry"
-    claim = store.claim_shard(NOW, 30, "t2")
+    assert store.queue.fail_shard(claim.shard_id, "t1", "batch_x", "error A", False, int(NOW)) == "retry"
+    claim = store.queue.claim_shard(NOW, 30, "t2")
     assert claim is not None
-    assert store.fail_shard(claim.shard_id, "t2", "batch_x", "error B", False, int(NOW)) == "retry"
-    claim = store.claim_shard(NOW, 30, "t3")
+    assert store.queue.fail_shard(claim.shard_id, "t2", "batch_x", "error B", False, int(NOW)) == "retry"
+    claim = store.queue.claim_shard(NOW, 30, "t3")
     assert claim is not None and claim.attempt == 3
-    assert store.fail_shard(claim.shard_id, "t3", "batch_x", "gave up", True, int(NOW)) == "batch_ready"
+    assert store.queue.fail_shard(claim.shard_id, "t3", "batch_x", "gave up", True, int(NOW)) == "batch_ready"

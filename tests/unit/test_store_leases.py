@@ -1,4 +1,4 @@
-"""MetadataStore claims and leases on a real SQLite file: a claim is exclusive, an expired lease
+"""SqlStore claims and leases on a real SQLite file: a claim is exclusive, an expired lease
 is claimed again, and a commit is fenced by the lease token."""
 
 from __future__ import annotations
@@ -11,128 +11,128 @@ from alembic.migration import MigrationContext
 
 from overnight import constants as C
 from overnight.store import schema
-from overnight.store.metadata import MetadataStore
 from overnight.store.records import BatchRecord, FileRecord, ShardPlan, ShardProgress, ShardResult
+from overnight.store.sql import SqlStore
 
 NOW = 1_000_000
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> MetadataStore:
-    s = MetadataStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
+def store(tmp_path: Path) -> SqlStore:
+    s = SqlStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
     s.migrate()
     return s
 
 
-def _batch_in_progress(store: MetadataStore, shards: int = 2, batch_id: str = "batch_a") -> None:
-    store.insert_file(FileRecord("file-in", "owner", "batch", "in.jsonl", 10, NOW, None, "files/file-in"))
-    store.insert_batch(BatchRecord(batch_id, "owner", C.CHAT_COMPLETIONS, "file-in", "24h", C.VALIDATING, NOW,
+def _batch_in_progress(store: SqlStore, shards: int = 2, batch_id: str = "batch_a") -> None:
+    store.files.insert_file(FileRecord("file-in", "owner", "batch", "in.jsonl", 10, NOW, None, "files/file-in"))
+    store.batches.insert_batch(BatchRecord(batch_id, "owner", C.CHAT_COMPLETIONS, "file-in", "24h", C.VALIDATING, NOW,
                                    NOW + 86400))
-    task = store.claim_batch_task(NOW, 30, "vtoken")
+    task = store.queue.claim_batch_task(NOW, 30, "vtoken")
     assert task is not None and task.kind == "validate"
     plans = [ShardPlan(i, i * 10, 10, i * 100, 100) for i in range(shards)]
-    assert store.start_batch(batch_id, "vtoken", plans, shards * 10, NOW)
+    assert store.queue.start_batch(batch_id, "vtoken", plans, shards * 10, NOW)
 
 
-def test_migrations_match_the_tables(store: MetadataStore) -> None:
-    with store.engine.connect() as conn:
+def test_migrations_match_the_tables(store: SqlStore) -> None:
+    with store.db.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), schema.metadata)
     assert diff == []
 
 
-def test_claim_is_exclusive_and_expired_lease_is_reclaimed(store: MetadataStore) -> None:
+def test_claim_is_exclusive_and_expired_lease_is_reclaimed(store: SqlStore) -> None:
     _batch_in_progress(store, shards=1)
-    first = store.claim_shard(NOW, 30, "t1")
+    first = store.queue.claim_shard(NOW, 30, "t1")
     assert first is not None and first.attempt == 1
-    assert store.claim_shard(NOW + 1, 30, "t2") is None  # held
-    again = store.claim_shard(NOW + 31, 30, "t3")  # lease expired: the worker died
+    assert store.queue.claim_shard(NOW + 1, 30, "t2") is None  # held
+    again = store.queue.claim_shard(NOW + 31, 30, "t3")  # lease expired: the worker died
     assert again is not None and again.shard_id == first.shard_id and again.attempt == 2
     # the old holder can no longer commit; the new one can
-    assert store.commit_shard(first.shard_id, "t1", "batch_a", ShardResult("r1", completed=10), NOW) == "lost"
-    outcome = store.commit_shard(again.shard_id, "t3", "batch_a", ShardResult("r3", completed=10), NOW)
+    assert store.queue.commit_shard(first.shard_id, "t1", "batch_a", ShardResult("r1", completed=10), NOW) == "lost"
+    outcome = store.queue.commit_shard(again.shard_id, "t3", "batch_a", ShardResult("r3", completed=10), NOW)
     assert outcome == "batch_ready"  # its last shard: the batch moves to finalizing
-    batch = store.get_batch(None, "batch_a")
+    batch = store.batches.get_batch(None, "batch_a")
     assert batch is not None and batch.request_completed == 10 and batch.status == C.FINALIZING
 
 
-def test_heartbeat_extends_and_reports_lost_and_stopped(store: MetadataStore) -> None:
+def test_heartbeat_extends_and_reports_lost_and_stopped(store: SqlStore) -> None:
     _batch_in_progress(store, shards=2)
-    a = store.claim_shard(NOW, 30, "ta")
-    b = store.claim_shard(NOW, 30, "tb")
+    a = store.queue.claim_shard(NOW, 30, "ta")
+    b = store.queue.claim_shard(NOW, 30, "tb")
     assert a and b
-    lost, stopped = store.heartbeat_shards(
+    lost, stopped = store.queue.heartbeat_shards(
         [ShardProgress(a.shard_id, "ta", completed=3, failed=1), ShardProgress(b.shard_id, "wrong")], NOW + 60
     )
     assert lost == {b.shard_id} and stopped == set()
-    live = store.get_batch("owner", "batch_a")
+    live = store.batches.get_batch("owner", "batch_a")
     assert live is not None and (live.request_completed, live.request_failed) == (3, 1)  # before any commit
-    assert store.claim_shard(NOW + 45, 30, "tx") is not None  # b's lease expired (not extended)
-    store.request_cancel("owner", "batch_a", NOW)
-    _, stopped = store.heartbeat_shards([ShardProgress(a.shard_id, "ta")], NOW + 60)
+    assert store.queue.claim_shard(NOW + 45, 30, "tx") is not None  # b's lease expired (not extended)
+    store.batches.request_cancel("owner", "batch_a", NOW)
+    _, stopped = store.queue.heartbeat_shards([ShardProgress(a.shard_id, "ta")], NOW + 60)
     assert stopped == {a.shard_id}
 
 
-def test_cancel_skips_pending_and_finalize_waits_for_live_shards(store: MetadataStore) -> None:
+def test_cancel_skips_pending_and_finalize_waits_for_live_shards(store: SqlStore) -> None:
     _batch_in_progress(store, shards=3)
-    running = store.claim_shard(NOW, 30, "tr")
+    running = store.queue.claim_shard(NOW, 30, "tr")
     assert running is not None
-    cancelled = store.request_cancel("owner", "batch_a", NOW)
+    cancelled = store.batches.request_cancel("owner", "batch_a", NOW)
     assert cancelled is not None and cancelled.status == C.CANCELLING
-    assert store.claim_shard(NOW, 30, "tz") is None  # nothing new starts
-    assert store.claim_batch_task(NOW + 1, 30, "f1") is None  # a shard is still running
+    assert store.queue.claim_shard(NOW, 30, "tz") is None  # nothing new starts
+    assert store.queue.claim_batch_task(NOW + 1, 30, "f1") is None  # a shard is still running
     result = ShardResult("r", completed=4, failed=6)
-    assert store.commit_shard(running.shard_id, "tr", "batch_a", result, NOW) == "committed"
-    task = store.claim_batch_task(NOW + 2, 30, "f2")
+    assert store.queue.commit_shard(running.shard_id, "tr", "batch_a", result, NOW) == "committed"
+    task = store.queue.claim_batch_task(NOW + 2, 30, "f2")
     assert task is not None and task.kind == "finalize" and task.final_status == C.CANCELLED
     assert [s.status for s in task.shards] == [C.SHARD_DONE, C.SHARD_SKIPPED, C.SHARD_SKIPPED]
-    assert not store.finish_batch("batch_a", "not-the-lease", C.CANCELLED, None, None, 4, 26, NOW)
-    assert store.finish_batch("batch_a", "f2", C.CANCELLED, None, None, 4, 26, NOW)
-    done = store.get_batch(None, "batch_a")
+    assert not store.queue.finish_batch("batch_a", "not-the-lease", C.CANCELLED, None, None, 4, 26, NOW)
+    assert store.queue.finish_batch("batch_a", "f2", C.CANCELLED, None, None, 4, 26, NOW)
+    done = store.batches.get_batch(None, "batch_a")
     assert done is not None and done.status == C.CANCELLED and done.request_failed == 26
 
 
-def test_expired_batch_is_finalized_as_expired(store: MetadataStore) -> None:
+def test_expired_batch_is_finalized_as_expired(store: SqlStore) -> None:
     _batch_in_progress(store, shards=2)
-    assert store.claim_shard(NOW + 86400, 30, "late") is None  # past the deadline nothing starts
-    task = store.claim_batch_task(NOW + 86400, 30, "fx")
+    assert store.queue.claim_shard(NOW + 86400, 30, "late") is None  # past the deadline nothing starts
+    task = store.queue.claim_batch_task(NOW + 86400, 30, "fx")
     assert task is not None and task.final_status == C.EXPIRED
 
 
-def test_round_robin_between_batches(store: MetadataStore) -> None:
+def test_round_robin_between_batches(store: SqlStore) -> None:
     _batch_in_progress(store, shards=3, batch_id="batch_a")
-    store.insert_batch(BatchRecord("batch_b", "owner", C.CHAT_COMPLETIONS, "file-in", "24h", C.VALIDATING, NOW,
+    store.batches.insert_batch(BatchRecord("batch_b", "owner", C.CHAT_COMPLETIONS, "file-in", "24h", C.VALIDATING, NOW,
                                    NOW + 86400))
-    task = store.claim_batch_task(NOW, 30, "vb")
+    task = store.queue.claim_batch_task(NOW, 30, "vb")
     assert task is not None
-    store.start_batch("batch_b", "vb", [ShardPlan(i, i * 10, 10, 0, 1) for i in range(3)], 30, NOW)
-    order = [store.claim_shard(NOW, 30, f"t{i}") for i in range(4)]
+    store.queue.start_batch("batch_b", "vb", [ShardPlan(i, i * 10, 10, 0, 1) for i in range(3)], 30, NOW)
+    order = [store.queue.claim_shard(NOW, 30, f"t{i}") for i in range(4)]
     assert [(c.batch_id, c.shard_index) for c in order if c] == [
         ("batch_a", 0), ("batch_b", 0), ("batch_a", 1), ("batch_b", 1)
     ]
 
 
-def test_deleted_file_bytes_wait_for_active_batches(store: MetadataStore) -> None:
+def test_deleted_file_bytes_wait_for_active_batches(store: SqlStore) -> None:
     _batch_in_progress(store, shards=1)
-    assert store.delete_file("owner", "file-in", NOW)
-    assert store.get_file("owner", "file-in", NOW) is None
-    assert store.collect_garbage(NOW) == []  # the running batch still reads it
-    shard = store.claim_shard(NOW, 30, "t")
+    assert store.files.delete_file("owner", "file-in", NOW)
+    assert store.files.get_file("owner", "file-in", NOW) is None
+    assert store.housekeeping.collect_garbage(NOW) == []  # the running batch still reads it
+    shard = store.queue.claim_shard(NOW, 30, "t")
     assert shard is not None
-    store.commit_shard(shard.shard_id, "t", "batch_a", ShardResult("r", completed=10), NOW)
-    task = store.claim_batch_task(NOW, 30, "f")
+    store.queue.commit_shard(shard.shard_id, "t", "batch_a", ShardResult("r", completed=10), NOW)
+    task = store.queue.claim_batch_task(NOW, 30, "f")
     assert task is not None
-    store.finish_batch("batch_a", "f", C.COMPLETED, None, None, 10, 0, NOW)
-    assert store.collect_garbage(NOW) == ["files/file-in"]
+    store.queue.finish_batch("batch_a", "f", C.COMPLETED, None, None, 10, 0, NOW)
+    assert store.housekeeping.collect_garbage(NOW) == ["files/file-in"]
 
 
-def test_results_of_a_finished_batch_are_not_live(store: MetadataStore) -> None:
+def test_results_of_a_finished_batch_are_not_live(store: SqlStore) -> None:
     _batch_in_progress(store, shards=1)
-    shard = store.claim_shard(NOW, 30, "t")
+    shard = store.queue.claim_shard(NOW, 30, "t")
     assert shard is not None
-    store.commit_shard(shard.shard_id, "t", "batch_a", ShardResult("results/batch_a/0.1.jsonl", completed=10), NOW)
-    assert store.live_storage_keys(["results/batch_a/0.1.jsonl"]) == {"results/batch_a/0.1.jsonl"}
-    task = store.claim_batch_task(NOW, 30, "f")
+    store.queue.commit_shard(shard.shard_id, "t", "batch_a", ShardResult("results/batch_a/0.1.jsonl", completed=10), NOW)
+    assert store.housekeeping.live_storage_keys(["results/batch_a/0.1.jsonl"]) == {"results/batch_a/0.1.jsonl"}
+    task = store.queue.claim_batch_task(NOW, 30, "f")
     assert task is not None
     # finalize published the files, then the process died before deleting the shard's results
-    store.finish_batch("batch_a", "f", C.COMPLETED, None, None, 10, 0, NOW)
-    assert store.live_storage_keys(["results/batch_a/0.1.jsonl", "files/file-in"]) == {"files/file-in"}
+    store.queue.finish_batch("batch_a", "f", C.COMPLETED, None, None, 10, 0, NOW)
+    assert store.housekeeping.live_storage_keys(["results/batch_a/0.1.jsonl", "files/file-in"]) == {"files/file-in"}

@@ -9,9 +9,10 @@ import orjson
 
 from overnight import constants as C
 from overnight.batches.errors import InvalidRequest, NotFound
+from overnight.batches.ports import FileCatalog
+from overnight.files.layout import file_key
 from overnight.files.port import FileStore
 from overnight.ids import new_file_id
-from overnight.store.metadata import MetadataStore
 from overnight.store.records import FileRecord
 
 # The shallow upload check reads at most this much of the file's first line.
@@ -19,8 +20,8 @@ HEAD_BYTES = 1024 * 1024
 
 
 class FileService:
-    def __init__(self, store: MetadataStore, files: FileStore, clock: Callable[[], float] = time.time) -> None:
-        self.store = store
+    def __init__(self, catalog: FileCatalog, files: FileStore, clock: Callable[[], float] = time.time) -> None:
+        self.catalog = catalog
         self.files = files
         self.clock = clock
 
@@ -29,7 +30,7 @@ class FileService:
 
     @staticmethod
     def storage_key(file_id: str) -> str:
-        return f"files/{file_id}"
+        return file_key(file_id)
 
     def register_upload(
         self,
@@ -58,14 +59,14 @@ class FileService:
         else:
             expires_at = None
         record = FileRecord(file_id, owner, purpose, _clean_filename(filename), size, now, expires_at, key)
-        self.store.insert_file(record)
+        self.catalog.insert_file(record)
         return record
 
     def new_upload_id(self) -> str:
         return new_file_id()
 
     def get(self, owner: str | None, file_id: str) -> FileRecord:
-        record = self.store.get_file(owner, file_id, self.now())
+        record = self.catalog.get_file(owner, file_id, self.now())
         if record is None:
             raise NotFound(f"No such File object: {file_id}", param="id")
         return record
@@ -77,13 +78,13 @@ class FileService:
             raise InvalidRequest("limit must be between 1 and 10000.", param="limit", code="invalid_value")
         if order not in ("asc", "desc"):
             raise InvalidRequest("order must be 'asc' or 'desc'.", param="order", code="invalid_value")
-        page = self.store.list_files(owner, purpose, after, limit, order, self.now())
+        page = self.catalog.list_files(owner, purpose, after, limit, order, self.now())
         if page is None:
             raise InvalidRequest(f"No file with id '{after}' to list after.", param="after", code="invalid_value")
         return page
 
     def delete(self, owner: str | None, file_id: str) -> None:
-        if not self.store.delete_file(owner, file_id, self.now()):
+        if not self.catalog.delete_file(owner, file_id, self.now()):
             raise NotFound(f"No such File object: {file_id}", param="id")
 
     def content(self, owner: str | None, file_id: str) -> tuple[FileRecord, Iterator[bytes]]:

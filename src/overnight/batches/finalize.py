@@ -12,17 +12,18 @@ import orjson
 
 from overnight import constants as C
 from overnight.batches.jsonl import iter_lines, split_requests
+from overnight.batches.ports import BatchPhases
 from overnight.batches.results import error_line
+from overnight.files.layout import file_key
 from overnight.files.port import BlobWriter, FileStore
 from overnight.ids import line_id, new_file_id
-from overnight.store.metadata import MetadataStore
 from overnight.store.records import BatchTask, FileRecord
 
 _UNLIMITED = 1 << 62
 _SKIPPED_CODE = {C.CANCELLED: C.BATCH_CANCELLED, C.EXPIRED: C.BATCH_EXPIRED}
 
 
-def finalize_batch(task: BatchTask, files: FileStore, store: MetadataStore, now: int) -> bool:
+def finalize_batch(task: BatchTask, files: FileStore, phases: BatchPhases, now: int) -> bool:
     """Write the output and error files and publish them. False if the lease was lost meanwhile."""
     batch = task.batch
     assert task.final_status is not None
@@ -55,7 +56,7 @@ def finalize_batch(task: BatchTask, files: FileStore, store: MetadataStore, now:
     for record, size in ((out_record, out_size), (err_record, err_size)):
         if not size:
             files.delete(record.storage_key)  # OpenAI leaves the id null rather than an empty file
-    published = store.finish_batch(
+    published = phases.finish_batch(
         batch.id, task.lease_token, task.final_status, output, error, completed, failed, now
     )
     if not published:
@@ -113,7 +114,7 @@ def _new_output_record(batch_id: str, owner: str, kind: str, ttl: int | None, no
         bytes=0,
         created_at=now,
         expires_at=now + (ttl or C.BATCH_FILE_DEFAULT_TTL),
-        storage_key=f"files/{file_id}",
+        storage_key=file_key(file_id),
     )
 
 

@@ -9,21 +9,23 @@ from typing import Any
 
 from overnight import constants as C
 from overnight.batches.errors import Conflict, InvalidRequest, NotFound
+from overnight.batches.ports import BatchCatalog, FileCatalog
 from overnight.ids import new_batch_id
-from overnight.store.metadata import MetadataStore
 from overnight.store.records import BatchRecord
 
 
 class BatchService:
     def __init__(
         self,
-        store: MetadataStore,
+        batches: BatchCatalog,
+        files: FileCatalog,
         endpoints: tuple[str, ...] = C.SUPPORTED_ENDPOINTS,
         window_seconds: int = C.COMPLETION_WINDOWS["24h"],
         clock: Callable[[], float] = time.time,
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
-        self.store = store
+        self.batches = batches
+        self.files = files
         self.endpoints = endpoints
         self.window_seconds = window_seconds
         self.clock = clock
@@ -53,7 +55,7 @@ class BatchService:
         check_metadata(metadata)
         output_ttl = check_output_expires_after(output_expires_after)
         now = int(self.clock())
-        input_file = self.store.get_file(owner, input_file_id, now)
+        input_file = self.files.get_file(owner, input_file_id, now)
         if input_file is None:
             raise NotFound(f"No such File object: {input_file_id}", param="input_file_id")
         if input_file.purpose != "batch":
@@ -74,12 +76,12 @@ class BatchService:
             metadata=metadata,
             output_expires_after=output_ttl,
         )
-        self.store.insert_batch(record)
+        self.batches.insert_batch(record)
         self.on_change()
         return record
 
     def get(self, owner: str | None, batch_id: str) -> BatchRecord:
-        record = self.store.get_batch(owner, batch_id)
+        record = self.batches.get_batch(owner, batch_id)
         if record is None:
             raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id")
         return record
@@ -87,13 +89,13 @@ class BatchService:
     def list(self, owner: str | None, after: str | None, limit: int) -> tuple[list[BatchRecord], bool]:
         if not 1 <= limit <= 100:
             raise InvalidRequest("limit must be between 1 and 100.", param="limit", code="invalid_value")
-        page = self.store.list_batches(owner, after, limit)
+        page = self.batches.list_batches(owner, after, limit)
         if page is None:
             raise InvalidRequest(f"No batch with id '{after}' to list after.", param="after", code="invalid_value")
         return page
 
     def cancel(self, owner: str | None, batch_id: str) -> BatchRecord:
-        record = self.store.request_cancel(owner, batch_id, int(self.clock()))
+        record = self.batches.request_cancel(owner, batch_id, int(self.clock()))
         if record is None:
             raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id")
         if record.status not in (C.CANCELLING, C.CANCELLED):

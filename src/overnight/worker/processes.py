@@ -116,10 +116,13 @@ async def run_worker(
     settings: Settings, wake: Connection | None = None, parent_pid: int | None = None, ready: Event | None = None
 ) -> None:
     """Run one worker until SIGTERM/SIGINT (or until the parent process is gone)."""
-    from overnight.wiring import build
+    from overnight.wiring import build_core, build_router, build_worker
 
-    parts = build(settings, announce=None)
-    await parts.start_engines()
+    core = build_core(settings)  # no authenticator, rate limiter or API services in a worker
+    router = build_router(settings)
+    worker = build_worker(core, router)
+    for engine in router.engines():
+        await engine.start()
     freeze_startup_objects()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -135,7 +138,7 @@ async def run_worker(
             loop.remove_reader(wake.fileno())
             stop.set()
             return
-        parts.worker.wake()
+        worker.wake()
 
     if wake is not None:
         loop.add_reader(wake.fileno(), drain)
@@ -149,10 +152,12 @@ async def run_worker(
     if ready is not None:
         ready.set()
     try:
-        await parts.worker.run(stop)
+        await worker.run(stop)
     finally:
         watcher.cancel()
-        await parts.close()
+        for engine in router.engines():
+            await engine.close()
+        core.close()
 
 
 def _die_with_parent() -> None:

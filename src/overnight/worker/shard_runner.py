@@ -20,11 +20,12 @@ from overnight.batches.request_line import parse_request_line, with_model
 from overnight.batches.results import error_line, response_line
 from overnight.engines.port import EngineRequest, EngineResponse
 from overnight.engines.router import Resolved, Router
+from overnight.files.layout import results_key
 from overnight.files.port import FileStore
 from overnight.ids import line_id_prefix, line_request_id_prefix
-from overnight.store.metadata import MetadataStore
 from overnight.store.records import ClaimedShard, ShardResult
 from overnight.worker.lanes import EngineLane, Lanes
+from overnight.worker.ports import WorkQueue
 
 log = logging.getLogger("overnight.worker")
 
@@ -42,13 +43,13 @@ class ShardState:
 class ShardRunner:
     def __init__(
         self,
-        store: MetadataStore,
+        queue: WorkQueue,
         files: FileStore,
         router: Router,
         lanes: Lanes,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.store = store
+        self.queue = queue
         self.files = files
         self.router = router
         self.lanes = lanes
@@ -80,7 +81,7 @@ class ShardRunner:
             return "lost"
         await asyncio.to_thread(self._write_results, run)
         outcome = await asyncio.to_thread(
-            self.store.commit_shard, claim.shard_id, claim.lease_token, claim.batch_id, run.result, int(self.clock())
+            self.queue.commit_shard, claim.shard_id, claim.lease_token, claim.batch_id, run.result, int(self.clock())
         )
         if outcome == "lost":
             await asyncio.to_thread(self.files.delete, run.result.result_key)
@@ -118,7 +119,7 @@ class _ShardRun:
         self.id_prefix = line_id_prefix(claim.batch_id)
         self.request_id_prefix = line_request_id_prefix(claim.batch_id)
         self.result = state.result = ShardResult(
-            result_key=f"results/{claim.batch_id}/{claim.shard_index:07d}.{claim.attempt}.jsonl"
+            result_key=results_key(claim.batch_id, claim.shard_index, claim.attempt)
         )
         self.deadline = float(claim.expires_at) if claim.expires_at is not None else float("inf")
         self.remaining = len(requests)

@@ -1,5 +1,7 @@
-"""The worker: claims batch-level tasks (validate, finalize) and shards, keeps their leases alive,
-and cleans up. Stateless: any number of workers, in the server process or apart, share one store."""
+"""The worker: claims batch-level tasks and shards, keeps their leases alive, runs them, and runs
+housekeeping now and then. What a validation, a finalization or housekeeping does is the batch
+domain's (batches/lifecycle.py, batches/housekeeping.py); the worker owns claims, leases, lanes
+and heartbeats. Stateless: any number of workers, in the server process or apart, share one store."""
 
 from __future__ import annotations
 
@@ -10,30 +12,28 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
-from overnight import constants as C
-from overnight.batches.finalize import finalize_batch
-from overnight.batches.validation import validate_input
+from overnight.batches.housekeeping import ORPHAN_AGE_SECONDS, collect_garbage
+from overnight.batches.lifecycle import finalize_batch, validate_batch
+from overnight.batches.ports import BatchPhases, StorageCatalog
 from overnight.engines.router import Router
 from overnight.files.port import FileStore
 from overnight.ids import new_lease_token
 from overnight.settings import Limits, WorkerSettings
-from overnight.store.metadata import MetadataStore
 from overnight.store.records import BatchTask, ClaimedShard, ShardProgress
 from overnight.worker.lanes import Lanes
+from overnight.worker.ports import WorkQueue
 from overnight.worker.shard_runner import ShardRunner, ShardState
 
 log = logging.getLogger("overnight.worker")
 
-# Orphans (a crashed writer's objects that no row names) are removed once this old.
-ORPHAN_AGE_SECONDS = 3600.0
-# Empty directories are removed once unchanged this long: a writer's fresh one is left alone.
-EMPTY_DIR_AGE_SECONDS = 60.0
 
 
 class Worker:
     def __init__(
         self,
-        store: MetadataStore,
+        queue: WorkQueue,
+        phases: BatchPhases,
+        catalog: StorageCatalog,
         files: FileStore,
         router: Router,
         settings: WorkerSettings,
@@ -41,7 +41,9 @@ class Worker:
         clock: Callable[[], float] = time.time,
         janitor_seconds: float = 60.0,
     ) -> None:
-        self.store = store
+        self.queue = queue
+        self.phases = phases
+        self.catalog = catalog
         self.files = files
         self.router = router
         self.settings = settings
@@ -49,7 +51,7 @@ class Worker:
         self.clock = clock
         self.janitor_seconds = janitor_seconds
         self.lanes = Lanes(on_low=self._nudge_shards)
-        self.runner = ShardRunner(store, files, router, self.lanes, clock)
+        self.runner = ShardRunner(queue, files, router, self.lanes, clock)
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shards: dict[int, tuple[ClaimedShard, ShardState]] = {}
@@ -92,9 +94,9 @@ class Worker:
     def _hand_back(self, shards: list[tuple[int, str]], batches: list[tuple[str, str]]) -> None:
         """On a graceful stop, release what we hold so a restart (or another worker) resumes at once."""
         try:
-            self.store.release_shards(shards)
+            self.queue.release_shards(shards)
             for batch_id, token in batches:
-                self.store.release_batch_lease(batch_id, token)
+                self.queue.release_batch_lease(batch_id, token)
         except Exception:
             log.exception("could not hand back leases; they will expire instead")
 
@@ -126,7 +128,7 @@ class Worker:
         if self._batch_tasks >= self.settings.max_batch_tasks:
             return False
         lease = self.settings.lease_seconds
-        task = await asyncio.to_thread(self.store.claim_batch_task, self.clock(), lease, new_lease_token())
+        task = await asyncio.to_thread(self.queue.claim_batch_task, self.clock(), lease, new_lease_token())
         if task is None:
             return False
         self._batch_due = True  # there may be more
@@ -137,7 +139,7 @@ class Worker:
         claimed = False
         lease = self.settings.lease_seconds
         while len(self._shards) < self.settings.max_shards_in_flight and self.lanes.wants_more(self._unqueued()):
-            shard = await asyncio.to_thread(self.store.claim_shard, self.clock(), lease, new_lease_token())
+            shard = await asyncio.to_thread(self.queue.claim_shard, self.clock(), lease, new_lease_token())
             if shard is None:
                 break
             claimed = True
@@ -174,7 +176,7 @@ class Worker:
 
     async def _fail_shard(self, shard: ClaimedShard, error: str, give_up: bool) -> None:
         outcome = await asyncio.to_thread(
-            self.store.fail_shard, shard.shard_id, shard.lease_token, shard.batch_id, error, give_up,
+            self.queue.fail_shard, shard.shard_id, shard.lease_token, shard.batch_id, error, give_up,
             int(self.clock()),
         )
         if outcome != "retry":
@@ -188,10 +190,11 @@ class Worker:
         try:
             async with self._batch_lease(task.batch.id, task.lease_token):
                 if task.kind == "validate":
-                    await self._validate(task)
+                    await asyncio.to_thread(validate_batch, task, self.files, self.phases, self._shard_lines_for,
+                                            self.limits, self.clock)
                     self._batch_due = True  # a failed or cancelled validation is finalized next
                 else:
-                    await asyncio.to_thread(finalize_batch, task, self.files, self.store, int(self.clock()))
+                    await asyncio.to_thread(finalize_batch, task, self.files, self.phases, int(self.clock()))
         except Exception:
             log.exception("%s of batch %s failed; it will be retried", task.kind, task.batch.id)
         finally:
@@ -199,36 +202,9 @@ class Worker:
             self._batch_leases.pop(task.batch.id, None)
             self._wake.set()
 
-    async def _validate(self, task: BatchTask) -> None:
-        batch = task.batch
-        now = int(self.clock())
-        key = task.input_storage_key
-        if key is None or not await asyncio.to_thread(self.files.exists, key):
-            error = {
-                "code": "invalid_request",
-                "message": f"Cannot find file {batch.input_file_id}: it was deleted or expired before validation.",
-                "param": "input_file_id",
-                "line": None,
-            }
-            await asyncio.to_thread(self.store.fail_batch, batch.id, task.lease_token, [error], now)
-            return
-
-        def shard_lines_for(model: str) -> int | None:
-            resolved = self.router.resolve(model, batch.endpoint)
-            return resolved.engine.shard_lines if resolved is not None else None
-
-        report = await asyncio.to_thread(
-            validate_input, lambda: self.files.iter_chunks(key), batch.endpoint, shard_lines_for, self.limits
-        )
-        now = int(self.clock())
-        if report.ok:
-            moved = await asyncio.to_thread(
-                self.store.start_batch, batch.id, task.lease_token, report.plans, report.total, now
-            )
-        else:
-            moved = await asyncio.to_thread(self.store.fail_batch, batch.id, task.lease_token, report.errors, now)
-        if not moved:  # cancelled while validating: hand the batch to finalize at once
-            await asyncio.to_thread(self.store.release_batch_lease, batch.id, task.lease_token)
+    def _shard_lines_for(self, model: str, endpoint: str) -> int | None:
+        resolved = self.router.resolve(model, endpoint)
+        return resolved.engine.shard_lines if resolved is not None else None
 
     @contextlib.asynccontextmanager
     async def _batch_lease(self, batch_id: str, token: str) -> AsyncIterator[None]:
@@ -238,7 +214,7 @@ class Worker:
             while True:
                 await asyncio.sleep(self.settings.lease_seconds / 3)
                 until = self.clock() + self.settings.lease_seconds
-                await asyncio.to_thread(self.store.extend_batch_lease, batch_id, token, until)
+                await asyncio.to_thread(self.queue.extend_batch_lease, batch_id, token, until)
 
         keeper = asyncio.create_task(keep())
         try:
@@ -268,7 +244,7 @@ class Worker:
             return
         until = self.clock() + self.settings.lease_seconds
         try:
-            lost, stopped = await asyncio.to_thread(self.store.heartbeat_shards, held, until)
+            lost, stopped = await asyncio.to_thread(self.queue.heartbeat_shards, held, until)
         except Exception:
             log.exception("heartbeat failed")
             return
@@ -288,30 +264,5 @@ class Worker:
                 await asyncio.wait_for(stop.wait(), self.janitor_seconds)
 
     def collect_garbage(self, orphan_age: float = ORPHAN_AGE_SECONDS) -> int:
-        """Remove bytes of deleted/expired files, and objects no row names (crashed writers);
-        returns how many objects. Also removes empty directories (earlier versions left one per
-        batch), younger ones too when `orphan_age` says no writer runs."""
-        removed = 0
-        for key in self.store.collect_garbage(int(self.clock())):
-            self.files.delete(key)
-            removed += 1
-        for prefix in ("files/", "results/"):
-            old = list(self.files.list_keys(prefix, self.clock() - orphan_age))
-            for start in range(0, len(old), 500):
-                chunk = old[start : start + 500]
-                live = self.store.live_storage_keys(chunk)
-                for key in chunk:
-                    if key not in live and not self._belongs_to_active_batch(key):
-                        self.files.delete(key)
-                        removed += 1
-        dirs = self.files.remove_empty_dirs(self.clock() - min(orphan_age, EMPTY_DIR_AGE_SECONDS))
-        if dirs:
-            log.info("removed %d empty directories", dirs)
-        return removed
-
-    def _belongs_to_active_batch(self, key: str) -> bool:
-        """A results object of a running shard is named by no row until its commit."""
-        if not key.startswith("results/"):
-            return False
-        batch_id = key.split("/")[1]
-        return self.store.batch_status(batch_id) in C.ACTIVE_STATES
+        """Remove bytes nothing needs any more (batches/housekeeping.py says what)."""
+        return collect_garbage(self.catalog, self.files, self.clock(), orphan_age)

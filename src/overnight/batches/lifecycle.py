@@ -1,0 +1,46 @@
+"""The batch-level phases a worker runs under a batch lease: validate (validating -> in_progress
+with its shards, or -> failed) and finalize (see finalize.py). Synchronous: the worker runs them
+in a thread."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from overnight.batches.finalize import finalize_batch
+from overnight.batches.ports import BatchPhases
+from overnight.batches.validation import validate_input
+from overnight.files.port import FileStore
+from overnight.settings import Limits
+from overnight.store.records import BatchTask
+
+__all__ = ["finalize_batch", "validate_batch"]
+
+# model, endpoint -> the serving engine's shard size, or None when no engine serves the model
+ShardLinesFor = Callable[[str, str], "int | None"]
+
+
+def validate_batch(
+    task: BatchTask, files: FileStore, phases: BatchPhases, shard_lines_for: ShardLinesFor, limits: Limits,
+    clock: Callable[[], float],
+) -> None:
+    """Validate the input file in one streaming pass and move the batch on, fenced by the lease."""
+    batch = task.batch
+    key = task.input_storage_key
+    if key is None or not files.exists(key):
+        error = {
+            "code": "invalid_request",
+            "message": f"Cannot find file {batch.input_file_id}: it was deleted or expired before validation.",
+            "param": "input_file_id",
+            "line": None,
+        }
+        phases.fail_batch(batch.id, task.lease_token, [error], int(clock()))
+        return
+    report = validate_input(
+        lambda: files.iter_chunks(key), batch.endpoint, lambda model: shard_lines_for(model, batch.endpoint), limits
+    )
+    if report.ok:
+        moved = phases.start_batch(batch.id, task.lease_token, report.plans, report.total, int(clock()))
+    else:
+        moved = phases.fail_batch(batch.id, task.lease_token, report.errors, int(clock()))
+    if not moved:  # cancelled while validating: hand the batch to finalize at once
+        phases.release_batch_lease(batch.id, task.lease_token)

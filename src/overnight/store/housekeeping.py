@@ -1,0 +1,62 @@
+"""What housekeeping asks of the database: which files are gone for good, and which stored objects
+are still named by a row (everything else under the file store's prefixes is an orphan)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import and_, bindparam, delete, exists, or_, select
+
+from overnight import constants as C
+from overnight.store import schema as T
+from overnight.store.database import Database
+
+_f, _b, _s = T.files, T.batches, T.shards
+_ACTIVE = list(C.ACTIVE_STATES)
+# Deleted or expired files that no active batch reads (an active batch still needs its input).
+_GONE_FILES = (
+    select(_f.c.id, _f.c.storage_key)
+    .where(
+        or_(_f.c.deleted_at.is_not(None), and_(_f.c.expires_at.is_not(None), _f.c.expires_at <= bindparam("p_now"))),
+        ~exists().where(_b.c.input_file_id == _f.c.id, _b.c.status.in_(_ACTIVE)),
+    )
+    .limit(1000)
+)
+_DELETE_FILES = delete(_f).where(_f.c.id.in_(bindparam("p_ids", expanding=True)))
+_FILE_KEYS_IN = select(_f.c.storage_key).where(_f.c.storage_key.in_(bindparam("p_keys", expanding=True)))
+# Committed results of unfinished batches (a finished batch's results live on in its output files).
+_RESULT_KEYS_IN = (
+    select(_s.c.result_key)
+    .select_from(_s.join(_b, _b.c.id == _s.c.batch_id))
+    .where(_s.c.result_key.in_(bindparam("p_keys", expanding=True)), _b.c.status.in_(_ACTIVE))
+)
+_STATUS = select(_b.c.status).where(_b.c.id == bindparam("p_batch"))
+
+
+class SqlHousekeeping:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def collect_garbage(self, now: int) -> list[str]:
+        """Drop rows of deleted or expired files that no active batch reads; return their storage
+        keys so the caller removes the bytes after this commit."""
+        with self.db.write() as conn:
+            rows = conn.execute(_GONE_FILES, {"p_now": now}).all()
+            if rows:
+                conn.execute(_DELETE_FILES, {"p_ids": [r.id for r in rows]})
+        return [r.storage_key for r in rows]
+
+    def live_storage_keys(self, keys: Sequence[str]) -> set[str]:
+        """Which of `keys` are still needed: a file's bytes, or a committed shard's results while its
+        batch is not finished (finalize deletes those; this catches what a crash left behind)."""
+        if not keys:
+            return set()
+        with self.db.read() as conn:
+            used = set(conn.execute(_FILE_KEYS_IN, {"p_keys": list(keys)}).scalars())
+            used |= set(conn.execute(_RESULT_KEYS_IN, {"p_keys": list(keys)}).scalars())
+        return used
+
+    def batch_status(self, batch_id: str) -> str | None:
+        with self.db.read() as conn:
+            status: str | None = conn.execute(_STATUS, {"p_batch": batch_id}).scalar()
+            return status

@@ -1,0 +1,28 @@
+"""The SQL store: one database, its adapters by concern. SQLite by default, PostgreSQL by URL."""
+
+from __future__ import annotations
+
+from overnight.store.batches import SqlBatchCatalog
+from overnight.store.database import Database
+from overnight.store.files import SqlFileCatalog
+from overnight.store.housekeeping import SqlHousekeeping
+from overnight.store.keys import SqlKeyStore
+from overnight.store.queue import SqlWorkQueue
+
+
+class SqlStore:
+    """What a process needs of the database, by concern (each a port's adapter)."""
+
+    def __init__(self, url: str) -> None:
+        self.db = Database(url)
+        self.keys = SqlKeyStore(self.db)
+        self.files = SqlFileCatalog(self.db)
+        self.batches = SqlBatchCatalog(self.db)
+        self.queue = SqlWorkQueue(self.db)
+        self.housekeeping = SqlHousekeeping(self.db)
+
+    def migrate(self) -> None:
+        self.db.migrate()
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,81 @@
+"""The API's parts: the authenticator, rate limits and the services its routes call."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+
+from overnight.api.auth import MAX_KEY_CHARS, Authenticator, hash_key, owner_of
+from overnight.api.auth_throttle import AuthFailureThrottle
+from overnight.api.rate_limit import RateLimiter
+from overnight.api.services import Services
+from overnight.batches.file_service import FileService
+from overnight.batches.service import BatchService
+from overnight.engines.router import Router
+from overnight.settings import HttpSettings, Settings
+from overnight.store.keys import SqlKeyStore
+from overnight.wiring.core import ConfigurationError, Core
+
+
+def build_api(
+    core: Core, router: Router, announce: Callable[[str], None] | None, on_change: Callable[[], None] = lambda: None
+) -> Services:
+    """`router` lists the models (GET /v1/models); the API never starts engines. `on_change` wakes
+    an in-process worker when a batch is created or cancelled."""
+    settings = core.settings
+    check_http_settings(settings.http)
+    return Services(
+        auth=load_authenticator(settings, core.store.keys, announce),
+        files=FileService(core.store.files, core.files),
+        batches=BatchService(
+            core.store.batches, core.store.files, window_seconds=settings.limits.completion_window_seconds,
+            on_change=on_change,
+        ),
+        router=router,
+        limits=settings.limits,
+        rate_limiter=RateLimiter(settings.limits.requests_per_minute),
+        auth_throttle=AuthFailureThrottle(
+            settings.http.auth_failure_burst, settings.http.auth_failures_per_second,
+            settings.http.auth_failure_addresses,
+        ),
+    )
+
+
+def load_authenticator(
+    settings: Settings, store: SqlKeyStore, announce: Callable[[str], None] | None
+) -> Authenticator:
+    """Configured keys, plus keys created earlier. With none at all and someone to tell (`announce`),
+    create one and print it once."""
+    if any(len(key) > MAX_KEY_CHARS for key in (*settings.api_keys, *settings.admin_keys)):
+        raise ConfigurationError(f"A configured API key is longer than {MAX_KEY_CHARS} characters, more than the "
+                                 "server accepts from a client; use a shorter one.")
+    hashes = store.stored_key_hashes()
+    for key in settings.api_keys:
+        h = hash_key(key)
+        hashes[h] = (owner_of(h), False)
+    for key in settings.admin_keys:
+        h = hash_key(key)
+        hashes[h] = (owner_of(h), True)
+    if not hashes and announce is not None:
+        key = "sk-overnight-" + secrets.token_urlsafe(24)
+        h = hash_key(key)
+        store.add_key_hash(h, owner_of(h), False, int(time.time()))
+        hashes[h] = (owner_of(h), False)
+        announce(
+            f"Created an API key (shown once, only its hash is stored):\n\n    {key}\n\n"
+            "Pass it as api_key=... to the OpenAI SDK, or configure your own with --api-key."
+        )
+    return Authenticator(hashes)
+
+
+def check_http_settings(http: HttpSettings) -> None:
+    """Values that cannot work: timeouts that cut off every request, a header limit no client fits in,
+    negative budgets."""
+    if http.header_timeout_seconds <= 0 or http.body_idle_timeout_seconds <= 0:
+        raise ConfigurationError("header_timeout_seconds and body_idle_timeout_seconds must be above 0.")
+    if http.max_header_bytes < 4096:
+        raise ConfigurationError("max_header_bytes must be at least 4096; ordinary requests need that much.")
+    if http.auth_failure_burst < 0 or http.auth_failures_per_second < 0 or http.auth_failure_addresses < 1:
+        raise ConfigurationError("auth_failure_burst and auth_failures_per_second cannot be negative, and "
+                                 "auth_failure_addresses must be at least 1.")

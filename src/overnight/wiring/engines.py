@@ -1,0 +1,101 @@
+"""Engines and the router, from settings: what a process that runs lines builds (and the API, to
+list models; it never starts them)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from overnight import constants as C
+from overnight.engines.port import Engine
+from overnight.engines.router import Route, Router
+from overnight.engines.upstream import UpstreamEngine
+from overnight.settings import Settings
+from overnight.wiring.core import ConfigurationError
+
+log = logging.getLogger("overnight")
+
+
+def build_router(settings: Settings) -> Router:
+    routes: list[Route] = []
+    for upstream in settings.upstreams:
+        if upstream.ca_file is not None:
+            _check_ca_file(upstream.ca_file)
+        upstream_engine = UpstreamEngine(upstream)
+        routes.extend(Route(pattern, upstream_engine) for pattern in upstream.models)
+    defaults: dict[str, Engine] = {}
+    if settings.embedded.enabled:
+        defaults = embedded_engines(settings)
+        # An embedded model is also routable by its own name, fallback or not.
+        for endpoint, engine in defaults.items():
+            for name in engine.served_models():
+                routes.append(Route(name, engine, frozenset({endpoint})))
+        gemma = gemma_engine(settings)
+        if gemma is not None:
+            routes.extend(Route(name, gemma, frozenset({C.CHAT_COMPLETIONS, C.COMPLETIONS}))
+                          for name in gemma.served_models())
+    if not settings.fallback_to_default:
+        defaults = {}
+    return Router(routes, settings.aliases, defaults)
+
+
+def embedded_engines(settings: Settings) -> dict[str, Engine]:
+    """endpoint -> embedded engine, for the engines whose code and model are installed."""
+    engines: dict[str, Engine] = {}
+    try:
+        from overnight.engines import packaged_models
+        from overnight.engines.embeddings import MiniLMEmbeddingEngine
+        from overnight.engines.llama_chat import LlamaChatEngine
+    except ImportError as exc:  # the `embedded` extra is not installed
+        log.warning("embedded engines unavailable (%s); only configured upstreams serve requests", exc)
+        return engines
+    cfg = settings.embedded
+    chat_path = cfg.chat_model_path or packaged_models.default_chat_model_path()
+    if chat_path:
+        name = cfg.chat_model_name or (
+            packaged_models.DEFAULT_CHAT_MODEL_NAME if not cfg.chat_model_path else _stem(chat_path)
+        )
+        chat = LlamaChatEngine(chat_path, name, n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq_max, threads=cfg.threads,
+                               prefix_sharing=not cfg.deterministic)
+        engines[C.CHAT_COMPLETIONS] = chat
+        engines[C.COMPLETIONS] = chat
+    embed_dir = cfg.embedding_model_dir or packaged_models.default_embedding_model_dir()
+    if embed_dir:
+        engines[C.EMBEDDINGS] = MiniLMEmbeddingEngine(embed_dir, threads=cfg.threads)
+    return engines
+
+
+def gemma_engine(settings: Settings) -> Engine | None:
+    """The optional Gemma 3 270M chat engine, once its licence terms are accepted."""
+    cfg = settings.embedded
+    if not cfg.gemma:
+        return None
+    if not cfg.accept_gemma_terms:
+        raise ConfigurationError(
+            "Gemma 3 270M is enabled but its terms are not accepted. Serving it distributes it under the "
+            "Gemma Terms of Use (https://ai.google.dev/gemma/terms), including its prohibited use policy; "
+            "pass --accept-gemma-terms (or accept_gemma_terms = true under [embedded]) to go on."
+        )
+    from overnight.engines import packaged_models
+    from overnight.engines.llama_chat import LlamaChatEngine
+
+    path = packaged_models.gemma_model_path(settings.data_dir / "models")
+    if path is None:
+        raise ConfigurationError("Gemma is enabled but not installed: pip install 'overnight[gemma]'.")
+    log.warning(packaged_models.GEMMA_NOTICE)
+    return LlamaChatEngine(path, packaged_models.GEMMA_MODEL_NAME, n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq_max,
+                           threads=cfg.threads, prefix_sharing=not cfg.deterministic, chat_template=packaged_models.GEMMA_CHAT_TEMPLATE,
+                           owned_by="google; " + packaged_models.GEMMA_NOTICE)
+
+
+def _check_ca_file(path: str) -> None:
+    try:
+        pem = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"Cannot read the upstream ca_file {path}: {exc.strerror}.") from None
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise ConfigurationError(f"The upstream ca_file {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----).")
+
+
+def _stem(path: str) -> str:
+    return path.replace("\\", "/").rsplit("/", 1)[-1].removesuffix(".gguf")

@@ -1,0 +1,39 @@
+"""What the worker needs of the metadata store: the work queue of claims, leases and heartbeats.
+`overnight.store.queue.SqlWorkQueue` implements it (and the batch domain's `BatchPhases`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, Protocol
+
+from overnight.store.records import BatchTask, ClaimedShard, ShardProgress, ShardResult
+
+
+class WorkQueue(Protocol):
+    def claim_batch_task(self, now: float, lease_seconds: float, token: str) -> BatchTask | None:
+        """One batch to validate or finalize whose lease is free, leased to `token`."""
+        ...
+
+    def extend_batch_lease(self, batch_id: str, token: str, until: float) -> bool: ...
+
+    def release_batch_lease(self, batch_id: str, token: str) -> None: ...
+
+    def claim_shard(self, now: float, lease_seconds: float, token: str) -> ClaimedShard | None:
+        """The next runnable shard (pending, or under an expired lease), leased to `token`."""
+        ...
+
+    def heartbeat_shards(self, leases: Sequence[ShardProgress], until: float) -> tuple[set[int], set[int]]:
+        """Extend leases and record progress; (shards whose lease was lost, shards whose batch stopped)."""
+        ...
+
+    def release_shards(self, leases: Sequence[tuple[int, str]]) -> None:
+        """Hand back shards this worker will not finish (graceful stop): pending again at once."""
+        ...
+
+    def commit_shard(
+        self, shard_id: int, token: str, batch_id: str, result: ShardResult, now: int
+    ) -> Literal["lost", "committed", "batch_ready"]: ...
+
+    def fail_shard(
+        self, shard_id: int, token: str, batch_id: str, error: str, give_up: bool, now: int
+    ) -> Literal["lost", "retry", "failed", "batch_ready"]: ...
