@@ -3,11 +3,13 @@ is claimed again, and a commit is fenced by the lease token."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy import select
 
 from overnight import constants as C
 from overnight.store import schema
@@ -61,14 +63,14 @@ def test_heartbeat_extends_and_reports_lost_and_stopped(store: SqlStore) -> None
     b = store.queue.claim_shard(NOW, 30, "tb")
     assert a and b
     lost, stopped = store.queue.heartbeat_shards(
-        [ShardProgress(a.shard_id, "ta", completed=3, failed=1), ShardProgress(b.shard_id, "wrong")], NOW + 60
+        [ShardProgress(a.shard_id, "ta", completed=3, failed=1), ShardProgress(b.shard_id, "wrong")], 60, now=NOW
     )
     assert lost == {b.shard_id} and stopped == set()
     live = store.batches.get_batch("owner", "batch_a")
     assert live is not None and (live.request_completed, live.request_failed) == (3, 1)  # before any commit
     assert store.queue.claim_shard(NOW + 45, 30, "tx") is not None  # b's lease expired (not extended)
     store.batches.request_cancel("owner", "batch_a", NOW)
-    _, stopped = store.queue.heartbeat_shards([ShardProgress(a.shard_id, "ta")], NOW + 60)
+    _, stopped = store.queue.heartbeat_shards([ShardProgress(a.shard_id, "ta")], 60, now=NOW)
     assert stopped == {a.shard_id}
 
 
@@ -136,3 +138,22 @@ def test_results_of_a_finished_batch_are_not_live(store: SqlStore) -> None:
     # finalize published the files, then the process died before deleting the shard's results
     store.queue.finish_batch("batch_a", "f", C.COMPLETED, None, None, 10, 0, NOW)
     assert store.housekeeping.live_storage_keys(["results/batch_a/0.1.jsonl", "files/file-in"]) == {"files/file-in"}
+
+
+def test_leases_run_on_the_database_clock(store: SqlStore) -> None:
+    """A worker passes no time of its own: a machine whose clock runs a minute ahead cannot take
+    over a live lease, as it could when each worker's clock decided."""
+    real_now = time.time()
+    store.files.insert_file(FileRecord("file-in", "owner", "batch", "in.jsonl", 10, int(real_now), None, "files/f"))
+    store.batches.insert_batch(BatchRecord("batch_now", "owner", C.CHAT_COMPLETIONS, "file-in", "24h", C.VALIDATING,
+                                           int(real_now), int(real_now) + 3600))
+    task = store.queue.claim_batch_task(None, 30, "v")
+    assert task is not None and task.batch.id == "batch_now"
+    assert store.queue.start_batch("batch_now", "v", [ShardPlan(0, 0, 10, 0, 10)], 10, int(real_now))
+    first = store.queue.claim_shard(None, 30, "t1")
+    assert first is not None
+    with store.db.engine.connect() as conn:
+        until = conn.execute(select(schema.shards.c.lease_expires_at)).scalar_one()
+    assert abs(until - (time.time() + 30)) < 5  # the database's now, plus the lease
+    assert store.queue.claim_shard(None, 30, "t2") is None  # live on the database's clock
+    assert store.queue.claim_shard(real_now + 60, 30, "skewed") is not None  # what a skewed clock did

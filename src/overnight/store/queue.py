@@ -4,6 +4,8 @@ heartbeats extend, committed fenced by the lease token. Every claim is one state
 - A claim is `UPDATE ... WHERE id = (SELECT ... LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING`: on
   PostgreSQL concurrent workers skip each other's rows instead of queueing; on SQLite the statement
   runs inside `BEGIN IMMEDIATE`, one writer at a time, and `FOR UPDATE` is left out.
+- A lease is a token plus an expiry, on the database's clock (store/clock.py), never a worker's:
+  machines whose clocks disagree still agree on whether a lease is live.
 - A lease is a token plus an expiry. Whoever holds a live lease may write; a commit or a failure
   report names the token (`WHERE lease_token = :t`), so a worker whose lease was taken over cannot
   commit. An expired lease is anyone's to claim again.
@@ -21,6 +23,7 @@ from sqlalchemy import Boolean, and_, bindparam, case, exists, func, insert, or_
 
 from overnight import constants as C
 from overnight.store import schema as T
+from overnight.store.clock import LEASE_NOW
 from overnight.store.database import Database
 from overnight.store.records import (
     BatchTask,
@@ -31,7 +34,7 @@ from overnight.store.records import (
     ShardProgress,
     ShardResult,
 )
-from overnight.store.rows import INSERT_FILE, NOW, batch_record, file_values
+from overnight.store.rows import INSERT_FILE, batch_record, file_values
 
 # -- statements, built once ------------------------------------------------------------------
 # Building a statement and its cache key cost more than running it: an empty claim took 0.62 ms
@@ -42,13 +45,13 @@ _b, _s, _f = T.batches, T.shards, T.files
 
 def _claim_batch_task_statement() -> Any:
     live_shard = exists().where(
-        _s.c.batch_id == _b.c.id, _s.c.status == C.SHARD_RUNNING, _s.c.lease_expires_at > NOW
+        _s.c.batch_id == _b.c.id, _s.c.status == C.SHARD_RUNNING, _s.c.lease_expires_at > LEASE_NOW
     )
-    lease_free = or_(_b.c.lease_expires_at.is_(None), _b.c.lease_expires_at < NOW)
+    lease_free = or_(_b.c.lease_expires_at.is_(None), _b.c.lease_expires_at < LEASE_NOW)
     ready = or_(
         _b.c.status.in_([C.VALIDATING, C.FINALIZING]),
         and_(_b.c.status == C.CANCELLING, ~live_shard),
-        and_(_b.c.status == C.IN_PROGRESS, _b.c.expires_at <= NOW, ~live_shard),
+        and_(_b.c.status == C.IN_PROGRESS, _b.c.expires_at <= LEASE_NOW, ~live_shard),
     )
     candidate = (
         select(_b.c.id).where(lease_free, ready).order_by(_b.c.seq).limit(1).with_for_update(skip_locked=True)
@@ -56,7 +59,7 @@ def _claim_batch_task_statement() -> Any:
     return (
         update(_b)
         .where(_b.c.id == candidate.scalar_subquery())
-        .values(lease_token=bindparam("p_token"), lease_expires_at=bindparam("p_until"))
+        .values(lease_token=bindparam("p_token"), lease_expires_at=LEASE_NOW + bindparam("p_lease_seconds"))
         .returning(*_b.c)
     )
 
@@ -64,9 +67,9 @@ def _claim_batch_task_statement() -> Any:
 def _claim_shard_statement() -> Any:
     runnable = or_(
         _s.c.status == C.SHARD_PENDING,
-        and_(_s.c.status == C.SHARD_RUNNING, _s.c.lease_expires_at < NOW),
+        and_(_s.c.status == C.SHARD_RUNNING, _s.c.lease_expires_at < LEASE_NOW),
     )
-    open_batch = exists().where(_b.c.id == _s.c.batch_id, _b.c.status == C.IN_PROGRESS, _b.c.expires_at > NOW)
+    open_batch = exists().where(_b.c.id == _s.c.batch_id, _b.c.status == C.IN_PROGRESS, _b.c.expires_at > LEASE_NOW)
     candidate = (
         select(_s.c.id)
         .where(runnable, open_batch)
@@ -80,7 +83,7 @@ def _claim_shard_statement() -> Any:
         .values(
             status=C.SHARD_RUNNING,
             lease_token=bindparam("p_token"),
-            lease_expires_at=bindparam("p_until"),
+            lease_expires_at=LEASE_NOW + bindparam("p_lease_seconds"),
             attempt=_s.c.attempt + 1,
             completed=0,
             failed=0,
@@ -115,7 +118,7 @@ _SETTLED_SHARDS = (
 _EXTEND_BATCH_LEASE = (
     update(_b)
     .where(_b.c.id == bindparam("p_batch"), _b.c.lease_token == bindparam("p_token"))
-    .values(lease_expires_at=bindparam("p_until"))
+    .values(lease_expires_at=LEASE_NOW + bindparam("p_lease_seconds"))
 )
 _CLAIM_SHARD = _claim_shard_statement()
 _SHARD_BATCH = (
@@ -126,7 +129,7 @@ _SHARD_BATCH = (
 _HEARTBEAT = (
     update(_s)
     .where(_s.c.id == bindparam("p_shard"), _s.c.lease_token == bindparam("p_token"))
-    .values(lease_expires_at=bindparam("p_until"), completed=bindparam("p_completed"),
+    .values(lease_expires_at=LEASE_NOW + bindparam("p_lease_seconds"), completed=bindparam("p_completed"),
             failed=bindparam("p_failed"))
 )
 _STOPPED_SHARDS = (
@@ -239,7 +242,7 @@ class SqlWorkQueue:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def claim_batch_task(self, now: float, lease_seconds: float, token: str) -> BatchTask | None:
+    def claim_batch_task(self, now: float | None, lease_seconds: float, token: str) -> BatchTask | None:
         """Claim one piece of batch-level work whose lease is free, in one write transaction:
 
         - `validate` a batch in `validating`;
@@ -250,7 +253,7 @@ class SqlWorkQueue:
         """
         with self.db.write() as conn:
             row = conn.execute(
-                _CLAIM_BATCH_TASK, {"p_now": now, "p_token": token, "p_until": now + lease_seconds}
+                _CLAIM_BATCH_TASK, {"p_now": now, "p_token": token, "p_lease_seconds": lease_seconds}
             ).first()
             if row is None:
                 return None
@@ -267,9 +270,11 @@ class SqlWorkQueue:
             final = C.EXPIRED  # the window closed before every line ran: OpenAI's `expired`
         return BatchTask("finalize", batch, token, final, input_key, settled)
 
-    def extend_batch_lease(self, batch_id: str, token: str, until: float) -> bool:
+    def extend_batch_lease(self, batch_id: str, token: str, lease_seconds: float, now: float | None = None) -> bool:
         with self.db.write() as conn:
-            result = conn.execute(_EXTEND_BATCH_LEASE, {"p_batch": batch_id, "p_token": token, "p_until": until})
+            result = conn.execute(_EXTEND_BATCH_LEASE, {
+                "p_batch": batch_id, "p_token": token, "p_now": now, "p_lease_seconds": lease_seconds,
+            })
             return result.rowcount > 0
 
     def start_batch(
@@ -310,7 +315,7 @@ class SqlWorkQueue:
         with self.db.write() as conn:
             conn.execute(_RELEASE_BATCH_LEASE, {"p_batch": batch_id, "p_token": token})
 
-    def claim_shard(self, now: float, lease_seconds: float, token: str) -> ClaimedShard | None:
+    def claim_shard(self, now: float | None, lease_seconds: float, token: str) -> ClaimedShard | None:
         """Claim the next runnable shard in one statement.
 
         Runnable: pending, or running under a lease that expired (its worker died). Only shards of
@@ -318,7 +323,9 @@ class SqlWorkQueue:
         batches advance round-robin instead of one batch starving the rest.
         """
         with self.db.write() as conn:
-            row = conn.execute(_CLAIM_SHARD, {"p_now": now, "p_token": token, "p_until": now + lease_seconds}).first()
+            row = conn.execute(
+                _CLAIM_SHARD, {"p_now": now, "p_token": token, "p_lease_seconds": lease_seconds}
+            ).first()
             if row is None:
                 return None
             batch = conn.execute(_SHARD_BATCH, {"p_batch": row.batch_id}).one()
@@ -339,7 +346,7 @@ class SqlWorkQueue:
         )
 
     def heartbeat_shards(
-        self, leases: Sequence[ShardProgress], until: float
+        self, leases: Sequence[ShardProgress], lease_seconds: float, now: float | None = None
     ) -> tuple[set[int], set[int]]:
         """Extend the leases we hold and record each shard's live progress (so request_counts move
         before the shard commits). Returns (shards whose lease we lost, shards whose batch stopped
@@ -350,7 +357,8 @@ class SqlWorkQueue:
         with self.db.write() as conn:
             for lease in leases:
                 result = conn.execute(_HEARTBEAT, {
-                    "p_shard": lease.shard_id, "p_token": lease.lease_token, "p_until": until,
+                    "p_shard": lease.shard_id, "p_token": lease.lease_token, "p_now": now,
+                    "p_lease_seconds": lease_seconds,
                     "p_completed": lease.completed, "p_failed": lease.failed,
                 })
                 if not result.rowcount:

@@ -10,19 +10,24 @@ from overnight.store.records import BatchTask, ClaimedShard, ShardProgress, Shar
 
 
 class WorkQueue(Protocol):
-    def claim_batch_task(self, now: float, lease_seconds: float, token: str) -> BatchTask | None:
+    # `now`: None in production (the database's clock decides); a time to move the clock in tests.
+
+    def claim_batch_task(self, now: float | None, lease_seconds: float, token: str) -> BatchTask | None:
         """One batch to validate or finalize whose lease is free, leased to `token`."""
         ...
 
-    def extend_batch_lease(self, batch_id: str, token: str, until: float) -> bool: ...
+    def extend_batch_lease(self, batch_id: str, token: str, lease_seconds: float, now: float | None = None) -> bool:
+        ...
 
     def release_batch_lease(self, batch_id: str, token: str) -> None: ...
 
-    def claim_shard(self, now: float, lease_seconds: float, token: str) -> ClaimedShard | None:
+    def claim_shard(self, now: float | None, lease_seconds: float, token: str) -> ClaimedShard | None:
         """The next runnable shard (pending, or under an expired lease), leased to `token`."""
         ...
 
-    def heartbeat_shards(self, leases: Sequence[ShardProgress], until: float) -> tuple[set[int], set[int]]:
+    def heartbeat_shards(
+        self, leases: Sequence[ShardProgress], lease_seconds: float, now: float | None = None
+    ) -> tuple[set[int], set[int]]:
         """Extend leases and record progress; (shards whose lease was lost, shards whose batch stopped)."""
         ...
 

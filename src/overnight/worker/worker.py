@@ -29,6 +29,9 @@ log = logging.getLogger("overnight.worker")
 
 
 class Worker:
+    """Leases are claimed and extended on the database's clock (the queue's `now=None`); `clock` is
+    the worker's own, for the deadlines of lines and the timestamps it records."""
+
     def __init__(
         self,
         queue: WorkQueue,
@@ -128,7 +131,7 @@ class Worker:
         if self._batch_tasks >= self.settings.max_batch_tasks:
             return False
         lease = self.settings.lease_seconds
-        task = await asyncio.to_thread(self.queue.claim_batch_task, self.clock(), lease, new_lease_token())
+        task = await asyncio.to_thread(self.queue.claim_batch_task, None, lease, new_lease_token())
         if task is None:
             return False
         self._batch_due = True  # there may be more
@@ -139,7 +142,7 @@ class Worker:
         claimed = False
         lease = self.settings.lease_seconds
         while len(self._shards) < self.settings.max_shards_in_flight and self.lanes.wants_more(self._unqueued()):
-            shard = await asyncio.to_thread(self.queue.claim_shard, self.clock(), lease, new_lease_token())
+            shard = await asyncio.to_thread(self.queue.claim_shard, None, lease, new_lease_token())
             if shard is None:
                 break
             claimed = True
@@ -213,8 +216,7 @@ class Worker:
         async def keep() -> None:
             while True:
                 await asyncio.sleep(self.settings.lease_seconds / 3)
-                until = self.clock() + self.settings.lease_seconds
-                await asyncio.to_thread(self.queue.extend_batch_lease, batch_id, token, until)
+                await asyncio.to_thread(self.queue.extend_batch_lease, batch_id, token, self.settings.lease_seconds)
 
         keeper = asyncio.create_task(keep())
         try:
@@ -242,9 +244,8 @@ class Worker:
         ]
         if not held:
             return
-        until = self.clock() + self.settings.lease_seconds
         try:
-            lost, stopped = await asyncio.to_thread(self.queue.heartbeat_shards, held, until)
+            lost, stopped = await asyncio.to_thread(self.queue.heartbeat_shards, held, self.settings.lease_seconds)
         except Exception:
             log.exception("heartbeat failed")
             return
