@@ -79,6 +79,19 @@ def test_concurrency_never_exceeds_configured_maximum(make_server: Any, upstream
     assert 1 <= peak <= 8
 
 
+def test_max_concurrency_is_a_total_across_worker_processes(make_server: Any, upstream: Upstream,
+                                                            tmp_path: Path) -> None:
+    """Each worker process had its own limiter, so 3 workers sent 3x the configured maximum. Now
+    the live workers split it between them (worker/budget.py)."""
+    config = _config(tmp_path, upstream.base_url, max_concurrency=6, initial_concurrency=6)
+    client = make_server("--config", config, "--workers", "3", "--shard-lines", "20", routes=()).client()
+    upstream.reset()
+    done = run_batch(client, [chat_line(i, x_fault="slow:20") for i in range(600)], timeout=120)
+    assert done.request_counts.completed == 600
+    peak = upstream.stats()["peak_in_flight"]
+    assert 3 <= peak <= 6, peak  # several workers sent at once, never more than 6 in all
+
+
 def test_overloaded_upstream_is_backed_off_and_nothing_is_lost(workdir: Path, make_server: Any,
                                                                  tmp_path: Path) -> None:
     small = Upstream(workdir, "--max-concurrency", "6", "--delay-ms", "5")

@@ -1,5 +1,6 @@
 """Adaptive concurrency: additive increase while the upstream is healthy, multiplicative decrease
-when it signals overload (429/503/timeouts), between a floor and a ceiling."""
+when it signals overload (429/503/timeouts), between a floor and a ceiling. The ceiling is this
+process's share of the upstream's maximum (workers on every machine split it between them)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ class AdaptiveLimiter:
         self.minimum = minimum
         self.maximum = maximum
         self.limit = float(min(max(initial, minimum), maximum))
+        self.ceiling = maximum  # this process's share of `maximum`; 0 sends nothing for now
         self.in_flight = 0
         self.peak_in_flight = 0
         self._decrease_factor = decrease_factor
@@ -24,7 +26,7 @@ class AdaptiveLimiter:
 
     async def acquire(self) -> int:
         """Wait for a slot; returns the epoch to pass to `on_overload`."""
-        if self.in_flight < int(self.limit) and not self._waiters:
+        if self.in_flight < self.allowed and not self._waiters:
             self._take()
             return self.epoch
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -49,11 +51,22 @@ class AdaptiveLimiter:
         self._wake()
 
     def _wake(self) -> None:
-        while self._waiters and self.in_flight < int(self.limit):
+        while self._waiters and self.in_flight < self.allowed:
             future = self._waiters.popleft()
             if not future.done():
                 self._take()
                 future.set_result(None)
+
+    @property
+    def allowed(self) -> int:
+        """Requests that may be in flight now."""
+        return min(int(self.limit), self.ceiling)
+
+    def set_ceiling(self, ceiling: int) -> None:
+        """Cap concurrency at this process's share. Requests in flight above a lowered ceiling
+        finish; no new one starts until the count is below it."""
+        self.ceiling = max(0, min(ceiling, self.maximum))
+        self._wake()
 
     def on_success(self) -> None:
         # +1 per `limit` successes: one step per round trip of the whole window.

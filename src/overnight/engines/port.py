@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 # Not frozen: one of each is built per line, and a frozen dataclass's __init__ costs ~3x more.
@@ -45,6 +45,15 @@ class EngineResponse:
                    error_type: str = "invalid_request_error") -> EngineResponse:
         body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
         return cls(status_code=status, body=body)
+
+
+@runtime_checkable
+class SharedBudgetEngine(Protocol):
+    """An engine whose concurrency limit is shared by every worker (a remote server's)."""
+
+    max_in_flight: int
+
+    def set_share(self, share: int) -> None: ...
 
 
 class Engine(Protocol):

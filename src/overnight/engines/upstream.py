@@ -71,6 +71,10 @@ class UpstreamEngine:
     def served_models(self) -> list[str]:
         return []
 
+    def set_share(self, share: int) -> None:
+        """This process's part of `max_concurrency`, which is a total across all workers."""
+        self.limiter.set_ceiling(share)
+
     def url_for(self, endpoint: str) -> str:
         """`/v1/chat/completions` against `http://host:8001/v1` -> `http://host:8001/v1/chat/completions`."""
         url = self._urls.get(endpoint)

@@ -10,6 +10,7 @@ from sqlalchemy import Connection, and_, bindparam, func, insert, select, update
 from overnight import constants as C
 from overnight.store import schema as T
 from overnight.store.database import Database
+from overnight.store.notify import notify_batches_changed
 from overnight.store.records import BatchRecord
 from overnight.store.rows import batch_record, batch_values, owned
 
@@ -36,6 +37,7 @@ class SqlBatchCatalog:
     def insert_batch(self, record: BatchRecord) -> None:
         with self.db.write() as conn:
             conn.execute(_INSERT_BATCH, batch_values(record))
+            notify_batches_changed(conn)
 
     def get_batch(self, owner: str | None, batch_id: str) -> BatchRecord | None:
         with self.db.read() as conn:
@@ -68,6 +70,7 @@ class SqlBatchCatalog:
                 .values(status=C.CANCELLING, cancelling_at=now)
             )
             if moved.rowcount:
+                notify_batches_changed(conn)
                 conn.execute(
                     update(_s)
                     .where(_s.c.batch_id == batch_id, _s.c.status == C.SHARD_PENDING)

@@ -124,3 +124,13 @@ shards = Table(
     Index("ix_shards_status_index", "status", "shard_index"),
     Index("ix_shards_batch_status", "batch_id", "status"),
 )
+
+workers = Table(
+    "workers",
+    metadata,
+    # One row per running worker process, whatever machine it is on: how many there are decides
+    # each one's share of every upstream's max_concurrency (the configured maximum is a total).
+    Column("id", String(32), primary_key=True),
+    Column("started_at", Float, nullable=False),  # the database's clock
+    Column("last_seen", Float, nullable=False),  # extended by the worker's heartbeat
+)

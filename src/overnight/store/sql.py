@@ -7,6 +7,7 @@ from overnight.store.database import Database
 from overnight.store.files import SqlFileCatalog
 from overnight.store.housekeeping import SqlHousekeeping
 from overnight.store.keys import SqlKeyStore
+from overnight.store.membership import SqlMembership
 from overnight.store.queue import SqlWorkQueue
 
 
@@ -20,6 +21,7 @@ class SqlStore:
         self.batches = SqlBatchCatalog(self.db)
         self.queue = SqlWorkQueue(self.db)
         self.housekeeping = SqlHousekeeping(self.db)
+        self.membership = SqlMembership(self.db)
 
     def migrate(self) -> None:
         self.db.migrate()

@@ -42,3 +42,24 @@ class WorkQueue(Protocol):
     def fail_shard(
         self, shard_id: int, token: str, batch_id: str, error: str, give_up: bool, now: int
     ) -> Literal["lost", "retry", "failed", "batch_ready"]: ...
+
+
+class Membership(Protocol):
+    """Live workers, on the database's clock: how many there are decides each one's share."""
+
+    def join(self, worker_id: str) -> None: ...
+
+    def standing(self, worker_id: str, alive_seconds: float, now: float | None = None) -> tuple[int, int, float]:
+        """Mark the worker seen; (its rank among live workers, how many, seconds since it joined)."""
+        ...
+
+    def leave(self, worker_id: str) -> None: ...
+
+
+class WakeSource(Protocol):
+    """Something that calls `Worker.wake()` from its own thread when there may be new work (a
+    LISTEN on PostgreSQL); started and stopped with the worker."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...

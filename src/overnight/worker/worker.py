@@ -20,8 +20,9 @@ from overnight.files.port import FileStore
 from overnight.ids import new_lease_token
 from overnight.settings import Limits, WorkerSettings
 from overnight.store.records import BatchTask, ClaimedShard, ShardProgress
+from overnight.worker.budget import apply_shares
 from overnight.worker.lanes import Lanes
-from overnight.worker.ports import WorkQueue
+from overnight.worker.ports import Membership, WakeSource, WorkQueue
 from overnight.worker.shard_runner import ShardRunner, ShardState
 
 log = logging.getLogger("overnight.worker")
@@ -43,6 +44,7 @@ class Worker:
         limits: Limits,
         clock: Callable[[], float] = time.time,
         janitor_seconds: float = 60.0,
+        membership: Membership | None = None,
     ) -> None:
         self.queue = queue
         self.phases = phases
@@ -53,6 +55,8 @@ class Worker:
         self.limits = limits
         self.clock = clock
         self.janitor_seconds = janitor_seconds
+        self.membership = membership
+        self.worker_id = new_lease_token()
         self.lanes = Lanes(on_low=self._nudge_shards)
         self.runner = ShardRunner(queue, files, router, self.lanes, clock)
         self._wake = asyncio.Event()
@@ -61,6 +65,7 @@ class Worker:
         self._batch_tasks = 0
         self._batch_leases: dict[str, str] = {}  # batch-level tasks running: batch id -> lease token
         self._batch_due = True  # claim batch-level work at the next turn of the claim loop
+        self.wake_sources: list[WakeSource] = []
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -78,6 +83,11 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.membership is not None:
+            await asyncio.to_thread(self.membership.join, self.worker_id)
+            await self._update_shares()
+        for source in self.wake_sources:
+            source.start()
         loops = [
             asyncio.create_task(self._claim_loop(stop), name="claim"),
             asyncio.create_task(self._heartbeat_loop(stop), name="heartbeat"),
@@ -93,6 +103,11 @@ class Worker:
             await asyncio.gather(*loops, return_exceptions=True)
             await self.lanes.close()
             await asyncio.to_thread(self._hand_back, held, batch_leases)
+            for source in self.wake_sources:
+                await asyncio.to_thread(source.stop)
+            if self.membership is not None:
+                with contextlib.suppress(Exception):  # else its row goes stale and is dropped
+                    await asyncio.to_thread(self.membership.leave, self.worker_id)
 
     def _hand_back(self, shards: list[tuple[int, str]], batches: list[tuple[str, str]]) -> None:
         """On a graceful stop, release what we hold so a restart (or another worker) resumes at once."""
@@ -228,10 +243,27 @@ class Worker:
 
     # -- leases and housekeeping ----------------------------------------------------------
 
+    @property
+    def heartbeat_seconds(self) -> float:
+        return min(self.settings.lease_seconds / 3, 1.0)
+
+    async def _update_shares(self) -> None:
+        """Take this worker's share of every shared upstream budget (worker/budget.py)."""
+        if self.membership is None:
+            return
+        try:
+            rank, count, age = await asyncio.to_thread(
+                self.membership.standing, self.worker_id, self.settings.lease_seconds
+            )
+        except Exception:
+            log.exception("membership heartbeat failed")
+            return
+        apply_shares(self.router.engines(), rank, count, age, settle_seconds=2.5 * self.heartbeat_seconds)
+
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
-        interval = self.settings.lease_seconds / 3
         while not stop.is_set():
-            await asyncio.sleep(min(interval, 1.0))
+            await asyncio.sleep(self.heartbeat_seconds)
+            await self._update_shares()
             await self.heartbeat()
 
     async def heartbeat(self) -> None:
