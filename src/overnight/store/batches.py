@@ -12,7 +12,7 @@ from overnight.store import schema as T
 from overnight.store.database import Database
 from overnight.store.notify import notify_batches_changed
 from overnight.store.records import BatchRecord
-from overnight.store.rows import batch_record, batch_values, owned
+from overnight.store.rows import batch_record, batch_values, owned, storable
 
 _b, _s = T.batches, T.shards
 _INSERT_BATCH = insert(_b)
@@ -40,6 +40,8 @@ class SqlBatchCatalog:
             notify_batches_changed(conn)
 
     def get_batch(self, owner: str | None, batch_id: str) -> BatchRecord | None:
+        if not storable(batch_id):
+            return None
         with self.db.read() as conn:
             row = conn.execute(_GET_BATCH[owner is not None], {"p_batch": batch_id, "p_owner": owner}).first()
             return _with_live_counts(conn, [batch_record(row)])[0] if row else None
@@ -48,6 +50,8 @@ class SqlBatchCatalog:
         self, owner: str | None, after: str | None, limit: int
     ) -> tuple[list[BatchRecord], bool] | None:
         """Newest first. None when the `after` cursor is unknown."""
+        if not storable(after):
+            return None
         query = select(_b).where(owned(_b, owner))
         with self.db.read() as conn:
             if after:
@@ -62,6 +66,8 @@ class SqlBatchCatalog:
         """Move a validating/in-progress batch to cancelling and skip its shards that never started.
 
         Returns the batch as it is afterwards (unchanged if it could not be cancelled)."""
+        if not storable(batch_id):
+            return None
         with self.db.write() as conn:
             where = and_(_b.c.id == batch_id, owned(_b, owner))
             moved = conn.execute(

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
 from overnight.files.private import create_private, tighten
@@ -25,6 +25,8 @@ from overnight.files.private import create_private, tighten
 # API's request threads; beyond it, short-lived overflow connections.
 POSTGRES_POOL_SIZE = 10
 POSTGRES_POOL_OVERFLOW = 20
+# An arbitrary constant naming the advisory lock migrations hold on PostgreSQL.
+_MIGRATION_LOCK = 7_263_114_001
 
 
 class Database:
@@ -46,7 +48,11 @@ class Database:
 
         cfg = Config()
         cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-        with self.engine.begin() as conn:
+        # Under the write lock, so two processes starting on a new database take turns: the second
+        # finds the tables at head instead of creating them again.
+        with self.write() as conn:
+            if not self.is_sqlite:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 

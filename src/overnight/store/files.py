@@ -10,7 +10,7 @@ from sqlalchemy import bindparam, select, update
 from overnight.store import schema as T
 from overnight.store.database import Database
 from overnight.store.records import FileRecord
-from overnight.store.rows import INSERT_FILE, VISIBLE_FILE, file_record, file_values, owned
+from overnight.store.rows import INSERT_FILE, VISIBLE_FILE, file_record, file_values, owned, storable
 
 _f = T.files
 # Scoped to an owner, and the admin view of every owner.
@@ -29,6 +29,8 @@ class SqlFileCatalog:
             conn.execute(INSERT_FILE, file_values(record))
 
     def get_file(self, owner: str | None, file_id: str, now: int) -> FileRecord | None:
+        if not storable(file_id):
+            return None
         with self.db.read() as conn:
             row = conn.execute(
                 _GET_FILE[owner is not None], {"p_file": file_id, "p_owner": owner, "p_now": now}
@@ -39,6 +41,10 @@ class SqlFileCatalog:
         self, owner: str | None, purpose: str | None, after: str | None, limit: int, order: str, now: int
     ) -> tuple[list[FileRecord], bool] | None:
         """A page of files and whether more follow; None when the `after` cursor is unknown."""
+        if not storable(after):
+            return None
+        if not storable(purpose):
+            return [], False
         descending = order == "desc"
         query = select(_f).where(owned(_f, owner), VISIBLE_FILE)
         if purpose:
@@ -55,6 +61,8 @@ class SqlFileCatalog:
 
     def delete_file(self, owner: str | None, file_id: str, now: int) -> bool:
         """Hide the file at once; housekeeping removes its row and bytes once nothing reads them."""
+        if not storable(file_id):
+            return False
         with self.db.write() as conn:
             result = conn.execute(
                 update(_f).where(_f.c.id == file_id, owned(_f, owner), VISIBLE_FILE).values(deleted_at=now),

@@ -220,6 +220,11 @@ _FINISH_BATCH = {
     )
     for final, stamp in ((C.COMPLETED, "completed_at"), (C.CANCELLED, "cancelled_at"), (C.EXPIRED, "expired_at"))
 }
+# Every transaction that writes a shard and its batch locks the batch first (commit, failure,
+# the finalize claim, cancel), so on PostgreSQL two of them never wait for each other in a cycle,
+# and "was this the last open shard?" is asked by one of them at a time. (No-op on SQLite, where
+# BEGIN IMMEDIATE already makes writers take turns.)
+_LOCK_BATCH = select(_b.c.id).where(_b.c.id == bindparam("p_batch")).with_for_update()
 _FAIL_BATCH = (
     update(_b)
     .where(_b.c.id == bindparam("p_batch"), _b.c.lease_token == bindparam("p_token"), _b.c.status == C.VALIDATING)
@@ -390,6 +395,7 @@ class SqlWorkQueue:
             "p_model": result.model,
         }
         with self.db.write() as conn:
+            conn.execute(_LOCK_BATCH, {"p_batch": batch_id})
             done = conn.execute(_COMMIT_SHARD, {
                 "p_shard": shard_id, "p_token": token, "p_result_key": result.result_key,
                 "p_output_bytes": result.output_bytes, "p_expired": result.expired, **counts,
@@ -407,6 +413,7 @@ class SqlWorkQueue:
         (`retry`), unless it failed with this same error before or `give_up`: then it is settled as
         failed (`failed`, or `batch_ready` when that was the batch's last open shard)."""
         with self.db.write() as conn:
+            conn.execute(_LOCK_BATCH, {"p_batch": batch_id})
             status = conn.execute(
                 _FAIL_SHARD, {"p_shard": shard_id, "p_token": token, "p_error": error, "p_give_up": give_up}
             ).scalar()

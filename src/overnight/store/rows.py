@@ -20,6 +20,12 @@ VISIBLE_FILE = and_(T.files.c.deleted_at.is_(None), or_(T.files.c.expires_at.is_
 INSERT_FILE = insert(T.files)
 
 
+def storable(*texts: str | None) -> bool:
+    """Whether strings can be looked up at all: PostgreSQL text cannot hold NUL (a `%00` in a
+    URL), so an id with one names nothing, on either database."""
+    return all(t is None or "\x00" not in t for t in texts)
+
+
 def owned(table: Any, owner: str | None) -> Any:
     """Rows of `owner`; None is the admin view (every owner)."""
     return True if owner is None else table.c.owner == owner
