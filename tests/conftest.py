@@ -22,6 +22,7 @@ import pytest
 
 from postgres import (  # noqa: F401 - the PostgreSQL fixtures, for every test
     database_url,
+    postgres_clean_url,
     postgres_empty_url,
     postgres_module_url,
     postgres_server,

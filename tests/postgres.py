@@ -4,16 +4,18 @@ The tests start their own server once per session (overnight.testing.postgres: i
 dir, `postgres` as the unprivileged `postgres` user on 127.0.0.1, fsync off) and stop it at the
 end, whatever happened; OVERNIGHT_TEST_DATABASE_URL=postgresql+psycopg://user@host:port/db uses
 a server of yours instead (the user needs CREATEDB). Every database is a fresh copy of a template
-that the migrations brought to head once: CREATE DATABASE ... TEMPLATE takes ~50 ms, a migration
-run on an empty database ~170 ms.
+that the migrations brought to head once: CREATE DATABASE ... TEMPLATE takes ~50 ms (up to ~450 ms
+on a busy machine), where migrating an empty database takes ~200-700 ms. Emptying a database
+(TRUNCATE) takes ~20 ms, so per-test isolation reuses the module's database.
 
-    postgres_server      session  the PostgresServer (create_database, drop_database, url)
+    postgres_server      session  the PostgresServer (create_database, empty_database, drop_database, url)
     postgres_template    session  the template database's name (migrated to head)
     postgres_module_url  module   a SQLAlchemy URL of a fresh migrated database for the module
-    postgres_url         function the same, one per test
+    postgres_clean_url   function postgres_module_url with every table emptied (ids restarted) first
+    postgres_url         function a fresh migrated database of its own (CREATE DATABASE per test)
     postgres_empty_url   function a fresh empty database (no tables): for migration tests
     database_url         function parametrized: [sqlite] a file in tmp_path (empty), [postgresql]
-                                  postgres_url; call MetadataStore(url).migrate() on either
+                                  postgres_clean_url; call MetadataStore(url).migrate() on either
 
 Every PostgreSQL parametrization carries the `postgres` marker: `-m "not postgres"` runs without it.
 """
@@ -25,6 +27,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from overnight.store.metadata import MetadataStore
 from overnight.testing.postgres import PostgresServer, PostgresUnavailable
@@ -81,6 +84,14 @@ def postgres_module_url(postgres_server: PostgresServer, postgres_template: str)
 
 
 @pytest.fixture
+def postgres_clean_url(postgres_server: PostgresServer, postgres_module_url: str) -> str:
+    database = make_url(postgres_module_url).database
+    assert database is not None
+    postgres_server.empty_database(database)
+    return postgres_module_url
+
+
+@pytest.fixture
 def postgres_url(postgres_server: PostgresServer, postgres_template: str) -> Iterator[str]:
     yield from _fresh_database(postgres_server, postgres_template, "overnight_test")
 
@@ -93,7 +104,7 @@ def postgres_empty_url(postgres_server: PostgresServer) -> Iterator[str]:
 @pytest.fixture(params=DIALECTS)
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "postgresql":
-        url: str = request.getfixturevalue("postgres_url")
+        url: str = request.getfixturevalue("postgres_clean_url")
         return url
     return f"sqlite:///{tmp_path / 'db.sqlite'}"
 

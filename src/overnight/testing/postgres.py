@@ -1,8 +1,9 @@
 """A throwaway PostgreSQL server for tests and benchmarks, and fast fresh databases on it.
 
-    with PostgresServer.start() as pg:          # initdb + postgres in a temp dir (~1-2 s)
+    with PostgresServer.start() as pg:          # initdb + postgres in a temp dir (0.7-2 s)
         pg.create_database("tmpl")               # empty; migrate it, then use it as a template
-        url = pg.create_database("t1", template="tmpl")   # a copy, in tens of milliseconds
+        url = pg.create_database("t1", template="tmpl")   # a copy: 50 ms (450 ms on a busy machine)
+        pg.empty_database("t1")                  # its rows gone again: 20 ms
 
 The server is Debian's PostgreSQL 15 (`apt-get install postgresql-15`; `./dev test` installs it),
 run from its binaries, not as a system service: initdb into a fresh temp dir, `postgres` listening
@@ -249,6 +250,18 @@ class PostgresServer:
         self.execute([f"DROP DATABASE IF EXISTS {_quote_ident(name)} WITH (FORCE)"])
         if name in self.created:
             self.created.remove(name)
+
+    def empty_database(self, name: str, keep: Sequence[str] = ("alembic_version",)) -> None:
+        """Delete every row of every table but `keep` and restart the id sequences (TRUNCATE: ~20 ms,
+        where a fresh copy of a template takes 50-450 ms)."""
+        import psycopg
+
+        with psycopg.connect(self.conninfo(name), autocommit=True) as conn:
+            conn.execute(b"SET lock_timeout = '10s'")  # a session left in a transaction: fail, not hang
+            rows = conn.execute(b"SELECT tablename FROM pg_tables WHERE schemaname = current_schema()").fetchall()
+            tables = [_quote_ident(row[0]) for row in rows if row[0] not in keep]
+            if tables:
+                conn.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE".encode())
 
     def drop_created(self) -> None:
         for name in reversed(list(self.created)):
