@@ -20,6 +20,16 @@ from typing import Any
 import openai
 import pytest
 
+from postgres import (  # noqa: F401 - the PostgreSQL fixtures, for every test
+    database_url,
+    postgres_clean_url,
+    postgres_empty_url,
+    postgres_module_url,
+    postgres_server,
+    postgres_template,
+    postgres_url,
+)
+
 TERMINAL = {"completed", "failed", "cancelled", "expired"}
 API_KEY = "sk-test-alice"
 OTHER_KEY = "sk-test-bob"

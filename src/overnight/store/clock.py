@@ -13,7 +13,8 @@ from sqlalchemy.sql.expression import FunctionElement
 
 
 class database_now(FunctionElement[float]):
-    """The database server's current time in epoch seconds (not the transaction's start)."""
+    """The database server's current time in epoch seconds: the statement's start, so a whole
+    statement sees one time, and not the transaction's start, which can be long past."""
 
     type = Float()
     inherit_cache = True
@@ -21,7 +22,7 @@ class database_now(FunctionElement[float]):
 
 @compiles(database_now, "postgresql")
 def _postgresql_now(_element: database_now, _compiler: Any, **_kw: Any) -> str:
-    return "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
+    return "CAST(EXTRACT(EPOCH FROM statement_timestamp()) AS DOUBLE PRECISION)"
 
 
 @compiles(database_now, "sqlite")

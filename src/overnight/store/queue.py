@@ -392,7 +392,7 @@ class SqlWorkQueue:
             "p_cached_tokens": result.cached_tokens,
             "p_output_tokens": result.output_tokens,
             "p_reasoning_tokens": result.reasoning_tokens,
-            "p_model": result.model,
+            "p_model": result.model.replace("\x00", "") if result.model else None,  # PostgreSQL text has no NUL
         }
         with self.db.write() as conn:
             conn.execute(_LOCK_BATCH, {"p_batch": batch_id})
@@ -414,9 +414,9 @@ class SqlWorkQueue:
         failed (`failed`, or `batch_ready` when that was the batch's last open shard)."""
         with self.db.write() as conn:
             conn.execute(_LOCK_BATCH, {"p_batch": batch_id})
-            status = conn.execute(
-                _FAIL_SHARD, {"p_shard": shard_id, "p_token": token, "p_error": error, "p_give_up": give_up}
-            ).scalar()
+            status = conn.execute(_FAIL_SHARD, {
+                "p_shard": shard_id, "p_token": token, "p_error": error.replace("\x00", ""), "p_give_up": give_up,
+            }).scalar()
             if status is None:
                 return "lost"
             if status == C.SHARD_PENDING:

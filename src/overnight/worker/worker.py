@@ -128,11 +128,16 @@ class Worker:
         try:
             while not stop.is_set():
                 claimed = False
-                if self._batch_due or time.monotonic() >= next_batch_poll:
-                    self._batch_due = False
-                    next_batch_poll = time.monotonic() + self.settings.poll_seconds
-                    claimed = await self._claim_batch_task(running)
-                claimed = await self._claim_shards(running) or claimed
+                try:
+                    if self._batch_due or time.monotonic() >= next_batch_poll:
+                        self._batch_due = False
+                        next_batch_poll = time.monotonic() + self.settings.poll_seconds
+                        claimed = await self._claim_batch_task(running)
+                    claimed = await self._claim_shards(running) or claimed
+                except Exception:
+                    # The database restarted or a connection dropped: what was not claimed is
+                    # claimed on a later turn. A claim loop that died would leave the worker idle.
+                    log.exception("claiming work failed; trying again")
                 if not claimed:
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):
