@@ -288,9 +288,9 @@ class Worker:
                 await asyncio.wait_for(stop.wait(), self.janitor_seconds)
 
     def collect_garbage(self, orphan_age: float = ORPHAN_AGE_SECONDS) -> int:
-        """Remove bytes of deleted/expired files, and objects no row names (crashed writers);
-        returns how many objects. Also removes empty directories (earlier versions left one per
-        batch), younger ones too when `orphan_age` says no writer runs."""
+        """Remove bytes of deleted/expired files, objects no row names and unfinished uploads
+        (crashed writers); returns how many objects. Also removes empty directories (earlier
+        versions left one per batch), younger ones too when `orphan_age` says no writer runs."""
         removed = 0
         for key in self.store.collect_garbage(int(self.clock())):
             self.files.delete(key)
@@ -304,6 +304,9 @@ class Worker:
                     if key not in live and not self._belongs_to_active_batch(key):
                         self.files.delete(key)
                         removed += 1
+        stale = self.files.abort_stale_uploads(self.clock() - orphan_age)
+        if stale:
+            log.info("discarded %d unfinished uploads", stale)
         dirs = self.files.remove_empty_dirs(self.clock() - min(orphan_age, EMPTY_DIR_AGE_SECONDS))
         if dirs:
             log.info("removed %d empty directories", dirs)
