@@ -223,22 +223,28 @@ class S3FileStore:
         resumes = 0
         try:
             while position < size:
-                try:
-                    chunk = bytes(body.read(min(chunk_size, size - position)))
-                    if not chunk:
-                        raise bx.IncompleteReadError(actual_bytes=position, expected_bytes=size)
-                except _NETWORK_ERRORS as exc:
-                    resumes += 1
-                    if resumes > _MAX_RESUMES:
-                        raise self._translate(exc, "read", full, resumes) from None
-                    # Resume where the stream broke, from the same version of the object.
-                    log.warning("reading %s broke at byte %d of %d (%s); resuming", full, position, size,
-                                type(exc).__name__)
-                    body.close()
-                    body = self._call("read", full, partial(self._get_rest, full, position, etag))
-                    continue
-                position += len(chunk)
-                yield chunk
+                want = min(chunk_size, size - position)
+                pieces: list[bytes] = []
+                have = 0
+                while have < want:  # a short read (the stream broke) is topped up after resuming
+                    try:
+                        piece = bytes(body.read(want - have))
+                        if not piece:
+                            raise bx.IncompleteReadError(actual_bytes=position + have, expected_bytes=size)
+                    except _NETWORK_ERRORS as exc:
+                        resumes += 1
+                        if resumes > _MAX_RESUMES:
+                            raise self._translate(exc, "read", full, f" (the stream broke {resumes} times)") from None
+                        # Resume where the stream broke, from the same version of the object.
+                        log.warning("reading %s broke at byte %d of %d (%s); resuming", full, position + have, size,
+                                    type(exc).__name__)
+                        body.close()
+                        body = self._call("read", full, partial(self._get_rest, full, position + have, etag))
+                        continue
+                    pieces.append(piece)
+                    have += len(piece)
+                position += have
+                yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
         finally:
             body.close()
 
@@ -349,8 +355,11 @@ class S3FileStore:
         self._conditional("write", key, put, md5)
 
     def _complete_new(self, key: str, upload_id: str, parts: list[dict[str, Any]]) -> None:
-        digests = b"".join(bytes.fromhex(str(part["ETag"]).strip('"')) for part in parts)
-        expected = f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(parts)}"
+        try:  # S3's multipart ETag: the MD5 of the parts' MD5s, then "-" and their number
+            digests = b"".join(bytes.fromhex(str(part["ETag"]).strip('"')) for part in parts)
+            expected = f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(parts)}"
+        except ValueError:  # a server whose part ETags are not MD5s: a 412 is then always refused
+            expected = ""
 
         def complete() -> None:
             args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "UploadId": upload_id,
@@ -392,7 +401,8 @@ class S3FileStore:
     def _call(self, action: str, key: str, fn: Callable[[], _T], window: float | None = None) -> _T:
         """`fn()`, retried on transient failures for `window` (default `retry_seconds`) seconds;
         other failures become errors that say what to fix."""
-        deadline = time.monotonic() + (self.retry_seconds if window is None else window)
+        started = time.monotonic()
+        deadline = started + (self.retry_seconds if window is None else window)
         delay = 0.05
         attempt = 0
         while True:
@@ -401,14 +411,16 @@ class S3FileStore:
                 return fn()
             except (bx.ClientError, bx.BotoCoreError) as exc:
                 if not _transient(exc) or time.monotonic() + delay > deadline:
-                    raise self._translate(exc, action, key, attempt) from None
+                    tries = f" (tried {attempt} times in {time.monotonic() - started:.0f} s)" if attempt > 1 else ""
+                    raise self._translate(exc, action, key, tries) from None
                 if attempt == 1:
-                    log.warning("object storage %s: %s %s failed (%s); retrying for up to %.0f s",
-                                self.describe(), action, key, _summary(exc), deadline - time.monotonic())
+                    log.warning("object storage %s: cannot %s %s (%s); retrying for up to %.0f s",
+                                self.describe(), action, key or "the bucket", _summary(exc),
+                                deadline - time.monotonic())
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 2.0)
 
-    def _translate(self, exc: Exception, action: str, key: str, attempts: int) -> OSError:
+    def _translate(self, exc: Exception, action: str, key: str, tries: str = "") -> OSError:
         where = self.describe()
         what = f"cannot {action} {key or 'the bucket'} in {where}"
         if isinstance(exc, bx.NoCredentialsError):
@@ -417,7 +429,6 @@ class S3FileStore:
         if not isinstance(exc, bx.ClientError) and not _transient(exc):
             return S3StorageError(errno.EIO, f"{what}: {_summary(exc)}")
         if not isinstance(exc, bx.ClientError):
-            tries = f" (tried {attempts} times over {self.retry_seconds:.0f} s)" if attempts > 1 else ""
             return S3UnavailableError(errno.EHOSTUNREACH, f"{what}: the endpoint does not answer{tries}: "
                                       f"{_summary(exc)}. Check that the server runs and that the endpoint "
                                       "(in --storage-url, or AWS_ENDPOINT_URL) is right")
@@ -438,7 +449,6 @@ class S3FileStore:
             return S3StorageError(errno.ENOSYS, f"{what}: not supported by this server ({code})")
         if status == 409 and code == "ConditionalRequestConflict":
             return ObjectExistsError(errno.EEXIST, f"{what}: another write to this key raced ours ({code})", key)
-        tries = f" after {attempts} tries" if attempts > 1 else ""
         return S3StorageError(errno.EIO, f"{what}: {code} (HTTP {status}){tries}: {_message(exc)}")
 
 

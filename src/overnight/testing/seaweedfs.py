@@ -131,6 +131,7 @@ class SeaweedFS:
         self.startup_timeout = startup_timeout
         self.ports: dict[str, int] = {}
         self.proc: subprocess.Popen[bytes] | None = None
+        self._closed = False
 
     # -- addresses --------------------------------------------------------------------------
 
@@ -165,6 +166,8 @@ class SeaweedFS:
 
     def start(self) -> SeaweedFS:
         """Start (or restart, on the same directory and ports) and wait until the bucket answers."""
+        if self._closed:
+            raise SeaweedFSError("this SeaweedFS was closed (its directory may be gone); make a new one")
         if self.running:
             return self
         first = not self.ports
@@ -202,6 +205,7 @@ class SeaweedFS:
 
     def close(self) -> None:
         """Stop, and remove the directory if this object made it."""
+        self._closed = True
         self.stop(graceful=False)  # the data goes anyway: no need to wait for a clean shutdown
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -241,8 +245,10 @@ class SeaweedFS:
         deadline = time.monotonic() + self.startup_timeout
         bucket_url = f"{self.endpoint_url}/{self.bucket}"
         while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                raise SeaweedFSError(f"weed mini exited with {self.proc and self.proc.returncode}:\n{self.log_tail()}")
+            if self.proc is None:
+                raise SeaweedFSError("stopped while starting")
+            if self.proc.poll() is not None:
+                raise SeaweedFSError(f"weed mini exited with {self.proc.returncode}:\n{self.log_tail()}")
             status = self._request("HEAD", bucket_url)
             if status == 200:
                 return
