@@ -21,8 +21,9 @@ from overnight.engines.port import Engine
 from overnight.engines.router import Route, Router
 from overnight.engines.upstream import UpstreamEngine
 from overnight.files.local import LocalFileStore
+from overnight.files.port import FileStore
 from overnight.files.private import make_private_dirs
-from overnight.settings import HttpSettings, Settings
+from overnight.settings import HttpSettings, Settings, parse_storage_url
 from overnight.store.metadata import MetadataStore
 from overnight.worker.worker import Worker
 
@@ -33,7 +34,7 @@ log = logging.getLogger("overnight")
 class Components:
     settings: Settings
     store: MetadataStore
-    files: LocalFileStore
+    files: FileStore
     router: Router
     worker: Worker
     services: Services
@@ -164,6 +165,32 @@ def load_authenticator(
     return Authenticator(hashes)
 
 
+def open_file_store(settings: Settings) -> FileStore:
+    """The data directory, or the object store `settings.storage_url` names, checked to be usable
+    (the bucket exists, the credentials work, the endpoint answers) before anything runs."""
+    if not settings.storage_url:
+        return LocalFileStore(settings.data_dir)
+    try:
+        location = parse_storage_url(settings.storage_url, settings.storage_env)
+    except ValueError as exc:
+        raise ConfigurationError(f"--storage-url: {exc}.") from None
+    try:
+        from overnight.files.s3 import S3FileStore, S3StorageError
+    except ImportError:
+        raise ConfigurationError("--storage-url s3://... needs boto3: pip install 'overnight[s3]'.") from None
+    files = S3FileStore(
+        location.bucket, location.prefix, location.endpoint_url, location.region, location.access_key,
+        location.secret_key, location.session_token, part_size=location.part_size,
+        conditional_writes=location.conditional_writes,
+    )
+    try:
+        files.check()
+    except S3StorageError as exc:
+        raise ConfigurationError(f"{exc.strerror}.") from None
+    log.info("file bytes in %s", files.describe())
+    return files
+
+
 def check_http_settings(http: HttpSettings) -> None:
     """Values that cannot work: timeouts that cut off every request, a header limit no client fits in,
     negative budgets."""
@@ -182,7 +209,7 @@ def build(settings: Settings, announce: Callable[[str], None] | None = print) ->
     make_private_dirs(settings.data_dir)
     store = MetadataStore(settings.resolved_database_url)
     store.migrate()
-    files = LocalFileStore(settings.data_dir)
+    files = open_file_store(settings)
     router = build_router(settings)
     worker = Worker(store, files, router, settings.worker, settings.limits)
     services = Services(
