@@ -111,9 +111,10 @@ def test_two_at_once_do_not_collide() -> None:
 def test_no_server_outlives_its_parent(ending: str, tmp_path: Path) -> None:
     """An interpreter that ends without closing it (atexit), or is killed (PR_SET_PDEATHSIG)."""
     script = textwrap.dedent(f"""
-        import os, sys, time
+        import time
+        from pathlib import Path
         from overnight.testing.seaweedfs import SeaweedFS
-        s3 = SeaweedFS().start()
+        s3 = SeaweedFS(Path({str(tmp_path / "sw")!r})).start()  # in tmp_path: a killed parent cannot remove it
         print(s3.proc.pid, flush=True)
         if {ending!r} == "sigkill":
             time.sleep(60)
