@@ -20,6 +20,7 @@ from typing import Any
 import openai
 import pytest
 
+from overnight.testing.seaweedfs import SeaweedFS
 from postgres import (  # noqa: F401 - the PostgreSQL fixtures, for every test
     database_url,
     postgres_clean_url,
@@ -274,3 +275,24 @@ def results_by_id(client: openai.OpenAI, batch: Any) -> tuple[dict[str, Any], di
     assert len(set(err_ids)) == len(err_ids), "duplicate custom_id in the error file"
     assert not set(out_ids) & set(err_ids), "a custom_id is in both files"
     return {x["custom_id"]: x for x in out}, {x["custom_id"]: x for x in err}
+
+
+# -- object storage: a real S3 server (SeaweedFS on 127.0.0.1) --------------------------------
+
+
+@pytest.fixture(scope="session")
+def seaweedfs() -> Iterator[SeaweedFS]:
+    """One SeaweedFS for the session (about a second to start); each test keeps to its own key
+    prefix. A test that stops or restarts the server makes its own with `SeaweedFS()` instead."""
+    with SeaweedFS() as s3:
+        yield s3
+
+
+def s3_file_store(s3: SeaweedFS, prefix: str | None = None, **kwargs: Any) -> Any:
+    """An S3FileStore on `s3`, under a fresh prefix unless one is given."""
+    import uuid
+
+    from overnight.files.s3 import S3FileStore
+
+    return S3FileStore(s3.bucket, prefix if prefix is not None else f"t-{uuid.uuid4().hex[:12]}", s3.endpoint_url,
+                       s3.region, s3.access_key, s3.secret_key, **kwargs)

@@ -20,6 +20,7 @@ import orjson
 from overnight import __version__
 from overnight import constants as C
 from overnight.settings import (
+    STORAGE_ENV_VARS,
     EmbeddedSettings,
     Settings,
     load_config_file,
@@ -43,6 +44,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
         metavar="PATTERN=BASE_URL",
         help="route models matching PATTERN (exact name or glob like 'gpt-*') to an OpenAI-compatible "
         "server, e.g. '*=http://127.0.0.1:8001/v1'. Repeatable; first match wins after exact names.",
+    )
+    parser.add_argument(
+        "--storage-url", default=None, metavar="s3://BUCKET/PREFIX?endpoint=URL&region=REGION",
+        help="keep file bytes in an S3-compatible object store instead of --data-dir (metadata stays in "
+        "--database-url); credentials from the URL's access_key/secret_key or AWS_ACCESS_KEY_ID/"
+        "AWS_SECRET_ACCESS_KEY, endpoint and region also from AWS_ENDPOINT_URL/AWS_REGION",
     )
     parser.add_argument("--config", type=Path, default=None, help="TOML config file (see README)")
     parser.add_argument("--no-embedded", action="store_true", help="do not load the embedded engines")
@@ -161,6 +168,8 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         http=http,
         run_worker=not getattr(args, "no_worker", False),
         worker_processes=_int_or(getattr(args, "workers", None), settings.worker_processes),
+        storage_url=args.storage_url or env.get("OVERNIGHT_STORAGE_URL") or settings.storage_url,
+        storage_env={name: env[name] for name in STORAGE_ENV_VARS if env.get(name)},
     )
 
 

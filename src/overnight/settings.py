@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 GiB = 1024**3
 MiB = 1024**2
@@ -132,10 +134,91 @@ class Settings:
     run_worker: bool = True
     # `overnight serve` runs the worker in this many child processes (0: inside the API process).
     worker_processes: int = 1
+    # Where file bytes live: None, the data directory's blobs/; `s3://BUCKET/PREFIX?endpoint=...`,
+    # an S3-compatible object store (see `parse_storage_url`). The metadata stays in database_url.
+    storage_url: str | None = field(default=None, repr=False)  # may hold a secret key
+    # The standard AWS variables (STORAGE_ENV_VARS) as cli.py found them: what the URL leaves out.
+    storage_env: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'overnight.db').resolve()}"
+
+
+STORAGE_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+                    "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+@dataclass(frozen=True, slots=True)
+class S3Location:
+    """Where and how to reach an S3 bucket; `repr` leaves the credentials out."""
+
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None  # None: AWS itself
+    region: str = "us-east-1"
+    access_key: str | None = field(default=None, repr=False)  # None: boto3's own chain (profile, role)
+    secret_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    part_size: int = 8 * MiB
+    conditional_writes: bool = True
+
+
+_S3_QUERY_KEYS = ("endpoint", "region", "access_key", "secret_key", "session_token", "part_size_mib", "conditional")
+
+
+def parse_storage_url(url: str, env: Mapping[str, str]) -> S3Location:
+    """`s3://BUCKET/PREFIX?endpoint=URL&region=R&access_key=K&secret_key=S` (everything after the
+    bucket optional; percent-encode a secret's reserved characters, '+' stays '+'). What the query
+    leaves out comes from the AWS variables in `env`; no endpoint means AWS. Also `part_size_mib`
+    (multipart part size, at least 5) and `conditional=false` (for servers that refuse
+    If-None-Match). ValueError says what is wrong, never with a secret in it."""
+    parts = urlsplit(url)
+    if parts.scheme != "s3":
+        raise ValueError(f"unsupported storage URL scheme {parts.scheme + '://' if parts.scheme else url!r}: "
+                         "use s3://BUCKET/PREFIX?endpoint=..., or leave it out to keep files in the data directory")
+    if not parts.netloc or "@" in parts.netloc:
+        raise ValueError("the storage URL needs a bucket: s3://BUCKET/PREFIX (credentials go in the query, "
+                         "access_key=...&secret_key=..., or in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
+    query: dict[str, str] = {}
+    for item in filter(None, parts.query.split("&")):
+        name, _, value = item.partition("=")
+        if name not in _S3_QUERY_KEYS:
+            raise ValueError(f"unknown storage URL parameter {name!r} (known: {', '.join(_S3_QUERY_KEYS)})")
+        query[name] = unquote(value)
+    endpoint = query.get("endpoint") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+        raise ValueError(f"the S3 endpoint {endpoint!r} must start with http:// or https://")
+    if ("access_key" in query) != ("secret_key" in query):
+        raise ValueError("give both access_key and secret_key in the storage URL, or neither")
+    access_key: str | None
+    secret_key: str | None
+    if "access_key" in query:
+        access_key, secret_key, token = query["access_key"], query["secret_key"], query.get("session_token")
+    else:
+        access_key = env.get("AWS_ACCESS_KEY_ID") or None
+        secret_key = env.get("AWS_SECRET_ACCESS_KEY") or None
+        token = query.get("session_token") or env.get("AWS_SESSION_TOKEN") or None
+    try:
+        part_size = int(float(query.get("part_size_mib", "8")) * MiB)
+    except ValueError:
+        raise ValueError("part_size_mib must be a number (MiB)") from None
+    if part_size < 5 * MiB:
+        raise ValueError("part_size_mib must be at least 5 (the S3 minimum part size)")
+    conditional = query.get("conditional", "true").lower()
+    if conditional not in ("true", "false", "1", "0"):
+        raise ValueError("conditional must be true or false")
+    return S3Location(
+        bucket=parts.netloc,
+        prefix=parts.path.strip("/"),
+        endpoint_url=endpoint.rstrip("/") if endpoint else None,
+        region=query.get("region") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+        access_key=access_key,
+        secret_key=secret_key,
+        session_token=token,
+        part_size=part_size,
+        conditional_writes=conditional in ("true", "1"),
+    )
 
 
 def parse_upstream_flag(value: str) -> UpstreamSettings:
@@ -171,6 +254,8 @@ def load_config_file(path: Path, base: Settings) -> Settings:
         changes["fallback_to_default"] = bool(raw["fallback_to_default"])
     if "api_keys" in raw:
         changes["api_keys"] = base.api_keys + tuple(raw["api_keys"])
+    if "storage_url" in raw:
+        changes["storage_url"] = str(raw["storage_url"])
     if "admin_keys" in raw:
         changes["admin_keys"] = base.admin_keys + tuple(raw["admin_keys"])
     return replace(base, **changes)  # type: ignore[arg-type]

@@ -4,6 +4,7 @@
 - orphans: objects no row names (a writer that crashed before its commit, a results object of a
   lost lease), once they are `orphan_age` old: a running shard's results object is named by no
   row until its commit, so objects of active batches are kept whatever their age;
+- unfinished uploads (temp files, multipart uploads) whose writer died;
 - empty directories that earlier versions left behind (one per batch).
 """
 
@@ -41,6 +42,9 @@ def collect_garbage(catalog: StorageCatalog, files: FileStore, now: float,
                 if key not in live and not _belongs_to_active_batch(catalog, key):
                     files.delete(key)
                     removed += 1
+    stale = files.abort_stale_uploads(now - orphan_age)
+    if stale:
+        log.info("discarded %d unfinished uploads", stale)
     dirs = files.remove_empty_dirs(now - min(orphan_age, EMPTY_DIR_AGE_SECONDS))
     if dirs:
         log.info("removed %d empty directories", dirs)

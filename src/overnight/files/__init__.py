@@ -1,4 +1,5 @@
-"""File-bytes port and adapters: a local directory (default) and an in-memory twin for unit tests."""
+"""File-bytes port and adapters: a local directory (default), an in-memory twin for unit tests, and
+S3-compatible object storage (`overnight.files.s3`, imported only when configured: it needs boto3)."""
 
 from overnight.files.local import LocalFileStore
 from overnight.files.memory import MemoryFileStore

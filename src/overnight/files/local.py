@@ -126,6 +126,20 @@ class LocalFileStore:
                 yield path.relative_to(self._blobs).as_posix()
 
 
+    def abort_stale_uploads(self, older_than: float) -> int:
+        """Remove temp files last written before `older_than`: writers that died (a killed worker
+        process) before they could remove their own."""
+        removed = 0
+        for path in self._tmp.iterdir():
+            try:
+                if path.stat().st_mtime < older_than:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:  # published or removed meanwhile
+                continue
+        return removed
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

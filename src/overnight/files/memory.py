@@ -30,12 +30,17 @@ class MemoryFileStore:
         self.blobs[key] = (b"".join(writer.parts), time.time())
 
     def read_range(self, key: str, offset: int, length: int) -> bytes:
-        return self.blobs[key][0][offset : offset + length]
+        return self._get(key)[offset : offset + length]
 
     def iter_chunks(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-        data = self.blobs[key][0]
+        data = self._get(key)
         for start in range(0, len(data), chunk_size):
             yield data[start : start + chunk_size]
+
+    def _get(self, key: str) -> bytes:
+        if key not in self.blobs:
+            raise FileNotFoundError(f"no blob {key!r}")
+        return self.blobs[key][0]
 
     def exists(self, key: str) -> bool:
         return key in self.blobs
@@ -48,3 +53,6 @@ class MemoryFileStore:
 
     def list_keys(self, prefix: str, older_than: float) -> Iterator[str]:
         return iter([k for k, (_, t) in self.blobs.items() if k.startswith(prefix) and t < older_than])
+
+    def abort_stale_uploads(self, older_than: float) -> int:
+        return 0  # a write that fails publishes nothing and leaves nothing behind

@@ -48,3 +48,9 @@ class FileStore(Protocol):
     def list_keys(self, prefix: str, older_than: float) -> Iterator[str]:
         """Keys under `prefix` last written before the epoch time `older_than`."""
         ...
+
+    def abort_stale_uploads(self, older_than: float) -> int:
+        """Discard writes begun before the epoch time `older_than` that never finished (their
+        writer died before it could clean up: an object store's open multipart uploads, a
+        directory's temp files); returns how many."""
+        ...

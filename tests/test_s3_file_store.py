@@ -1,0 +1,183 @@
+"""What only the S3 adapter has to get right, on a real server (SeaweedFS on 127.0.0.1): aborted
+uploads leave nothing, conditional writes never overwrite, errors say what to fix, abandoned
+uploads are cleaned up, keys live under the prefix. Inspection goes through the store's own boto3
+client, straight to the server."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import pytest
+
+from conftest import free_port, s3_file_store, serve_refused
+from overnight.files.s3 import (
+    ObjectExistsError,
+    S3AccessError,
+    S3BucketMissingError,
+    S3FileStore,
+    S3UnavailableError,
+)
+from overnight.testing.seaweedfs import SeaweedFS
+
+MiB = 1024 * 1024
+PART = 5 * MiB
+
+
+def open_uploads(store: S3FileStore) -> list[dict[str, Any]]:
+    return list(store.client.list_multipart_uploads(Bucket=store.bucket, Prefix=store.prefix).get("Uploads", []))
+
+
+def raw_keys(store: S3FileStore) -> list[str]:
+    page = store.client.list_objects_v2(Bucket=store.bucket, Prefix=store.prefix)
+    return sorted(item["Key"] for item in page.get("Contents", []))
+
+
+def test_an_exception_mid_upload_leaves_no_object_and_no_open_upload(seaweedfs: SeaweedFS) -> None:
+    store = s3_file_store(seaweedfs, part_size=PART)
+    with pytest.raises(ValueError, match="bad line"), store.writer("files/f") as out:
+        for _ in range(11):
+            out.write(b"x" * MiB)
+        assert open_uploads(store), "two parts are out: a multipart upload is open"
+        raise ValueError("bad line")
+    assert not store.exists("files/f")
+    assert open_uploads(store) == []
+    assert raw_keys(store) == []
+
+
+def test_one_part_is_one_put_and_more_is_a_multipart_upload(seaweedfs: SeaweedFS) -> None:
+    store = s3_file_store(seaweedfs, part_size=PART)
+    for key, size in (("files/small", 1000), ("files/one-part", PART), ("files/three-parts", 2 * PART + 1)):
+        with store.writer(key) as out:
+            for start in range(0, size, MiB):
+                out.write(b"y" * min(MiB, size - start))
+        head = store.client.head_object(Bucket=store.bucket, Key=store.prefix + key)
+        assert head["ContentLength"] == size
+        etag = head["ETag"].strip('"')
+        assert etag.endswith("-3") if key == "files/three-parts" else "-" not in etag, (key, etag)
+
+
+def test_a_conditional_write_never_overwrites(seaweedfs: SeaweedFS) -> None:
+    store = s3_file_store(seaweedfs, part_size=PART)
+    with store.writer("results/b/0000000.1.jsonl") as out:
+        out.write(b"first\n")
+    with pytest.raises(ObjectExistsError, match="already has this key") as caught, \
+            store.writer("results/b/0000000.1.jsonl") as out:
+        out.write(b"second\n")
+    assert isinstance(caught.value, FileExistsError)
+    # The same for a multipart upload: refused at completion, and the upload aborted.
+    with pytest.raises(ObjectExistsError), store.writer("results/b/0000000.1.jsonl") as out:
+        out.write(b"z" * (2 * PART))
+    assert b"".join(store.iter_chunks("results/b/0000000.1.jsonl")) == b"first\n"
+    assert open_uploads(store) == []
+
+
+def test_our_own_write_landing_twice_is_not_a_conflict(seaweedfs: SeaweedFS) -> None:
+    """A write whose answer was lost is sent again and meets 412: the stored ETag tells whether the
+    object is that very write (success) or someone else's (refused)."""
+    store = s3_file_store(seaweedfs, part_size=PART)
+    store._put_new(store.prefix + "files/p", bytearray(b"payload"))
+    store._put_new(store.prefix + "files/p", bytearray(b"payload"))  # the retry: fine
+    with pytest.raises(ObjectExistsError):
+        store._put_new(store.prefix + "files/p", bytearray(b"other payload"))
+
+    key = store.prefix + "files/m"
+    parts = []
+    upload_id = store.client.create_multipart_upload(Bucket=store.bucket, Key=key)["UploadId"]
+    for number, data in ((1, b"a" * PART), (2, b"tail")):
+        etag = store.client.upload_part(Bucket=store.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                                        Body=data)["ETag"]
+        parts.append({"PartNumber": number, "ETag": etag})
+    store._complete_new(key, upload_id, parts)
+    store._complete_new(key, upload_id, parts)  # the retry: fine
+    other = store.client.create_multipart_upload(Bucket=store.bucket, Key=key)["UploadId"]
+    etag = store.client.upload_part(Bucket=store.bucket, Key=key, UploadId=other, PartNumber=1, Body=b"b")["ETag"]
+    with pytest.raises(ObjectExistsError):
+        store._complete_new(key, other, [{"PartNumber": 1, "ETag": etag}])
+    store.client.abort_multipart_upload(Bucket=store.bucket, Key=key, UploadId=other)
+    expected = hashlib.md5(b"a" * PART + b"tail").hexdigest()
+    assert hashlib.md5(b"".join(store.iter_chunks("files/m"))).hexdigest() == expected
+
+
+def test_bad_credentials_say_what_to_fix(seaweedfs: SeaweedFS) -> None:
+    secret = "wrong-" + seaweedfs.secret_key[:10]
+    store = S3FileStore(seaweedfs.bucket, "p", seaweedfs.endpoint_url, seaweedfs.region, seaweedfs.access_key, secret)
+    with pytest.raises(S3AccessError, match="AWS_SECRET_ACCESS_KEY") as caught:
+        store.check()
+    assert secret not in str(caught.value)
+    for operation in (lambda: store.read_range("files/x", 0, 10), lambda: store.delete("files/x"),
+                      lambda: list(store.list_keys("files/", time.time()))):
+        with pytest.raises(PermissionError, match="access denied"):
+            operation()
+    with pytest.raises(PermissionError), store.writer("files/x") as out:
+        out.write(b"data")
+
+
+def test_a_missing_bucket_says_so(seaweedfs: SeaweedFS) -> None:
+    store = S3FileStore("no-such-bucket", "", seaweedfs.endpoint_url, seaweedfs.region, seaweedfs.access_key,
+                        seaweedfs.secret_key)
+    with pytest.raises(S3BucketMissingError, match=r"bucket 'no-such-bucket' does not exist\. Create it"):
+        store.check()
+    with pytest.raises(S3BucketMissingError), store.writer("files/x") as out:
+        out.write(b"data")
+
+
+def test_an_unreachable_endpoint_says_so_after_retrying() -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens
+    store = S3FileStore("b", "", endpoint, "us-east-1", "k", "s", retry_seconds=1.0, connect_timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(S3UnavailableError, match=f"{endpoint}.*does not answer") as caught:
+        store.check(timeout=1.0)
+    assert isinstance(caught.value, ConnectionError)
+    with pytest.raises(S3UnavailableError, match="tried"):
+        store.read_range("files/x", 0, 1)
+    assert time.monotonic() - started < 6
+
+
+def test_abandoned_uploads_are_aborted_under_the_prefix_only(seaweedfs: SeaweedFS) -> None:
+    store = s3_file_store(seaweedfs, part_size=PART)
+    neighbour = s3_file_store(seaweedfs, part_size=PART)
+    for s in (store, neighbour):
+        upload_id = s.client.create_multipart_upload(Bucket=s.bucket, Key=s.prefix + "files/crashed")["UploadId"]
+        s.client.upload_part(Bucket=s.bucket, Key=s.prefix + "files/crashed", UploadId=upload_id, PartNumber=1,
+                             Body=b"p" * PART)
+    assert store.abort_stale_uploads(time.time() - 3600) == 0  # started just now
+    assert len(open_uploads(store)) == 1
+    assert store.abort_stale_uploads(time.time() + 5) == 1
+    assert open_uploads(store) == []
+    assert len(open_uploads(neighbour)) == 1  # another prefix: not ours to touch
+    assert neighbour.abort_stale_uploads(time.time() + 5) == 1
+
+
+def test_keys_live_under_the_prefix(seaweedfs: SeaweedFS) -> None:
+    tenant_a = s3_file_store(seaweedfs, prefix="tenant-a/overnight/")
+    tenant_b = s3_file_store(seaweedfs, prefix="tenant-b")
+    with tenant_a.writer("files/file-1") as out:
+        out.write(b"a")
+    assert raw_keys(tenant_a) == ["tenant-a/overnight/files/file-1"]
+    assert list(tenant_a.list_keys("files/", time.time() + 2)) == ["files/file-1"]
+    assert not tenant_b.exists("files/file-1")
+    assert list(tenant_b.list_keys("files/", time.time() + 2)) == []
+    with pytest.raises(ValueError, match="invalid storage key"):
+        tenant_a.exists("../tenant-b/files/x")
+    tenant_a.delete("files/file-1")
+
+
+def test_list_keys_pages_through_many_objects(seaweedfs: SeaweedFS) -> None:
+    store = s3_file_store(seaweedfs)
+    for i in range(1005):  # over one ListObjectsV2 page (1000)
+        store.client.put_object(Bucket=store.bucket, Key=f"{store.prefix}results/b/{i:07d}.1.jsonl", Body=b"")
+    keys = list(store.list_keys("results/", time.time() + 2))
+    assert len(keys) == 1005 and keys[0] == "results/b/0000000.1.jsonl"
+
+
+def test_serve_refuses_a_bucket_it_cannot_use(seaweedfs: SeaweedFS, tmp_path: Any) -> None:
+    missing = seaweedfs.storage_url("p").replace(f"s3://{seaweedfs.bucket}/", "s3://not-there/")
+    message = serve_refused("--data-dir", str(tmp_path / "d1"), "--no-embedded", "--storage-url", missing)
+    assert "bucket 'not-there' does not exist" in message
+    wrong = seaweedfs.storage_url("p", credentials=False) + f"&access_key={seaweedfs.access_key}&secret_key=nope123"
+    message = serve_refused("--data-dir", str(tmp_path / "d2"), "--no-embedded", "--storage-url", wrong)
+    assert "access denied" in message and "nope123" not in message
+    message = serve_refused("--data-dir", str(tmp_path / "d3"), "--no-embedded", "--storage-url", "s3://b?endpont=x")
+    assert "unknown storage URL parameter 'endpont'" in message
