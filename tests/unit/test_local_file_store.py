@@ -92,3 +92,18 @@ def test_remove_empty_dirs_takes_only_old_empty_ones(tmp_path: Path) -> None:
     assert files.remove_empty_dirs(time.time() + 1) == 2
     assert sorted(p.name for p in (blobs / "results").iterdir()) == ["batch_full"]
     assert MemoryFileStore().remove_empty_dirs(time.time()) == 0
+
+
+def test_a_second_process_opening_the_store_leaves_uploads_in_flight_alone(tmp_path: Path) -> None:
+    """A worker process (re)starting used to delete every temp file, killing the API process's
+    uploads in flight; stale temp files are now removed by age only."""
+    api = LocalFileStore(tmp_path)
+    with api.writer("files/upload") as out:
+        out.write(b"first half ")
+        LocalFileStore(tmp_path)  # a worker process starts on the same data dir
+        out.write(b"second half")
+    assert api.read_range("files/upload", 0, 100) == b"first half second half"
+    with api.writer("files/other") as out:
+        out.write(b"x")
+        assert api.abort_stale_uploads(time.time() - 3600) == 0  # young: still being written
+    assert api.exists("files/other")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
@@ -17,11 +18,14 @@ from overnight.batches.finalize import finalize_batch
 from overnight.engines.port import EngineRequest, EngineResponse
 from overnight.engines.router import Route, Router
 from overnight.files.memory import MemoryFileStore
+from overnight.files.port import StorageUnavailableError
+from overnight.settings import Limits, WorkerSettings
 from overnight.store.records import BatchRecord, FileRecord, ShardPlan
 from overnight.store.schema import shards
 from overnight.store.sql import SqlStore
 from overnight.worker.lanes import Lanes
 from overnight.worker.shard_runner import ShardRunner, ShardState
+from overnight.worker.worker import Worker
 from postgres import expect_failures_on_postgres
 
 NOW = 1_000_000.0
@@ -213,3 +217,29 @@ def test_a_different_failure_is_retried_and_attempts_are_capped(setup: Any) -> N
     claim = store.queue.claim_shard(NOW, 30, "t3")
     assert claim is not None and claim.attempt == 3
     assert store.queue.fail_shard(claim.shard_id, "t3", "batch_x", "gave up", True, int(NOW)) == "batch_ready"
+
+
+class UnavailableFiles(MemoryFileStore):
+    """A file store in an outage: reads fail after the adapter's own retries."""
+
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        raise StorageUnavailableError("the object store did not answer for 30 s")
+
+
+def test_a_storage_outage_hands_the_shard_back_without_counting_a_failure(setup: Any) -> None:
+    store, files = setup
+    outage = UnavailableFiles()
+    outage.blobs = files.blobs
+    worker = Worker(store.queue, store.queue, store.housekeeping, outage, Router([Route("*", ScriptedEngine())]),
+                    WorkerSettings(), Limits())
+    claim = store.queue.claim_shard(NOW, 30, "t1")
+    assert claim is not None
+
+    async def scenario() -> None:
+        worker._lease_thread = ThreadPoolExecutor(1)
+        await worker._run_shard(claim, ShardState())
+
+    for _ in range(3):  # more outages than the same-failure-twice rule allows: still not given up
+        asyncio.run(scenario())
+        claim = store.queue.claim_shard(NOW, 30, "t-again")  # at once: it was handed back, not left to expire
+        assert claim is not None and claim.last_error is None

@@ -31,8 +31,8 @@ class LocalFileStore:
         self._tmp = root / "tmp"
         make_private_dirs(self._blobs)
         make_private_dirs(self._tmp)
-        for leftover in self._tmp.iterdir():  # temp files of a crashed process never became blobs
-            leftover.unlink(missing_ok=True)
+        # Temp files of a crashed writer are left to abort_stale_uploads (by age): the API process
+        # may be writing an upload here while a worker process (re)starts.
 
     def _path(self, key: str) -> Path:
         if ".." in key.split("/") or key.startswith("/"):

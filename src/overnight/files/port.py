@@ -10,6 +10,11 @@ from typing import Protocol
 CHUNK_SIZE = 1024 * 1024
 
 
+class StorageUnavailableError(ConnectionError):
+    """The store did not answer for the adapter's whole retry window (an outage, not a bad
+    request): the caller should hand the work back and try again later, not give up on it."""
+
+
 class StorageFullError(OSError):
     """The store refused a write (disk full, quota); nothing was published."""
 

@@ -36,7 +36,7 @@ import boto3
 import botocore.exceptions as bx
 from botocore.config import Config
 
-from overnight.files.port import CHUNK_SIZE
+from overnight.files.port import CHUNK_SIZE, StorageUnavailableError
 
 log = logging.getLogger("overnight.files")
 
@@ -60,7 +60,7 @@ class S3StorageError(OSError):
     """Object storage refused or could not do an operation; the message says what to fix."""
 
 
-class S3UnavailableError(S3StorageError, ConnectionError):
+class S3UnavailableError(S3StorageError, StorageUnavailableError):
     """The endpoint did not answer (or kept failing) for the whole retry window."""
 
 

@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from sqlalchemy.exc import DBAPIError
 
 from overnight.batches.housekeeping import ORPHAN_AGE_SECONDS, collect_garbage
 from overnight.batches.lifecycle import finalize_batch, validate_batch
 from overnight.batches.ports import BatchPhases, StorageCatalog
 from overnight.engines.router import Router
-from overnight.files.port import FileStore
+from overnight.files.port import FileStore, StorageUnavailableError
 from overnight.ids import new_lease_token
 from overnight.settings import Limits, WorkerSettings
 from overnight.store.records import BatchTask, ClaimedShard, ShardProgress
@@ -26,6 +30,7 @@ from overnight.worker.ports import Membership, WakeSource, WorkQueue
 from overnight.worker.shard_runner import ShardRunner, ShardState
 
 log = logging.getLogger("overnight.worker")
+_T = TypeVar("_T")
 
 
 
@@ -66,8 +71,14 @@ class Worker:
         self._batch_leases: dict[str, str] = {}  # batch-level tasks running: batch id -> lease token
         self._batch_due = True  # claim batch-level work at the next turn of the claim loop
         self.wake_sources: list[WakeSource] = []
+        self._lease_thread = ThreadPoolExecutor(1, thread_name_prefix="overnight-leases")
 
     # -- wiring ---------------------------------------------------------------------------
+
+    async def _in_lease_thread(self, call: Callable[..., _T], *args: Any) -> _T:
+        """Lease upkeep runs on a thread of its own: in the shared pool it queued behind file
+        reads and writes stalled on a slow store, and leases ran out under live shards."""
+        return await asyncio.get_running_loop().run_in_executor(self._lease_thread, functools.partial(call, *args))
 
     def wake(self) -> None:
         """Thread-safe nudge: new work may be claimable (a batch was created or cancelled)."""
@@ -83,6 +94,7 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
+        self._lease_thread = ThreadPoolExecutor(1, thread_name_prefix="overnight-leases")
         if self.membership is not None:
             await asyncio.to_thread(self.membership.join, self.worker_id)
             await self._update_shares()
@@ -108,6 +120,7 @@ class Worker:
             if self.membership is not None:
                 with contextlib.suppress(Exception):  # else its row goes stale and is dropped
                     await asyncio.to_thread(self.membership.leave, self.worker_id)
+            self._lease_thread.shutdown(wait=False)
 
     def _hand_back(self, shards: list[tuple[int, str]], batches: list[tuple[str, str]]) -> None:
         """On a graceful stop, release what we hold so a restart (or another worker) resumes at once."""
@@ -188,6 +201,12 @@ class Worker:
                 await self._fail_shard(shard, error, give_up=True)
             elif await self.runner.run(shard, state) == "batch_ready":
                 self._batch_due = True
+        except (StorageUnavailableError, DBAPIError) as exc:
+            # An outage of the file store or the database, not something wrong with the shard:
+            # hand it back (it does not count as a failure) and let the outage pass.
+            log.warning("shard %s of %s handed back: %s", shard.shard_index, shard.batch_id, exc)
+            with contextlib.suppress(Exception):
+                await self._in_lease_thread(self.queue.release_shards, [(shard.shard_id, shard.lease_token)])
         except Exception as exc:
             # Nothing was committed. Run again at once, or settle the shard if it failed this way before.
             log.exception("shard %s of %s failed", shard.shard_index, shard.batch_id)
@@ -236,7 +255,7 @@ class Worker:
         async def keep() -> None:
             while True:
                 await asyncio.sleep(self.settings.lease_seconds / 3)
-                await asyncio.to_thread(self.queue.extend_batch_lease, batch_id, token, self.settings.lease_seconds)
+                await self._in_lease_thread(self.queue.extend_batch_lease, batch_id, token, self.settings.lease_seconds)
 
         keeper = asyncio.create_task(keep())
         try:
@@ -257,7 +276,7 @@ class Worker:
         if self.membership is None:
             return
         try:
-            rank, count, age = await asyncio.to_thread(
+            rank, count, age = await self._in_lease_thread(
                 self.membership.standing, self.worker_id, self.settings.lease_seconds
             )
         except Exception:
@@ -282,7 +301,9 @@ class Worker:
         if not held:
             return
         try:
-            lost, stopped = await asyncio.to_thread(self.queue.heartbeat_shards, held, self.settings.lease_seconds)
+            lost, stopped = await self._in_lease_thread(
+                self.queue.heartbeat_shards, held, self.settings.lease_seconds
+            )
         except Exception:
             log.exception("heartbeat failed")
             return
