@@ -138,6 +138,14 @@ class Server:
         wait_http(f"http://127.0.0.1:{self.port}/health", self.proc, self.log)
         return self
 
+    def file_store(self) -> Any:
+        """The server's file store, opened the way the server opens it (its data dir or its bucket)."""
+        from overnight.settings import Settings
+        from overnight.wiring.core import open_file_store
+
+        storage_url = self.args[self.args.index("--storage-url") + 1] if "--storage-url" in self.args else None
+        return open_file_store(Settings(data_dir=self.data_dir, storage_url=storage_url))
+
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
@@ -181,21 +189,59 @@ def server_args(upstream: Upstream, *extra: str, routes: tuple[str, ...] = ("*",
     ]
 
 
+# -- the two tiers ------------------------------------------------------------------------------
+# The same end-to-end tests run on both: a module marked `both_tiers` runs each test against
+# `overnight serve` on SQLite + the data directory (one box) and on PostgreSQL + SeaweedFS (the
+# many-box tier), through the `server` and `make_server` fixtures. Other modules get one box.
+
+TIERS = ("one-box", "many-boxes")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "both_tiers: run against SQLite + a local directory and PostgreSQL + S3")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "tier" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_tiers"):
+        metafunc.parametrize("tier", TIERS, indirect=True, scope="session")
+
+
 @pytest.fixture(scope="session")
-def server(workdir: Path, upstream: Upstream) -> Iterator[Server]:
-    """One shared server for the API tests (each test makes its own files and batches)."""
-    srv = Server(workdir / "shared-data", server_args(upstream, "--shard-lines", "50")).start()
+def tier(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", TIERS[0]))
+
+
+@pytest.fixture(scope="session")
+def tier_args(request: pytest.FixtureRequest, tier: str) -> Any:
+    """`tier_args()` -> the flags that put a new server on `tier`: a fresh PostgreSQL database and
+    a fresh key prefix in the bucket for each server (none for one box)."""
+    if tier == TIERS[0]:
+        return lambda: []
+    postgres = request.getfixturevalue("postgres_server")
+    s3: SeaweedFS = request.getfixturevalue("seaweedfs")
+
+    def fresh() -> list[str]:
+        name = postgres.unique_name("tier")
+        return ["--database-url", postgres.create_database(name), "--storage-url", s3.storage_url(name)]
+
+    return fresh
+
+
+@pytest.fixture(scope="session")
+def server(workdir: Path, upstream: Upstream, tier: str, tier_args: Any) -> Iterator[Server]:
+    """One shared server per tier for the API tests (each test makes its own files and batches)."""
+    srv = Server(workdir / f"shared-data-{tier}", server_args(upstream, "--shard-lines", "50", *tier_args())).start()
     yield srv
     srv.stop()
 
 
 @pytest.fixture
-def make_server(tmp_path: Path, upstream: Upstream) -> Iterator[Any]:
-    """A private server per test (durability, expiry, special settings)."""
+def make_server(tmp_path: Path, upstream: Upstream, tier_args: Any) -> Iterator[Any]:
+    """A private server per test (durability, expiry, special settings), on the test's tier."""
     started: list[Server] = []
 
     def make(*extra: str, routes: tuple[str, ...] = ("*",)) -> Server:
-        args = server_args(upstream, *extra, routes=routes)
+        args = server_args(upstream, *extra, *tier_args(), routes=routes)
         srv = Server(tmp_path / f"data{len(started)}", args).start()
         started.append(srv)
         return srv

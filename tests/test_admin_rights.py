@@ -18,6 +18,8 @@ from conftest import (
     wait_terminal,
 )
 
+pytestmark = pytest.mark.both_tiers  # SQLite + local directory, and PostgreSQL + S3
+
 
 def test_admin_reads_every_tenants_files_and_batches(server: Server) -> None:
     alice, bob, admin = server.client(API_KEY), server.client(OTHER_KEY), server.client(ADMIN_KEY)

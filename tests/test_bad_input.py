@@ -10,6 +10,8 @@ import pytest
 
 from conftest import API_KEY, Server, chat_line, jsonl, raw_request, run_batch, upload
 
+pytestmark = pytest.mark.both_tiers  # SQLite + local directory, and PostgreSQL + S3
+
 
 def _errors(batch: Any) -> list[tuple[int | None, str, str | None]]:
     return [(e.line, e.code, e.param) for e in batch.errors.data]

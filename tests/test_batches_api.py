@@ -25,6 +25,8 @@ from conftest import (
     wait_terminal,
 )
 
+pytestmark = pytest.mark.both_tiers  # SQLite + local directory, and PostgreSQL + S3
+
 BATCH_KEYS = {
     "id", "object", "endpoint", "model", "errors", "input_file_id", "completion_window", "status",
     "output_file_id", "error_file_id", "created_at", "in_progress_at", "expires_at", "finalizing_at",

@@ -21,6 +21,7 @@ from conftest import TERMINAL, Server, chat_line, jsonl, results_by_id, until, u
 PHASES = ["upload", "validating", "in_progress", "finalizing", "cancelling"]
 TRIALS = 20
 LINES = 3000
+pytestmark = pytest.mark.both_tiers  # SQLite + local directory, and PostgreSQL + S3
 
 
 def _kill_during_upload(srv: Server, rng: random.Random) -> int:
@@ -77,19 +78,22 @@ def _run_trial(srv: Server, phase: str, rng: random.Random) -> dict[str, Any]:
 
 def _cleanup_leaves_no_orphans(srv: Server) -> None:
     srv.stop()
+    tier_flags = [a for i, a in enumerate(srv.args) if a in ("--database-url", "--storage-url")
+                  or (i and srv.args[i - 1] in ("--database-url", "--storage-url"))]
     subprocess.run(
-        [sys.executable, "-m", "overnight", "cleanup", "--data-dir", str(srv.data_dir), "--orphan-age-seconds", "0"],
+        [sys.executable, "-m", "overnight", "cleanup", "--data-dir", str(srv.data_dir), "--orphan-age-seconds", "0",
+         *tier_flags],
         check=True, capture_output=True,
     )
-    blobs = srv.data_dir / "blobs"
-    results = list((blobs / "results").rglob("*")) if (blobs / "results").exists() else []
-    assert [p for p in results if p.is_file()] == [], "results objects of finished batches remain"
-    assert list((srv.data_dir / "tmp").iterdir()) == [], "temp files remain"
+    files = srv.file_store()
+    later = time.time() + 60
+    assert list(files.list_keys("results/", later)) == [], "results objects of finished batches remain"
+    assert files.abort_stale_uploads(later) == 0, "unfinished uploads (temp files, multipart uploads) remain"
     srv.start()
     client = srv.client()
     listed = {f.id for f in client.files.list()}
-    on_disk = {p.name for p in (blobs / "files").iterdir()}
-    assert on_disk == listed, "every stored blob is a listed file and vice versa"
+    stored = {key.removeprefix("files/") for key in files.list_keys("files/", later)}
+    assert stored == listed, "every stored object is a listed file and vice versa"
 
 
 @pytest.mark.parametrize("seed", [20260])

@@ -6,7 +6,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
+
 from conftest import Upstream, chat_line, results_by_id, until, upload, wait_status, wait_terminal
+
+pytestmark = pytest.mark.both_tiers  # SQLite + local directory, and PostgreSQL + S3
 
 
 def test_sigkill_mid_batch_then_restart(make_server: Any, upstream: Upstream) -> None:

@@ -12,6 +12,8 @@ import pytest
 
 from conftest import API_KEY, Server, chat_line, jsonl, raw_request, upload
 
+pytestmark = pytest.mark.both_tiers  # SQLite + local directory, and PostgreSQL + S3
+
 FILE_KEYS = {"id", "object", "bytes", "created_at", "expires_at", "filename", "purpose", "status", "status_details"}
 
 

@@ -25,6 +25,8 @@ from conftest import (
 )
 from overnight import constants as C
 
+pytestmark = pytest.mark.both_tiers  # SQLite + local directory, and PostgreSQL + S3
+
 
 def _raw_line(custom_id: str, body: bytes) -> bytes:
     return (b'{"custom_id": "' + custom_id.encode() + b'", "method": "POST", "url": "/v1/chat/completions", '

@@ -7,8 +7,11 @@ import json
 from typing import Any
 
 import openai
+import pytest
 
 from conftest import Upstream, chat_line, jsonl, run_batch, upload, wait_terminal
+
+pytestmark = pytest.mark.both_tiers  # SQLite + local directory, and PostgreSQL + S3
 
 
 def _errors(batch: Any) -> list[tuple[int | None, str, str | None]]:

@@ -91,6 +91,7 @@ class PostgresServer:
         self.run_as = run_as
         self.created: list[str] = []  # databases made through us, dropped by drop_created()
         self.start_seconds = 0.0
+        self.args: list[str] = []  # how `postgres` was started (restart() starts it so again)
 
     # -- starting and stopping ----------------------------------------------------------------
 
@@ -145,17 +146,10 @@ class PostgresServer:
                 port = _free_port()
                 args = [str(bindir / "postgres"), "-D", str(base / "data"), "-p", str(port)]
                 args += [a for key, value in options.items() for a in ("-c", f"{key}={value}")]
-                log = (base / "postgres.log").open("ab")
-                try:
-                    proc = subprocess.Popen(
-                        args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=base,
-                        env=_child_env(base), start_new_session=True, preexec_fn=_pdeathsig(),
-                        **_as_user(user),
-                    )
-                finally:
-                    log.close()
+                proc = _spawn(args, base, user)
                 admin = URL.create(DRIVER, username="postgres", host="127.0.0.1", port=port, database="postgres")
                 server = cls(admin, base=base, proc=proc, run_as=user)
+                server.args = args
                 _STARTED.append(server)
                 if server._wait_ready(bindir):
                     server.start_seconds = time.monotonic() - began
@@ -201,6 +195,19 @@ class PostgresServer:
         if remove and self.base is not None:
             shutil.rmtree(self.base, ignore_errors=True)
             self.base = None
+
+    def restart(self, down_seconds: float = 0.0) -> None:
+        """Stop the server (fast shutdown: clients lose their connections) and start it again on the
+        same data and port, after `down_seconds`."""
+        assert self.base is not None and self.args, "only a server this process started can restart"
+        base = self.base
+        self.stop(remove=False)
+        self.base = base
+        time.sleep(down_seconds)
+        self.proc = _spawn(self.args, base, self.run_as)
+        _STARTED.append(self)
+        if not self._wait_ready(BINDIR):
+            raise PostgresUnavailable(f"postgres did not restart; its log:\n{_tail(base / 'postgres.log')}")
 
     def __enter__(self) -> PostgresServer:
         return self
@@ -275,6 +282,14 @@ class PostgresServer:
 
 
 _STARTED: list[PostgresServer] = []
+
+
+def _spawn(args: list[str], base: Path, user: pwd.struct_passwd | None) -> subprocess.Popen[bytes]:
+    with (base / "postgres.log").open("ab") as log:
+        return subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=base,
+            env=_child_env(base), start_new_session=True, preexec_fn=_pdeathsig(), **_as_user(user),
+        )
 
 
 @atexit.register

@@ -78,12 +78,15 @@ class ShardRunner:
                     await run.run_line(i)
         await run.finished()
         if state.lease_lost:
+            log.warning("shard %s of %s: lease lost while running; not committed", claim.shard_index, claim.batch_id)
             return "lost"
         await asyncio.to_thread(self._write_results, run)
         outcome = await asyncio.to_thread(
             self.queue.commit_shard, claim.shard_id, claim.lease_token, claim.batch_id, run.result, int(self.clock())
         )
-        if outcome == "lost":
+        if outcome == "lost":  # fenced: someone else holds (or finished) the shard
+            log.warning("shard %s of %s: commit refused, the lease was taken over", claim.shard_index,
+                        claim.batch_id)
             await asyncio.to_thread(self.files.delete, run.result.result_key)
         return outcome
 
