@@ -211,3 +211,23 @@ def test_a_worker_paused_past_its_lease_cannot_commit(make_cluster: Any, postgre
         assert time.monotonic() < deadline, log[-3000:]
         time.sleep(0.1)
     assert cluster.client().batches.retrieve(batch.id).request_counts.completed == total
+
+
+def test_a_cancel_on_one_replica_stops_workers_elsewhere_within_2_seconds(shared_cluster: Cluster,
+                                                                          upstream: Upstream) -> None:
+    cluster = shared_cluster
+    total = 2000
+    file_id = upload(cluster.client(), [chat_line(i, x_fault="slow:100") for i in range(total)])
+    batch = cluster.client().batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                            completion_window="24h")
+    cluster.wait(batch.id, lambda b: b.request_counts.completed > 50)
+    cluster.apis[1].client().batches.cancel(batch.id)
+    cancelled_at = time.monotonic()
+    time.sleep(2.0)  # heartbeats (every second) tell the workers; lines already in flight finish
+    sent = upstream.stats()["requests"]
+    time.sleep(1.0)
+    assert upstream.stats()["requests"] == sent, "workers still sent lines 2 s after the cancel"
+    done = cluster.wait(batch.id, lambda b: b.status in TERMINAL, timeout=30)
+    assert done.status == "cancelled" and time.monotonic() - cancelled_at < 10
+    assert 0 < done.request_counts.completed < total
+    _every_line_once(cluster.client(), done, total)
