@@ -54,6 +54,9 @@ class UploadService:
         expires_after: tuple[str, int] | None,
     ) -> UploadRecord:
         check_upload_params(purpose, expires_after)
+        for name, text in (("filename", filename), ("mime_type", mime_type)):
+            if "\x00" in text:  # PostgreSQL text cannot hold NUL: refuse it on every database alike
+                raise InvalidRequest(f"{name} cannot contain NUL characters.", param=name, code="invalid_value")
         if size < 0:
             raise InvalidRequest("bytes must be 0 or more.", param="bytes", code="invalid_value")
         if size > self.max_file_bytes:
