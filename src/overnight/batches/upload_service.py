@@ -211,11 +211,17 @@ class UploadService:
             return record
         raise self._refusal(upload_id, action, status)
 
+    def _expiry_text(self) -> str:
+        hours, rest = divmod(self.expiry_seconds, 3600)
+        if rest == 0:
+            return "an hour" if hours == 1 else f"{hours} hours"
+        return f"{self.expiry_seconds} seconds"
+
     def _refusal(self, upload_id: str, action: str, status: str) -> InvalidRequest:
         reason = {
             C.UPLOAD_COMPLETED: "it is already completed",
             C.UPLOAD_CANCELLED: "it was cancelled",
-            C.UPLOAD_EXPIRED: "it has expired (uploads take parts for "
-            f"{self.expiry_seconds // 60 or 1} minutes after they are created; create a new upload)",
+            C.UPLOAD_EXPIRED: f"it has expired (an upload must be completed within {self._expiry_text()} "
+            "of its creation; create a new upload)",
         }[status]
         return InvalidRequest(f"Cannot {action} upload {upload_id}: {reason}.", param="upload_id")
