@@ -17,7 +17,6 @@ from overnight.api.services import Services
 from overnight.api.text import reject_lone_surrogates
 from overnight.api.upload import receive_upload
 from overnight.batches.errors import InvalidRequest
-from overnight.batches.upload_service import upload_status
 from overnight.batches.wire import upload_object, upload_part_object
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"], responses=ERRORS)
@@ -80,6 +79,5 @@ def complete_upload(request: Request, caller: Caller, upload_id: str, body: Comp
 
 @router.post("/{upload_id}/cancel", response_model=Upload, summary="Cancel an upload")
 def cancel_upload(request: Request, caller: Caller, upload_id: str) -> Response:
-    uploads = _services(request).uploads
-    record = uploads.cancel(caller.owner, upload_id)
-    return json_response(upload_object(record, upload_status(record, uploads.now()), None))
+    record = _services(request).uploads.cancel(caller.owner, upload_id)
+    return json_response(upload_object(record, record.status, None))

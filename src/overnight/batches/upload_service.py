@@ -80,15 +80,6 @@ class UploadService:
             raise NotFound(f"No such Upload object: {upload_id}", param="upload_id")
         return record
 
-    def file_of(self, owner: str, record: UploadRecord) -> FileRecord | None:
-        """The File a completed upload made, while it exists."""
-        if record.file_id is None:
-            return None
-        try:
-            return self.file_service.get(owner, record.file_id)
-        except NotFound:
-            return None
-
     # -- parts ------------------------------------------------------------------------------
 
     def new_part(self, owner: str, upload_id: str) -> tuple[str, str, int]:
