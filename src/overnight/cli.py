@@ -75,6 +75,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="how long the '24h' completion window lasts on this server (default 86400)",
     )
+    parser.add_argument("--upload-expiry-seconds", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -139,6 +140,8 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         limits = replace(limits, shard_max_lines=args.shard_lines)
     if args.completion_window_seconds is not None:
         limits = replace(limits, completion_window_seconds=args.completion_window_seconds)
+    if args.upload_expiry_seconds is not None:
+        limits = replace(limits, upload_expiry_seconds=args.upload_expiry_seconds)
     http = settings.http
     http_flags = {"header_timeout": "header_timeout_seconds", "body_idle_timeout": "body_idle_timeout_seconds",
                   "auth_failure_burst": "auth_failure_burst", "auth_failures_per_second": "auth_failures_per_second"}

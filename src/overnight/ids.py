@@ -15,6 +15,14 @@ def new_file_id() -> str:
     return "file-" + "".join(secrets.choice(_BASE62) for _ in range(24))
 
 
+def new_upload_id() -> str:
+    return "upload_" + secrets.token_hex(12)
+
+
+def new_part_id() -> str:
+    return "part_" + secrets.token_hex(12)
+
+
 def new_lease_token() -> str:
     return secrets.token_hex(12)
 

@@ -29,6 +29,9 @@ class Limits:
     # What the one completion window OpenAI defines ("24h") lasts on this server. Shorter values
     # are for tests and for operators who want an earlier deadline.
     completion_window_seconds: int = 24 * 3600
+    # How long an upload (POST /v1/uploads) takes parts before it expires: an hour, as on OpenAI.
+    # Shorter values are for tests.
+    upload_expiry_seconds: int = 3600
 
 
 @dataclass(frozen=True, slots=True)

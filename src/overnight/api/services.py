@@ -10,6 +10,7 @@ from overnight.api.auth_throttle import AuthFailureThrottle
 from overnight.api.rate_limit import RateLimiter
 from overnight.batches.file_service import FileService
 from overnight.batches.service import BatchService
+from overnight.batches.upload_service import UploadService
 from overnight.engines.router import Router
 from overnight.settings import Limits
 
@@ -19,6 +20,7 @@ class Services:
     auth: Authenticator
     files: FileService
     batches: BatchService
+    uploads: UploadService
     router: Router
     limits: Limits
     rate_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from overnight.store.records import BatchRecord, FileRecord, ShardPlan
+from overnight.store.records import BatchRecord, FileRecord, ShardPlan, UploadPartRecord, UploadRecord
 
 
 class FileCatalog(Protocol):
@@ -69,9 +69,35 @@ class StorageCatalog(Protocol):
     """What housekeeping asks: which files are gone, which stored objects rows still name."""
 
     def collect_garbage(self, now: int) -> list[str]:
-        """Drop rows of deleted or expired files no active batch reads; their storage keys."""
+        """Drop rows of deleted or expired files no active batch reads, and the part rows of
+        expired uploads; their storage keys."""
         ...
 
     def live_storage_keys(self, keys: Sequence[str]) -> set[str]: ...
 
     def batch_status(self, batch_id: str) -> str | None: ...
+
+
+class UploadCatalog(Protocol):
+    """Uploads and their parts. Each change is checked against the upload's state in the same
+    transaction; the part bytes named by the keys these return are the caller's to delete."""
+
+    def insert_upload(self, record: UploadRecord) -> None: ...
+
+    def get_upload(self, owner: str, upload_id: str) -> UploadRecord | None: ...
+
+    def received_bytes(self, upload_id: str) -> int:
+        """The bytes of the parts recorded so far."""
+        ...
+
+    def add_part(self, owner: str, part: UploadPartRecord, now: int) -> UploadRecord | None:
+        """Record `part` if its upload is pending and unexpired; the upload as it was."""
+        ...
+
+    def parts(self, upload_id: str, part_ids: Sequence[str]) -> list[UploadPartRecord]: ...
+
+    def complete_upload(self, owner: str, upload_id: str, file: FileRecord, now: int) -> list[str] | None:
+        """Publish `file` and end the upload; its parts' keys (None: it was no longer pending)."""
+        ...
+
+    def cancel_upload(self, owner: str, upload_id: str, now: int) -> tuple[UploadRecord | None, list[str]]: ...

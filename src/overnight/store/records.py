@@ -149,3 +149,29 @@ class BatchTask:
     final_status: str | None = None
     input_storage_key: str | None = None
     shards: list[SettledShard] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class UploadRecord:
+    """An Upload as stored; `status` is the stored one (a pending upload past `expires_at` is expired)."""
+
+    id: str
+    owner: str
+    filename: str
+    purpose: str
+    bytes: int
+    mime_type: str
+    created_at: int
+    expires_at: int
+    status: str
+    file_expires_after: int | None = None
+    file_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UploadPartRecord:
+    id: str
+    upload_id: str
+    bytes: int
+    created_at: int
+    storage_key: str

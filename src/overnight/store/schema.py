@@ -134,3 +134,35 @@ workers = Table(
     Column("started_at", Float, nullable=False),  # the database's clock
     Column("last_seen", Float, nullable=False),  # extended by the worker's heartbeat
 )
+
+uploads = Table(
+    "uploads",
+    metadata,
+    # An Upload (POST /v1/uploads): a file that arrives in parts and becomes a File when completed.
+    Column("id", String(64), primary_key=True),
+    Column("owner", String(64), nullable=False),
+    Column("filename", Text, nullable=False),
+    Column("purpose", String(32), nullable=False),
+    Column("bytes", BigInteger, nullable=False),  # declared at creation; the parts must add up to it
+    Column("mime_type", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    # pending, completed, cancelled, or expired (set by housekeeping when it removes the parts;
+    # a pending upload past expires_at reads as expired before that).
+    Column("status", String(16), nullable=False),
+    # The File's own expiry, as asked at creation (`expires_after[seconds]`; None: the default).
+    Column("file_expires_after", BigInteger, nullable=True),
+    Column("file_id", String(64), nullable=True),  # the File made by completing it
+    Index("ix_uploads_expires_at", "expires_at"),
+)
+
+upload_parts = Table(
+    "upload_parts",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("upload_id", String(64), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("storage_key", Text, nullable=False),
+    Index("ix_upload_parts_upload", "upload_id"),
+)
