@@ -18,8 +18,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-import orjson
-
 from overnight import __version__
 from overnight import constants as C
 from overnight.settings import (
@@ -402,6 +400,8 @@ def _write_results(parts: Components, record: BatchRecord, output_path: Path, er
 
 
 def _first_url(path: Path) -> str | None:
+    import orjson  # here, not at the top: `overnight batch` runs without the server's dependencies
+
     with path.open("rb") as fh:
         for raw in fh:
             if raw.strip():
