@@ -187,11 +187,14 @@ def _one_line(tmp_path: Path) -> Path:
     return path
 
 
-def test_library_runs_chat_completions_and_embeddings_and_reads_joined_results(server: Server, tmp_path: Path) -> None:
+def test_library_runs_chat_completions_and_embeddings_and_reads_joined_results(
+    server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     client = server.client()
     count = batches.write_batch_file(tmp_path / "chat.jsonl", PROMPTS, {**CHAT_TEMPLATE, "x_fault": "400"})
     assert count == 5
-    done = batches.wait(client, batches.submit(client, tmp_path / "chat.jsonl").id, poll_seconds=0.2)
+    done = batches.wait(client, batches.submit(client, tmp_path / "chat.jsonl").id, poll_seconds=0.2, progress=True)
+    assert "5/5" in capsys.readouterr().err  # the progress bar, on stderr
     assert done.status == "completed" and done.output_file_id is None  # every line failed
     outcome = batches.settle(client, done)
     assert outcome.summary() == "completed: 0 of 5 succeeded, 5 failed (invalid_value: 5)" and outcome.exit_code == 1
