@@ -4,12 +4,14 @@ endpoint, and the summary line and exit code of an outcome."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
 from overnight.client import BatchInputError, Outcome, RequestTemplate, TemplateError, request_lines
 from overnight.client.answers import FAILED, MISSING, SUCCEEDED, answer_of, input_of, result_of
+from overnight.client.results import _joined
 
 CHAT = {"model": "m", "messages": [{"role": "system", "content": 'Reply as {"a": 1}'},
                                    {"role": "user", "content": "Q: {prompt}"}], "max_tokens": 5}
@@ -114,3 +116,24 @@ def test_failed_lines_are_classified_by_status_code_not_by_error_alone() -> None
 def test_summary_lines_and_exit_codes(outcome: Outcome, summary: str, code: int) -> None:
     assert outcome.summary() == summary
     assert outcome.exit_code == code
+
+
+def test_join_follows_input_order_keeps_first_result_and_reports_missing_and_unknown_lines(tmp_path: Path) -> None:
+    def write(name: str, lines: list[dict[str, Any]]) -> Path:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+        return path
+
+    ok = {"choices": [{"message": {"content": "yes"}}]}
+    out = write("out.jsonl", [_ok(ok) | {"custom_id": "r2"}, _ok(ok) | {"custom_id": "r9"}, _ok(ok) | {"custom_id": "r1"}])
+    err = write("err.jsonl", [{"custom_id": "r1", "response": None, "error": {"code": "engine_error", "message": "x"}}])
+    inputs = write("in.jsonl", [{"custom_id": f"r{i}", "body": {"prompt": f"p{i}"}} for i in (1, 2, 3)])
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    records = list(_joined(cast(Any, None), cast(Any, None), out, err, scratch, inputs, None))
+    assert [(r.custom_id, r.status, r.input, r.answer) for r in records] == [
+        ("r1", SUCCEEDED, "p1", "yes"),  # reported twice: the success is kept
+        ("r2", SUCCEEDED, "p2", "yes"),
+        ("r3", MISSING, "p3", None),  # the batch said nothing about it
+        ("r9", SUCCEEDED, None, "yes"),  # a result for no input line comes last
+    ]

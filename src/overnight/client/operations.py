@@ -37,12 +37,12 @@ def submit(
         raise BatchInputError(f"{path}: cannot tell the endpoint from the first line's url; give it")
     with path.open("rb") as fh:
         uploaded = client.files.create(file=(path.name, fh), purpose="batch")
+    # Metadata only when there is some: the key is left out rather than sent as null.
+    optional: dict[str, Any] = {"metadata": dict(metadata)} if metadata else {}
     # The SDK types these as the literals OpenAI serves today; other servers may serve more.
     return client.batches.create(
-        input_file_id=uploaded.id,
-        endpoint=cast(Any, endpoint),
-        completion_window=cast(Any, completion_window),
-        metadata=dict(metadata) if metadata else None,
+        input_file_id=uploaded.id, endpoint=cast(Any, endpoint), completion_window=cast(Any, completion_window),
+        **optional,
     )
 
 

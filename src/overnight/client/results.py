@@ -115,9 +115,11 @@ def _joined(
         index.execute("PRAGMA journal_mode = OFF")  # a scratch index: nothing to recover
         index.execute("PRAGMA synchronous = OFF")
         index.execute("CREATE TABLE result (custom_id TEXT PRIMARY KEY, line TEXT NOT NULL)")
+        # A custom_id reported twice (a server that runs requests at least once) keeps its first
+        # result, and the output file goes in first: a success is not hidden by a later failure.
         for path in (output, errors):
             index.executemany(
-                "INSERT OR REPLACE INTO result VALUES (?, ?)",
+                "INSERT OR IGNORE INTO result VALUES (?, ?)",
                 ((str(line.get("custom_id")), json.dumps(line)) for line in iter_local_lines(path)),
             )
         inputs = _input_file(client, batch, scratch, input_path, warn)
