@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from overnight.store.records import BatchRecord, FileRecord, ShardPlan
+from overnight.store.records import BatchRecord, ClaimedDelivery, FileRecord, ShardPlan, WebhookEvent
 
 
 class FileCatalog(Protocol):
@@ -51,15 +51,18 @@ class BatchPhases(Protocol):
         """validating -> in_progress, with its shards."""
         ...
 
-    def fail_batch(self, batch_id: str, token: str, errors: list[dict[str, Any]], now: int) -> bool:
-        """validating -> failed, with the validation errors."""
+    def fail_batch(
+        self, batch_id: str, token: str, errors: list[dict[str, Any]], now: int, events: Sequence[WebhookEvent] = (),
+    ) -> bool:
+        """validating -> failed, with the validation errors and the webhook `events` it causes."""
         ...
 
     def finish_batch(
         self, batch_id: str, token: str, final_status: str, output_file: FileRecord | None,
-        error_file: FileRecord | None, completed: int, failed: int, now: int,
+        error_file: FileRecord | None, completed: int, failed: int, now: int, events: Sequence[WebhookEvent] = (),
     ) -> bool:
-        """Publish the output and error files and enter the terminal state, in one transaction."""
+        """Publish the output and error files, enter the terminal state and queue the webhook
+        `events` it causes, in one transaction."""
         ...
 
     def release_batch_lease(self, batch_id: str, token: str) -> None: ...
@@ -75,3 +78,18 @@ class StorageCatalog(Protocol):
     def live_storage_keys(self, keys: Sequence[str]) -> set[str]: ...
 
     def batch_status(self, batch_id: str) -> str | None: ...
+
+
+class WebhookOutbox(Protocol):
+    """Webhook deliveries as senders claim and settle them; each settle is fenced by the claim's
+    token (False: the lease ran out and another sender has it)."""
+
+    def claim_deliveries(
+        self, limit: int, lease_seconds: float, token: str, now: float | None = None
+    ) -> list[ClaimedDelivery]: ...
+
+    def mark_delivered(self, delivery_id: int, token: str, note: str | None = None) -> bool: ...
+
+    def retry_later(self, delivery_id: int, token: str, delay_seconds: float, error: str) -> bool: ...
+
+    def give_up(self, delivery_id: int, token: str, error: str) -> bool: ...
