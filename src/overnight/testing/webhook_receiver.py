@@ -19,10 +19,10 @@ from pathlib import Path
 class _Receiver(BaseHTTPRequestHandler):
     server: _RecordingServer
 
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_GET(self) -> None:
         self._answer(200 if self.path == "/health" else 404)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("content-length") or 0))
         status = self.server.next_status()
         record = {"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
@@ -35,7 +35,7 @@ class _Receiver(BaseHTTPRequestHandler):
         self.send_header("content-length", "0")
         self.end_headers()
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet
+    def log_message(self, format: str, *args: object) -> None:  # quiet: the record file says enough
         pass
 
 
