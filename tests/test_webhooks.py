@@ -21,6 +21,7 @@ from conftest import (
     chat_line,
     free_port,
     run_batch,
+    serve_refused,
     until,
     upload,
     wait_http,
@@ -143,15 +144,29 @@ def test_completed_batch_is_signed_and_only_its_owner_hears(make_server: Any, re
     assert [h["headers"]["webhook-id"] for h in bob_hooks.hits()] == [bob_event.id]
 
 
-def test_failed_batch(make_server: Any, receivers: Any, tmp_path: Path) -> None:
+def test_failed_batch_to_an_endpoint_that_wants_only_failures(
+    make_server: Any, receivers: Any, tmp_path: Path
+) -> None:
     alice_hooks, bob_hooks = receivers(), receivers()
-    srv = make_server("--config", str(webhook_config(tmp_path / "hooks.toml", alice_hooks.url, bob_hooks.url)))
+    config = webhook_config(tmp_path / "hooks.toml", alice_hooks.url, bob_hooks.url, events='events = ["batch.failed"]')
+    srv = make_server("--config", str(config))
     client = srv.client()
+    assert run_batch(client, [chat_line(0)]).status == "completed"  # not an event this endpoint wants
     batch = run_batch(client, [chat_line(0), "{not json", chat_line(2)])
     assert batch.status == "failed"
     event = one_event(alice_hooks, ALICE_SECRET)
     assert event.type == "batch.failed" and event.data.id == batch.id
     assert bob_hooks.hits() == []
+
+
+def test_bad_webhook_config_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(f'[[webhooks]]\napi_key = "{API_KEY}"\nurl = "http://127.0.0.1:9/h"\nsecret = "whsec_not base64!"\n')
+    stderr = serve_refused("--data-dir", str(tmp_path / "data"), "--no-embedded", "--config", str(config))
+    assert "[[webhooks]] #1" in stderr and "base64" in stderr
+    config.write_text('[[webhooks]]\nurl = "http://127.0.0.1:9/h"\nsecret = "whsec_AAAA"\n')
+    stderr = serve_refused("--data-dir", str(tmp_path / "data"), "--no-embedded", "--config", str(config))
+    assert "api_key" in stderr
 
 
 def test_cancelled_batch(make_server: Any, receivers: Any, tmp_path: Path) -> None:
