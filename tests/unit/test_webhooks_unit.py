@@ -102,6 +102,9 @@ class MemoryOutbox:
         self.settled.append(("give_up", delivery_id, error))
         return True
 
+    def prune_settled(self, before: int) -> int:
+        return 0
+
 
 def _sender(answers: list[int | Exception]) -> tuple[WebhookSender, MemoryOutbox, list[dict[str, Any]]]:
     outbox, sent = MemoryOutbox(), []
@@ -218,3 +221,15 @@ def test_given_up_deliveries_are_never_claimed_again(store: SqlStore) -> None:
     [claimed] = store.webhooks.claim_deliveries(10, 30, "t1")
     assert store.webhooks.give_up(claimed.id, "t1", "HTTP 410")
     assert store.webhooks.claim_deliveries(10, 30, "t2", now=time.time() + 10_000) == []
+
+
+def test_settled_deliveries_are_pruned_pending_ones_kept(store: SqlStore) -> None:
+    batch_id = _batch_finalizing(store)
+    assert store.queue.finish_batch(batch_id, "fin", C.CANCELLED, None, None, 0, 0, NOW, _events(batch_id, C.CANCELLED))
+    first, second = store.webhooks.claim_deliveries(10, 30, "t1")
+    assert store.webhooks.mark_delivered(first.id, "t1")
+    assert store.webhooks.retry_later(second.id, "t1", 0.0, "HTTP 500")
+    assert store.webhooks.prune_settled(NOW) == 0  # nothing settled is older than NOW
+    assert store.webhooks.prune_settled(NOW + 1) == 1  # the delivered one; the pending one stays
+    [left] = store.webhooks.claim_deliveries(10, 30, "t2", now=time.time() + 1)
+    assert left.id == second.id

@@ -39,6 +39,8 @@ EVENT_FOR_STATUS: Mapping[str, str] = {
 }
 SECRET_PREFIX = "whsec_"
 USER_AGENT = "overnight-webhooks/1.0"
+# How long delivered and given-up deliveries stay in the store (to see what was sent).
+SETTLED_RETENTION_SECONDS = 7 * 24 * 3600
 # A receiver's answer is read this far and no further: only its status matters.
 _MAX_RESPONSE_BYTES = 64 * 1024
 
@@ -152,6 +154,10 @@ class WebhookSender:
 
     def claim(self, limit: int) -> list[ClaimedDelivery]:
         return self.outbox.claim_deliveries(limit, self.lease_seconds, new_lease_token())
+
+    def prune(self) -> int:
+        """Forget deliveries settled more than SETTLED_RETENTION_SECONDS ago (the janitor's job)."""
+        return self.outbox.prune_settled(int(self.clock()) - SETTLED_RETENTION_SECONDS)
 
     def deliver(self, delivery: ClaimedDelivery) -> bool:
         """One attempt; True when the receiver acknowledged it (any 2xx)."""

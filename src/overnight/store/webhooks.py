@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, insert, select, update
 
 from overnight.store import schema as T
 from overnight.store.clock import LEASE_NOW, database_now
@@ -56,6 +56,9 @@ _RETRY = update(_w).where(*_fenced).values(
     next_attempt_at=LEASE_NOW + bindparam("p_delay"), lease_token=None, last_error=bindparam("p_error")
 )
 _GIVE_UP = update(_w).where(*_fenced).values(status=FAILED, lease_token=None, last_error=bindparam("p_error"))
+
+# Settled rows are kept a while (to see what was sent, and when), then dropped by the janitor.
+_PRUNE = delete(_w).where(_w.c.status != PENDING, _w.c.created_at < bindparam("p_before"))
 
 
 def insert_webhook_events(conn: Connection, events: Sequence[WebhookEvent]) -> None:
@@ -99,3 +102,8 @@ class SqlWebhookOutbox:
         with self.db.write() as conn:
             done = conn.execute(statement, {"p_id": delivery_id, "p_token": token, "p_now": None, **values})
             return done.rowcount > 0
+
+    def prune_settled(self, before: int) -> int:
+        """Drop delivered and given-up rows of events created before `before`; how many."""
+        with self.db.write() as conn:
+            return int(conn.execute(_PRUNE, {"p_before": before}).rowcount)

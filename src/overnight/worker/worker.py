@@ -335,6 +335,11 @@ class Worker:
                 await asyncio.to_thread(self.collect_garbage)
             except Exception:
                 log.exception("cleanup failed")
+            if self.webhooks is not None:
+                try:
+                    await asyncio.to_thread(self.webhooks.prune)
+                except Exception:
+                    log.exception("pruning webhook deliveries failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.janitor_seconds)
 
