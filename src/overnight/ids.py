@@ -40,3 +40,8 @@ def line_id_prefix(batch_id: str) -> str:
 def line_request_id_prefix(batch_id: str) -> str:
     """The same for `response.request_id` of an engine that gives none: `req_<16 hex><index>`."""
     return "req_" + batch_id.removeprefix("batch_")[:16]
+
+
+def new_event_id() -> str:
+    """`evt_<32 hex>`: a webhook event, the same on every delivery attempt (`webhook-id`)."""
+    return "evt_" + secrets.token_hex(16)

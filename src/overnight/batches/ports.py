@@ -6,7 +6,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from overnight.store.records import BatchRecord, FileRecord, ShardPlan, UploadPartRecord, UploadRecord
+from overnight.store.records import (
+    BatchRecord,
+    ClaimedDelivery,
+    FileRecord,
+    ShardPlan,
+    UploadPartRecord,
+    UploadRecord,
+    WebhookEvent,
+)
 
 
 class FileCatalog(Protocol):
@@ -51,15 +59,18 @@ class BatchPhases(Protocol):
         """validating -> in_progress, with its shards."""
         ...
 
-    def fail_batch(self, batch_id: str, token: str, errors: list[dict[str, Any]], now: int) -> bool:
-        """validating -> failed, with the validation errors."""
+    def fail_batch(
+        self, batch_id: str, token: str, errors: list[dict[str, Any]], now: int, events: Sequence[WebhookEvent] = (),
+    ) -> bool:
+        """validating -> failed, with the validation errors and the webhook `events` it causes."""
         ...
 
     def finish_batch(
         self, batch_id: str, token: str, final_status: str, output_file: FileRecord | None,
-        error_file: FileRecord | None, completed: int, failed: int, now: int,
+        error_file: FileRecord | None, completed: int, failed: int, now: int, events: Sequence[WebhookEvent] = (),
     ) -> bool:
-        """Publish the output and error files and enter the terminal state, in one transaction."""
+        """Publish the output and error files, enter the terminal state and queue the webhook
+        `events` it causes, in one transaction."""
         ...
 
     def release_batch_lease(self, batch_id: str, token: str) -> None: ...
@@ -101,3 +112,22 @@ class UploadCatalog(Protocol):
         ...
 
     def cancel_upload(self, owner: str, upload_id: str, now: int) -> tuple[UploadRecord | None, list[str]]: ...
+
+
+class WebhookOutbox(Protocol):
+    """Webhook deliveries as senders claim and settle them; each settle is fenced by the claim's
+    token (False: the lease ran out and another sender has it)."""
+
+    def claim_deliveries(
+        self, limit: int, lease_seconds: float, token: str, now: float | None = None
+    ) -> list[ClaimedDelivery]: ...
+
+    def mark_delivered(self, delivery_id: int, token: str, note: str | None = None) -> bool: ...
+
+    def retry_later(self, delivery_id: int, token: str, delay_seconds: float, error: str) -> bool: ...
+
+    def give_up(self, delivery_id: int, token: str, error: str) -> bool: ...
+
+    def prune_settled(self, before: int) -> int:
+        """Drop delivered and given-up deliveries of events created before `before`."""
+        ...

@@ -175,3 +175,30 @@ class UploadPartRecord:
     bytes: int
     created_at: int
     storage_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEvent:
+    """One event for one endpoint, to be stored with the terminal state that caused it."""
+
+    event_id: str
+    event_type: str
+    owner: str
+    batch_id: str
+    endpoint_id: str
+    url: str
+    payload: str  # the exact JSON body every attempt sends
+    created_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedDelivery:
+    """A delivery leased to one sender: settling it names `lease_token`."""
+
+    id: int
+    event_id: str
+    endpoint_id: str
+    url: str
+    payload: str
+    attempts: int  # including this one
+    lease_token: str

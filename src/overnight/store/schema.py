@@ -166,3 +166,33 @@ upload_parts = Table(
     Column("storage_key", Text, nullable=False),
     Index("ix_upload_parts_upload", "upload_id"),
 )
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    # One row per (event, endpoint): inserted in the transaction that puts the batch in its
+    # terminal state, so an event is never lost between the state change and its delivery.
+    Column("id", AutoId, primary_key=True, autoincrement=True),
+    Column("event_id", String(64), nullable=False),
+    Column("event_type", String(32), nullable=False),
+    Column("owner", String(64), nullable=False),
+    Column("batch_id", String(64), nullable=False),
+    # The configured endpoint this row is for (its secret is looked up there when sending).
+    Column("endpoint_id", String(64), nullable=False),
+    Column("url", Text, nullable=False),
+    # The exact body: every attempt sends the same bytes (only the timestamp and signature change).
+    Column("payload", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    # pending -> delivered | failed (given up).
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    # When it is next due, on the database's clock. A claim moves it a lease ahead, so a delivery
+    # whose sender died is due again once that lease runs out.
+    Column("next_attempt_at", Float, nullable=False),
+    Column("lease_token", String(32)),
+    Column("delivered_at", Float),
+    Column("last_error", Text),
+    UniqueConstraint("event_id", "endpoint_id", name="uq_webhook_deliveries_event_endpoint"),
+    # The claim scans pending rows by due time.
+    Index("ix_webhook_deliveries_status_due", "status", "next_attempt_at"),
+)
