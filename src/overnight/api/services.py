@@ -9,6 +9,8 @@ from overnight.api.auth import Authenticator
 from overnight.api.auth_throttle import AuthFailureThrottle
 from overnight.api.rate_limit import RateLimiter
 from overnight.batches.file_service import FileService
+from overnight.batches.live_results import LiveResults
+from overnight.batches.retry import BatchRetries
 from overnight.batches.service import BatchService
 from overnight.engines.router import Router
 from overnight.settings import Limits
@@ -19,6 +21,8 @@ class Services:
     auth: Authenticator
     files: FileService
     batches: BatchService
+    live_results: LiveResults
+    retries: BatchRetries
     router: Router
     limits: Limits
     rate_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0))

@@ -8,6 +8,8 @@ ranges in large chunks, not a loop over lines."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import orjson
 
 from overnight import constants as C
@@ -30,6 +32,7 @@ def finalize_batch(task: BatchTask, files: FileStore, phases: BatchPhases, now: 
     out_record = _new_output_record(batch.id, batch.owner, "output", batch.output_expires_after, now)
     err_record = _new_output_record(batch.id, batch.owner, "error", batch.output_expires_after, now)
     completed = failed = 0
+    codes: Counter[str] = Counter()
     with files.writer(out_record.storage_key) as out, files.writer(err_record.storage_key) as err:
         for shard in task.shards:
             if shard.status == C.SHARD_DONE and shard.result_key:
@@ -39,6 +42,7 @@ def finalize_batch(task: BatchTask, files: FileStore, phases: BatchPhases, now: 
                     done, bad = _copy_sections(files, shard.result_key, shard.result_output_bytes, out, err)
                 completed += done
                 failed += bad
+                _count_codes(codes, shard.error_codes, bad)
             else:
                 if shard.status == C.SHARD_FAILED:
                     code = C.SHARD_FAILED_CODE
@@ -51,13 +55,15 @@ def finalize_batch(task: BatchTask, files: FileStore, phases: BatchPhases, now: 
                     ident = line_id(batch.id, shard.first_request + i)
                     err.write(error_line(ident, custom_id, code, message) + b"\n")
                     failed += 1
+                    codes[code] += 1
         out_size, err_size = out.bytes_written, err.bytes_written
     output, error = _sized(out_record, out_size), _sized(err_record, err_size)
     for record, size in ((out_record, out_size), (err_record, err_size)):
         if not size:
             files.delete(record.storage_key)  # OpenAI leaves the id null rather than an empty file
+    outcome = {"completed": completed, "failed": failed, "errors_by_code": dict(codes.most_common())}
     published = phases.finish_batch(
-        batch.id, task.lease_token, task.final_status, output, error, completed, failed, now
+        batch.id, task.lease_token, task.final_status, output, error, completed, failed, now, outcome
     )
     if not published:
         for unpublished in (output, error):
@@ -68,6 +74,17 @@ def finalize_batch(task: BatchTask, files: FileStore, phases: BatchPhases, now: 
         if shard.result_key:
             files.delete(shard.result_key)
     return True
+
+
+def _count_codes(codes: Counter[str], shard_codes: str | None, error_lines: int) -> None:
+    """Add a committed shard's error codes; lines of shards committed before codes were counted
+    (schema revision 0008) are `unknown`."""
+    counted = 0
+    for code, count in (orjson.loads(shard_codes) if shard_codes else {}).items():
+        codes[code] += count
+        counted += count
+    if error_lines > counted:
+        codes["unknown"] += error_lines - counted
 
 
 def _copy_sections(

@@ -9,6 +9,7 @@ from overnight.store.housekeeping import SqlHousekeeping
 from overnight.store.keys import SqlKeyStore
 from overnight.store.membership import SqlMembership
 from overnight.store.queue import SqlWorkQueue
+from overnight.store.results import SqlResultsCatalog
 
 
 class SqlStore:
@@ -22,6 +23,7 @@ class SqlStore:
         self.queue = SqlWorkQueue(self.db)
         self.housekeeping = SqlHousekeeping(self.db)
         self.membership = SqlMembership(self.db)
+        self.results = SqlResultsCatalog(self.db)
 
     def migrate(self) -> None:
         self.db.migrate()

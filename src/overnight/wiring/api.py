@@ -11,6 +11,8 @@ from overnight.api.auth_throttle import AuthFailureThrottle
 from overnight.api.rate_limit import RateLimiter
 from overnight.api.services import Services
 from overnight.batches.file_service import FileService
+from overnight.batches.live_results import LiveResults
+from overnight.batches.retry import BatchRetries
 from overnight.batches.service import BatchService
 from overnight.engines.router import Router
 from overnight.settings import HttpSettings, Settings
@@ -25,13 +27,15 @@ def build_api(
     an in-process worker when a batch is created or cancelled."""
     settings = core.settings
     check_http_settings(settings.http)
+    batches = BatchService(
+        core.store.batches, core.store.files, windows=settings.limits.windows(), on_change=on_change,
+    )
     return Services(
         auth=load_authenticator(settings, core.store.keys, announce),
         files=FileService(core.store.files, core.files),
-        batches=BatchService(
-            core.store.batches, core.store.files, window_seconds=settings.limits.completion_window_seconds,
-            on_change=on_change,
-        ),
+        batches=batches,
+        live_results=LiveResults(batches, core.store.results, core.store.files, core.files),
+        retries=BatchRetries(batches, core.store.results, core.store.files, core.files),
         router=router,
         limits=settings.limits,
         rate_limiter=RateLimiter(settings.limits.requests_per_minute),
