@@ -19,6 +19,7 @@ from conftest import (
     read_jsonl,
     results_by_id,
     run_batch,
+    serve_refused,
     upload,
     wait_status,
     wait_terminal,
@@ -206,3 +207,17 @@ def test_configured_windows_and_deadline_first(make_server: Any) -> None:
     assert hour.status == "completed" and week_then.status == "in_progress"
     assert week_then.request_counts.completed < 40
     assert wait_terminal(client, week.id).status == "completed"
+
+
+def test_windows_from_the_config_file(make_server: Any, tmp_path: Any) -> None:
+    config = tmp_path / "windows.toml"
+    config.write_text('[limits]\ncompletion_windows = {"7d" = 604800, "24h" = 7200}\n')
+    client = make_server("--config", str(config)).client()
+    file_id = upload(client, [chat_line(0)])
+    week = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="7d")
+    day = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert week.expires_at - week.created_at == 604800 and day.expires_at - day.created_at == 7200
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[limits]\ncompletion_windows = {"1h" = -5}\n')
+    assert "completion window '1h' = -5" in serve_refused("--config", str(bad), "--no-embedded")
+    assert "expected NAME=SECONDS" in serve_refused("--completion-window", "1h", "--no-embedded")

@@ -27,6 +27,7 @@ def build_api(
     an in-process worker when a batch is created or cancelled."""
     settings = core.settings
     check_http_settings(settings.http)
+    check_windows(settings.limits.windows())
     batches = BatchService(
         core.store.batches, core.store.files, windows=settings.limits.windows(), on_change=on_change,
     )
@@ -71,6 +72,15 @@ def load_authenticator(
             "Pass it as api_key=... to the OpenAI SDK, or configure your own with --api-key."
         )
     return Authenticator(hashes)
+
+
+def check_windows(windows: dict[str, int]) -> None:
+    """Completion windows must be named and last a whole, positive number of seconds."""
+    for name, seconds in windows.items():
+        if not isinstance(name, str) or not name or not isinstance(seconds, int) or isinstance(seconds, bool) \
+                or seconds <= 0:
+            raise ConfigurationError(f"completion window {name!r} = {seconds!r}: expected a name and a whole "
+                                     "number of seconds above 0, e.g. \"1h\" = 3600.")
 
 
 def check_http_settings(http: HttpSettings) -> None:
