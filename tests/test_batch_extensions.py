@@ -5,6 +5,7 @@ windows with deadline-aware scheduling, and the outcome summary of a finished ba
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from typing import Any
 
@@ -221,3 +222,22 @@ def test_windows_from_the_config_file(make_server: Any, tmp_path: Any) -> None:
     bad.write_text('[limits]\ncompletion_windows = {"1h" = -5}\n')
     assert "completion window '1h' = -5" in serve_refused("--config", str(bad), "--no-embedded")
     assert "expected NAME=SECONDS" in serve_refused("--completion-window", "1h", "--no-embedded")
+
+
+def test_a_batch_that_cannot_make_its_deadline_says_so(make_server: Any) -> None:
+    # One line at a time, a second each: 30 lines need 30 s, the window is 20 s.
+    server = make_server("--completion-window-seconds", "20", "--shard-lines", "1", "--max-shards", "1")
+    client = server.client()
+    lines = [chat_line(i, x_fault="slow:1000") for i in range(30)]
+    batch = client.batches.create(input_file_id=upload(client, lines), endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    first = wait_status(client, batch.id, {"in_progress"})
+    assert first.model_dump()["deadline_warning"] is None  # too early to judge
+    deadline = first.in_progress_at + 12
+    warning = None
+    while warning is None and time.time() < deadline:
+        warning = client.batches.retrieve(batch.id).model_dump()["deadline_warning"]
+        time.sleep(0.2)
+    assert warning is not None and "batch_expired" in warning, "no warning for a batch that cannot finish"
+    client.batches.cancel(batch.id)
+    assert wait_terminal(client, batch.id).model_dump()["deadline_warning"] is None
