@@ -25,6 +25,7 @@ from overnight.settings import (
     EmbeddedSettings,
     Settings,
     load_config_file,
+    parse_completion_windows,
     parse_upstream_flag,
 )
 
@@ -77,6 +78,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="how long the '24h' completion window lasts on this server (default 86400)",
     )
     parser.add_argument("--upload-expiry-seconds", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--completion-window", action="append", default=[], metavar="NAME=SECONDS",
+        help="accept another completion window, e.g. 1h=3600 or 7d=604800 (repeatable)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -148,6 +153,13 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         limits = replace(limits, completion_window_seconds=args.completion_window_seconds)
     if args.upload_expiry_seconds is not None:
         limits = replace(limits, upload_expiry_seconds=args.upload_expiry_seconds)
+    if args.completion_window:
+        try:
+            extra = parse_completion_windows(args.completion_window)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        limits = replace(limits, completion_windows={**limits.completion_windows, **extra})
     http = settings.http
     http_flags = {"header_timeout": "header_timeout_seconds", "body_idle_timeout": "body_idle_timeout_seconds",
                   "auth_failure_burst": "auth_failure_burst", "auth_failures_per_second": "auth_failures_per_second"}

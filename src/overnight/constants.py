@@ -9,6 +9,10 @@ EMBEDDINGS: Final = "/v1/embeddings"
 SUPPORTED_ENDPOINTS: Final = (CHAT_COMPLETIONS, COMPLETIONS, EMBEDDINGS)
 
 COMPLETION_WINDOWS: Final = {"24h": 24 * 3600}
+# A batch due within this long is urgent: the shard claim serves urgent batches before those
+# with slack (round-robin within each tier). 3 h: a 1h batch is urgent from the start, a 24h or
+# 7d one for its last three hours.
+DEADLINE_HORIZON_SECONDS: Final = 3 * 3600
 
 # Batch states: OpenAI's, no invented ones.
 VALIDATING: Final = "validating"

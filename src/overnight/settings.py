@@ -32,6 +32,13 @@ class Limits:
     # How long an upload (POST /v1/uploads) takes parts before it expires: an hour, as on OpenAI.
     # Shorter values are for tests.
     upload_expiry_seconds: int = 3600
+    # Windows beyond OpenAI's one, name -> seconds (e.g. {"1h": 3600, "7d": 604800}): batches.create
+    # accepts any of them. A "24h" here overrides completion_window_seconds.
+    completion_windows: dict[str, int] = field(default_factory=dict)
+
+    def windows(self) -> dict[str, int]:
+        """Every completion window this server accepts, name -> seconds."""
+        return {"24h": self.completion_window_seconds, **self.completion_windows}
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +72,8 @@ class WorkerSettings:
     # A shard claimed this many times without committing (its workers keep dying on it) is given
     # up: its lines are reported as `shard_failed` instead of being run again.
     max_shard_attempts: int = 10
+    # Batches due within this long are served before batches with slack (see store/queue.py).
+    deadline_horizon_seconds: float = 3 * 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +263,17 @@ def parse_storage_url(url: str, env: Mapping[str, str]) -> S3Location:
         part_size=part_size,
         conditional_writes=conditional in ("true", "1"),
     )
+
+
+def parse_completion_windows(flags: list[str]) -> dict[str, int]:
+    """`NAME=SECONDS` flags as windows; ValueError says which one is malformed."""
+    windows: dict[str, int] = {}
+    for flag in flags:
+        name, sep, seconds = flag.partition("=")
+        if not sep or not name.strip() or not seconds.strip().isdigit() or int(seconds) <= 0:
+            raise ValueError(f"--completion-window {flag!r}: expected NAME=SECONDS, e.g. 1h=3600")
+        windows[name.strip()] = int(seconds)
+    return windows
 
 
 def parse_upstream_flag(value: str) -> UpstreamSettings:

@@ -179,9 +179,9 @@ def _events(batch_id: str, status: str) -> list[WebhookEvent]:
 def test_events_are_stored_with_the_terminal_state_or_not_at_all(store: SqlStore) -> None:
     batch_id = _batch_finalizing(store)
     events = _events(batch_id, C.CANCELLED)
-    assert not store.queue.finish_batch(batch_id, "lost-lease", C.CANCELLED, None, None, 0, 0, NOW, events)
+    assert not store.queue.finish_batch(batch_id, "lost-lease", C.CANCELLED, None, None, 0, 0, NOW, events=events)
     assert store.webhooks.claim_deliveries(10, 30, "c0") == []  # no state change, no event
-    assert store.queue.finish_batch(batch_id, "fin", C.CANCELLED, None, None, 0, 0, NOW, events)
+    assert store.queue.finish_batch(batch_id, "fin", C.CANCELLED, None, None, 0, 0, NOW, events=events)
     claimed = store.webhooks.claim_deliveries(10, 30, "c1")
     assert sorted(d.url for d in claimed) == ["http://127.0.0.1:1/a", "http://h/b"]
     assert {d.event_id for d in claimed} == {events[0].event_id} and {d.attempts for d in claimed} == {1}
@@ -200,7 +200,7 @@ def test_failed_validation_stores_its_events(store: SqlStore) -> None:
 def test_claims_are_leased_and_settling_is_fenced(store: SqlStore) -> None:
     batch_id = _batch_finalizing(store)
     assert store.queue.finish_batch(batch_id, "fin", C.CANCELLED, None, None, 0, 0, NOW,
-                                    _events(batch_id, C.CANCELLED)[:1])
+                                    events=_events(batch_id, C.CANCELLED)[:1])
     [first] = store.webhooks.claim_deliveries(10, 30, "t1")
     assert store.webhooks.claim_deliveries(10, 30, "t2") == []  # held by t1
     # t1 died mid-attempt: once its lease runs out, the delivery is due again (at least once).
@@ -217,7 +217,7 @@ def test_claims_are_leased_and_settling_is_fenced(store: SqlStore) -> None:
 def test_given_up_deliveries_are_never_claimed_again(store: SqlStore) -> None:
     batch_id = _batch_finalizing(store)
     assert store.queue.finish_batch(batch_id, "fin", C.CANCELLED, None, None, 0, 0, NOW,
-                                    _events(batch_id, C.CANCELLED)[:1])
+                                    events=_events(batch_id, C.CANCELLED)[:1])
     [claimed] = store.webhooks.claim_deliveries(10, 30, "t1")
     assert store.webhooks.give_up(claimed.id, "t1", "HTTP 410")
     assert store.webhooks.claim_deliveries(10, 30, "t2", now=time.time() + 10_000) == []
@@ -225,7 +225,7 @@ def test_given_up_deliveries_are_never_claimed_again(store: SqlStore) -> None:
 
 def test_settled_deliveries_are_pruned_pending_ones_kept(store: SqlStore) -> None:
     batch_id = _batch_finalizing(store)
-    assert store.queue.finish_batch(batch_id, "fin", C.CANCELLED, None, None, 0, 0, NOW, _events(batch_id, C.CANCELLED))
+    assert store.queue.finish_batch(batch_id, "fin", C.CANCELLED, None, None, 0, 0, NOW, events=_events(batch_id, C.CANCELLED))
     first, second = store.webhooks.claim_deliveries(10, 30, "t1")
     assert store.webhooks.mark_delivered(first.id, "t1")
     assert store.webhooks.retry_later(second.id, "t1", 0.0, "HTTP 500")

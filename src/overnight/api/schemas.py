@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ExpiresAfter(BaseModel):
@@ -155,6 +155,27 @@ class Batch(BaseModel):
     request_counts: RequestCounts
     usage: BatchUsage | None
     metadata: dict[str, str] | None
+    # overnight's extensions (the official SDK keeps extra fields on its Batch model):
+    outcome: BatchOutcome | None = Field(
+        None, description="overnight: what a finished batch came to (null until it finishes)."
+    )
+    deadline_warning: str | None = Field(
+        None, description="overnight: set while a running batch, at its pace so far, will not finish in its window."
+    )
+    retry_of: str | None = Field(None, description="overnight: the batch whose failed lines this batch re-runs.")
+
+
+class BatchOutcome(BaseModel):
+    completed: int
+    failed: int
+    errors_by_code: dict[str, int] = Field(description="error-file lines by error code")
+
+
+class RetryBatchRequest(BaseModel):
+    include: list[Literal["failed", "cancelled", "expired"]] = Field(
+        default=["failed"],
+        description="which error lines to run again: failed (errors from the engine), cancelled, expired",
+    )
 
 
 class BatchList(BaseModel):

@@ -9,6 +9,8 @@ from overnight.api.auth import Authenticator
 from overnight.api.auth_throttle import AuthFailureThrottle
 from overnight.api.rate_limit import RateLimiter
 from overnight.batches.file_service import FileService
+from overnight.batches.live_results import LiveResults
+from overnight.batches.retry import BatchRetries
 from overnight.batches.service import BatchService
 from overnight.batches.upload_service import UploadService
 from overnight.engines.router import Router
@@ -21,6 +23,8 @@ class Services:
     files: FileService
     batches: BatchService
     uploads: UploadService
+    live_results: LiveResults
+    retries: BatchRetries
     router: Router
     limits: Limits
     rate_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0))

@@ -8,6 +8,8 @@ ranges in large chunks, not a loop over lines."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import orjson
 
 from overnight import constants as C
@@ -34,6 +36,7 @@ def finalize_batch(
     out_record = _new_output_record(batch.id, batch.owner, "output", batch.output_expires_after, now)
     err_record = _new_output_record(batch.id, batch.owner, "error", batch.output_expires_after, now)
     completed = failed = 0
+    codes: Counter[str] = Counter()
     with files.writer(out_record.storage_key) as out, files.writer(err_record.storage_key) as err:
         for shard in task.shards:
             if shard.status == C.SHARD_DONE and shard.result_key:
@@ -43,6 +46,7 @@ def finalize_batch(
                     done, bad = _copy_sections(files, shard.result_key, shard.result_output_bytes, out, err)
                 completed += done
                 failed += bad
+                _count_codes(codes, shard.error_codes, bad)
             else:
                 if shard.status == C.SHARD_FAILED:
                     code = C.SHARD_FAILED_CODE
@@ -55,14 +59,16 @@ def finalize_batch(
                     ident = line_id(batch.id, shard.first_request + i)
                     err.write(error_line(ident, custom_id, code, message) + b"\n")
                     failed += 1
+                    codes[code] += 1
         out_size, err_size = out.bytes_written, err.bytes_written
     output, error = _sized(out_record, out_size), _sized(err_record, err_size)
     for record, size in ((out_record, out_size), (err_record, err_size)):
         if not size:
             files.delete(record.storage_key)  # OpenAI leaves the id null rather than an empty file
+    outcome = {"completed": completed, "failed": failed, "errors_by_code": dict(codes.most_common())}
     events = webhooks.events_for(batch.owner, batch.id, task.final_status, now) if webhooks else []
     published = phases.finish_batch(
-        batch.id, task.lease_token, task.final_status, output, error, completed, failed, now, events
+        batch.id, task.lease_token, task.final_status, output, error, completed, failed, now, outcome, events
     )
     if not published:
         for unpublished in (output, error):
@@ -73,6 +79,17 @@ def finalize_batch(
         if shard.result_key:
             files.delete(shard.result_key)
     return True
+
+
+def _count_codes(codes: Counter[str], shard_codes: str | None, error_lines: int) -> None:
+    """Add a committed shard's error codes; lines of shards committed before codes were counted
+    (schema revision 0008) are `unknown`."""
+    counted = 0
+    for code, count in (orjson.loads(shard_codes) if shard_codes else {}).items():
+        codes[code] += count
+        counted += count
+    if error_lines > counted:
+        codes["unknown"] += error_lines - counted
 
 
 def _copy_sections(

@@ -10,6 +10,7 @@ from overnight.store.records import (
     BatchRecord,
     ClaimedDelivery,
     FileRecord,
+    SettledShard,
     ShardPlan,
     UploadPartRecord,
     UploadRecord,
@@ -51,6 +52,18 @@ class BatchCatalog(Protocol):
         ...
 
 
+class ResultsCatalog(Protocol):
+    """Committed shards (results while running) and the retries of a batch."""
+
+    def shards_after(self, batch_id: str, after: int) -> list[SettledShard]:
+        """The batch's shards holding lines at input index `after` or later, in input order."""
+        ...
+
+    def latest_retry(self, owner: str, batch_id: str) -> BatchRecord | None:
+        """The newest batch created by retrying `batch_id`."""
+        ...
+
+
 class BatchPhases(Protocol):
     """Writes that end a batch's phase, each fenced by the batch lease `token` (False: the lease
     was lost or the batch moved on, and nothing was written)."""
@@ -67,7 +80,8 @@ class BatchPhases(Protocol):
 
     def finish_batch(
         self, batch_id: str, token: str, final_status: str, output_file: FileRecord | None,
-        error_file: FileRecord | None, completed: int, failed: int, now: int, events: Sequence[WebhookEvent] = (),
+        error_file: FileRecord | None, completed: int, failed: int, now: int,
+        outcome: dict[str, Any] | None = None, events: Sequence[WebhookEvent] = (),
     ) -> bool:
         """Publish the output and error files, enter the terminal state and queue the webhook
         `events` it causes, in one transaction."""

@@ -44,6 +44,14 @@ def error_line(line_id: str, custom_id: str, code: str, message: str | None = No
     ))
 
 
+def response_error_code(status_code: int, body: dict[str, Any] | None) -> str:
+    """What an upstream's non-2xx answer counts as in a batch's outcome: the `error.code` of
+    its body when it names one, else `http_<status>`."""
+    error = body.get("error") if isinstance(body, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) and code else f"http_{status_code}"
+
+
 def _one_line(line: bytes) -> bytes:
     # U+2028 and U+2029 are E2 80 A8 and E2 80 A9 in UTF-8; outside strings JSON has no use for them.
     if b"\xe2\x80" in line:

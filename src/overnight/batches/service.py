@@ -20,14 +20,14 @@ class BatchService:
         batches: BatchCatalog,
         files: FileCatalog,
         endpoints: tuple[str, ...] = C.SUPPORTED_ENDPOINTS,
-        window_seconds: int = C.COMPLETION_WINDOWS["24h"],
+        windows: dict[str, int] | None = None,
         clock: Callable[[], float] = time.time,
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.batches = batches
         self.files = files
         self.endpoints = endpoints
-        self.window_seconds = window_seconds
+        self.windows = dict(C.COMPLETION_WINDOWS) if windows is None else windows  # name -> seconds
         self.clock = clock
         self.on_change = on_change  # wakes the in-process worker
 
@@ -39,6 +39,7 @@ class BatchService:
         completion_window: str,
         metadata: Any = None,
         output_expires_after: Any = None,
+        retry_of: str | None = None,
     ) -> BatchRecord:
         if endpoint not in self.endpoints:
             raise InvalidRequest(
@@ -46,9 +47,10 @@ class BatchService:
                 param="endpoint",
                 code="invalid_value",
             )
-        if completion_window not in C.COMPLETION_WINDOWS:
+        if completion_window not in self.windows:
+            supported = ", ".join(f"'{name}'" for name in self.windows)
             raise InvalidRequest(
-                f"Invalid value: '{completion_window}'. Supported values are: '24h'.",
+                f"Invalid value: '{completion_window}'. Supported values are: {supported}.",
                 param="completion_window",
                 code="invalid_value",
             )
@@ -72,9 +74,10 @@ class BatchService:
             completion_window=completion_window,
             status=C.VALIDATING,
             created_at=now,
-            expires_at=now + self.window_seconds,
+            expires_at=now + self.windows[completion_window],
             metadata=metadata,
             output_expires_after=output_ttl,
+            retry_of=retry_of,
         )
         self.batches.insert_batch(record)
         self.on_change()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from overnight.batches.deadline import deadline_warning
 from overnight.store.records import BatchRecord, FileRecord, UploadPartRecord, UploadRecord
 
 
@@ -40,7 +41,9 @@ def upload_part_object(record: UploadPartRecord) -> dict[str, Any]:
     return {"id": record.id, "object": "upload.part", "created_at": record.created_at, "upload_id": record.upload_id}
 
 
-def batch_object(record: BatchRecord) -> dict[str, Any]:
+def batch_object(record: BatchRecord, now: float | None = None) -> dict[str, Any]:
+    """OpenAI's batch object, plus overnight's extensions (the SDK keeps extra fields): `outcome`
+    once finished, `deadline_warning` while running late (`now` given), `retry_of`."""
     has_usage = record.request_completed or record.input_tokens or record.output_tokens
     return {
         "id": record.id,
@@ -77,6 +80,9 @@ def batch_object(record: BatchRecord) -> dict[str, Any]:
         if has_usage
         else None,
         "metadata": record.metadata,
+        "outcome": record.outcome,
+        "deadline_warning": deadline_warning(record, now) if now is not None else None,
+        "retry_of": record.retry_of,
     }
 
 

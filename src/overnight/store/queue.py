@@ -71,13 +71,18 @@ def _claim_shard_statement() -> Any:
         _s.c.status == C.SHARD_PENDING,
         and_(_s.c.status == C.SHARD_RUNNING, _s.c.lease_expires_at < LEASE_NOW),
     )
-    open_batch = exists().where(_b.c.id == _s.c.batch_id, _b.c.status == C.IN_PROGRESS, _b.c.expires_at > LEASE_NOW)
+    open_batch = and_(_b.c.status == C.IN_PROGRESS, _b.c.expires_at > LEASE_NOW)
+    # Deadline first: shards of batches whose deadline is within the horizon go before batches
+    # with slack (a 1h batch overtakes a 7d one). Within each of the two tiers, shard_index
+    # first, so batches of similar urgency advance round-robin instead of one starving the rest.
+    urgent = case((_b.c.expires_at < LEASE_NOW + bindparam("p_horizon"), 0), else_=1)
     candidate = (
         select(_s.c.id)
+        .select_from(_s.join(_b, _b.c.id == _s.c.batch_id))
         .where(runnable, open_batch)
-        .order_by(_s.c.shard_index, _s.c.id)
+        .order_by(urgent, _s.c.shard_index, _s.c.id)
         .limit(1)
-        .with_for_update(skip_locked=True)
+        .with_for_update(of=_s, skip_locked=True)
     )
     return (
         update(_s)
@@ -113,6 +118,7 @@ _SETTLED_SHARDS = (
         _s.c.byte_length,
         _s.c.expired,
         _s.c.last_error,
+        _s.c.error_codes,
     )
     .where(_s.c.batch_id == bindparam("p_batch"))
     .order_by(_s.c.shard_index)
@@ -157,6 +163,7 @@ _COMMIT_SHARD = (
         reasoning_tokens=bindparam("p_reasoning_tokens"),
         model=bindparam("p_model"),
         expired=bindparam("p_expired"),
+        error_codes=bindparam("p_error_codes"),
     )
 )
 # A failed attempt: back to pending at once, unless the previous attempt failed the same way (or
@@ -216,6 +223,7 @@ _FINISH_BATCH = {
         error_file_id=bindparam("p_error"),
         request_completed=bindparam("p_completed"),
         request_failed=bindparam("p_failed"),
+        outcome_json=bindparam("p_outcome"),
         lease_token=None,
         lease_expires_at=None,
         **{stamp: bindparam("p_now_int")},
@@ -329,17 +337,20 @@ class SqlWorkQueue:
         with self.db.write() as conn:
             conn.execute(_RELEASE_BATCH_LEASE, {"p_batch": batch_id, "p_token": token})
 
-    def claim_shard(self, now: float | None, lease_seconds: float, token: str) -> ClaimedShard | None:
+    def claim_shard(
+        self, now: float | None, lease_seconds: float, token: str, horizon_seconds: float = C.DEADLINE_HORIZON_SECONDS
+    ) -> ClaimedShard | None:
         """Claim the next runnable shard in one statement.
 
         Runnable: pending, or running under a lease that expired (its worker died). Only shards of
-        in-progress batches before their deadline. Ordered by shard_index first, so concurrent
-        batches advance round-robin instead of one batch starving the rest.
+        in-progress batches before their deadline. Batches due within `horizon_seconds` go first;
+        then shard_index, so concurrent batches advance round-robin instead of one batch starving
+        the rest.
         """
         with self.db.write() as conn:
-            row = conn.execute(
-                _CLAIM_SHARD, {"p_now": now, "p_token": token, "p_lease_seconds": lease_seconds}
-            ).first()
+            row = conn.execute(_CLAIM_SHARD, {
+                "p_now": now, "p_token": token, "p_lease_seconds": lease_seconds, "p_horizon": horizon_seconds,
+            }).first()
             if row is None:
                 return None
             batch = conn.execute(_SHARD_BATCH, {"p_batch": row.batch_id}).one()
@@ -407,7 +418,8 @@ class SqlWorkQueue:
             conn.execute(_LOCK_BATCH, {"p_batch": batch_id})
             done = conn.execute(_COMMIT_SHARD, {
                 "p_shard": shard_id, "p_token": token, "p_result_key": result.result_key,
-                "p_output_bytes": result.output_bytes, "p_expired": result.expired, **counts,
+                "p_output_bytes": result.output_bytes, "p_expired": result.expired,
+                "p_error_codes": orjson.dumps(result.error_codes).decode() if result.error_codes else None, **counts,
             })
             if not done.rowcount:
                 return "lost"
@@ -443,6 +455,7 @@ class SqlWorkQueue:
         completed: int,
         failed: int,
         now: int,
+        outcome: dict[str, Any] | None = None,
         events: Sequence[WebhookEvent] = (),
     ) -> bool:
         """Publish the output/error files and move the batch to its terminal state, fenced by the
@@ -450,6 +463,7 @@ class SqlWorkQueue:
         with self.db.write() as conn:
             moved = conn.execute(_FINISH_BATCH[final_status], {
                 "p_batch": batch_id, "p_token": token, "p_now_int": now,
+                "p_outcome": orjson.dumps(outcome).decode() if outcome is not None else None,
                 "p_output": output_file.id if output_file else None,
                 "p_error": error_file.id if error_file else None,
                 "p_completed": completed, "p_failed": failed,

@@ -49,6 +49,9 @@ class BatchRecord:
     output_tokens: int = 0
     reasoning_tokens: int = 0
     lease_token: str | None = None
+    # A finished batch's {"completed", "failed", "errors_by_code"} (None before finalize).
+    outcome: dict[str, Any] | None = None
+    retry_of: str | None = None  # the batch whose failed lines this one re-runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +79,12 @@ class ShardResult:
     reasoning_tokens: int = 0
     model: str | None = None
     expired: int = 0  # of `failed`: lines not run because the completion window closed
+    error_codes: dict[str, int] = field(default_factory=dict)  # the error lines' codes, counted
+
+    def add_error(self, code: str) -> None:
+        """Count one line for the error file, by its error code."""
+        self.failed += 1
+        self.error_codes[code] = self.error_codes.get(code, 0) + 1
 
     def add_usage(self, usage: dict[str, Any]) -> None:
         """Add one response's `usage` (chat/completions or embeddings shape) to the totals."""
@@ -137,6 +146,7 @@ class SettledShard:
     byte_length: int
     expired: int = 0  # lines the shard reported as not run before the deadline
     last_error: str | None = None  # for a `failed` shard: what its lines are reported with
+    error_codes: str | None = None  # JSON {code: count} of its error lines (None: committed before 0008)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,9 @@ from sqlalchemy import BindParameter, and_, bindparam, insert, or_
 from overnight.store import schema as T
 from overnight.store.records import BatchRecord, FileRecord
 
-BATCH_COLUMNS = [c for c in T.batches.c if c.name not in ("seq", "errors_json", "metadata_json", "lease_expires_at")]
+BATCH_COLUMNS = [
+    c for c in T.batches.c if c.name not in ("seq", "errors_json", "metadata_json", "outcome_json", "lease_expires_at")
+]
 _BATCH_FIELDS = [c.name for c in BATCH_COLUMNS]
 
 # The time a statement is run for, bound at execution (epoch seconds).
@@ -35,10 +37,12 @@ def batch_record(row: Any) -> BatchRecord:
     m = row._mapping  # a property that builds a view: take it once, not once per column
     errors_json = m["errors_json"]
     metadata_json = m["metadata_json"]
+    outcome_json = m["outcome_json"]
     return BatchRecord(
         **{name: m[name] for name in _BATCH_FIELDS},
         errors=orjson.loads(errors_json) if errors_json else None,
         metadata=orjson.loads(metadata_json) if metadata_json else None,
+        outcome=orjson.loads(outcome_json) if outcome_json else None,
     )
 
 

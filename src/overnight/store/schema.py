@@ -82,8 +82,13 @@ batches = Table(
     # Lease on the batch-level phases (validating, finalizing): a dead holder's work is taken over.
     Column("lease_token", String(32)),
     Column("lease_expires_at", Float),
+    # What a finished batch came to: {"completed", "failed", "errors_by_code"} (JSON), set at finalize.
+    Column("outcome_json", Text),
+    # The batch whose failed lines this one re-runs (POST /v1/batches/{id}/retry).
+    Column("retry_of", String(64)),
     Index("ix_batches_owner_seq", "owner", "seq"),
     Index("ix_batches_status", "status"),
+    Index("ix_batches_retry_of", "retry_of"),
 )
 
 shards = Table(
@@ -119,6 +124,8 @@ shards = Table(
     # Why the last attempt failed (an exception in the worker, not a line's error). The same
     # failure twice settles the shard as `failed`: its lines are reported, not retried forever.
     Column("last_error", Text),
+    # {code: count} of the committed error lines (JSON), summed into the batch's outcome.
+    Column("error_codes", Text),
     UniqueConstraint("batch_id", "shard_index", name="uq_shards_batch_index"),
     # The claim scans pending shards in round-robin order across batches.
     Index("ix_shards_status_index", "status", "shard_index"),

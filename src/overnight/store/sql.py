@@ -9,6 +9,7 @@ from overnight.store.housekeeping import SqlHousekeeping
 from overnight.store.keys import SqlKeyStore
 from overnight.store.membership import SqlMembership
 from overnight.store.queue import SqlWorkQueue
+from overnight.store.results import SqlResultsCatalog
 from overnight.store.uploads import SqlUploadStore
 from overnight.store.webhooks import SqlWebhookOutbox
 
@@ -26,6 +27,7 @@ class SqlStore:
         self.membership = SqlMembership(self.db)
         self.uploads = SqlUploadStore(self.db)
         self.webhooks = SqlWebhookOutbox(self.db)
+        self.results = SqlResultsCatalog(self.db)
 
     def migrate(self) -> None:
         self.db.migrate()

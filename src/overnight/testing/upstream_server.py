@@ -11,6 +11,7 @@ through unchanged:
     "x_fault": "timeout:1"   hang past the client's timeout once
     "x_fault": "reset:2"     drop the connection without answering, twice
     "x_fault": "400" / "404" / "422"   a permanent error, every time
+    "x_fault": "400:1"       a permanent error the first time per key (across batches), then answer
     "x_fault": "slow:200"    answer after 200 ms
 
 Two more fields check that bodies pass through exactly: `"x_echo_raw": true` puts the request body,
@@ -122,7 +123,7 @@ async def _fault(state: UpstreamState, request: web.Request, body: dict[str, Any
     if kind == "slow":
         await asyncio.sleep(float(arg or 100) / 1000)
         return None
-    if kind in ("400", "404", "422"):
+    if kind in ("400", "404", "422") and not arg:
         state.served[kind] += 1
         code = "model_not_found" if kind == "404" else "invalid_value"
         return _error(int(kind), f"injected permanent error {kind}", code)
@@ -130,6 +131,8 @@ async def _fault(state: UpstreamState, request: web.Request, body: dict[str, Any
     if state.attempts[key] > int(arg or 1):
         return None
     state.served[kind] += 1
+    if kind in ("400", "404", "422"):  # `400:N`: a permanent error the first N times per key only
+        return _error(int(kind), f"injected permanent error {kind}", "invalid_value")
     if kind == "timeout":
         # A hung request is not counted as in flight: the client gave up on it long ago.
         state.in_flight -= 1

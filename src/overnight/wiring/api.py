@@ -11,6 +11,8 @@ from overnight.api.auth_throttle import AuthFailureThrottle
 from overnight.api.rate_limit import RateLimiter
 from overnight.api.services import Services
 from overnight.batches.file_service import FileService
+from overnight.batches.live_results import LiveResults
+from overnight.batches.retry import BatchRetries
 from overnight.batches.service import BatchService
 from overnight.batches.upload_service import UploadService
 from overnight.engines.router import Router
@@ -26,17 +28,20 @@ def build_api(
     an in-process worker when a batch is created or cancelled."""
     settings = core.settings
     check_http_settings(settings.http)
+    check_windows(settings.limits.windows())
     files = FileService(core.store.files, core.files)
+    batches = BatchService(
+        core.store.batches, core.store.files, windows=settings.limits.windows(), on_change=on_change,
+    )
     return Services(
         auth=load_authenticator(settings, core.store.keys, announce),
         files=files,
-        batches=BatchService(
-            core.store.batches, core.store.files, window_seconds=settings.limits.completion_window_seconds,
-            on_change=on_change,
-        ),
+        batches=batches,
         uploads=UploadService(
             core.store.uploads, files, settings.limits.max_file_bytes, settings.limits.upload_expiry_seconds
         ),
+        live_results=LiveResults(batches, core.store.results, core.store.files, core.files),
+        retries=BatchRetries(batches, core.store.results, core.store.files, core.files),
         router=router,
         limits=settings.limits,
         rate_limiter=RateLimiter(settings.limits.requests_per_minute),
@@ -72,6 +77,15 @@ def load_authenticator(
             "Pass it as api_key=... to the OpenAI SDK, or configure your own with --api-key."
         )
     return Authenticator(hashes)
+
+
+def check_windows(windows: dict[str, int]) -> None:
+    """Completion windows must be named and last a whole, positive number of seconds."""
+    for name, seconds in windows.items():
+        if not isinstance(name, str) or not name or not isinstance(seconds, int) or isinstance(seconds, bool) \
+                or seconds <= 0:
+            raise ConfigurationError(f"completion window {name!r} = {seconds!r}: expected a name and a whole "
+                                     "number of seconds above 0, e.g. \"1h\" = 3600.")
 
 
 def check_http_settings(http: HttpSettings) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
+from overnight import constants as C
 from overnight.store.records import BatchTask, ClaimedShard, ShardProgress, ShardResult
 
 
@@ -21,8 +22,11 @@ class WorkQueue(Protocol):
 
     def release_batch_lease(self, batch_id: str, token: str) -> None: ...
 
-    def claim_shard(self, now: float | None, lease_seconds: float, token: str) -> ClaimedShard | None:
-        """The next runnable shard (pending, or under an expired lease), leased to `token`."""
+    def claim_shard(
+        self, now: float | None, lease_seconds: float, token: str, horizon_seconds: float = C.DEADLINE_HORIZON_SECONDS
+    ) -> ClaimedShard | None:
+        """The next runnable shard (pending, or under an expired lease), leased to `token`;
+        batches due within `horizon_seconds` first."""
         ...
 
     def heartbeat_shards(

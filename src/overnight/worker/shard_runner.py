@@ -17,7 +17,7 @@ from typing import Any
 from overnight import constants as C
 from overnight.batches.jsonl import split_requests
 from overnight.batches.request_line import parse_request_line, with_model
-from overnight.batches.results import error_line, response_line
+from overnight.batches.results import error_line, response_error_code, response_line
 from overnight.engines.port import EngineRequest, EngineResponse
 from overnight.engines.router import Resolved, Router
 from overnight.files.layout import results_key
@@ -156,7 +156,7 @@ class _ShardRun:
             self._done.set()
 
     def _line_failed(self, i: int, exc: Exception) -> bytes:
-        self.result.failed += 1
+        self.result.add_error(C.ENGINE_ERROR)
         log.warning("line %s of batch %s raised %s", self.claim.first_request + i, self.claim.batch_id,
                     type(exc).__name__, exc_info=exc)
         return error_line(
@@ -177,10 +177,10 @@ class _ShardRun:
         body = request["body"]
         ident = f"{self.id_prefix}{index:08x}"
         if state.batch_stopped or state.lease_lost:
-            result.failed += 1
+            result.add_error(C.BATCH_CANCELLED)
             return error_line(ident, custom_id, C.BATCH_CANCELLED), False
         if self.runner.clock() >= self.deadline:
-            result.failed += 1
+            result.add_error(C.BATCH_EXPIRED)
             result.expired += 1
             return error_line(ident, custom_id, C.BATCH_EXPIRED), False
         resolved = self.resolved[i]
@@ -198,10 +198,11 @@ class _ShardRun:
                 EngineRequest(claim.endpoint, body, self.deadline, body_bytes)
             )
         if response.status_code is None:
-            result.failed += 1
-            if response.error_code == C.BATCH_EXPIRED:
+            code = response.error_code or C.ENGINE_ERROR
+            result.add_error(code)
+            if code == C.BATCH_EXPIRED:
                 result.expired += 1
-            return error_line(ident, custom_id, response.error_code or C.ENGINE_ERROR, response.error_message), False
+            return error_line(ident, custom_id, code, response.error_message), False
         request_id = response.request_id or f"{self.request_id_prefix}{index:08x}"
         line = response_line(ident, custom_id, response.status_code, request_id, response.body, response.raw)
         if response.ok:
@@ -213,7 +214,7 @@ class _ShardRun:
             if result.model is None and isinstance(body_out.get("model"), str):
                 result.model = body_out["model"]
             return line, True
-        result.failed += 1
+        result.add_error(response_error_code(response.status_code, response.body))
         return line, False
 
 

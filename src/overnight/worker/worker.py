@@ -185,7 +185,9 @@ class Worker:
         claimed = False
         lease = self.settings.lease_seconds
         while len(self._shards) < self.settings.max_shards_in_flight and self.lanes.wants_more(self._unqueued()):
-            shard = await asyncio.to_thread(self.queue.claim_shard, None, lease, new_lease_token())
+            shard = await asyncio.to_thread(
+                self.queue.claim_shard, None, lease, new_lease_token(), self.settings.deadline_horizon_seconds
+            )
             if shard is None:
                 break
             claimed = True
