@@ -9,6 +9,7 @@ from starlette.responses import Response
 
 from overnight.api.auth import Principal, principal
 from overnight.api.json import json_response
+from overnight.api.routes_admin import with_owner
 from overnight.api.schemas import ERRORS, Batch, BatchList, CreateBatchRequest
 from overnight.api.services import Services
 from overnight.api.text import reject_lone_surrogates
@@ -34,7 +35,7 @@ def create_batch(request: Request, caller: Caller, body: CreateBatchRequest) -> 
         body.metadata,
         body.output_expires_after,
     )
-    return json_response(batch_object(record))
+    return json_response(with_owner(batch_object(record), record.owner, caller))
 
 
 @router.get("", response_model=BatchList, summary="List batches, newest first")
@@ -42,14 +43,16 @@ def list_batches(
     request: Request, caller: Caller, after: str | None = None, limit: Annotated[int, Query()] = 20
 ) -> Response:
     records, has_more = _services(request).batches.list(caller.scope, after, limit)
-    return json_response(list_object([batch_object(r) for r in records], has_more))
+    return json_response(list_object([with_owner(batch_object(r), r.owner, caller) for r in records], has_more))
 
 
 @router.get("/{batch_id}", response_model=Batch, summary="Retrieve a batch")
 def retrieve_batch(request: Request, caller: Caller, batch_id: str) -> Response:
-    return json_response(batch_object(_services(request).batches.get(caller.scope, batch_id)))
+    record = _services(request).batches.get(caller.scope, batch_id)
+    return json_response(with_owner(batch_object(record), record.owner, caller))
 
 
 @router.post("/{batch_id}/cancel", response_model=Batch, summary="Cancel a batch")
 def cancel_batch(request: Request, caller: Caller, batch_id: str) -> Response:
-    return json_response(batch_object(_services(request).batches.cancel(caller.scope, batch_id)))
+    record = _services(request).batches.cancel(caller.scope, batch_id)
+    return json_response(with_owner(batch_object(record), record.owner, caller))

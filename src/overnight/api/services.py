@@ -9,6 +9,7 @@ from overnight.api.auth import Authenticator
 from overnight.api.auth_throttle import AuthFailureThrottle
 from overnight.api.rate_limit import RateLimiter
 from overnight.batches.file_service import FileService
+from overnight.batches.ports import ServerOverview
 from overnight.batches.service import BatchService
 from overnight.engines.router import Router
 from overnight.settings import Limits
@@ -21,6 +22,7 @@ class Services:
     batches: BatchService
     router: Router
     limits: Limits
+    overview: ServerOverview  # queue depth and workers, for the admin server page
     rate_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0))
     auth_throttle: AuthFailureThrottle = field(default_factory=lambda: AuthFailureThrottle(0, 0.0, 1))
     ready: bool = False

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from overnight.store.records import BatchRecord, FileRecord, ShardPlan
+from overnight.store.records import BatchRecord, FileRecord, ModelQueue, ShardPlan, WorkerSeen
 
 
 class FileCatalog(Protocol):
@@ -75,3 +75,11 @@ class StorageCatalog(Protocol):
     def live_storage_keys(self, keys: Sequence[str]) -> set[str]: ...
 
     def batch_status(self, batch_id: str) -> str | None: ...
+
+
+class ServerOverview(Protocol):
+    """What an operator's view of the server reads from the store (the dashboard's server page)."""
+
+    def queue_by_model(self) -> list[ModelQueue]: ...
+
+    def workers(self) -> list[WorkerSeen]: ...

@@ -149,3 +149,23 @@ class BatchTask:
     final_status: str | None = None
     input_storage_key: str | None = None
     shards: list[SettledShard] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelQueue:
+    """Unfinished batches of one model (None: a batch not validated yet) and their unanswered requests."""
+
+    model: str | None
+    batches: int
+    waiting_requests: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSeen:
+    """A worker process's row: when it started and was last seen (the database's clock, epoch
+    seconds), and how many seconds ago that was."""
+
+    id: str
+    started_at: float
+    last_seen: float
+    seen_seconds_ago: float
