@@ -93,7 +93,9 @@ async function fileSections(batch) {
 
 function errorCode(line) {
   const body = line.response?.body;
-  return line.error?.code || body?.error?.code || body?.error?.type
+  // A line's own error (batch_expired, batch_cancelled, engine_error), else the upstream's error
+  // code, else its HTTP status: upstreams often send `code: null`.
+  return line.error?.code || body?.error?.code
     || (line.response ? `http_${line.response.status_code}` : "unknown");
 }
 
