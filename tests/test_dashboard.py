@@ -55,7 +55,7 @@ def page_for(browser: Any) -> Iterator[Any]:
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.goto(f"http://127.0.0.1:{server.port}/ui")
         # the key field has focus on arrival; Enter submits
-        page.wait_for_function("document.activeElement && document.activeElement.id === 'api-key'")
+        page.wait_for_function("() => document.activeElement?.id === 'api-key'")
         page.keyboard.type(key)
         page.keyboard.press("Enter")
         page.get_by_role("navigation", name="Sections").wait_for()
@@ -272,10 +272,10 @@ def test_admin_server_route_and_owner_field(server: Server) -> None:
 
 def test_docs_screenshot(make_server: Any, page_for: Any, tmp_path: Path) -> None:
     """The README's picture: a few batches mid-run. Written to docs/ only when asked."""
-    server = make_server("--shard-lines", "10", "--max-shards", "2")
+    server = make_server("--shard-lines", "5", "--max-shards", "1")
     client = server.client(API_KEY)
-    specs = [("nightly eval, 2k prompts", 60, "slow:300"), ("support-ticket triage", 40, "slow:200"),
-             ("embeddings backfill", 30, "slow:100")]
+    specs = [("nightly eval", 20, "slow:100"), ("support-ticket triage", 200, "slow:400"),
+             ("summaries, 2k prompts", 200, "slow:600")]
     for description, count, fault in specs:
         lines = [chat_line(i, x_fault=("400" if i % 17 == 5 else fault)) for i in range(count)]
         client.batches.create(input_file_id=upload(client, lines, f"{description}.jsonl"),
@@ -283,8 +283,10 @@ def test_docs_screenshot(make_server: Any, page_for: Any, tmp_path: Path) -> Non
                               metadata={"description": description})
     page = page_for(server, API_KEY, width=1200, height=560)
     page.locator("tr[data-batch]").nth(2).wait_for()
-    page.wait_for_function("[...document.querySelectorAll('td[data-label=Rate]')].some(td => td.textContent.endsWith('/s'))",
-                           timeout=20_000)
+    # one batch done, the others running with a measured rate and ETA
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('tr[data-batch]')].filter(tr => tr.querySelector('td[data-label=ETA]')"
+        ".textContent.endsWith('s')).length >= 2 && document.querySelector('.badge.s-completed')", timeout=40_000)
     shot = tmp_path / "dashboard.png"
     page.screenshot(path=str(shot))
     assert shot.stat().st_size > 10_000

@@ -4,7 +4,7 @@
 import { api } from "./api.js";
 import { batchActions } from "./actions.js";
 import { h, notify, redraw, replace } from "./dom.js";
-import { TERMINAL, duration, elapsed, progressBar, rate, statusBadge, when } from "./format.js";
+import { TERMINAL, duration, elapsed, progressBar, rate, statusBadge, when, whenShort } from "./format.js";
 import { ThroughputTracker } from "./throughput.js";
 
 const PAGE = 50;
@@ -42,12 +42,11 @@ export function mount(root, ctx) {
       ctx.admin ? h("td", { "data-label": "Owner", class: "owner" }, batch.owner ?? "—") : null,
       h("td", { "data-label": "Status" }, statusBadge(batch.status)),
       h("td", { "data-label": "Progress", class: "progress" }, progressBar(batch.request_counts, label),
-        h("span", { class: "counts" }, `${batch.request_counts.completed} ✓ · ${batch.request_counts.failed} ✗ · `
-          + `${batch.request_counts.total}`)),
+        h("span", { class: "counts" }, countsText(batch.request_counts))),
       h("td", { "data-label": "Rate", class: "num" }, rate(r)),
       h("td", { "data-label": "ETA", class: "num" }, TERMINAL.has(batch.status) ? "—" : duration(eta)),
       h("td", { "data-label": "Model" }, batch.model ?? "—"),
-      h("td", { "data-label": "Created" }, when(batch.created_at)),
+      h("td", { "data-label": "Created", title: when(batch.created_at) }, whenShort(batch.created_at)),
       h("td", { "data-label": "Elapsed", class: "num" }, duration(elapsed(batch))),
       h("td", { "data-label": "Actions", class: "actions" }, batchActions(batch, refresh)));
   }
@@ -82,6 +81,10 @@ export function mount(root, ctx) {
         body)),
     h("nav", { class: "pager", "aria-label": "Pages" }, newer, summary, older));
   return { refresh, dispose() {} };
+}
+
+function countsText({ total, completed, failed }) {
+  return `${completed + failed} / ${total}` + (failed ? ` · ${failed} failed` : "");
 }
 
 function createForm(onCreated) {

@@ -12,6 +12,15 @@ export function when(epochSeconds) {
   });
 }
 
+/** Time of day for today's moments, the date for older ones (full time in the title). */
+export function whenShort(epochSeconds) {
+  if (!epochSeconds) return "—";
+  const date = new Date(epochSeconds * 1000);
+  const today = date.toDateString() === new Date().toDateString();
+  return today ? date.toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit" })
+    : date.toLocaleDateString(undefined, { month: "short", day: "numeric" });
+}
+
 export function duration(seconds) {
   if (seconds === null || seconds === undefined || !Number.isFinite(seconds)) return "—";
   const s = Math.max(0, Math.round(seconds));
