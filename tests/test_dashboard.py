@@ -309,3 +309,45 @@ def test_docs_screenshot(make_server: Any, page_for: Any, tmp_path: Path) -> Non
     if os.environ.get("OVERNIGHT_DOCS_SCREENSHOT") == "1":
         DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
         shutil.copyfile(shot, DOCS_SCREENSHOT)
+
+
+def test_batches_page_through_the_after_cursor_and_filter_by_status(make_server: Any, page_for: Any) -> None:
+    server = make_server()
+    client = server.client(API_KEY)
+    # a line for another endpoint: the batch fails validation, and runs nothing
+    good, bad = upload(client, [chat_line(1)]), upload(client, [{**chat_line(2), "url": "/v1/embeddings"}])
+    failed = []
+    for i in range(120):
+        batch = client.batches.create(input_file_id=bad if i in (3, 77, 110) else good,
+                                      endpoint="/v1/chat/completions", completion_window="24h")
+        if i in (3, 77, 110):
+            failed.append(batch.id)
+    newest_first = [b.id for b in client.batches.list(limit=100).data]
+    for batch_id in failed:
+        wait_terminal(client, batch_id)
+
+    page = page_for(server, API_KEY)
+    rows = page.locator("tr[data-batch]")
+
+    def shown() -> list[str]:
+        page.locator("tr[data-batch]").first.wait_for()
+        return [str(rows.nth(i).get_attribute("data-batch")) for i in range(rows.count())]
+
+    page.locator(f'tr[data-batch="{newest_first[0]}"]').wait_for()
+    assert shown() == newest_first[:50]
+    older = page.get_by_role("button", name="Older →")
+    older.click()
+    page.locator(f'tr[data-batch="{newest_first[50]}"]').wait_for()
+    assert shown() == newest_first[50:100]
+    older.click()
+    page.locator("text=Page 3").wait_for()
+    assert len(shown()) == 20 and older.is_disabled()
+    page.get_by_role("button", name="← Newer").click()
+    page.locator(f'tr[data-batch="{newest_first[50]}"]').wait_for()
+
+    # the filter reads on through the list (newest first) and keeps only that status
+    page.select_option("#status-filter", "failed")
+    page.wait_for_function("n => document.querySelectorAll('tr[data-batch]').length === n", arg=len(failed))
+    assert shown() == list(reversed(failed))
+    assert {s.strip().lower() for s in page.locator("tr[data-batch] .badge").all_inner_texts()} == {"failed"}
+    assert "of 120 looked at" in page.locator(".pager").inner_text()

@@ -8,6 +8,10 @@ import { TERMINAL, duration, elapsed, progressBar, rate, statusBadge, when, when
 import { ThroughputTracker } from "./throughput.js";
 
 const PAGE = 50;
+// With a status filter, pages of the unfiltered list are read until a screenful matches, at most
+// this many per refresh (the API lists newest first and has no status filter of its own).
+const SCAN_PAGES = 5;
+const SCAN_LIMIT = 100;
 const STATUSES = ["validating", "in_progress", "finalizing", "completed", "failed", "expired", "cancelling",
   "cancelled"];
 const ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"];
@@ -22,7 +26,11 @@ export function mount(root, ctx) {
   const summary = h("p", { class: "muted", "aria-live": "polite" });
   const newer = h("button", { type: "button", class: "ghost", onclick: () => go(-1) }, "← Newer");
   const older = h("button", { type: "button", class: "ghost", onclick: () => go(1) }, "Older →");
-  const filter = h("select", { id: "status-filter", onchange: (e) => { status = e.target.value; draw(); } },
+  const filter = h("select", { id: "status-filter", onchange: (e) => {
+    status = e.target.value;
+    cursors.length = 1; // a new filter starts again from the newest batch
+    refresh();
+  } },
     h("option", { value: "" }, "All"), STATUSES.map((s) => h("option", { value: s }, s.replace("_", " "))));
 
   async function go(step) {
@@ -53,18 +61,45 @@ export function mount(root, ctx) {
 
   function draw() {
     if (!page) return;
-    const shown = page.data.filter((b) => !status || b.status === status);
-    redraw(body, shown.length ? shown.map(row)
-      : h("tr", {}, h("td", { colspan: 10, class: "empty" }, status ? `No ${status} batches on this page.`
+    redraw(body, page.data.length ? page.data.map(row)
+      : h("tr", {}, h("td", { colspan: 10, class: "empty" }, status
+        ? `No ${status.replace("_", " ")} batches among the ${page.scanned} looked at.`
         : "No batches yet: upload a file and create one above.")));
-    summary.textContent = `Page ${cursors.length} · ${page.data.length} batches${page.has_more ? ", more older" : ""}`
-      + (status ? ` · ${shown.length} ${status}` : "");
+    summary.textContent = `Page ${cursors.length} · ${page.data.length} ${status ? status.replace("_", " ") + " " : ""}`
+      + `batches${status ? ` (of ${page.scanned} looked at)` : ""}`;
     newer.disabled = cursors.length <= 1;
     older.disabled = !page.has_more;
   }
 
+  /** One screen from `after` on: a page of the list, or with a filter, the matches found in up
+   *  to SCAN_PAGES pages; `last_id` is where the next screen starts. */
+  async function load(after) {
+    if (!status) {
+      const p = await api.batches(after, PAGE);
+      return { data: p.data, has_more: p.has_more, last_id: p.last_id, scanned: p.data.length };
+    }
+    const data = [];
+    let cursor = after;
+    let scanned = 0;
+    for (let pages = 0; pages < SCAN_PAGES; pages += 1) {
+      const p = await api.batches(cursor, SCAN_LIMIT);
+      for (const batch of p.data) {
+        scanned += 1;
+        cursor = batch.id;
+        if (batch.status !== status) continue;
+        data.push(batch);
+        if (data.length === PAGE) return { data, has_more: true, last_id: cursor, scanned };
+      }
+      if (!p.has_more) return { data, has_more: false, last_id: cursor, scanned };
+    }
+    return { data, has_more: true, last_id: cursor, scanned };
+  }
+
   async function refresh() {
-    page = await api.batches(cursors[cursors.length - 1], PAGE);
+    const wanted = status;
+    const loaded = await load(cursors[cursors.length - 1]);
+    if (wanted !== status) return; // the filter changed while this screen loaded
+    page = loaded;
     tracker.observe(page.data);
     draw();
   }
