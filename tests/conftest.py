@@ -23,12 +23,14 @@ import pytest
 from overnight.testing.seaweedfs import SeaweedFS
 from postgres import (  # noqa: F401 - the PostgreSQL fixtures, for every test
     database_url,
+    empty_url,
     postgres_clean_url,
     postgres_empty_url,
     postgres_module_url,
     postgres_server,
     postgres_template,
     postgres_url,
+    store,
 )
 
 TERMINAL = {"completed", "failed", "cancelled", "expired"}

@@ -115,3 +115,21 @@ def expect_failures_on_postgres(request: pytest.FixtureRequest, url: str, known:
     name = getattr(request.node, "originalname", request.node.name)
     if url.startswith("postgresql") and name in known:
         request.applymarker(pytest.mark.xfail(strict=True, reason=f"PostgreSQL: {known[name]}"))
+
+
+@pytest.fixture(params=DIALECTS)
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database with no tables at all, on each dialect."""
+    if request.param == "postgresql":
+        url: str = request.getfixturevalue("postgres_empty_url")
+        return url
+    return f"sqlite:///{tmp_path / 'db.sqlite'}"
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[SqlStore]:
+    """A migrated store on each dialect, closed afterwards."""
+    s = SqlStore(database_url)
+    s.migrate()
+    yield s
+    s.close()

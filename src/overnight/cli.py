@@ -1,4 +1,7 @@
-"""`overnight serve | run | worker`: the only place that reads the environment."""
+"""`overnight serve | run | worker | cleanup | batch`: the only place that reads the environment.
+
+`overnight batch ...` is the API client (overnight.client.cli); it is dispatched before anything of
+the server is imported, so it runs where only the client's dependencies are installed."""
 
 from __future__ import annotations
 
@@ -14,8 +17,6 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
-
-import orjson
 
 from overnight import __version__
 from overnight import constants as C
@@ -75,6 +76,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="how long the '24h' completion window lasts on this server (default 86400)",
     )
+    parser.add_argument("--upload-expiry-seconds", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,6 +118,11 @@ def _parser() -> argparse.ArgumentParser:
     _common(cleanup)
     cleanup.add_argument("--orphan-age-seconds", type=float, default=3600.0,
                          help="objects no row names are removed once this old (0 only while no server runs)")
+
+    # Listed for --help only: main() hands `batch ...` to the client before this parser runs.
+    sub.add_parser("batch", add_help=False,
+                   help="build, submit, wait for, cancel and download batches on any OpenAI-compatible "
+                   "Batch API (see `overnight batch --help`)")
     return parser
 
 
@@ -139,6 +146,8 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         limits = replace(limits, shard_max_lines=args.shard_lines)
     if args.completion_window_seconds is not None:
         limits = replace(limits, completion_window_seconds=args.completion_window_seconds)
+    if args.upload_expiry_seconds is not None:
+        limits = replace(limits, upload_expiry_seconds=args.upload_expiry_seconds)
     http = settings.http
     http_flags = {"header_timeout": "header_timeout_seconds", "body_idle_timeout": "body_idle_timeout_seconds",
                   "auth_failure_burst": "auth_failure_burst", "auth_failures_per_second": "auth_failures_per_second"}
@@ -197,6 +206,9 @@ def entry() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["batch"]:
+        sys.exit(_batch(argv[1:]))
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -220,6 +232,18 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigurationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def _batch(argv: list[str]) -> int:
+    """`overnight batch ...`: the API client. The SDK reads OPENAI_BASE_URL and OPENAI_API_KEY."""
+    try:
+        from overnight.client.cli import main as batch_main
+    except ModuleNotFoundError as exc:
+        if exc.name != "openai":
+            raise
+        print("error: `overnight batch` needs the openai package: pip install 'overnight[client]'", file=sys.stderr)
+        return 2
+    return batch_main(argv)
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> None:
@@ -379,6 +403,8 @@ def _write_results(parts: Components, record: BatchRecord, output_path: Path, er
 
 
 def _first_url(path: Path) -> str | None:
+    import orjson  # here, not at the top: `overnight batch` runs without the server's dependencies
+
     with path.open("rb") as fh:
         for raw in fh:
             if raw.strip():

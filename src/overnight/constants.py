@@ -51,3 +51,10 @@ BATCH_EXPIRED: Final = "batch_expired"
 BATCH_CANCELLED: Final = "batch_cancelled"
 # A line whose run raised inside overnight (a bug, or input no engine could take): its error says what.
 ENGINE_ERROR: Final = "engine_error"
+
+# Uploads (POST /v1/uploads): a file sent in parts of at most 64 MB (OpenAI's limit per part).
+UPLOAD_PENDING: Final = "pending"
+UPLOAD_COMPLETED: Final = "completed"
+UPLOAD_CANCELLED: Final = "cancelled"
+UPLOAD_EXPIRED: Final = "expired"
+UPLOAD_PART_MAX_BYTES: Final = 64 * 1024 * 1024

@@ -15,6 +15,14 @@ def new_file_id() -> str:
     return "file-" + "".join(secrets.choice(_BASE62) for _ in range(24))
 
 
+def new_upload_id() -> str:
+    return "upload_" + secrets.token_hex(12)
+
+
+def new_part_id() -> str:
+    return "part_" + secrets.token_hex(12)
+
+
 def new_lease_token() -> str:
     return secrets.token_hex(12)
 
@@ -32,3 +40,8 @@ def line_id_prefix(batch_id: str) -> str:
 def line_request_id_prefix(batch_id: str) -> str:
     """The same for `response.request_id` of an engine that gives none: `req_<16 hex><index>`."""
     return "req_" + batch_id.removeprefix("batch_")[:16]
+
+
+def new_event_id() -> str:
+    """`evt_<32 hex>`: a webhook event, the same on every delivery attempt (`webhook-id`)."""
+    return "evt_" + secrets.token_hex(16)

@@ -29,6 +29,9 @@ class Limits:
     # What the one completion window OpenAI defines ("24h") lasts on this server. Shorter values
     # are for tests and for operators who want an earlier deadline.
     completion_window_seconds: int = 24 * 3600
+    # How long an upload (POST /v1/uploads) takes parts before it expires: an hour, as on OpenAI.
+    # Shorter values are for tests.
+    upload_expiry_seconds: int = 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +118,36 @@ class EmbeddedSettings:
     accept_gemma_terms: bool = False
 
 
+BATCH_WEBHOOK_EVENTS = ("batch.completed", "batch.failed", "batch.expired", "batch.cancelled")
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    """One endpoint that receives the batch events of one API key's owner (`[[webhooks]]`).
+    The owner is named by its key (`api_key`, hashed at wiring, never stored) or by the owner
+    id itself (`owner = "key_..."`, for configs that should not hold the key)."""
+
+    url: str
+    secret: str = field(repr=False)  # `whsec_<base64>`, as OpenAI issues them
+    api_key: str | None = field(default=None, repr=False)
+    owner: str | None = None
+    events: tuple[str, ...] = BATCH_WEBHOOK_EVENTS
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDeliverySettings:
+    """How webhook events are delivered (`[webhook_delivery]`): at least once, retried after each
+    delay in turn (each +/- `jitter`), then given up."""
+
+    # 5 s, 30 s, 2 min, 10 min, 30 min, 1 h, 2 h, 4 h, 8 h, 16 h, 24 h: about 56 h in all.
+    retry_delays: tuple[float, ...] = (5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 57600, 86400)
+    jitter: float = 0.2
+    timeout_seconds: float = 10.0
+    # How often a worker looks for deliveries that are due (it also looks after each batch ends).
+    poll_seconds: float = 1.0
+    max_in_flight: int = 8
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     data_dir: Path = Path("./data")
@@ -139,6 +172,8 @@ class Settings:
     storage_url: str | None = field(default=None, repr=False)  # may hold a secret key
     # The standard AWS variables (STORAGE_ENV_VARS) as cli.py found them: what the URL leaves out.
     storage_env: dict[str, str] = field(default_factory=dict, repr=False)
+    webhooks: tuple[WebhookSettings, ...] = ()
+    webhook_delivery: WebhookDeliverySettings = field(default_factory=WebhookDeliverySettings)
 
     @property
     def resolved_database_url(self) -> str:
@@ -258,4 +293,18 @@ def load_config_file(path: Path, base: Settings) -> Settings:
         changes["storage_url"] = str(raw["storage_url"])
     if "admin_keys" in raw:
         changes["admin_keys"] = base.admin_keys + tuple(raw["admin_keys"])
+    if "webhooks" in raw:
+        changes["webhooks"] = base.webhooks + tuple(_webhook(item) for item in raw["webhooks"])
+    if "webhook_delivery" in raw:
+        delivery = dict(raw["webhook_delivery"])
+        if "retry_delays" in delivery:
+            delivery["retry_delays"] = tuple(float(d) for d in delivery["retry_delays"])
+        changes["webhook_delivery"] = replace(base.webhook_delivery, **delivery)
     return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def _webhook(item: dict[str, object]) -> WebhookSettings:
+    events = item.pop("events", BATCH_WEBHOOK_EVENTS)
+    if isinstance(events, str):
+        events = [events]
+    return WebhookSettings(events=tuple(events), **item)  # type: ignore[arg-type]

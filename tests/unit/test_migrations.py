@@ -21,7 +21,6 @@ from overnight.store import database as database_module
 from overnight.store import schema
 from overnight.store.records import FileRecord, ShardResult
 from overnight.store.sql import SqlStore
-from postgres import DIALECTS
 
 NOW = 1_000_000
 
@@ -56,15 +55,6 @@ def _schema_differences(url: str) -> list[Any]:
             return list(compare_metadata(context, schema.metadata))
     finally:
         engine.dispose()
-
-
-@pytest.fixture(params=DIALECTS)
-def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A database with no tables at all."""
-    if request.param == "postgresql":
-        url: str = request.getfixturevalue("postgres_empty_url")
-        return url
-    return f"sqlite:///{tmp_path / 'db.sqlite'}"
 
 
 @pytest.fixture

@@ -10,31 +10,20 @@ many workers on one database produce.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import pytest
 from sqlalchemy import event
 
 from overnight import constants as C
 from overnight.store.records import BatchRecord, FileRecord, ShardPlan, ShardResult
 from overnight.store.sql import SqlStore
-from postgres import DIALECTS, expect_failures_on_postgres
 
 NOW = 1_000_000
 HOLD = 0.5  # how long a held thread waits for the other before it goes on anyway (SQLite: always)
 
-POSTGRES_KNOWN_FAILURES: dict[str, str] = {}  # none today: each fix came with the test that found it
 
 
-@pytest.fixture
-def store(request: pytest.FixtureRequest, database_url: str) -> Iterator[SqlStore]:
-    expect_failures_on_postgres(request, database_url, POSTGRES_KNOWN_FAILURES)
-    s = SqlStore(database_url)
-    s.migrate()
-    yield s
-    s.close()
 
 
 def _batch_in_progress(store: SqlStore, shards: int) -> None:
@@ -158,15 +147,6 @@ def test_ids_with_a_nul_character_are_not_found(store: SqlStore) -> None:
     assert store.batches.get_batch("owner", "batch_a\x00") is None
     assert store.batches.list_batches("owner", "batch_a\x00", 10) is None
     assert store.files.list_files("owner", "batch\x00", None, 10, "desc", NOW) == ([], False)
-
-
-@pytest.fixture(params=DIALECTS)
-def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A database with no tables at all."""
-    if request.param == "postgresql":
-        url: str = request.getfixturevalue("postgres_empty_url")
-        return url
-    return f"sqlite:///{tmp_path / 'db.sqlite'}"
 
 
 def test_two_processes_migrate_an_empty_database_at_once(empty_url: str) -> None:

@@ -4,9 +4,7 @@ exclusive, an expired lease is claimed again, and a commit is fenced by the leas
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
-import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import select
@@ -15,21 +13,12 @@ from overnight import constants as C
 from overnight.store import schema
 from overnight.store.records import BatchRecord, FileRecord, ShardPlan, ShardProgress, ShardResult
 from overnight.store.sql import SqlStore
-from postgres import expect_failures_on_postgres
 
 NOW = 1_000_000
 
 # Tests that fail on PostgreSQL until metadata.py changes (test name -> why).
-POSTGRES_KNOWN_FAILURES: dict[str, str] = {}
 
 
-@pytest.fixture
-def store(request: pytest.FixtureRequest, database_url: str) -> Iterator[SqlStore]:
-    expect_failures_on_postgres(request, database_url, POSTGRES_KNOWN_FAILURES)
-    s = SqlStore(database_url)
-    s.migrate()
-    yield s
-    s.close()
 
 
 def _batch_in_progress(store: SqlStore, shards: int = 2, batch_id: str = "batch_a") -> None:

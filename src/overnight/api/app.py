@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from overnight import __version__
-from overnight.api import routes_admin, routes_batches, routes_files, routes_misc, routes_ui
+from overnight.api import routes_admin, routes_batches, routes_files, routes_misc, routes_ui, routes_uploads
 from overnight.api.body_timeout import BodyIdleTimeoutMiddleware
 from overnight.api.errors import BodySizeLimitMiddleware, RequestIdMiddleware, install_error_handlers
 from overnight.api.services import Services
@@ -57,6 +57,7 @@ def create_app(
     app.add_middleware(BodyIdleTimeoutMiddleware, idle_seconds=body_idle_timeout)
     app.add_middleware(RequestIdMiddleware)  # outermost: every response, 413s included, gets an id
     app.include_router(routes_files.router)
+    app.include_router(routes_uploads.router)
     app.include_router(routes_batches.router)
     app.include_router(routes_misc.router)
     app.include_router(routes_admin.router)

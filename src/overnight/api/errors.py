@@ -122,15 +122,19 @@ class RequestIdMiddleware:
 
 
 class BodySizeLimitMiddleware:
-    """413 for JSON bodies over the limit (file uploads enforce their own, larger, limit)."""
+    """413 for JSON bodies over the limit (file uploads and upload parts enforce their own, larger,
+    limits)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, exempt_path: str = "/v1/files") -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self.exempt_path = exempt_path
+
+    @staticmethod
+    def _streams_a_file(path: str) -> bool:
+        return path == "/v1/files" or (path.startswith("/v1/uploads/") and path.endswith("/parts"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] == self.exempt_path:
+        if scope["type"] != "http" or self._streams_a_file(scope["path"]):
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers", [])).get(b"content-length", b"")

@@ -23,6 +23,23 @@ class CreateBatchRequest(BaseModel):
     output_expires_after: dict[str, Any] | None = None
 
 
+class CreateUploadRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    filename: str
+    purpose: str
+    bytes: int
+    mime_type: str
+    expires_after: ExpiresAfter | None = None
+
+
+class CompleteUploadRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    part_ids: list[str]
+    md5: str | None = None
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str
@@ -46,6 +63,25 @@ class FileObject(BaseModel):
     status_details: str | None
     # An extension, only in answers to an admin key: whose object this is (the SDK ignores it).
     owner: str | None = Field(default=None, description="The owning API key's tenant; only for admin callers.")
+
+
+class Upload(BaseModel):
+    id: str
+    object: Literal["upload"]
+    bytes: int
+    created_at: int
+    expires_at: int
+    filename: str
+    purpose: str
+    status: Literal["pending", "completed", "cancelled", "expired"]
+    file: FileObject | None
+
+
+class UploadPart(BaseModel):
+    id: str
+    object: Literal["upload.part"]
+    created_at: int
+    upload_id: str
 
 
 class FileList(BaseModel):

@@ -11,6 +11,7 @@ from overnight.api.rate_limit import RateLimiter
 from overnight.batches.file_service import FileService
 from overnight.batches.ports import ServerOverview
 from overnight.batches.service import BatchService
+from overnight.batches.upload_service import UploadService
 from overnight.engines.router import Router
 from overnight.settings import Limits
 
@@ -20,6 +21,7 @@ class Services:
     auth: Authenticator
     files: FileService
     batches: BatchService
+    uploads: UploadService
     router: Router
     limits: Limits
     overview: ServerOverview  # queue depth and workers, for the admin server page

@@ -1,4 +1,4 @@
-"""Streaming multipart upload: the `file` part goes straight into the file store in 1 MiB writes
+"""Streaming multipart upload: the file part (`file` on /v1/files, `data` on an upload's parts) goes straight into the file store in 1 MiB writes
 (no spooling to a temp file first, no whole file in memory); small fields are kept as text."""
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ class ReceivedUpload:
 class _PartCollector:
     """python-multipart callbacks; file bytes are queued and written by the async loop."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, file_field: str, too_large: str) -> None:
         self.max_bytes = max_bytes
+        self.file_field = file_field
+        self.too_large = too_large
         self.upload = ReceivedUpload()
         self.to_write: list[bytes] = []
         self._header_name = b""
@@ -60,9 +62,9 @@ class _PartCollector:
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self._disposition)
         self._name = options.get(b"name", b"").decode("utf-8", "replace")
-        if self._name == "file":
+        if self._name == self.file_field:
             if self.upload.filename is not None:
-                raise InvalidRequest("Send exactly one 'file' part.", param="file")
+                raise InvalidRequest(f"Send exactly one '{self.file_field}' part.", param=self.file_field)
             self._is_file = True
             self.upload.filename = options.get(b"filename", b"upload").decode("utf-8", "replace")
         elif len(self.upload.fields) >= _MAX_FIELDS:
@@ -73,11 +75,7 @@ class _PartCollector:
             chunk = data[start:end]
             self.upload.size += len(chunk)
             if self.upload.size > self.max_bytes:
-                raise PayloadTooLarge(
-                    f"The file is larger than {self.max_bytes:,} bytes, the most this server accepts. "
-                    "Split it into several files.",
-                    param="file",
-                )
+                raise PayloadTooLarge(self.too_large, param=self.file_field)
             if len(self._head) < HEAD_BYTES:
                 self._head += chunk[: HEAD_BYTES - len(self._head)]
             self.to_write.append(chunk)
@@ -98,19 +96,24 @@ class _PartCollector:
         return data
 
 
-async def receive_upload(request: Request, files: FileStore, key: str, max_bytes: int) -> ReceivedUpload:
-    """Parse the multipart body, storing the `file` part under `key` (atomically, at the end)."""
+async def receive_upload(
+    request: Request, files: FileStore, key: str, max_bytes: int, file_field: str = "file",
+    too_large: str | None = None,
+) -> ReceivedUpload:
+    """Parse the multipart body, storing the `file_field` part under `key` (atomically, at the end);
+    a part over `max_bytes` is refused with 413 and the message `too_large`."""
     content_type = request.headers.get("content-type", "")
     media, params = parse_options_header(content_type)
     if media != b"multipart/form-data" or b"boundary" not in params:
-        raise InvalidRequest(
-            "Uploads must be sent as multipart/form-data with a 'file' part and a 'purpose' field.",
-            param="file",
-        )
+        expected = "a 'file' part and a 'purpose' field" if file_field == "file" else f"a '{file_field}' part"
+        raise InvalidRequest(f"Uploads must be sent as multipart/form-data with {expected}.", param=file_field)
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes + 1024 * 1024:
         raise PayloadTooLarge(f"The request body is larger than {max_bytes:,} bytes, the most this server accepts.")
-    collector = _PartCollector(max_bytes)
+    if too_large is None:
+        too_large = (f"The file is larger than {max_bytes:,} bytes, the most this server accepts. "
+                     "Split it into several files.")
+    collector = _PartCollector(max_bytes, file_field, too_large)
     parser = MultipartParser(
         params[b"boundary"],
         {
@@ -141,5 +144,6 @@ async def receive_upload(request: Request, files: FileStore, key: str, max_bytes
     await asyncio.to_thread(context.__exit__, None, None, None)
     if collector.upload.filename is None:
         await asyncio.to_thread(files.delete, key)
-        raise InvalidRequest("Missing required parameter: 'file'.", param="file", code="missing_required_parameter")
+        raise InvalidRequest(f"Missing required parameter: '{file_field}'.", param=file_field,
+                             code="missing_required_parameter")
     return collector.upload

@@ -43,6 +43,22 @@ class FileService:
         expires_after: tuple[str, int] | None,
     ) -> FileRecord:
         """Record an upload whose bytes are already stored under `storage_key(file_id)`."""
+        record = self.new_record(owner, file_id, filename, purpose, size, head, expires_after)
+        self.catalog.insert_file(record)
+        return record
+
+    def new_record(
+        self,
+        owner: str,
+        file_id: str,
+        filename: str,
+        purpose: str,
+        size: int,
+        head: bytes,
+        expires_after: tuple[str, int] | None,
+    ) -> FileRecord:
+        """Check an upload whose bytes are stored under `storage_key(file_id)` and make its record
+        (not yet in the catalog); an upload that fails the checks is deleted and InvalidRequest raised."""
         key = self.storage_key(file_id)
         try:
             check_upload_params(purpose, expires_after)
@@ -58,9 +74,7 @@ class FileService:
             expires_at = now + C.BATCH_FILE_DEFAULT_TTL
         else:
             expires_at = None
-        record = FileRecord(file_id, owner, purpose, _clean_filename(filename), size, now, expires_at, key)
-        self.catalog.insert_file(record)
-        return record
+        return FileRecord(file_id, owner, purpose, clean_filename(filename), size, now, expires_at, key)
 
     def new_upload_id(self) -> str:
         return new_file_id()
@@ -136,7 +150,7 @@ def check_jsonl_head(head: bytes, size: int) -> None:
         raise bad
 
 
-def _clean_filename(name: str) -> str:
+def clean_filename(name: str) -> str:
     """Keep the base name only, without control characters (it is echoed back to clients)."""
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
     cleaned = "".join(ch for ch in base if ch.isprintable())[:255]

@@ -14,6 +14,7 @@ from overnight import constants as C
 from overnight.batches.jsonl import iter_lines, split_requests
 from overnight.batches.ports import BatchPhases
 from overnight.batches.results import error_line
+from overnight.batches.webhooks import WebhookRoutes
 from overnight.files.layout import file_key
 from overnight.files.port import BlobWriter, FileStore
 from overnight.ids import line_id, new_file_id
@@ -23,8 +24,11 @@ _UNLIMITED = 1 << 62
 _SKIPPED_CODE = {C.CANCELLED: C.BATCH_CANCELLED, C.EXPIRED: C.BATCH_EXPIRED}
 
 
-def finalize_batch(task: BatchTask, files: FileStore, phases: BatchPhases, now: int) -> bool:
-    """Write the output and error files and publish them. False if the lease was lost meanwhile."""
+def finalize_batch(
+    task: BatchTask, files: FileStore, phases: BatchPhases, now: int, webhooks: WebhookRoutes | None = None
+) -> bool:
+    """Write the output and error files and publish them, with the webhook events the terminal
+    state causes. False if the lease was lost meanwhile."""
     batch = task.batch
     assert task.final_status is not None
     out_record = _new_output_record(batch.id, batch.owner, "output", batch.output_expires_after, now)
@@ -56,8 +60,9 @@ def finalize_batch(task: BatchTask, files: FileStore, phases: BatchPhases, now: 
     for record, size in ((out_record, out_size), (err_record, err_size)):
         if not size:
             files.delete(record.storage_key)  # OpenAI leaves the id null rather than an empty file
+    events = webhooks.events_for(batch.owner, batch.id, task.final_status, now) if webhooks else []
     published = phases.finish_batch(
-        batch.id, task.lease_token, task.final_status, output, error, completed, failed, now
+        batch.id, task.lease_token, task.final_status, output, error, completed, failed, now, events
     )
     if not published:
         for unpublished in (output, error):

@@ -5,10 +5,13 @@ in a thread."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+from overnight import constants as C
 from overnight.batches.finalize import finalize_batch
 from overnight.batches.ports import BatchPhases
 from overnight.batches.validation import validate_input
+from overnight.batches.webhooks import WebhookRoutes
 from overnight.files.port import FileStore
 from overnight.settings import Limits
 from overnight.store.records import BatchTask
@@ -21,10 +24,17 @@ ShardLinesFor = Callable[[str, str], "int | None"]
 
 def validate_batch(
     task: BatchTask, files: FileStore, phases: BatchPhases, shard_lines_for: ShardLinesFor, limits: Limits,
-    clock: Callable[[], float],
+    clock: Callable[[], float], webhooks: WebhookRoutes | None = None,
 ) -> None:
-    """Validate the input file in one streaming pass and move the batch on, fenced by the lease."""
+    """Validate the input file in one streaming pass and move the batch on, fenced by the lease
+    (to `failed` with its `batch.failed` webhook events in the same write)."""
     batch = task.batch
+
+    def fail(errors: list[dict[str, Any]]) -> bool:
+        now = int(clock())
+        events = webhooks.events_for(batch.owner, batch.id, C.FAILED, now) if webhooks else []
+        return phases.fail_batch(batch.id, task.lease_token, errors, now, events)
+
     key = task.input_storage_key
     if key is None or not files.exists(key):
         error = {
@@ -33,7 +43,7 @@ def validate_batch(
             "param": "input_file_id",
             "line": None,
         }
-        phases.fail_batch(batch.id, task.lease_token, [error], int(clock()))
+        fail([error])
         return
     report = validate_input(
         lambda: files.iter_chunks(key), batch.endpoint, lambda model: shard_lines_for(model, batch.endpoint), limits
@@ -41,6 +51,6 @@ def validate_batch(
     if report.ok:
         moved = phases.start_batch(batch.id, task.lease_token, report.plans, report.total, int(clock()))
     else:
-        moved = phases.fail_batch(batch.id, task.lease_token, report.errors, int(clock()))
+        moved = fail(report.errors)
     if not moved:  # cancelled while validating: hand the batch to finalize at once
         phases.release_batch_lease(batch.id, task.lease_token)

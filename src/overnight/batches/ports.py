@@ -6,7 +6,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from overnight.store.records import BatchRecord, FileRecord, ModelQueue, ShardPlan, WorkerSeen
+from overnight.store.records import (
+    BatchRecord,
+    ClaimedDelivery,
+    FileRecord,
+    ModelQueue,
+    ShardPlan,
+    UploadPartRecord,
+    UploadRecord,
+    WebhookEvent,
+    WorkerSeen,
+)
 
 
 class FileCatalog(Protocol):
@@ -51,15 +61,18 @@ class BatchPhases(Protocol):
         """validating -> in_progress, with its shards."""
         ...
 
-    def fail_batch(self, batch_id: str, token: str, errors: list[dict[str, Any]], now: int) -> bool:
-        """validating -> failed, with the validation errors."""
+    def fail_batch(
+        self, batch_id: str, token: str, errors: list[dict[str, Any]], now: int, events: Sequence[WebhookEvent] = (),
+    ) -> bool:
+        """validating -> failed, with the validation errors and the webhook `events` it causes."""
         ...
 
     def finish_batch(
         self, batch_id: str, token: str, final_status: str, output_file: FileRecord | None,
-        error_file: FileRecord | None, completed: int, failed: int, now: int,
+        error_file: FileRecord | None, completed: int, failed: int, now: int, events: Sequence[WebhookEvent] = (),
     ) -> bool:
-        """Publish the output and error files and enter the terminal state, in one transaction."""
+        """Publish the output and error files, enter the terminal state and queue the webhook
+        `events` it causes, in one transaction."""
         ...
 
     def release_batch_lease(self, batch_id: str, token: str) -> None: ...
@@ -69,7 +82,8 @@ class StorageCatalog(Protocol):
     """What housekeeping asks: which files are gone, which stored objects rows still name."""
 
     def collect_garbage(self, now: int) -> list[str]:
-        """Drop rows of deleted or expired files no active batch reads; their storage keys."""
+        """Drop rows of deleted or expired files no active batch reads, and the part rows of
+        expired uploads; their storage keys."""
         ...
 
     def live_storage_keys(self, keys: Sequence[str]) -> set[str]: ...
@@ -83,3 +97,47 @@ class ServerOverview(Protocol):
     def queue_by_model(self) -> list[ModelQueue]: ...
 
     def workers(self) -> list[WorkerSeen]: ...
+
+
+class UploadCatalog(Protocol):
+    """Uploads and their parts. Each change is checked against the upload's state in the same
+    transaction; the part bytes named by the keys these return are the caller's to delete."""
+
+    def insert_upload(self, record: UploadRecord) -> None: ...
+
+    def get_upload(self, owner: str, upload_id: str) -> UploadRecord | None: ...
+
+    def received_bytes(self, upload_id: str) -> int:
+        """The bytes of the parts recorded so far."""
+        ...
+
+    def add_part(self, owner: str, part: UploadPartRecord, now: int) -> UploadRecord | None:
+        """Record `part` if its upload is pending and unexpired; the upload as it was."""
+        ...
+
+    def parts(self, upload_id: str, part_ids: Sequence[str]) -> list[UploadPartRecord]: ...
+
+    def complete_upload(self, owner: str, upload_id: str, file: FileRecord, now: int) -> list[str] | None:
+        """Publish `file` and end the upload; its parts' keys (None: it was no longer pending)."""
+        ...
+
+    def cancel_upload(self, owner: str, upload_id: str, now: int) -> tuple[UploadRecord | None, list[str]]: ...
+
+
+class WebhookOutbox(Protocol):
+    """Webhook deliveries as senders claim and settle them; each settle is fenced by the claim's
+    token (False: the lease ran out and another sender has it)."""
+
+    def claim_deliveries(
+        self, limit: int, lease_seconds: float, token: str, now: float | None = None
+    ) -> list[ClaimedDelivery]: ...
+
+    def mark_delivered(self, delivery_id: int, token: str, note: str | None = None) -> bool: ...
+
+    def retry_later(self, delivery_id: int, token: str, delay_seconds: float, error: str) -> bool: ...
+
+    def give_up(self, delivery_id: int, token: str, error: str) -> bool: ...
+
+    def prune_settled(self, before: int) -> int:
+        """Drop delivered and given-up deliveries of events created before `before`."""
+        ...

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from overnight.store.records import BatchRecord, FileRecord
+from overnight.store.records import BatchRecord, FileRecord, UploadPartRecord, UploadRecord
 
 
 def file_object(record: FileRecord) -> dict[str, Any]:
@@ -19,6 +19,25 @@ def file_object(record: FileRecord) -> dict[str, Any]:
         "status": "processed",
         "status_details": None,
     }
+
+
+def upload_object(record: UploadRecord, status: str, file: FileRecord | None) -> dict[str, Any]:
+    """`status` as the caller sees it now (a pending upload past its hour is expired)."""
+    return {
+        "id": record.id,
+        "object": "upload",
+        "bytes": record.bytes,
+        "created_at": record.created_at,
+        "expires_at": record.expires_at,
+        "filename": record.filename,
+        "purpose": record.purpose,
+        "status": status,
+        "file": file_object(file) if file is not None else None,
+    }
+
+
+def upload_part_object(record: UploadPartRecord) -> dict[str, Any]:
+    return {"id": record.id, "object": "upload.part", "created_at": record.created_at, "upload_id": record.upload_id}
 
 
 def batch_object(record: BatchRecord) -> dict[str, Any]:

@@ -2,17 +2,24 @@
 
     files/<file_id>                                   a file's bytes (uploads, output and error files)
     results/<batch_id>/<shard_index>.<attempt>.jsonl  one attempt's results of one shard
+    uploads/<upload_id>/<part_id>                     one part of an upload in progress
 """
 
 from __future__ import annotations
 
 FILES_PREFIX = "files/"
 RESULTS_PREFIX = "results/"
-PREFIXES = (FILES_PREFIX, RESULTS_PREFIX)
+UPLOADS_PREFIX = "uploads/"
+# Everything housekeeping sweeps orphans from.
+PREFIXES = (FILES_PREFIX, RESULTS_PREFIX, UPLOADS_PREFIX)
 
 
 def file_key(file_id: str) -> str:
     return f"{FILES_PREFIX}{file_id}"
+
+
+def upload_part_key(upload_id: str, part_id: str) -> str:
+    return f"{UPLOADS_PREFIX}{upload_id}/{part_id}"
 
 
 def results_key(batch_id: str, shard_index: int, attempt: int) -> str:

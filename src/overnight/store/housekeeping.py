@@ -1,5 +1,5 @@
-"""What housekeeping asks of the database: which files are gone for good, and which stored objects
-are still named by a row (everything else under the file store's prefixes is an orphan)."""
+"""What housekeeping asks of the database: which files are gone for good (and which uploads ran out
+of time), and which stored objects are still named by a row (everything else under the file store's prefixes is an orphan)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from sqlalchemy import and_, bindparam, delete, exists, or_, select
 from overnight import constants as C
 from overnight.store import schema as T
 from overnight.store.database import Database
+from overnight.store.uploads import PART_KEYS_IN, SqlUploadStore
 
 _f, _b, _s = T.files, T.batches, T.shards
 _ACTIVE = list(C.ACTIVE_STATES)
@@ -36,15 +37,17 @@ _STATUS = select(_b.c.status).where(_b.c.id == bindparam("p_batch"))
 class SqlHousekeeping:
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._uploads = SqlUploadStore(db)
 
     def collect_garbage(self, now: int) -> list[str]:
-        """Drop rows of deleted or expired files that no active batch reads; return their storage
-        keys so the caller removes the bytes after this commit."""
+        """Drop rows of deleted or expired files that no active batch reads, and the parts of
+        uploads whose hour ran out; return their storage keys so the caller removes the bytes
+        after these commits."""
         with self.db.write() as conn:
             rows = conn.execute(_GONE_FILES, {"p_now": now}).all()
             if rows:
                 conn.execute(_DELETE_FILES, {"p_ids": [r.id for r in rows]})
-        return [r.storage_key for r in rows]
+        return [r.storage_key for r in rows] + self._uploads.expire_uploads(now)
 
     def live_storage_keys(self, keys: Sequence[str]) -> set[str]:
         """Which of `keys` are still needed: a file's bytes, or a committed shard's results while its
@@ -54,6 +57,7 @@ class SqlHousekeeping:
         with self.db.read() as conn:
             used = set(conn.execute(_FILE_KEYS_IN, {"p_keys": list(keys)}).scalars())
             used |= set(conn.execute(_RESULT_KEYS_IN, {"p_keys": list(keys)}).scalars())
+            used |= set(conn.execute(PART_KEYS_IN, {"p_keys": list(keys)}).scalars())
         return used
 
     def batch_status(self, batch_id: str) -> str | None:

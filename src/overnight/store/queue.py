@@ -33,8 +33,10 @@ from overnight.store.records import (
     ShardPlan,
     ShardProgress,
     ShardResult,
+    WebhookEvent,
 )
 from overnight.store.rows import INSERT_FILE, batch_record, file_values
+from overnight.store.webhooks import insert_webhook_events
 
 # -- statements, built once ------------------------------------------------------------------
 # Building a statement and its cache key cost more than running it: an empty claim took 0.62 ms
@@ -309,12 +311,19 @@ class SqlWorkQueue:
                 conn.execute(_INSERT_SHARDS, rows[start : start + 500])
             return True
 
-    def fail_batch(self, batch_id: str, token: str, errors: list[dict[str, Any]], now: int) -> bool:
+    def fail_batch(
+        self, batch_id: str, token: str, errors: list[dict[str, Any]], now: int,
+        events: Sequence[WebhookEvent] = (),
+    ) -> bool:
+        """validating -> failed, and its webhook events queued in the same transaction."""
         with self.db.write() as conn:
             result = conn.execute(_FAIL_BATCH, {
                 "p_batch": batch_id, "p_token": token, "p_now_int": now, "p_errors": orjson.dumps(errors).decode(),
             })
-            return result.rowcount > 0
+            if not result.rowcount:
+                return False
+            insert_webhook_events(conn, events)
+            return True
 
     def release_batch_lease(self, batch_id: str, token: str) -> None:
         with self.db.write() as conn:
@@ -434,8 +443,10 @@ class SqlWorkQueue:
         completed: int,
         failed: int,
         now: int,
+        events: Sequence[WebhookEvent] = (),
     ) -> bool:
-        """Publish the output/error files and move the batch to its terminal state, fenced by the lease."""
+        """Publish the output/error files and move the batch to its terminal state, fenced by the
+        lease; the state's webhook events are queued in the same transaction (never lost between)."""
         with self.db.write() as conn:
             moved = conn.execute(_FINISH_BATCH[final_status], {
                 "p_batch": batch_id, "p_token": token, "p_now_int": now,
@@ -448,5 +459,6 @@ class SqlWorkQueue:
             for record in (output_file, error_file):
                 if record is not None:
                     conn.execute(INSERT_FILE, file_values(record))
+            insert_webhook_events(conn, events)
             return True
 

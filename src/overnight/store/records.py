@@ -152,6 +152,59 @@ class BatchTask:
 
 
 @dataclass(frozen=True, slots=True)
+class UploadRecord:
+    """An Upload as stored; `status` is the stored one (a pending upload past `expires_at` is expired)."""
+
+    id: str
+    owner: str
+    filename: str
+    purpose: str
+    bytes: int
+    mime_type: str
+    created_at: int
+    expires_at: int
+    status: str
+    file_expires_after: int | None = None
+    file_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UploadPartRecord:
+    id: str
+    upload_id: str
+    bytes: int
+    created_at: int
+    storage_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEvent:
+    """One event for one endpoint, to be stored with the terminal state that caused it."""
+
+    event_id: str
+    event_type: str
+    owner: str
+    batch_id: str
+    endpoint_id: str
+    url: str
+    payload: str  # the exact JSON body every attempt sends
+    created_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedDelivery:
+    """A delivery leased to one sender: settling it names `lease_token`."""
+
+    id: int
+    event_id: str
+    endpoint_id: str
+    url: str
+    payload: str
+    attempts: int  # including this one
+    lease_token: str
+
+
+@dataclass(frozen=True, slots=True)
 class ModelQueue:
     """Unfinished batches of one model (None: a batch not validated yet) and their unanswered requests."""
 

@@ -134,3 +134,65 @@ workers = Table(
     Column("started_at", Float, nullable=False),  # the database's clock
     Column("last_seen", Float, nullable=False),  # extended by the worker's heartbeat
 )
+
+uploads = Table(
+    "uploads",
+    metadata,
+    # An Upload (POST /v1/uploads): a file that arrives in parts and becomes a File when completed.
+    Column("id", String(64), primary_key=True),
+    Column("owner", String(64), nullable=False),
+    Column("filename", Text, nullable=False),
+    Column("purpose", String(32), nullable=False),
+    Column("bytes", BigInteger, nullable=False),  # declared at creation; the parts must add up to it
+    Column("mime_type", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    # pending, completed, cancelled, or expired (set by housekeeping when it removes the parts;
+    # a pending upload past expires_at reads as expired before that).
+    Column("status", String(16), nullable=False),
+    # The File's own expiry, as asked at creation (`expires_after[seconds]`; None: the default).
+    Column("file_expires_after", BigInteger, nullable=True),
+    Column("file_id", String(64), nullable=True),  # the File made by completing it
+    Index("ix_uploads_expires_at", "expires_at"),
+)
+
+upload_parts = Table(
+    "upload_parts",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("upload_id", String(64), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("storage_key", Text, nullable=False),
+    Index("ix_upload_parts_upload", "upload_id"),
+)
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    # One row per (event, endpoint): inserted in the transaction that puts the batch in its
+    # terminal state, so an event is never lost between the state change and its delivery.
+    Column("id", AutoId, primary_key=True, autoincrement=True),
+    Column("event_id", String(64), nullable=False),
+    Column("event_type", String(32), nullable=False),
+    Column("owner", String(64), nullable=False),
+    Column("batch_id", String(64), nullable=False),
+    # The configured endpoint this row is for (its secret is looked up there when sending).
+    Column("endpoint_id", String(64), nullable=False),
+    Column("url", Text, nullable=False),
+    # The exact body: every attempt sends the same bytes (only the timestamp and signature change).
+    Column("payload", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    # pending -> delivered | failed (given up).
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    # When it is next due, on the database's clock. A claim moves it a lease ahead, so a delivery
+    # whose sender died is due again once that lease runs out.
+    Column("next_attempt_at", Float, nullable=False),
+    Column("lease_token", String(32)),
+    Column("delivered_at", Float),
+    Column("last_error", Text),
+    UniqueConstraint("event_id", "endpoint_id", name="uq_webhook_deliveries_event_endpoint"),
+    # The claim scans pending rows by due time.
+    Index("ix_webhook_deliveries_status_due", "status", "next_attempt_at"),
+)

@@ -10,6 +10,8 @@ from overnight.store.keys import SqlKeyStore
 from overnight.store.membership import SqlMembership
 from overnight.store.overview import SqlOverview
 from overnight.store.queue import SqlWorkQueue
+from overnight.store.uploads import SqlUploadStore
+from overnight.store.webhooks import SqlWebhookOutbox
 
 
 class SqlStore:
@@ -24,6 +26,8 @@ class SqlStore:
         self.housekeeping = SqlHousekeeping(self.db)
         self.membership = SqlMembership(self.db)
         self.overview = SqlOverview(self.db)
+        self.uploads = SqlUploadStore(self.db)
+        self.webhooks = SqlWebhookOutbox(self.db)
 
     def migrate(self) -> None:
         self.db.migrate()

@@ -12,6 +12,7 @@ from overnight.api.rate_limit import RateLimiter
 from overnight.api.services import Services
 from overnight.batches.file_service import FileService
 from overnight.batches.service import BatchService
+from overnight.batches.upload_service import UploadService
 from overnight.engines.router import Router
 from overnight.settings import HttpSettings, Settings
 from overnight.store.keys import SqlKeyStore
@@ -25,12 +26,16 @@ def build_api(
     an in-process worker when a batch is created or cancelled."""
     settings = core.settings
     check_http_settings(settings.http)
+    files = FileService(core.store.files, core.files)
     return Services(
         auth=load_authenticator(settings, core.store.keys, announce),
-        files=FileService(core.store.files, core.files),
+        files=files,
         batches=BatchService(
             core.store.batches, core.store.files, window_seconds=settings.limits.completion_window_seconds,
             on_change=on_change,
+        ),
+        uploads=UploadService(
+            core.store.uploads, files, settings.limits.max_file_bytes, settings.limits.upload_expiry_seconds
         ),
         router=router,
         limits=settings.limits,

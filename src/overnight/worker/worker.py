@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from overnight.batches.housekeeping import ORPHAN_AGE_SECONDS, collect_garbage
 from overnight.batches.lifecycle import finalize_batch, validate_batch
 from overnight.batches.ports import BatchPhases, StorageCatalog
+from overnight.batches.webhooks import WebhookRoutes, WebhookSender
 from overnight.engines.router import Router
 from overnight.files.port import FileStore, StorageUnavailableError
 from overnight.ids import new_lease_token
@@ -50,6 +51,9 @@ class Worker:
         clock: Callable[[], float] = time.time,
         janitor_seconds: float = 60.0,
         membership: Membership | None = None,
+        webhooks: WebhookSender | None = None,
+        webhook_slots: int = 8,
+        webhook_poll_seconds: float = 1.0,
     ) -> None:
         self.queue = queue
         self.phases = phases
@@ -61,6 +65,10 @@ class Worker:
         self.clock = clock
         self.janitor_seconds = janitor_seconds
         self.membership = membership
+        self.webhooks = webhooks
+        self.webhook_slots = webhook_slots
+        self.webhook_poll_seconds = webhook_poll_seconds
+        self._webhooks_due = asyncio.Event()
         self.worker_id = new_lease_token()
         self.lanes = Lanes(on_low=self._nudge_shards)
         self.runner = ShardRunner(queue, files, router, self.lanes, clock)
@@ -105,6 +113,8 @@ class Worker:
             asyncio.create_task(self._heartbeat_loop(stop), name="heartbeat"),
             asyncio.create_task(self._janitor_loop(stop), name="janitor"),
         ]
+        if self.webhooks is not None:
+            loops.append(asyncio.create_task(self._webhook_loop(self.webhooks, stop), name="webhooks"))
         try:
             await stop.wait()
         finally:
@@ -233,16 +243,22 @@ class Worker:
             async with self._batch_lease(task.batch.id, task.lease_token):
                 if task.kind == "validate":
                     await asyncio.to_thread(validate_batch, task, self.files, self.phases, self._shard_lines_for,
-                                            self.limits, self.clock)
+                                            self.limits, self.clock, self._webhook_routes)
                     self._batch_due = True  # a failed or cancelled validation is finalized next
                 else:
-                    await asyncio.to_thread(finalize_batch, task, self.files, self.phases, int(self.clock()))
+                    await asyncio.to_thread(finalize_batch, task, self.files, self.phases, int(self.clock()),
+                                            self._webhook_routes)
         except Exception:
             log.exception("%s of batch %s failed; it will be retried", task.kind, task.batch.id)
         finally:
             self._batch_tasks -= 1
             self._batch_leases.pop(task.batch.id, None)
             self._wake.set()
+            self._webhooks_due.set()  # a batch may have ended: its events are due now
+
+    @property
+    def _webhook_routes(self) -> WebhookRoutes | None:
+        return self.webhooks.routes if self.webhooks is not None else None
 
     def _shard_lines_for(self, model: str, endpoint: str) -> int | None:
         resolved = self.router.resolve(model, endpoint)
@@ -319,8 +335,50 @@ class Worker:
                 await asyncio.to_thread(self.collect_garbage)
             except Exception:
                 log.exception("cleanup failed")
+            if self.webhooks is not None:
+                try:
+                    await asyncio.to_thread(self.webhooks.prune)
+                except Exception:
+                    log.exception("pruning webhook deliveries failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.janitor_seconds)
+
+    async def _webhook_loop(self, sender: WebhookSender, stop: asyncio.Event) -> None:
+        """Deliver due webhook events, at most `webhook_slots` at a time, each on a thread of the
+        loop's own pool (a receiver that hangs until the timeout must not hold the shared pool
+        that file reads and writes use). Looks again when a batch ends, when an attempt ends
+        (a retry may be due soon), or every `webhook_poll_seconds`."""
+        pool = ThreadPoolExecutor(self.webhook_slots, thread_name_prefix="overnight-webhooks")
+        loop = asyncio.get_running_loop()
+        sending: set[asyncio.Future[bool]] = set()
+
+        def attempt_done(future: asyncio.Future[bool]) -> None:
+            sending.discard(future)
+            self._webhooks_due.set()
+            if not future.cancelled() and future.exception() is not None:
+                log.error("webhook delivery failed", exc_info=future.exception())
+
+        try:
+            while not stop.is_set():
+                self._webhooks_due.clear()
+                free = self.webhook_slots - len(sending)
+                claimed = []
+                if free > 0:
+                    try:
+                        claimed = await asyncio.to_thread(sender.claim, free)
+                    except Exception:
+                        log.exception("claiming webhook deliveries failed; trying again")
+                for delivery in claimed:
+                    future = loop.run_in_executor(pool, sender.deliver, delivery)
+                    sending.add(future)
+                    future.add_done_callback(attempt_done)
+                if claimed and len(claimed) == free:
+                    continue  # there may be more due
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._webhooks_due.wait(), self.webhook_poll_seconds)
+        finally:
+            # Attempts in flight finish in their threads; one cut short is due again after its lease.
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def collect_garbage(self, orphan_age: float = ORPHAN_AGE_SECONDS) -> int:
         """Remove bytes nothing needs any more (batches/housekeeping.py says what)."""

@@ -1,0 +1,235 @@
+"""Webhook logic on doubles (signing against the official SDK's verifier, the retry policy, which
+endpoints an event goes to, what a sender does with each answer), and the outbox on a real SQLite
+file and a real PostgreSQL database (events land with the terminal state or not at all; claims
+are exclusive and leased; settling is fenced by the lease token)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import openai
+import pytest
+
+from overnight import constants as C
+from overnight.batches.webhooks import (
+    RetryPolicy,
+    WebhookEndpoint,
+    WebhookRoutes,
+    WebhookSender,
+    sign,
+    signing_key,
+)
+from overnight.store.records import BatchRecord, ClaimedDelivery, FileRecord, WebhookEvent
+from overnight.store.sql import SqlStore
+
+SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+NOW = 1_000_000
+SDK = openai.OpenAI(api_key="unused", base_url="http://127.0.0.1:9/v1")
+
+
+def _endpoint(owner: str = "key_alice", url: str = "http://127.0.0.1:1/a", events: Any = None) -> WebhookEndpoint:
+    if events is None:
+        return WebhookEndpoint(owner, url, signing_key(SECRET))
+    return WebhookEndpoint(owner, url, signing_key(SECRET), frozenset(events))
+
+
+@pytest.mark.parametrize("secret", [SECRET, "a raw secret, not whsec_"])
+def test_signature_verifies_with_the_sdk(secret: str) -> None:
+    body = '{"id":"evt_1","object":"event"}'
+    timestamp = int(time.time())
+    headers = {"webhook-id": "evt_1", "webhook-timestamp": str(timestamp),
+               "webhook-signature": sign(signing_key(secret), "evt_1", timestamp, body)}
+    SDK.webhooks.verify_signature(body, headers, secret=secret)
+    with pytest.raises(openai.InvalidWebhookSignatureError):
+        SDK.webhooks.verify_signature(body + " ", headers, secret=secret)
+
+
+def test_secret_must_be_base64_after_whsec() -> None:
+    with pytest.raises(ValueError, match="base64"):
+        signing_key("whsec_not base64!")
+
+
+def test_retry_policy_waits_each_delay_with_jitter_then_gives_up() -> None:
+    policy = RetryPolicy((5.0, 30.0, 120.0), jitter=0.2)
+    rng = random.Random(7)
+    for attempts, base in ((1, 5.0), (2, 30.0), (3, 120.0)):
+        delays = [policy.next_delay(attempts, rng) for _ in range(200)]
+        assert all(d is not None and 0.8 * base <= d <= 1.2 * base for d in delays)
+        assert len(set(delays)) > 100  # jittered, not one fixed value
+    assert policy.next_delay(4, rng) is None
+
+
+def test_routes_send_an_event_to_each_endpoint_of_its_owner_that_wants_it() -> None:
+    routes = WebhookRoutes([
+        _endpoint("key_alice", "http://127.0.0.1:1/a"),
+        _endpoint("key_alice", "http://127.0.0.1:1/only-failures", events={"batch.failed"}),
+        _endpoint("key_bob", "http://127.0.0.1:1/b"),
+    ])
+    events = routes.events_for("key_alice", "batch_x", C.COMPLETED, NOW)
+    assert [e.url for e in events] == ["http://127.0.0.1:1/a"]
+    failed = routes.events_for("key_alice", "batch_x", C.FAILED, NOW)
+    assert sorted(e.url for e in failed) == ["http://127.0.0.1:1/a", "http://127.0.0.1:1/only-failures"]
+    assert len({e.event_id for e in failed}) == 1 and len({e.payload for e in failed}) == 1  # one event
+    assert json.loads(failed[0].payload) == {"id": failed[0].event_id, "object": "event", "created_at": NOW,
+                                             "type": "batch.failed", "data": {"id": "batch_x"}}
+    assert routes.events_for("key_carol", "batch_x", C.COMPLETED, NOW) == []
+    assert routes.events_for("key_alice", "batch_x", C.IN_PROGRESS, NOW) == []
+
+
+class MemoryOutbox:
+    """Records how the sender settled each delivery."""
+
+    def __init__(self) -> None:
+        self.settled: list[tuple[str, int, Any]] = []
+
+    def claim_deliveries(self, limit: int, lease_seconds: float, token: str, now: float | None = None) -> list[Any]:
+        return []
+
+    def mark_delivered(self, delivery_id: int, token: str, note: str | None = None) -> bool:
+        self.settled.append(("delivered", delivery_id, None))
+        return True
+
+    def retry_later(self, delivery_id: int, token: str, delay_seconds: float, error: str) -> bool:
+        self.settled.append(("retry", delivery_id, (delay_seconds, error)))
+        return True
+
+    def give_up(self, delivery_id: int, token: str, error: str) -> bool:
+        self.settled.append(("give_up", delivery_id, error))
+        return True
+
+    def prune_settled(self, before: int) -> int:
+        return 0
+
+
+def _sender(answers: list[int | Exception]) -> tuple[WebhookSender, MemoryOutbox, list[dict[str, Any]]]:
+    outbox, sent = MemoryOutbox(), []
+
+    def transport(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> int:
+        sent.append({"url": url, "body": body, "headers": dict(headers)})
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    sender = WebhookSender(outbox, WebhookRoutes([_endpoint()]), RetryPolicy((1.0, 2.0), jitter=0.0), 5.0,
+                           transport=transport)
+    return sender, outbox, sent
+
+
+def _claimed(attempts: int, endpoint_id: str | None = None) -> ClaimedDelivery:
+    body = '{"id":"evt_9","object":"event","type":"batch.completed","created_at":1,"data":{"id":"batch_x"}}'
+    return ClaimedDelivery(1, "evt_9", endpoint_id or _endpoint().id, "http://127.0.0.1:1/a", body, attempts, "tok")
+
+
+def test_sender_settles_each_answer() -> None:
+    sender, outbox, sent = _sender([204, 500, ConnectionRefusedError("refused"), 503])
+    assert sender.deliver(_claimed(1))
+    SDK.webhooks.unwrap(sent[0]["body"], sent[0]["headers"], secret=SECRET)  # signed as the SDK expects
+    assert sent[0]["headers"]["content-type"] == "application/json"
+    assert not sender.deliver(_claimed(1))
+    assert not sender.deliver(_claimed(2))
+    assert not sender.deliver(_claimed(3))  # the policy has two delays: the third failure is the last
+    assert outbox.settled == [
+        ("delivered", 1, None),
+        ("retry", 1, (1.0, "HTTP 500")),
+        ("retry", 1, (2.0, "ConnectionRefusedError: refused")),
+        ("give_up", 1, "HTTP 503"),
+    ]
+
+
+def test_sender_gives_up_on_an_endpoint_no_longer_configured() -> None:
+    sender, outbox, sent = _sender([200])
+    assert not sender.deliver(_claimed(1, endpoint_id="we_gone"))
+    assert sent == [] and outbox.settled == [("give_up", 1, "endpoint no longer configured")]
+
+
+# -- the outbox in the store -----------------------------------------------------------------
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[SqlStore]:
+    s = SqlStore(database_url)
+    s.migrate()
+    yield s
+    s.close()
+
+
+def _batch_finalizing(store: SqlStore) -> str:
+    """A batch whose finalize task is claimed with lease token `fin`."""
+    store.files.insert_file(FileRecord("file-in", "key_alice", "batch", "in.jsonl", 10, NOW, None, "files/file-in"))
+    store.batches.insert_batch(BatchRecord("batch_a", "key_alice", C.CHAT_COMPLETIONS, "file-in", "24h",
+                                           C.VALIDATING, NOW, NOW + 86400))
+    assert store.queue.claim_batch_task(NOW, 30, "val") is not None
+    assert store.batches.request_cancel(None, "batch_a", NOW) is not None
+    task = store.queue.claim_batch_task(NOW + 31, 30, "fin")  # after the validation lease
+    assert task is not None and task.kind == "finalize"
+    return "batch_a"
+
+
+def _events(batch_id: str, status: str) -> list[WebhookEvent]:
+    routes = WebhookRoutes([_endpoint("key_alice", "http://127.0.0.1:1/a"), _endpoint("key_alice", "http://h/b")])
+    return routes.events_for("key_alice", batch_id, status, NOW)
+
+
+def test_events_are_stored_with_the_terminal_state_or_not_at_all(store: SqlStore) -> None:
+    batch_id = _batch_finalizing(store)
+    events = _events(batch_id, C.CANCELLED)
+    assert not store.queue.finish_batch(batch_id, "lost-lease", C.CANCELLED, None, None, 0, 0, NOW, events)
+    assert store.webhooks.claim_deliveries(10, 30, "c0") == []  # no state change, no event
+    assert store.queue.finish_batch(batch_id, "fin", C.CANCELLED, None, None, 0, 0, NOW, events)
+    claimed = store.webhooks.claim_deliveries(10, 30, "c1")
+    assert sorted(d.url for d in claimed) == ["http://127.0.0.1:1/a", "http://h/b"]
+    assert {d.event_id for d in claimed} == {events[0].event_id} and {d.attempts for d in claimed} == {1}
+
+
+def test_failed_validation_stores_its_events(store: SqlStore) -> None:
+    store.files.insert_file(FileRecord("file-in", "key_alice", "batch", "in.jsonl", 10, NOW, None, "files/file-in"))
+    store.batches.insert_batch(BatchRecord("batch_v", "key_alice", C.CHAT_COMPLETIONS, "file-in", "24h",
+                                           C.VALIDATING, NOW, NOW + 86400))
+    assert store.queue.claim_batch_task(NOW, 30, "val") is not None
+    assert store.queue.fail_batch("batch_v", "val", [], NOW, _events("batch_v", C.FAILED)[:1])
+    [claimed] = store.webhooks.claim_deliveries(10, 30, "c1")
+    assert json.loads(claimed.payload)["type"] == "batch.failed"
+
+
+def test_claims_are_leased_and_settling_is_fenced(store: SqlStore) -> None:
+    batch_id = _batch_finalizing(store)
+    assert store.queue.finish_batch(batch_id, "fin", C.CANCELLED, None, None, 0, 0, NOW,
+                                    _events(batch_id, C.CANCELLED)[:1])
+    [first] = store.webhooks.claim_deliveries(10, 30, "t1")
+    assert store.webhooks.claim_deliveries(10, 30, "t2") == []  # held by t1
+    # t1 died mid-attempt: once its lease runs out, the delivery is due again (at least once).
+    [again] = store.webhooks.claim_deliveries(10, 30, "t3", now=time.time() + 31)
+    assert again.id == first.id and again.attempts == 2
+    assert not store.webhooks.mark_delivered(first.id, "t1")  # the old holder's answer no longer counts
+    assert store.webhooks.retry_later(again.id, "t3", 0.0, "HTTP 500")
+    [third] = store.webhooks.claim_deliveries(10, 30, "t4", now=time.time() + 1)
+    assert third.attempts == 3
+    assert store.webhooks.mark_delivered(third.id, "t4")
+    assert store.webhooks.claim_deliveries(10, 30, "t5", now=time.time() + 10_000) == []  # delivered: done
+
+
+def test_given_up_deliveries_are_never_claimed_again(store: SqlStore) -> None:
+    batch_id = _batch_finalizing(store)
+    assert store.queue.finish_batch(batch_id, "fin", C.CANCELLED, None, None, 0, 0, NOW,
+                                    _events(batch_id, C.CANCELLED)[:1])
+    [claimed] = store.webhooks.claim_deliveries(10, 30, "t1")
+    assert store.webhooks.give_up(claimed.id, "t1", "HTTP 410")
+    assert store.webhooks.claim_deliveries(10, 30, "t2", now=time.time() + 10_000) == []
+
+
+def test_settled_deliveries_are_pruned_pending_ones_kept(store: SqlStore) -> None:
+    batch_id = _batch_finalizing(store)
+    assert store.queue.finish_batch(batch_id, "fin", C.CANCELLED, None, None, 0, 0, NOW, _events(batch_id, C.CANCELLED))
+    first, second = store.webhooks.claim_deliveries(10, 30, "t1")
+    assert store.webhooks.mark_delivered(first.id, "t1")
+    assert store.webhooks.retry_later(second.id, "t1", 0.0, "HTTP 500")
+    assert store.webhooks.prune_settled(NOW) == 0  # nothing settled is older than NOW
+    assert store.webhooks.prune_settled(NOW + 1) == 1  # the delivered one; the pending one stays
+    [left] = store.webhooks.claim_deliveries(10, 30, "t2", now=time.time() + 1)
+    assert left.id == second.id
