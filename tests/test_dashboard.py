@@ -328,6 +328,16 @@ def test_batches_page_through_the_after_cursor_and_filter_by_status(make_server:
 
     page = page_for(server, API_KEY)
     rows = page.locator("tr[data-batch]")
+    # by keyboard: signed in, focus is on the page's content; Tab reaches the filter, then the form
+    page.wait_for_function("() => document.activeElement?.id === 'view' && document.getElementById('status-filter')")
+    page.keyboard.press("Tab")
+    assert page.evaluate("() => document.activeElement.id") == "status-filter"
+    page.keyboard.press("Tab")
+    assert page.evaluate("() => document.activeElement.tagName") == "SUMMARY"
+    page.keyboard.press("Enter")
+    page.locator("#create-file").wait_for()
+    page.keyboard.press("Enter")  # closed again
+    page.locator("#create-file").wait_for(state="hidden")
 
     def shown() -> list[str]:
         page.locator("tr[data-batch]").first.wait_for()

@@ -79,6 +79,7 @@ async function route() {
   const root = h("div", { class: "section" });
   replace(view, root);
   current = module.mount(root, { ...ctx, arg });
+  view.focus({ preventScroll: true }); // keyboard and screen-reader users start at the new section
   tick(mine);
 }
 
@@ -103,9 +104,9 @@ document.getElementById("signin-form").addEventListener("submit", async (event) 
     await signIn(input.value.trim());
     input.value = "";
     showShell();
+    // focus moves to the section once it is drawn (route), not to the sign-in form it replaces
     if (!location.hash) location.hash = "#/batches";
     else route();
-    document.getElementById("view").focus();
   } catch (err) {
     document.getElementById("signin-error").textContent = err.message;
   }
@@ -116,9 +117,7 @@ document.getElementById("sign-out").addEventListener("click", () => {
   showSignIn();
 });
 
-window.addEventListener("hashchange", () => {
-  route().then(() => document.getElementById("view").focus({ preventScroll: true }));
-});
+window.addEventListener("hashchange", route);
 
 (async () => {
   if (!session.key) return showSignIn();
