@@ -10,6 +10,7 @@ from starlette.responses import Response, StreamingResponse
 
 from overnight.api.auth import Principal, principal
 from overnight.api.json import json_response
+from overnight.api.routes_admin import with_owner
 from overnight.api.schemas import ERRORS, Batch, BatchList, CreateBatchRequest, RetryBatchRequest
 from overnight.api.services import Services
 from overnight.api.text import reject_lone_surrogates
@@ -36,7 +37,7 @@ def create_batch(request: Request, caller: Caller, body: CreateBatchRequest) -> 
         body.metadata,
         body.output_expires_after,
     )
-    return json_response(batch_object(record))
+    return json_response(with_owner(batch_object(record), record.owner, caller))
 
 
 @router.get("", response_model=BatchList, summary="List batches, newest first")
@@ -46,18 +47,20 @@ def list_batches(
     services = _services(request)
     records, has_more = services.batches.list(caller.scope, after, limit)
     now = services.batches.clock()
-    return json_response(list_object([batch_object(r, now) for r in records], has_more))
+    return json_response(list_object([with_owner(batch_object(r, now), r.owner, caller) for r in records], has_more))
 
 
 @router.get("/{batch_id}", response_model=Batch, summary="Retrieve a batch")
 def retrieve_batch(request: Request, caller: Caller, batch_id: str) -> Response:
     services = _services(request)
-    return json_response(batch_object(services.batches.get(caller.scope, batch_id), services.batches.clock()))
+    record = services.batches.get(caller.scope, batch_id)
+    return json_response(with_owner(batch_object(record, services.batches.clock()), record.owner, caller))
 
 
 @router.post("/{batch_id}/cancel", response_model=Batch, summary="Cancel a batch")
 def cancel_batch(request: Request, caller: Caller, batch_id: str) -> Response:
-    return json_response(batch_object(_services(request).batches.cancel(caller.scope, batch_id)))
+    record = _services(request).batches.cancel(caller.scope, batch_id)
+    return json_response(with_owner(batch_object(record), record.owner, caller))
 
 
 _JSONL: dict[int | str, dict[str, Any]] = {200: {"content": {"application/jsonl": {"schema": {"type": "string", "format": "binary"}}}}}
@@ -105,7 +108,7 @@ def retry_batch(request: Request, caller: Caller, batch_id: str, body: RetryBatc
     services = _services(request)
     include: list[str] = list(body.include) if body is not None else ["failed"]
     record = services.retries.retry(caller.scope, batch_id, include)
-    return json_response(batch_object(record, services.batches.clock()))
+    return json_response(with_owner(batch_object(record, services.batches.clock()), record.owner, caller))
 
 
 @router.get("/{batch_id}/joined", response_class=StreamingResponse, responses=_JSONL,

@@ -13,6 +13,7 @@ from starlette.responses import Response, StreamingResponse
 
 from overnight.api.auth import Principal, principal
 from overnight.api.json import json_response
+from overnight.api.routes_admin import with_owner
 from overnight.api.schemas import ERRORS, FileDeleted, FileList, FileObject
 from overnight.api.services import Services
 from overnight.api.upload import receive_upload
@@ -76,7 +77,7 @@ async def create_file(request: Request, caller: Caller) -> Response:
         upload.head,
         expires_after,
     )
-    return json_response(file_object(record))
+    return json_response(with_owner(file_object(record), record.owner, caller))
 
 
 def _expires_after(fields: dict[str, str]) -> tuple[str, int] | None:
@@ -104,12 +105,13 @@ def list_files(
     order: Literal["asc", "desc"] = "desc",
 ) -> Response:
     records, has_more = _services(request).files.list(caller.scope, purpose, after, limit, order)
-    return json_response(list_object([file_object(r) for r in records], has_more))
+    return json_response(list_object([with_owner(file_object(r), r.owner, caller) for r in records], has_more))
 
 
 @router.get("/{file_id}", response_model=FileObject, summary="Retrieve a file")
 def retrieve_file(request: Request, caller: Caller, file_id: str) -> Response:
-    return json_response(file_object(_services(request).files.get(caller.scope, file_id)))
+    record = _services(request).files.get(caller.scope, file_id)
+    return json_response(with_owner(file_object(record), record.owner, caller))
 
 
 @router.delete("/{file_id}", response_model=FileDeleted, summary="Delete a file")

@@ -61,6 +61,8 @@ class FileObject(BaseModel):
     purpose: str
     status: Literal["uploaded", "processed", "error"]
     status_details: str | None
+    # An extension, only in answers to an admin key: whose object this is (the SDK ignores it).
+    owner: str | None = Field(default=None, description="The owning API key's tenant; only for admin callers.")
 
 
 class Upload(BaseModel):
@@ -155,6 +157,8 @@ class Batch(BaseModel):
     request_counts: RequestCounts
     usage: BatchUsage | None
     metadata: dict[str, str] | None
+    # An extension, only in answers to an admin key: whose object this is (the SDK ignores it).
+    owner: str | None = Field(default=None, description="The owning API key's tenant; only for admin callers.")
     # overnight's extensions (the official SDK keeps extra fields on its Batch model):
     outcome: BatchOutcome | None = Field(
         None, description="overnight: what a finished batch came to (null until it finishes)."
@@ -196,6 +200,50 @@ class ModelObject(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"]
     data: list[ModelObject]
+
+
+class LimiterState(BaseModel):
+    minimum: int
+    maximum: int
+    limit: int = Field(description="The adaptive window now (additive increase, halved on overload).")
+    ceiling: int = Field(description="This process's share of `maximum` (workers split it).")
+    in_flight: int
+    peak_in_flight: int
+
+
+class EngineInfo(BaseModel):
+    name: str
+    kind: str
+    owned_by: str
+    models: list[str]
+    concurrency: LimiterState | None = Field(description="An upstream's limiter, as this process holds it.")
+
+
+class RouteInfo(BaseModel):
+    pattern: str
+    engine: str
+    endpoints: list[str] | None
+
+
+class ModelQueueInfo(BaseModel):
+    model: str | None
+    batches: int = Field(description="Unfinished batches (validating, in_progress, finalizing, cancelling).")
+    waiting_requests: int = Field(description="Their requests not answered yet.")
+
+
+class WorkerInfo(BaseModel):
+    id: str
+    started_at: float
+    last_seen: float
+    seen_seconds_ago: float
+
+
+class ServerOverview(BaseModel):
+    object: Literal["server"]
+    engines: list[EngineInfo]
+    routes: list[RouteInfo]
+    queue: list[ModelQueueInfo]
+    workers: list[WorkerInfo]
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {

@@ -10,6 +10,7 @@ from overnight.api.auth_throttle import AuthFailureThrottle
 from overnight.api.rate_limit import RateLimiter
 from overnight.batches.file_service import FileService
 from overnight.batches.live_results import LiveResults
+from overnight.batches.ports import ServerOverview
 from overnight.batches.retry import BatchRetries
 from overnight.batches.service import BatchService
 from overnight.batches.upload_service import UploadService
@@ -27,6 +28,7 @@ class Services:
     retries: BatchRetries
     router: Router
     limits: Limits
+    overview: ServerOverview  # queue depth and workers, for the admin server page
     rate_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0))
     auth_throttle: AuthFailureThrottle = field(default_factory=lambda: AuthFailureThrottle(0, 0.0, 1))
     ready: bool = False

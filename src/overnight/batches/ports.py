@@ -10,11 +10,13 @@ from overnight.store.records import (
     BatchRecord,
     ClaimedDelivery,
     FileRecord,
+    ModelQueue,
     SettledShard,
     ShardPlan,
     UploadPartRecord,
     UploadRecord,
     WebhookEvent,
+    WorkerSeen,
 )
 
 
@@ -101,6 +103,14 @@ class StorageCatalog(Protocol):
     def live_storage_keys(self, keys: Sequence[str]) -> set[str]: ...
 
     def batch_status(self, batch_id: str) -> str | None: ...
+
+
+class ServerOverview(Protocol):
+    """What an operator's view of the server reads from the store (the dashboard's server page)."""
+
+    def queue_by_model(self) -> list[ModelQueue]: ...
+
+    def workers(self) -> list[WorkerSeen]: ...
 
 
 class UploadCatalog(Protocol):

@@ -212,3 +212,23 @@ class ClaimedDelivery:
     payload: str
     attempts: int  # including this one
     lease_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelQueue:
+    """Unfinished batches of one model (None: a batch not validated yet) and their unanswered requests."""
+
+    model: str | None
+    batches: int
+    waiting_requests: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSeen:
+    """A worker process's row: when it started and was last seen (the database's clock, epoch
+    seconds), and how many seconds ago that was."""
+
+    id: str
+    started_at: float
+    last_seen: float
+    seen_seconds_ago: float

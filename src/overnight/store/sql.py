@@ -8,6 +8,7 @@ from overnight.store.files import SqlFileCatalog
 from overnight.store.housekeeping import SqlHousekeeping
 from overnight.store.keys import SqlKeyStore
 from overnight.store.membership import SqlMembership
+from overnight.store.overview import SqlOverview
 from overnight.store.queue import SqlWorkQueue
 from overnight.store.results import SqlResultsCatalog
 from overnight.store.uploads import SqlUploadStore
@@ -25,6 +26,7 @@ class SqlStore:
         self.queue = SqlWorkQueue(self.db)
         self.housekeeping = SqlHousekeeping(self.db)
         self.membership = SqlMembership(self.db)
+        self.overview = SqlOverview(self.db)
         self.uploads = SqlUploadStore(self.db)
         self.webhooks = SqlWebhookOutbox(self.db)
         self.results = SqlResultsCatalog(self.db)

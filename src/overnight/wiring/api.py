@@ -44,6 +44,7 @@ def build_api(
         retries=BatchRetries(batches, core.store.results, core.store.files, core.files),
         router=router,
         limits=settings.limits,
+        overview=core.store.overview,
         rate_limiter=RateLimiter(settings.limits.requests_per_minute),
         auth_throttle=AuthFailureThrottle(
             settings.http.auth_failure_burst, settings.http.auth_failures_per_second,
