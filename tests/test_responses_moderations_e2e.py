@@ -174,3 +174,18 @@ def test_moderations_with_no_route_fail_validation_with_model_not_found(make_ser
             "The provided model 'omni-moderation-latest' is not supported by the Batch API. ")
         assert "--upstream PATTERN=URL" in error.message
     assert upstream.stats()["requests"] == 0
+
+
+def test_an_alias_for_the_default_moderation_model_picks_the_model_of_lines_without_one(
+    make_server: Any, upstream: Upstream, tmp_path: Any
+) -> None:
+    config = tmp_path / "aliases.toml"
+    config.write_text('[aliases]\n"omni-moderation-latest" = "mod-small"\n')
+    client = make_server("--config", str(config), routes=("mod-*",)).client()
+    bodies = {"default": b'{"input": "hello", "x_echo_raw": true}'}
+    done = run_batch(client, _file(MODERATIONS, bodies), endpoint=MODERATIONS)  # type: ignore[arg-type]
+    assert done.status == "completed"
+    outputs, _ = results_by_id(client, done)
+    body = outputs["default"]["response"]["body"]
+    assert body["model"] == "mod-small" and body["x_request"] == {"input": "hello", "x_echo_raw": True,
+                                                                  "model": "mod-small"}
