@@ -1,5 +1,5 @@
-"""The zero-configuration default: `overnight serve` with no upstream runs chat, completions and
-embeddings batches on the embedded engines, driven with the official SDK."""
+"""The zero-configuration default: `overnight serve` with no upstream runs chat, completions,
+responses and embeddings batches on the embedded engines, driven with the official SDK."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from openai.types.responses import Response
 
 from conftest import API_KEY, Server, raw_request, results_by_id, run_batch
 
@@ -100,6 +101,46 @@ def test_embeddings_batch_of_64(embedded: Server) -> None:
     cosine = sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
     assert abs(cosine - 0.755) < 0.005
     assert done.usage.input_tokens == sum(o["response"]["body"]["usage"]["prompt_tokens"] for o in outputs.values())
+
+
+def test_responses_batch_on_the_default_model(embedded: Server) -> None:
+    """`client.responses.create(...)` bodies, as the SDK sends them, answered by the embedded chat
+    model with nothing configured."""
+    client = embedded.client()
+    inputs: list[Any] = ["Name a colour.", [{"role": "user", "content": [{"type": "input_text",
+                                                                       "text": "Name a fruit."}]}]]
+    lines = [
+        {"custom_id": f"r{i}", "method": "POST", "url": "/v1/responses",
+         "body": {"model": "gpt-4.1-mini", "input": inputs[i % 2], "instructions": "You are terse.",
+                  "max_output_tokens": 8, "temperature": 0}}
+        for i in range(4)
+    ]
+    lines.append({"custom_id": "tools", "method": "POST", "url": "/v1/responses",
+                  "body": {"model": "gpt-4.1-mini", "input": "hi", "tools": [{"type": "web_search"}]}})
+    done = run_batch(client, lines, endpoint="/v1/responses", timeout=120)
+    assert done.status == "completed" and done.model == CHAT_MODEL
+    outputs, errors = results_by_id(client, done)
+    assert sorted(outputs) == ["r0", "r1", "r2", "r3"] and list(errors) == ["tools"]
+    assert errors["tools"]["response"]["status_code"] == 400
+    assert errors["tools"]["response"]["body"]["error"]["param"] == "tools"
+    parsed = {cid: Response.model_validate(line["response"]["body"]) for cid, line in outputs.items()}
+    for response in parsed.values():
+        assert response.object == "response" and response.model == CHAT_MODEL
+        assert response.id.startswith("resp_") and response.output_text.strip()
+        assert response.status in ("completed", "incomplete") and response.usage is not None
+        assert 0 < response.usage.output_tokens <= 8
+    assert done.usage.output_tokens == sum(r.usage.output_tokens for r in parsed.values() if r.usage)
+    assert done.usage.input_tokens == sum(r.usage.input_tokens for r in parsed.values() if r.usage)
+
+
+def test_moderations_are_refused_without_a_moderation_engine(embedded: Server) -> None:
+    client = embedded.client()
+    line = {"custom_id": "m", "method": "POST", "url": "/v1/moderations", "body": {"input": "hello"}}
+    batch = run_batch(client, [line], endpoint="/v1/moderations", timeout=60)
+    assert batch.status == "failed"
+    assert [(e.line, e.code, e.param) for e in batch.errors.data] == [(1, "model_not_found", "body.model")]
+    assert batch.errors.data[0].message.startswith(
+        "The provided model 'omni-moderation-latest' is not supported by the Batch API.")
 
 
 def test_models_lists_the_embedded_models(embedded: Server) -> None:

@@ -6,7 +6,10 @@ from typing import Final
 CHAT_COMPLETIONS: Final = "/v1/chat/completions"
 COMPLETIONS: Final = "/v1/completions"
 EMBEDDINGS: Final = "/v1/embeddings"
-SUPPORTED_ENDPOINTS: Final = (CHAT_COMPLETIONS, COMPLETIONS, EMBEDDINGS)
+RESPONSES: Final = "/v1/responses"
+MODERATIONS: Final = "/v1/moderations"
+# In the order of the `endpoint` enum in OpenAI's spec; an unsupported endpoint's message lists them so.
+SUPPORTED_ENDPOINTS: Final = (RESPONSES, CHAT_COMPLETIONS, EMBEDDINGS, COMPLETIONS, MODERATIONS)
 
 COMPLETION_WINDOWS: Final = {"24h": 24 * 3600}
 # A batch due within this long is urgent: the shard claim serves urgent batches before those

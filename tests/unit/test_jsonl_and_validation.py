@@ -107,3 +107,51 @@ def test_model_lookups_are_remembered_only_up_to_a_bound() -> None:
     remembered = validation._MAX_REMEMBERED_MODELS
     assert len(asked) == remembered + 2 * (3000 - remembered)
     assert [p.request_count for p in report.plans][:2] == [10, 10]
+
+
+def _endpoint_report(
+    endpoint: str, bodies: list[dict[str, object]], served_models: set[str]
+) -> list[tuple[int | None, str, str | None]]:
+    lines = [{"custom_id": f"id-{i}", "method": "POST", "url": endpoint, "body": b} for i, b in enumerate(bodies)]
+    data = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+    report = validate_input(lambda: [data], endpoint, lambda m: 10 if m in served_models else None, Limits())
+    return [(e["line"], e["code"], e["param"]) for e in report.errors]
+
+
+def test_responses_lines_need_model_and_input_and_refuse_stream() -> None:
+    errors = _endpoint_report(C.RESPONSES, [
+        {"model": "m", "input": "hi"},
+        {"model": "m"},
+        {"input": "hi"},
+        {"model": "m", "input": [{"role": "user", "content": "hi"}], "stream": True},
+        {"model": "other", "input": "hi"},
+    ], {"m"})
+    assert errors == [(2, "invalid_request", "body.input"), (3, "invalid_request", "body.model"),
+                      (4, "streaming_unsupported", "body.stream"), (5, "model_not_found", "body.model")]
+
+
+def test_streaming_message_names_the_endpoint_as_openai_does() -> None:
+    data = json.dumps({"custom_id": "a", "method": "POST", "url": C.RESPONSES,
+                       "body": {"model": "m", "input": "x", "stream": True}}).encode()
+    report = validate_input(lambda: [data], C.RESPONSES, lambda m: 10, Limits())
+    assert report.errors[0]["message"].startswith("Responses: Streaming is not supported in the Batch API.")
+
+
+def test_moderation_lines_need_input_and_route_by_the_default_model_without_one() -> None:
+    bodies: list[dict[str, object]] = [{"input": "text"}, {"model": "omni-moderation-latest", "input": ["a", "b"]},
+                                       {"model": "text-moderation-stable", "input": "x"}, {}]
+    errors = _endpoint_report(C.MODERATIONS, bodies, {"omni-moderation-latest"})
+    assert errors == [(3, "model_not_found", "body.model"), (4, "invalid_request", "body.input")]
+    # with nothing that serves moderations, a line without a model names the model it would need
+    data = json.dumps({"custom_id": "a", "method": "POST", "url": C.MODERATIONS, "body": {"input": "x"}}).encode()
+    report = validate_input(lambda: [data], C.MODERATIONS, lambda m: None, Limits())
+    assert [e["code"] for e in report.errors] == ["model_not_found"]
+    assert report.errors[0]["message"].startswith(
+        "The provided model 'omni-moderation-latest' is not supported by the Batch API.")
+
+
+def test_model_not_found_uses_openais_wording_and_says_what_to_configure() -> None:
+    report, _ = _validate([_line(0, body={"model": "unknown", "messages": [{"role": "user", "content": "x"}]})])
+    message = report.errors[0]["message"]  # type: ignore[attr-defined]
+    assert message.startswith("The provided model 'unknown' is not supported by the Batch API. ")
+    assert "--upstream PATTERN=URL" in message and "GET /v1/models" in message

@@ -14,18 +14,11 @@ from typing import Any
 import orjson
 
 from overnight import constants as C
+from overnight.batches.endpoints import ENDPOINT_LABELS, REQUIRED_BODY_FIELDS, model_required, routing_model
 from overnight.batches.jsonl import iter_lines
 from overnight.batches.request_line import RequestLineError, parse_request_line
 from overnight.settings import Limits
 from overnight.store.records import ShardPlan
-
-# Fields each endpoint's body cannot do without.
-REQUIRED_BODY_FIELDS: dict[str, tuple[str, ...]] = {
-    C.CHAT_COMPLETIONS: ("messages",),
-    C.COMPLETIONS: ("prompt",),
-    C.EMBEDDINGS: ("input",),
-}
-_ENDPOINT_LABEL = {C.CHAT_COMPLETIONS: "Chat Completions", C.COMPLETIONS: "Completions", C.EMBEDDINGS: "Embeddings"}
 
 
 @dataclass(slots=True)
@@ -214,7 +207,7 @@ def _check_body(
         return False
     ok = True
     if body.get("stream") is True:
-        label = _ENDPOINT_LABEL.get(endpoint, endpoint)
+        label = ENDPOINT_LABELS.get(endpoint, endpoint)
         errors.add(
             "streaming_unsupported",
             f"{label}: Streaming is not supported in the Batch API. Remove body.stream.",
@@ -222,32 +215,7 @@ def _check_body(
             number,
         )
         ok = False
-    model = body.get("model")
-    if model is None:
-        errors.add("invalid_request", "Model parameter is required (body.model).", "body.model", number)
-        ok = False
-    elif not isinstance(model, str) or not model:
-        errors.add("invalid_request", "body.model must be a non-empty string.", "body.model", number)
-        ok = False
-    elif len(model) > C.MAX_MODEL_NAME_CHARS:
-        errors.add(
-            "invalid_request",
-            f"body.model is {len(model):,} characters long; a model name may be at most "
-            f"{C.MAX_MODEL_NAME_CHARS} characters.",
-            "body.model",
-            number,
-        )
-        ok = False
-    else:
-        if served.shard_lines(model) is None:
-            errors.add(
-                "model_not_found",
-                f"The provided model '{model}' is not served by this server for {endpoint}. "
-                "Configure a route for it (--upstream PATTERN=URL) or use a served model (GET /v1/models).",
-                "body.model",
-                number,
-            )
-            ok = False
+    ok = _check_model(body, number, endpoint, served, errors) and ok
     for name in required:
         if name not in body:
             errors.add("invalid_request", f"{name.capitalize()} parameter is required (body.{name}).",
@@ -259,6 +227,39 @@ def _check_body(
         errors.add("invalid_request", "body.messages must be a non-empty array of messages.", "body.messages", number)
         ok = False
     return ok
+
+
+def _check_model(body: dict[str, Any], number: int, endpoint: str, served: _ModelRouting, errors: _Collector) -> bool:
+    model = body.get("model")
+    if model is None and model_required(endpoint):
+        errors.add("invalid_request", "Model parameter is required (body.model).", "body.model", number)
+        return False
+    if model is not None and (not isinstance(model, str) or not model):
+        errors.add("invalid_request", "body.model must be a non-empty string.", "body.model", number)
+        return False
+    if isinstance(model, str) and len(model) > C.MAX_MODEL_NAME_CHARS:
+        errors.add(
+            "invalid_request",
+            f"body.model is {len(model):,} characters long; a model name may be at most "
+            f"{C.MAX_MODEL_NAME_CHARS} characters.",
+            "body.model",
+            number,
+        )
+        return False
+    # A line without a model (moderations) is routed by the endpoint's default model.
+    routed = routing_model(endpoint, body)
+    if served.shard_lines(routed) is None:
+        # OpenAI's wording, then what to configure here.
+        errors.add(
+            "model_not_found",
+            f"The provided model '{routed}' is not supported by the Batch API. No engine of this server "
+            f"serves it for {endpoint}: configure a route for it (--upstream PATTERN=URL) or use a served "
+            "model (GET /v1/models).",
+            "body.model",
+            number,
+        )
+        return False
+    return True
 
 
 class _ModelRouting:

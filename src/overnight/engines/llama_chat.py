@@ -45,12 +45,14 @@ import llama_cpp
 import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from overnight.engines import responses_api
 from overnight.engines.port import EngineRequest, EngineResponse
 
 log = logging.getLogger(__name__)
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
+RESPONSES = "/v1/responses"  # answered as a chat request (see responses_api)
 
 # Only share a prefix with another slot (or wait for one being computed) when it saves at least this
 # many tokens: a cross-stream copy moves a whole KV stream, and waiting costs a decode step.
@@ -665,7 +667,7 @@ _FALLBACK_STOPS = (b"\nUser:", b"\nSystem:")
 
 
 class LlamaChatEngine:
-    """/v1/chat/completions and /v1/completions on a GGUF model, continuously batched.
+    """/v1/chat/completions, /v1/completions and /v1/responses on a GGUF model, continuously batched.
 
     `n_ctx` is the total KV cache in tokens, split evenly between `n_seq_max` slots: one request's
     prompt + completion must fit in `n_ctx // n_seq_max` tokens (and the model's training context).
@@ -738,12 +740,12 @@ class LlamaChatEngine:
         scheduler, native = self._scheduler, self._native
         if scheduler is None or native is None:
             return EngineResponse.failure("engine_closed", "The embedded engine is shut down.")
-        chat = request.endpoint == CHAT
-        if not chat and request.endpoint != COMPLETIONS:
-            return EngineResponse.http_error(404, f"The embedded chat engine does not serve {request.endpoint}.",
+        endpoint = request.endpoint
+        if endpoint not in (CHAT, COMPLETIONS, RESPONSES):
+            return EngineResponse.http_error(404, f"The embedded chat engine does not serve {endpoint}.",
                                              code="unknown_url")
         try:
-            job = self._make_job(native, request, chat)
+            job = self._job_for(native, request)
         except _BadRequest as exc:
             return exc.response()
         scheduler.submit(job)
@@ -754,14 +756,34 @@ class LlamaChatEngine:
             raise
         if isinstance(result, EngineResponse):
             return result
-        return EngineResponse(200, self._body(result, chat))
+        if endpoint == RESPONSES:
+            answer = responses_api.ChatAnswer(result.text, result.finish_reason, result.prompt_tokens,
+                                              result.completion_tokens, result.cached_tokens)
+            return EngineResponse(200, responses_api.response_object(answer, request.body, self.model_name))
+        return EngineResponse(200, self._body(result, endpoint == CHAT))
 
     # -- helpers ---------------------------------------------------------------------------------------
 
-    def _make_job(self, native: _Native, request: EngineRequest, chat: bool) -> _Job:
+    def _job_for(self, native: _Native, request: EngineRequest) -> _Job:
         body = request.body
         if not isinstance(body, dict):
             raise _BadRequest("The request body must be a JSON object.", None)
+        if request.endpoint != RESPONSES:
+            return self._make_job(native, body, request.deadline, request.endpoint == CHAT)
+        # A Responses request runs as the chat request it maps onto; the chat side's complaints
+        # then name the Responses parameter (`input`, not `messages`).
+        try:
+            chat_body = responses_api.to_chat_body(body)
+            return self._make_job(native, chat_body, request.deadline, True, noun="input")
+        except responses_api.UnsupportedRequest as exc:
+            raise _BadRequest(str(exc), exc.param, exc.code) from None
+        except _BadRequest as exc:
+            param = responses_api.RESPONSES_PARAMS.get(exc.param or "", exc.param)
+            raise _BadRequest(str(exc), param, exc.code) from None
+
+    def _make_job(self, native: _Native, body: dict[str, Any], deadline: float, chat: bool,
+                  noun: str | None = None) -> _Job:
+        """`noun`: what the prompt is called in messages (default: messages or prompt)."""
         _check_unsupported(body)
         sampling = _parse_sampling(body)
         stops = _parse_stops(body)
@@ -770,10 +792,10 @@ class LlamaChatEngine:
             stops += extra_stops
         else:
             prompt = self._completion_prompt(native, body)
-        max_new = self._max_new(native, body, chat, len(prompt))
+        max_new = self._max_new(native, body, chat, len(prompt), noun or ("messages" if chat else "prompt"))
         loop = asyncio.get_running_loop()
         return _Job(prompt=prompt, max_new=max_new, sampling=sampling, stops=stops,
-                    deadline=request.deadline, loop=loop, future=loop.create_future())
+                    deadline=deadline, loop=loop, future=loop.create_future())
 
     def _chat_prompt(self, native: _Native, body: dict[str, Any]) -> tuple[list[int], tuple[bytes, ...]]:
         messages = _normalize_messages(body)
@@ -808,7 +830,7 @@ class LlamaChatEngine:
         return tokens
 
     @staticmethod
-    def _max_new(native: _Native, body: dict[str, Any], chat: bool, n_prompt: int) -> int:
+    def _max_new(native: _Native, body: dict[str, Any], chat: bool, n_prompt: int, noun: str) -> int:
         requested = _requested_max_tokens(body, chat)
         window = native.window
         if requested is None:  # OpenAI chat default: up to the context length
@@ -818,10 +840,10 @@ class LlamaChatEngine:
         if requested < 1 or n_prompt + requested > window:
             raise _BadRequest(
                 f"This model's maximum context length is {window} tokens. However, you requested "
-                f"{n_prompt + max(requested, 1)} tokens ({n_prompt} in the {'messages' if chat else 'prompt'}, "
+                f"{n_prompt + max(requested, 1)} tokens ({n_prompt} in the {noun}, "
                 f"{max(requested, 1)} in the completion). Please reduce the length of the "
-                f"{'messages' if chat else 'prompt'} or completion.",
-                "messages" if chat else "prompt", code="context_length_exceeded")
+                f"{noun} or completion.",
+                noun, code="context_length_exceeded")
         return requested
 
     def _body(self, outcome: _Outcome, chat: bool) -> dict[str, Any]:

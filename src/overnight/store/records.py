@@ -87,7 +87,8 @@ class ShardResult:
         self.error_codes[code] = self.error_codes.get(code, 0) + 1
 
     def add_usage(self, usage: dict[str, Any]) -> None:
-        """Add one response's `usage` (chat/completions or embeddings shape) to the totals."""
+        """Add one response's `usage` to the totals: chat/completions/embeddings shape (`prompt_tokens`,
+        `completion_tokens`) or Responses shape (`input_tokens`, `output_tokens`)."""
         get = usage.get
         prompt = get("prompt_tokens")
         self.input_tokens += _count(get("input_tokens") if prompt is None else prompt)

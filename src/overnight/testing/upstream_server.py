@@ -2,8 +2,9 @@
 
     python -m overnight.testing.upstream_server --port 8001 [--chaos 0.2] [--max-concurrency 32]
 
-Answers /v1/chat/completions, /v1/completions and /v1/embeddings deterministically (an echo of
-the prompt). Faults are asked for per request by a field in the body, which overnight passes
+Answers /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/responses deterministically
+(an echo of the prompt), and /v1/moderations (an input is flagged for violence when it contains
+"flag-me"). Faults are asked for per request by a field in the body, which overnight passes
 through unchanged:
 
     "x_fault": "429:2"   fail the first 2 attempts with 429 (Retry-After 50 ms), then answer
@@ -71,9 +72,79 @@ def _error(status: int, message: str, code: str | None = None) -> web.Response:
     return _json({"error": {"message": message, "type": kind, "param": None, "code": code}}, status, headers)
 
 
+# OpenAI's moderation categories, as they are spelled on the wire.
+_MODERATION_CATEGORIES = (
+    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent",
+    "self-harm", "self-harm/instructions", "self-harm/intent", "sexual", "sexual/minors", "violence",
+    "violence/graphic",
+)
+
+
+def _words(value: Any) -> int:
+    return len(str(value).split())
+
+
+def _item_texts(item: Any) -> list[str]:
+    """The texts of one Responses input item: a string content, or its parts' `text`."""
+    content = item.get("content", "") if isinstance(item, dict) else ""
+    if isinstance(content, str):
+        return [content]
+    return [str(p.get("text", "")) for p in content if isinstance(p, dict)] if isinstance(content, list) else []
+
+
+def _response_answer(body: dict[str, Any], created: int) -> dict[str, Any]:
+    """A Responses API `response` object: the last input text echoed, with usage in its shape
+    (cached and reasoning tokens too, so a client can check that every counter adds up)."""
+    items = body.get("input", "")
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    texts = [text for item in (items if isinstance(items, list) else []) for text in _item_texts(item)]
+    text = f"echo: {(texts[-1] if texts else '')[:64]}"
+    input_tokens = sum(_words(t) for t in texts) + _words(body.get("instructions") or "")
+    output_tokens = _words(text)
+    message = {"type": "message", "id": f"msg_{created}", "status": "completed", "role": "assistant",
+               "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    usage = {
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": input_tokens // 2, "cache_write_tokens": 0},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 1},
+        "total_tokens": input_tokens + output_tokens,
+    }
+    return {
+        "id": f"resp_{created}", "object": "response", "created_at": created, "status": "completed",
+        "error": None, "incomplete_details": None, "instructions": body.get("instructions"),
+        "model": body.get("model", "unknown"), "output": [message], "parallel_tool_calls": True,
+        "tool_choice": "auto", "tools": [], "temperature": body.get("temperature", 1.0),
+        "top_p": body.get("top_p", 1.0), "max_output_tokens": body.get("max_output_tokens"),
+        "usage": usage,
+    }
+
+
+def _moderation_answer(body: dict[str, Any], created: int) -> dict[str, Any]:
+    inputs = body.get("input", "")
+    items = inputs if isinstance(inputs, list) else [inputs]
+    results = []
+    for item in items:
+        text = item.get("text", "") if isinstance(item, dict) else str(item)
+        flagged = "flag-me" in text
+        results.append({
+            "flagged": flagged,
+            "categories": {c: flagged and c == "violence" for c in _MODERATION_CATEGORIES},
+            "category_scores": {c: 0.9 if flagged and c == "violence" else 0.001 for c in _MODERATION_CATEGORIES},
+            "category_applied_input_types": {c: ["text"] for c in _MODERATION_CATEGORIES},
+        })
+    # OpenAI's default model when the request names none.
+    return {"id": f"modr-{created}", "model": body.get("model", "omni-moderation-latest"), "results": results}
+
+
 def _answer(endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
     model = body.get("model", "unknown")
     created = int(time.time())
+    if endpoint == "responses":
+        return _response_answer(body, created)
+    if endpoint == "moderations":
+        return _moderation_answer(body, created)
     if endpoint == "embeddings":
         inputs = body.get("input", "")
         items = inputs if isinstance(inputs, list) else [inputs]
@@ -195,7 +266,7 @@ def make_app(state: UpstreamState) -> web.Application:
 
     app = web.Application(client_max_size=1024**3)
     app.router.add_post("/v1/{endpoint:chat}/completions", handle)
-    app.router.add_post("/v1/{endpoint:completions|embeddings}", handle)
+    app.router.add_post("/v1/{endpoint:completions|embeddings|responses|moderations}", handle)
     app.router.add_get("/stats", stats)
     app.router.add_post("/stats/reset", reset)
     return app

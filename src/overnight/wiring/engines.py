@@ -32,7 +32,7 @@ def build_router(settings: Settings) -> Router:
                 routes.append(Route(name, engine, frozenset({endpoint})))
         gemma = gemma_engine(settings)
         if gemma is not None:
-            routes.extend(Route(name, gemma, frozenset({C.CHAT_COMPLETIONS, C.COMPLETIONS}))
+            routes.extend(Route(name, gemma, frozenset({C.CHAT_COMPLETIONS, C.COMPLETIONS, C.RESPONSES}))
                           for name in gemma.served_models())
     if not settings.fallback_to_default:
         defaults = {}
@@ -59,6 +59,7 @@ def embedded_engines(settings: Settings) -> dict[str, Engine]:
                                prefix_sharing=not cfg.deterministic)
         engines[C.CHAT_COMPLETIONS] = chat
         engines[C.COMPLETIONS] = chat
+        engines[C.RESPONSES] = chat  # client.responses.create(...) bodies work with zero configuration
     embed_dir = cfg.embedding_model_dir or packaged_models.default_embedding_model_dir()
     if embed_dir:
         engines[C.EMBEDDINGS] = MiniLMEmbeddingEngine(embed_dir, threads=cfg.threads)

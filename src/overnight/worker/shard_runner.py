@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from overnight import constants as C
+from overnight.batches.endpoints import routing_model
 from overnight.batches.jsonl import split_requests
 from overnight.batches.request_line import parse_request_line, with_model
 from overnight.batches.results import error_line, response_error_code, response_line
@@ -64,7 +65,7 @@ class ShardRunner:
         del data
         by_lane: dict[int, tuple[EngineLane | None, list[tuple[_ShardRun, int]]]] = {}
         for i, (request, _) in enumerate(run.requests):
-            resolved = self.router.resolve(request["body"].get("model", ""), claim.endpoint)
+            resolved = self.router.resolve(routing_model(claim.endpoint, request["body"]), claim.endpoint)
             run.resolved.append(resolved)
             lane = self.lanes.for_engine(resolved.engine) if resolved is not None else None
             by_lane.setdefault(id(lane), (lane, []))[1].append((run, i))
@@ -186,11 +187,13 @@ class _ShardRun:
         resolved = self.resolved[i]
         if resolved is None:  # the routes changed since validation (a restart with other settings)
             response = EngineResponse.http_error(
-                404, f"The model '{body.get('model')}' is not served by this server.", code="model_not_found",
+                404, f"The model '{routing_model(claim.endpoint, body)}' is not served by this server.",
+                code="model_not_found",
                 param="model",
             )
         else:
-            if resolved.model != body.get("model"):
+            # Only an alias changes the body; a line without a model (moderations) goes as written.
+            if resolved.model != routing_model(claim.endpoint, body):
                 if body_bytes is not None:
                     body_bytes = with_model(body_bytes, body, resolved.model)
                 body = {**body, "model": resolved.model}
