@@ -139,6 +139,10 @@ class Settings:
     storage_url: str | None = field(default=None, repr=False)  # may hold a secret key
     # The standard AWS variables (STORAGE_ENV_VARS) as cli.py found them: what the URL leaves out.
     storage_env: dict[str, str] = field(default_factory=dict, repr=False)
+    # Where every process of `overnight serve` writes its Prometheus values (set up by the CLI);
+    # None: metrics count in memory only and GET /metrics serves the store's gauges alone.
+    metrics_dir: Path | None = None
+    log_format: str = "text"  # or "json": one object per line (observability/logs.py)
 
     @property
     def resolved_database_url(self) -> str:

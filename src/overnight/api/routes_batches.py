@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
 
 from overnight.api.auth import Principal, principal
+from overnight.api.errors import request_id_of
 from overnight.api.json import json_response
 from overnight.api.schemas import ERRORS, Batch, BatchList, CreateBatchRequest
 from overnight.api.services import Services
 from overnight.api.text import reject_lone_surrogates
 from overnight.batches.wire import batch_object, list_object
 
+log = logging.getLogger("overnight.api")
 router = APIRouter(prefix="/v1/batches", tags=["batches"], responses=ERRORS)
 Caller = Annotated[Principal, Depends(principal)]
 
@@ -33,7 +36,9 @@ def create_batch(request: Request, caller: Caller, body: CreateBatchRequest) -> 
         body.completion_window,
         body.metadata,
         body.output_expires_after,
+        request_id=request_id_of(request),
     )
+    log.info("batch %s created", record.id, extra={"batch_id": record.id})
     return json_response(batch_object(record))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ExpiresAfter(BaseModel):
@@ -119,6 +119,9 @@ class Batch(BaseModel):
     request_counts: RequestCounts
     usage: BatchUsage | None
     metadata: dict[str, str] | None
+    # overnight's extensions: null unless the batch is in_progress.
+    throughput: float | None = Field(None, description="Lines per second over the last minute (in_progress only)")
+    eta_seconds: float | None = Field(None, description="Seconds until done at that rate (in_progress only)")
 
 
 class BatchList(BaseModel):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from overnight import constants as C
 from overnight.batches.finalize import finalize_batch
 from overnight.batches.ports import BatchPhases
 from overnight.batches.validation import validate_input
@@ -22,8 +23,9 @@ ShardLinesFor = Callable[[str, str], "int | None"]
 def validate_batch(
     task: BatchTask, files: FileStore, phases: BatchPhases, shard_lines_for: ShardLinesFor, limits: Limits,
     clock: Callable[[], float],
-) -> None:
-    """Validate the input file in one streaming pass and move the batch on, fenced by the lease."""
+) -> str | None:
+    """Validate the input file in one streaming pass and move the batch on, fenced by the lease.
+    Returns the state the batch entered (in_progress or failed), None when it had moved on."""
     batch = task.batch
     key = task.input_storage_key
     if key is None or not files.exists(key):
@@ -33,8 +35,7 @@ def validate_batch(
             "param": "input_file_id",
             "line": None,
         }
-        phases.fail_batch(batch.id, task.lease_token, [error], int(clock()))
-        return
+        return C.FAILED if phases.fail_batch(batch.id, task.lease_token, [error], int(clock())) else None
     report = validate_input(
         lambda: files.iter_chunks(key), batch.endpoint, lambda model: shard_lines_for(model, batch.endpoint), limits
     )
@@ -44,3 +45,5 @@ def validate_batch(
         moved = phases.fail_batch(batch.id, task.lease_token, report.errors, int(clock()))
     if not moved:  # cancelled while validating: hand the batch to finalize at once
         phases.release_batch_lease(batch.id, task.lease_token)
+        return None
+    return C.IN_PROGRESS if report.ok else C.FAILED

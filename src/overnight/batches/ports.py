@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from overnight.store.records import BatchRecord, FileRecord, ShardPlan
+from overnight.store.records import BatchRecord, FileRecord, ShardPlan, ShardSpan
 
 
 class FileCatalog(Protocol):
@@ -75,3 +75,19 @@ class StorageCatalog(Protocol):
     def live_storage_keys(self, keys: Sequence[str]) -> set[str]: ...
 
     def batch_status(self, batch_id: str) -> str | None: ...
+
+
+class QueueGauges(Protocol):
+    """What a metrics scrape reads from the store (so it holds for workers on any machine)."""
+
+    def queued_lines_by_model(self) -> dict[str, int]: ...
+
+    def open_batches_by_status(self) -> dict[str, int]: ...
+
+
+class ProgressReader(Protocol):
+    """What a batch's throughput and ETA are computed from (batches/progress.py)."""
+
+    def recent_spans(self, batch_ids: list[str], window_seconds: float) -> tuple[float, dict[str, list[ShardSpan]]]:
+        """(the store's clock now, each batch's shard attempts running or committed in the window)."""
+        ...

@@ -58,6 +58,10 @@ def batch_object(record: BatchRecord) -> dict[str, Any]:
         if has_usage
         else None,
         "metadata": record.metadata,
+        # Extensions (the SDK keeps unknown fields): lines/s over the last minute and the seconds
+        # left at that rate, for in-progress batches; null otherwise (batches/progress.py).
+        "throughput": record.throughput,
+        "eta_seconds": record.eta_seconds,
     }
 
 

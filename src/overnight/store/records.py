@@ -49,6 +49,10 @@ class BatchRecord:
     output_tokens: int = 0
     reasoning_tokens: int = 0
     lease_token: str | None = None
+    request_id: str | None = None  # of the API call that created it (for logs)
+    # Computed when an in-progress batch is read (batches/progress.py), never stored.
+    throughput: float | None = None
+    eta_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +115,7 @@ class ClaimedShard:
     expires_at: int | None
     input_storage_key: str
     last_error: str | None = None  # why the previous attempt failed, if it did
+    request_id: str | None = None  # of the API call that created its batch (for logs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,3 +154,13 @@ class BatchTask:
     final_status: str | None = None
     input_storage_key: str | None = None
     shards: list[SettledShard] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardSpan:
+    """A shard attempt, for a batch's progress estimate: claimed at `started_at`, committed at
+    `finished_at` (None: still running, `done` lines as of its last heartbeat)."""
+
+    started_at: float
+    finished_at: float | None
+    done: int

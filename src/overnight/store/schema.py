@@ -82,6 +82,8 @@ batches = Table(
     # Lease on the batch-level phases (validating, finalizing): a dead holder's work is taken over.
     Column("lease_token", String(32)),
     Column("lease_expires_at", Float),
+    # The x-request-id of the API call that created the batch: worker log lines carry it.
+    Column("request_id", String(64)),
     Index("ix_batches_owner_seq", "owner", "seq"),
     Index("ix_batches_status", "status"),
 )
@@ -119,6 +121,10 @@ shards = Table(
     # Why the last attempt failed (an exception in the worker, not a line's error). The same
     # failure twice settles the shard as `failed`: its lines are reported, not retried forever.
     Column("last_error", Text),
+    # When the current attempt was claimed and committed (the database's clock): a batch's
+    # throughput over the last minute is read from these and the live counts (batches/progress.py).
+    Column("started_at", Float),
+    Column("finished_at", Float),
     UniqueConstraint("batch_id", "shard_index", name="uq_shards_batch_index"),
     # The claim scans pending shards in round-robin order across batches.
     Index("ix_shards_status_index", "status", "shard_index"),

@@ -5,9 +5,11 @@ from __future__ import annotations
 from overnight.store.batches import SqlBatchCatalog
 from overnight.store.database import Database
 from overnight.store.files import SqlFileCatalog
+from overnight.store.gauges import SqlQueueGauges
 from overnight.store.housekeeping import SqlHousekeeping
 from overnight.store.keys import SqlKeyStore
 from overnight.store.membership import SqlMembership
+from overnight.store.progress import SqlProgress
 from overnight.store.queue import SqlWorkQueue
 
 
@@ -22,6 +24,8 @@ class SqlStore:
         self.queue = SqlWorkQueue(self.db)
         self.housekeeping = SqlHousekeeping(self.db)
         self.membership = SqlMembership(self.db)
+        self.gauges = SqlQueueGauges(self.db)
+        self.progress = SqlProgress(self.db)
 
     def migrate(self) -> None:
         self.db.migrate()

@@ -30,7 +30,7 @@ def build_api(
         files=FileService(core.store.files, core.files),
         batches=BatchService(
             core.store.batches, core.store.files, window_seconds=settings.limits.completion_window_seconds,
-            on_change=on_change,
+            on_change=on_change, progress=core.store.progress,
         ),
         router=router,
         limits=settings.limits,
@@ -39,6 +39,8 @@ def build_api(
             settings.http.auth_failure_burst, settings.http.auth_failures_per_second,
             settings.http.auth_failure_addresses,
         ),
+        metrics_dir=settings.metrics_dir,
+        gauges=core.store.gauges,
     )
 
 

@@ -23,6 +23,7 @@ from overnight.engines.router import Resolved, Router
 from overnight.files.layout import results_key
 from overnight.files.port import FileStore
 from overnight.ids import line_id_prefix, line_request_id_prefix
+from overnight.observability.metrics import WorkerMetrics
 from overnight.store.records import ClaimedShard, ShardResult
 from overnight.worker.lanes import EngineLane, Lanes
 from overnight.worker.ports import WorkQueue
@@ -48,8 +49,10 @@ class ShardRunner:
         router: Router,
         lanes: Lanes,
         clock: Callable[[], float] = time.time,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.queue = queue
+        self.metrics = metrics or WorkerMetrics()
         self.files = files
         self.router = router
         self.lanes = lanes
@@ -87,7 +90,10 @@ class ShardRunner:
         if outcome == "lost":  # fenced: someone else holds (or finished) the shard
             log.warning("shard %s of %s: commit refused, the lease was taken over", claim.shard_index,
                         claim.batch_id)
+            self.metrics.leases_lost.inc()
             await asyncio.to_thread(self.files.delete, run.result.result_key)
+        else:  # lines are counted once, when they are committed (one call per shard, not per line)
+            self.metrics.shard_committed(claim.endpoint, run.result.completed, run.failures)
         return outcome
 
     def _write_results(self, run: _ShardRun) -> None:
@@ -119,6 +125,7 @@ class _ShardRun:
         self.lines: list[bytes] = [b""] * len(requests)
         self.custom_ids: list[str] = [""] * len(requests)  # filled as lines start: for error lines
         self.failed_at: list[int] = []  # indexes of lines that go to the error file
+        self.failures: dict[str, int] = {}  # error code -> lines, for the metrics
         self.id_prefix = line_id_prefix(claim.batch_id)
         self.request_id_prefix = line_request_id_prefix(claim.batch_id)
         self.result = state.result = ShardResult(
@@ -155,8 +162,12 @@ class _ShardRun:
         if self.remaining == 0 or self.failure is not None:
             self._done.set()
 
-    def _line_failed(self, i: int, exc: Exception) -> bytes:
+    def _fail(self, code: str) -> None:
         self.result.failed += 1
+        self.failures[code] = self.failures.get(code, 0) + 1
+
+    def _line_failed(self, i: int, exc: Exception) -> bytes:
+        self._fail(C.ENGINE_ERROR)
         log.warning("line %s of batch %s raised %s", self.claim.first_request + i, self.claim.batch_id,
                     type(exc).__name__, exc_info=exc)
         return error_line(
@@ -177,10 +188,10 @@ class _ShardRun:
         body = request["body"]
         ident = f"{self.id_prefix}{index:08x}"
         if state.batch_stopped or state.lease_lost:
-            result.failed += 1
+            self._fail(C.BATCH_CANCELLED)
             return error_line(ident, custom_id, C.BATCH_CANCELLED), False
         if self.runner.clock() >= self.deadline:
-            result.failed += 1
+            self._fail(C.BATCH_EXPIRED)
             result.expired += 1
             return error_line(ident, custom_id, C.BATCH_EXPIRED), False
         resolved = self.resolved[i]
@@ -198,10 +209,11 @@ class _ShardRun:
                 EngineRequest(claim.endpoint, body, self.deadline, body_bytes)
             )
         if response.status_code is None:
-            result.failed += 1
-            if response.error_code == C.BATCH_EXPIRED:
+            code = response.error_code or C.ENGINE_ERROR
+            self._fail(code)
+            if code == C.BATCH_EXPIRED:
                 result.expired += 1
-            return error_line(ident, custom_id, response.error_code or C.ENGINE_ERROR, response.error_message), False
+            return error_line(ident, custom_id, code, response.error_message), False
         request_id = response.request_id or f"{self.request_id_prefix}{index:08x}"
         line = response_line(ident, custom_id, response.status_code, request_id, response.body, response.raw)
         if response.ok:
@@ -213,7 +225,7 @@ class _ShardRun:
             if result.model is None and isinstance(body_out.get("model"), str):
                 result.model = body_out["model"]
             return line, True
-        result.failed += 1
+        self._fail(f"http_{response.status_code}")
         return line, False
 
 
