@@ -32,6 +32,8 @@ BATCH_KEYS = {
     "output_file_id", "error_file_id", "created_at", "in_progress_at", "expires_at", "finalizing_at",
     "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at", "request_counts", "usage",
     "metadata",
+    # overnight's documented extensions (batches/progress.py): null unless in_progress
+    "throughput", "eta_seconds",
 }
 
 

@@ -81,7 +81,7 @@ def test_metrics_count_a_batch_run_by_two_worker_processes(make_server: Any) -> 
     assert value(samples, "overnight_upstream_in_flight") == 0
 
     # Both worker processes write to the registry: each holds live gauges of its own.
-    pids = {m.group(1) for f in (srv.data_dir / "metrics").iterdir() if (m := re.match(r"gauge_livesum_(\d+)\.db", f.name))}
+    pids = {m.group(1) for f in (srv.data_dir / "metrics" / str(srv.proc.pid)).iterdir() if (m := re.match(r"gauge_livesum_(\d+)\.db", f.name))}
     assert len(pids) == 2
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from overnight.api.auth import Principal, principal
 from overnight.api.errors import error_response
@@ -27,7 +27,10 @@ def health(request: Request) -> Response:
     return json_response({"status": "ok"})
 
 
-@router.get("/metrics", tags=["health"], summary="Prometheus metrics of the API and its worker processes")
+@router.get("/metrics", tags=["health"], summary="Prometheus metrics of the API and its worker processes",
+            response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text exposition format 0.0.4",
+                             "content": {"text/plain": {"schema": {"type": "string"}}}}})
 def metrics(request: Request) -> Response:
     """No key, like /health: scrapers rarely carry one, and nothing here is a user's data (counts,
     latencies, model names). Bind the server to a private address, or filter /metrics at the proxy,
