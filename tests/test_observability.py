@@ -47,6 +47,7 @@ def test_metrics_count_a_batch_run_by_two_worker_processes(make_server: Any) -> 
     outputs, errors = results_by_id(client, done)
     assert (len(outputs), len(errors)) == (58, 5)
 
+    scrape(srv)  # the last poll's request is counted just after its answer went out: let it land
     samples = scrape(srv)
     # Lines, counted at shard commits in the worker processes, match the batch's files.
     assert value(samples, "overnight_lines_total", endpoint=CHAT, outcome="completed") == 58
@@ -81,7 +82,8 @@ def test_metrics_count_a_batch_run_by_two_worker_processes(make_server: Any) -> 
     assert value(samples, "overnight_upstream_in_flight") == 0
 
     # Both worker processes write to the registry: each holds live gauges of its own.
-    pids = {m.group(1) for f in (srv.data_dir / "metrics" / str(srv.proc.pid)).iterdir() if (m := re.match(r"gauge_livesum_(\d+)\.db", f.name))}
+    files = (srv.data_dir / "metrics" / str(srv.proc.pid)).iterdir()
+    pids = {m.group(1) for f in files if (m := re.match(r"gauge_livesum_(\d+)\.db", f.name))}
     assert len(pids) == 2
 
 
