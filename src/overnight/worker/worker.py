@@ -119,6 +119,7 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
             await self.lanes.close()
+            self._publish_metrics()  # what ran since the last heartbeat
             await asyncio.to_thread(self._hand_back, held, batch_leases)
             for source in self.wake_sources:
                 await asyncio.to_thread(source.stop)
@@ -308,7 +309,14 @@ class Worker:
             await asyncio.sleep(self.heartbeat_seconds)
             await self._update_shares()
             await self.heartbeat()
+            self._publish_metrics()
+
+    def _publish_metrics(self) -> None:
+        """The engines' counts since the last heartbeat, to Prometheus (cheap: a few adds per engine)."""
+        try:
             self.metrics.publish_engines(self.router.engines())
+        except Exception:  # metrics must never stop the heartbeat that keeps leases alive
+            log.exception("publishing engine metrics failed")
 
     async def heartbeat(self) -> None:
         """Extend our shard leases and learn which shards must stop (lease lost, batch cancelled)."""
