@@ -112,8 +112,9 @@ def test_aliases_and_upstream_keys_from_config(tmp_path: Path, workdir: Path, ma
         guarded.stop()
 
 
-def test_keys_and_bodies_never_reach_the_log(make_server: Any) -> None:
-    srv = make_server("--shard-lines", "5")
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_keys_and_bodies_never_reach_the_log(make_server: Any, log_format: str) -> None:
+    srv = make_server("--shard-lines", "5", "--log-format", log_format)
     client = srv.client()
     secret_line = chat_line(1)
     secret_line["body"]["messages"][0]["content"] = "TOP-SECRET-PROMPT-4711"
@@ -127,6 +128,9 @@ def test_keys_and_bodies_never_reach_the_log(make_server: Any) -> None:
     log = srv.log.read_text()
     for secret in ("TOP-SECRET-PROMPT-4711", "ANOTHER-SECRET-8812", "sk-test-alice", "sk-wrong-key-should-not"):
         assert secret not in log
+    if log_format == "json":  # every line is an object, and the batch's lines were logged
+        entries = [json.loads(line) for line in log.splitlines() if line.strip()]
+        assert any(entry.get("batch_id") == done.id for entry in entries)
 
 
 def test_worker_inside_the_api_process(make_server: Any) -> None:

@@ -159,3 +159,38 @@ def test_fallback_off_rejects_unknown_models(tmp_path: Path) -> None:
         assert run_batch(client, [_chat(1, model=CHAT_MODEL)], timeout=120).status == "completed"
     finally:
         srv.stop()
+
+
+def test_embedded_engine_metrics(embedded: Server) -> None:
+    """Tokens generated, prompt tokens reused and slots, published by the worker's heartbeat."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from conftest import until
+
+    def embedded_samples() -> dict[str, float]:
+        text = raw_request("GET", f"http://127.0.0.1:{embedded.port}/metrics")[2].decode()
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.labels.get("engine") == f"embedded:{CHAT_MODEL}"}
+
+    def settled() -> dict[str, float]:  # what earlier tests generated, once the last heartbeat published it
+        import time
+
+        for _ in range(20):
+            first = embedded_samples()
+            time.sleep(1.5)  # longer than a heartbeat
+            if embedded_samples() == first:
+                return first
+        raise AssertionError("the embedded engine's metrics kept moving with no batch running")
+
+    before = settled()
+    done = run_batch(embedded.client(), [_chat(i) for i in range(16)], timeout=300)
+    assert done.status == "completed"
+    tokens = before.get("overnight_embedded_generated_tokens_total", 0) + done.usage.output_tokens
+    until(lambda: embedded_samples().get("overnight_embedded_generated_tokens_total", 0) >= tokens, timeout=10)
+    after = embedded_samples()
+    assert after["overnight_embedded_generated_tokens_total"] == tokens
+    reused = after["overnight_embedded_cached_prompt_tokens_total"] - before.get(
+        "overnight_embedded_cached_prompt_tokens_total", 0)
+    assert reused == done.usage.input_tokens_details.cached_tokens > 0
+    assert after["overnight_embedded_slots"] >= 1 and after["overnight_embedded_busy_slots"] == 0
+    assert "overnight_embedded_tokens_per_second" in after

@@ -54,6 +54,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "AWS_SECRET_ACCESS_KEY, endpoint and region also from AWS_ENDPOINT_URL/AWS_REGION",
     )
     parser.add_argument("--config", type=Path, default=None, help="TOML config file (see README)")
+    parser.add_argument("--log-format", choices=("text", "json"), default=None,
+                        help="text (default), or json: one object per line with time, level, logger, message "
+                        "and request_id/batch_id/shard where they apply")
     parser.add_argument("--no-embedded", action="store_true", help="do not load the embedded engines")
     parser.add_argument(
         "--no-fallback",
@@ -191,6 +194,7 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         worker_processes=_int_or(getattr(args, "workers", None), settings.worker_processes),
         storage_url=args.storage_url or env.get("OVERNIGHT_STORAGE_URL") or settings.storage_url,
         storage_env={name: env[name] for name in STORAGE_ENV_VARS if env.get(name)},
+        log_format=args.log_format or env.get("OVERNIGHT_LOG_FORMAT") or settings.log_format,
     )
 
 
@@ -222,9 +226,10 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["batch"]:
         sys.exit(_batch(argv[1:]))
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
     settings = settings_from(args, dict(os.environ))
+    from overnight.observability.logs import configure_logging
+
+    configure_logging(settings.log_format, process="worker" if args.command == "worker" else "api")
     if args.command != "run":
         # Belt and braces beside the explicit modes: whatever else this process creates (the
         # Gemma model, files a library writes) is private too. `run` keeps the umask for its outputs.
@@ -237,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
         from overnight.files.private import tighten_data_dir
 
         tighten_data_dir(settings.data_dir)  # an older version left it 0755, its files 0644
+    if args.command == "serve":
+        settings = _with_metrics_dir(settings)  # before the imports below load prometheus_client
     from overnight.wiring import ConfigurationError
 
     try:
@@ -299,6 +306,7 @@ def serve(settings: Settings) -> None:
     """The API, plus the worker: in `settings.worker_processes` child processes (default 1), or
     in the API's own event loop when that is 0."""
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     from overnight.api.app import create_app
     from overnight.api.http_protocol import guarded_protocol
@@ -328,8 +336,22 @@ def serve(settings: Settings) -> None:
                          on_shutdown=stop_workers, body_idle_timeout=idle)
     log.info("serving on http://%s:%s/v1 (data in %s)", settings.host, settings.port, settings.data_dir)
     # The protocol bounds the time and size of request headers, which uvicorn does not.
+    # In JSON mode uvicorn's own lines go through our handler too (log_config=None keeps it from
+    # installing its text formatter).
+    log_config = None if settings.log_format == "json" else LOGGING_CONFIG
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                http=guarded_protocol(settings.http))
+                http=guarded_protocol(settings.http), log_config=log_config)
+
+
+def _with_metrics_dir(settings: Settings) -> Settings:
+    """Put prometheus-client in multiprocess mode under the data dir, emptied, before this process
+    or a worker process (they inherit the environment) first imports it: then a scrape of the API
+    counts the API and every worker. Must run before anything imports prometheus_client."""
+    from overnight.observability.paths import MULTIPROC_ENV, prepare_metrics_dir
+
+    metrics_dir = prepare_metrics_dir(settings.data_dir)
+    os.environ[MULTIPROC_ENV] = str(metrics_dir)
+    return replace(settings, metrics_dir=metrics_dir)
 
 
 async def run_file(

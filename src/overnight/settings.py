@@ -183,6 +183,10 @@ class Settings:
     storage_env: dict[str, str] = field(default_factory=dict, repr=False)
     webhooks: tuple[WebhookSettings, ...] = ()
     webhook_delivery: WebhookDeliverySettings = field(default_factory=WebhookDeliverySettings)
+    # Where every process of `overnight serve` writes its Prometheus values (set up by the CLI);
+    # None: metrics count in memory only and GET /metrics serves the store's gauges alone.
+    metrics_dir: Path | None = None
+    log_format: str = "text"  # or "json": one object per line (observability/logs.py)
 
     @property
     def resolved_database_url(self) -> str:

@@ -13,6 +13,7 @@ from overnight import __version__
 from overnight.api import routes_admin, routes_batches, routes_files, routes_misc, routes_ui, routes_uploads
 from overnight.api.body_timeout import BodyIdleTimeoutMiddleware
 from overnight.api.errors import BodySizeLimitMiddleware, RequestIdMiddleware, install_error_handlers
+from overnight.api.request_metrics import RequestMetricsMiddleware
 from overnight.api.services import Services
 from overnight.runtime import freeze_startup_objects
 from overnight.settings import HttpSettings
@@ -55,6 +56,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=services.limits.max_json_body_bytes)
     app.add_middleware(BodyIdleTimeoutMiddleware, idle_seconds=body_idle_timeout)
+    app.add_middleware(RequestMetricsMiddleware, metrics=services.metrics)
     app.add_middleware(RequestIdMiddleware)  # outermost: every response, 413s included, gets an id
     app.include_router(routes_files.router)
     app.include_router(routes_uploads.router)

@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from overnight.batches.errors import OvernightError
 from overnight.files.port import StorageFullError
+from overnight.observability.logs import bind_request_id, unbind
 
 log = logging.getLogger("overnight.api")
 
@@ -110,7 +111,11 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = ("req_" + secrets.token_hex(12)).encode()
+        text_id = "req_" + secrets.token_hex(12)
+        request_id = text_id.encode()
+        # For the routes (a batch keeps its creator's id) and for log lines written meanwhile.
+        scope.setdefault("state", {})["request_id"] = text_id
+        token = bind_request_id(text_id)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -118,7 +123,15 @@ class RequestIdMiddleware:
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id)]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            unbind(token)
+
+
+def request_id_of(request: Request) -> str | None:
+    """The x-request-id this request is answered with."""
+    return getattr(request.state, "request_id", None)
 
 
 class BodySizeLimitMiddleware:

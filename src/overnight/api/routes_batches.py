@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response, StreamingResponse
 
 from overnight.api.auth import Principal, principal
+from overnight.api.errors import request_id_of
 from overnight.api.json import json_response
 from overnight.api.routes_admin import with_owner
 from overnight.api.schemas import ERRORS, Batch, BatchList, CreateBatchRequest, RetryBatchRequest
@@ -17,6 +19,7 @@ from overnight.api.text import reject_lone_surrogates
 from overnight.batches.live_results import ERROR, OUTPUT
 from overnight.batches.wire import batch_object, list_object
 
+log = logging.getLogger("overnight.api")
 router = APIRouter(prefix="/v1/batches", tags=["batches"], responses=ERRORS)
 Caller = Annotated[Principal, Depends(principal)]
 
@@ -36,7 +39,9 @@ def create_batch(request: Request, caller: Caller, body: CreateBatchRequest) -> 
         body.completion_window,
         body.metadata,
         body.output_expires_after,
+        request_id=request_id_of(request),
     )
+    log.info("batch %s created", record.id, extra={"batch_id": record.id})
     return json_response(with_owner(batch_object(record), record.owner, caller))
 
 

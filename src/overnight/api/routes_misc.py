@@ -1,16 +1,18 @@
-"""/health (no key needed) and /v1/models."""
+"""/health and /metrics (no key needed) and /v1/models."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from overnight.api.auth import Principal, principal
 from overnight.api.errors import error_response
 from overnight.api.json import json_response
 from overnight.api.schemas import ERRORS, ModelList
+from overnight.api.services import Services
+from overnight.observability.metrics import CONTENT_TYPE, render_metrics
 
 router = APIRouter()
 
@@ -23,6 +25,24 @@ def health(request: Request) -> Response:
     if not services.workers_ready():
         return error_response(503, "Starting up: the worker process is loading.", error_type="server_error")
     return json_response({"status": "ok"})
+
+
+@router.get("/metrics", tags=["health"], summary="Prometheus metrics of the API and its worker processes",
+            response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text exposition format 0.0.4",
+                             "content": {"text/plain": {"schema": {"type": "string"}}}}})
+def metrics(request: Request) -> Response:
+    """No key, like /health: scrapers rarely carry one, and nothing here is a user's data (counts,
+    latencies, model names). Bind the server to a private address, or filter /metrics at the proxy,
+    where model names or volumes must not be seen."""
+    services: Services = request.app.state.services
+    gauges = services.gauges
+    body = render_metrics(
+        services.metrics_dir,
+        gauges.queued_lines_by_model if gauges is not None else dict,
+        gauges.open_batches_by_status if gauges is not None else dict,
+    )
+    return Response(body, media_type=CONTENT_TYPE)
 
 
 @router.get("/v1/models", tags=["models"], response_model=ModelList, responses=ERRORS, summary="Served models")

@@ -167,6 +167,9 @@ class Batch(BaseModel):
         None, description="overnight: set while a running batch, at its pace so far, will not finish in its window."
     )
     retry_of: str | None = Field(None, description="overnight: the batch whose failed lines this batch re-runs.")
+    # overnight's extensions: null unless the batch is in_progress.
+    throughput: float | None = Field(None, description="Lines per second over the last minute (in_progress only)")
+    eta_seconds: float | None = Field(None, description="Seconds until done at that rate (in_progress only)")
 
 
 class BatchOutcome(BaseModel):

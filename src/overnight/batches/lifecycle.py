@@ -25,9 +25,10 @@ ShardLinesFor = Callable[[str, str], "int | None"]
 def validate_batch(
     task: BatchTask, files: FileStore, phases: BatchPhases, shard_lines_for: ShardLinesFor, limits: Limits,
     clock: Callable[[], float], webhooks: WebhookRoutes | None = None,
-) -> None:
+) -> str | None:
     """Validate the input file in one streaming pass and move the batch on, fenced by the lease
-    (to `failed` with its `batch.failed` webhook events in the same write)."""
+    (to `failed` with its `batch.failed` webhook events in the same write). Returns the state the
+    batch entered (in_progress or failed), None when it had moved on."""
     batch = task.batch
 
     def fail(errors: list[dict[str, Any]]) -> bool:
@@ -43,8 +44,7 @@ def validate_batch(
             "param": "input_file_id",
             "line": None,
         }
-        fail([error])
-        return
+        return C.FAILED if fail([error]) else None
     report = validate_input(
         lambda: files.iter_chunks(key), batch.endpoint, lambda model: shard_lines_for(model, batch.endpoint), limits
     )
@@ -54,3 +54,5 @@ def validate_batch(
         moved = fail(report.errors)
     if not moved:  # cancelled while validating: hand the batch to finalize at once
         phases.release_batch_lease(batch.id, task.lease_token)
+        return None
+    return C.IN_PROGRESS if report.ok else C.FAILED

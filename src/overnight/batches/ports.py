@@ -13,6 +13,7 @@ from overnight.store.records import (
     ModelQueue,
     SettledShard,
     ShardPlan,
+    ShardSpan,
     UploadPartRecord,
     UploadRecord,
     WebhookEvent,
@@ -154,4 +155,20 @@ class WebhookOutbox(Protocol):
 
     def prune_settled(self, before: int) -> int:
         """Drop delivered and given-up deliveries of events created before `before`."""
+        ...
+
+
+class QueueGauges(Protocol):
+    """What a metrics scrape reads from the store (so it holds for workers on any machine)."""
+
+    def queued_lines_by_model(self) -> dict[str, int]: ...
+
+    def open_batches_by_status(self) -> dict[str, int]: ...
+
+
+class ProgressReader(Protocol):
+    """What a batch's throughput and ETA are computed from (batches/progress.py)."""
+
+    def recent_spans(self, batch_ids: list[str], window_seconds: float) -> tuple[float, dict[str, list[ShardSpan]]]:
+        """(the store's clock now, each batch's shard attempts running or committed in the window)."""
         ...

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from overnight import constants as C
 from overnight.batches.errors import Conflict, InvalidRequest, NotFound
-from overnight.batches.ports import BatchCatalog, FileCatalog
+from overnight.batches.ports import BatchCatalog, FileCatalog, ProgressReader
+from overnight.batches.progress import WINDOW_SECONDS, estimate
 from overnight.ids import new_batch_id
 from overnight.store.records import BatchRecord
 
@@ -23,6 +25,7 @@ class BatchService:
         windows: dict[str, int] | None = None,
         clock: Callable[[], float] = time.time,
         on_change: Callable[[], None] = lambda: None,
+        progress: ProgressReader | None = None,
     ) -> None:
         self.batches = batches
         self.files = files
@@ -30,6 +33,7 @@ class BatchService:
         self.windows = dict(C.COMPLETION_WINDOWS) if windows is None else windows  # name -> seconds
         self.clock = clock
         self.on_change = on_change  # wakes the in-process worker
+        self.progress = progress  # None: batches carry no throughput or ETA
 
     def create(
         self,
@@ -40,7 +44,9 @@ class BatchService:
         metadata: Any = None,
         output_expires_after: Any = None,
         retry_of: str | None = None,
+        request_id: str | None = None,
     ) -> BatchRecord:
+        """`request_id`: the creating call's x-request-id, kept so worker logs can name it."""
         if endpoint not in self.endpoints:
             raise InvalidRequest(
                 f"Invalid value: '{endpoint}'. Supported values are: {', '.join(repr(e) for e in self.endpoints)}.",
@@ -78,6 +84,7 @@ class BatchService:
             metadata=metadata,
             output_expires_after=output_ttl,
             retry_of=retry_of,
+            request_id=request_id,
         )
         self.batches.insert_batch(record)
         self.on_change()
@@ -87,7 +94,7 @@ class BatchService:
         record = self.batches.get_batch(owner, batch_id)
         if record is None:
             raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id")
-        return record
+        return _with_progress(self.progress, [record])[0]
 
     def list(self, owner: str | None, after: str | None, limit: int) -> tuple[list[BatchRecord], bool]:
         if not 1 <= limit <= 100:
@@ -95,7 +102,9 @@ class BatchService:
         page = self.batches.list_batches(owner, after, limit)
         if page is None:
             raise InvalidRequest(f"No batch with id '{after}' to list after.", param="after", code="invalid_value")
-        return page
+        records, has_more = page
+        return _with_progress(self.progress, records), has_more
+
 
     def cancel(self, owner: str | None, batch_id: str) -> BatchRecord:
         record = self.batches.request_cancel(owner, batch_id, int(self.clock()))
@@ -179,3 +188,19 @@ def _json_type(value: Any) -> str:
     if value is None:
         return "null"
     return "a string"
+
+
+def _with_progress(progress: ProgressReader | None, records: list[BatchRecord]) -> list[BatchRecord]:
+    """Throughput and ETA of the in-progress ones, in one read for the whole page."""
+    running = [r.id for r in records if r.status == C.IN_PROGRESS and r.in_progress_at is not None]
+    if progress is None or not running:
+        return records
+    now, spans = progress.recent_spans(running, WINDOW_SECONDS)
+    out = []
+    for record in records:
+        if record.id in running:
+            remaining = record.request_total - record.request_completed - record.request_failed
+            found = estimate(spans.get(record.id, []), now, float(record.in_progress_at or now), remaining)
+            record = replace(record, throughput=found.throughput, eta_seconds=found.eta_seconds)
+        out.append(record)
+    return out

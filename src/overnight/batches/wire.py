@@ -83,6 +83,10 @@ def batch_object(record: BatchRecord, now: float | None = None) -> dict[str, Any
         "outcome": record.outcome,
         "deadline_warning": deadline_warning(record, now) if now is not None else None,
         "retry_of": record.retry_of,
+        # Extensions (the SDK keeps unknown fields): lines/s over the last minute and the seconds
+        # left at that rate, for in-progress batches; null otherwise (batches/progress.py).
+        "throughput": record.throughput,
+        "eta_seconds": record.eta_seconds,
     }
 
 

@@ -47,6 +47,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from overnight.engines import responses_api
 from overnight.engines.port import EngineRequest, EngineResponse
+from overnight.engines.stats import EmbeddedStats
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +259,7 @@ class _Scheduler:
         self.native = native
         self.prefix_sharing = prefix_sharing
         self.slots = [_Slot(seq_id=i) for i in range(n_seq_max)]
+        self.stats = EmbeddedStats(total_slots=n_seq_max)
         self.queue: deque[_Job] = deque()
         self.cond = threading.Condition()
         self.stopping = False
@@ -311,6 +313,7 @@ class _Scheduler:
             self._decode(group)
             for slot in self.slots:
                 slot.received_copy = slot.copy_source = False
+        self.stats.busy_slots = len(self._active())  # batch occupancy, for the metrics
 
     def _decode(self, group: list[_Slot]) -> None:
         entries = self._fill_batch(group)
@@ -450,6 +453,7 @@ class _Scheduler:
         else:
             token = llama_cpp.llama_sampler_sample(slot.sampler, self.native.ctx, slot.logits_index)
         slot.generated.append(token)
+        self.stats.generated_tokens += 1
         if self.native.is_eog(token):
             self._finish(slot, "stop")
             return
@@ -486,6 +490,7 @@ class _Scheduler:
             completion_tokens=len(slot.generated),
             cached_tokens=slot.cached,
         )
+        self.stats.cached_prompt_tokens += slot.cached
         self._finish_with(slot, outcome)
 
     def _finish_with(self, slot: _Slot, result: _Outcome | EngineResponse) -> None:
@@ -699,6 +704,11 @@ class LlamaChatEngine:
 
     def served_models(self) -> list[str]:
         return [self.model_name]
+
+    @property
+    def stats(self) -> EmbeddedStats | None:
+        """Tokens generated, prompt tokens reused and slots busy (None before start)."""
+        return self._scheduler.stats if self._scheduler is not None else None
 
     @property
     def context_window(self) -> int:

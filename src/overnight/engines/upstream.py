@@ -21,6 +21,7 @@ from overnight import constants as C
 from overnight.engines.limiter import AdaptiveLimiter
 from overnight.engines.port import EngineRequest, EngineResponse
 from overnight.engines.retry import OVERLOAD_STATUS, RetryPolicy, parse_retry_after
+from overnight.engines.stats import UpstreamStats
 from overnight.settings import UpstreamSettings
 
 _EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
@@ -45,6 +46,7 @@ class UpstreamEngine:
         self._headers = {"Content-Type": "application/json"}
         if settings.api_key:
             self._headers["Authorization"] = f"Bearer {settings.api_key}"
+        self.stats = UpstreamStats()  # published as Prometheus metrics by the worker's heartbeat
         self._client: Client | None = None
         self._urls: dict[str, str] = {}
 
@@ -100,6 +102,7 @@ class UpstreamEngine:
             decision = self.policy.decide(attempt, response.status_code, retry_after, time.time(), request.deadline)
             if not decision.retry:
                 return response
+            self.stats.retries += 1
             await asyncio.sleep(decision.delay)
 
     async def _attempt(self, url: str, payload: bytes, deadline: float) -> tuple[EngineResponse, float | None]:
@@ -112,6 +115,8 @@ class UpstreamEngine:
         builder = self._client.post(url).body_bytes(payload)
         if capped_by_deadline:
             builder = builder.timeout(timedelta(seconds=max(time_left, 0.001)))
+        stats = self.stats
+        started = time.perf_counter()
         try:
             if time_left <= 0:
                 return EngineResponse.failure(C.BATCH_EXPIRED, _EXPIRED_MESSAGE), None
@@ -124,16 +129,21 @@ class UpstreamEngine:
             if capped_by_deadline:  # the completion window closed while the request was in flight
                 return EngineResponse.failure(C.BATCH_EXPIRED, _EXPIRED_MESSAGE), None
             self.limiter.on_overload(epoch)
+            stats.error("timeout")
             return EngineResponse.failure(
                 "upstream_timeout", f"The upstream {self.name} did not answer within the timeout."
             ), None
         except RequestError as exc:  # connection refused, reset, closed mid-answer, TLS
             self.limiter.on_overload(epoch)
+            stats.error("unreachable")
             return EngineResponse.failure(
                 "upstream_unreachable", f"Could not reach the upstream {self.name}: {_describe(exc)}."
             ), None
         finally:
             self.limiter.release()
+            stats.latency.observe(time.perf_counter() - started)
+        if status >= 400:
+            stats.error(f"http_{status}")
         if status in OVERLOAD_STATUS:
             self.limiter.on_overload(epoch)
         elif status < 500:

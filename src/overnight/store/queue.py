@@ -23,7 +23,7 @@ from sqlalchemy import Boolean, and_, bindparam, case, exists, func, insert, or_
 
 from overnight import constants as C
 from overnight.store import schema as T
-from overnight.store.clock import LEASE_NOW
+from overnight.store.clock import LEASE_NOW, database_now
 from overnight.store.database import Database
 from overnight.store.records import (
     BatchTask,
@@ -94,6 +94,8 @@ def _claim_shard_statement() -> Any:
             attempt=_s.c.attempt + 1,
             completed=0,
             failed=0,
+            started_at=LEASE_NOW,
+            finished_at=None,
         )
         .returning(*_s.c)
     )
@@ -130,7 +132,7 @@ _EXTEND_BATCH_LEASE = (
 )
 _CLAIM_SHARD = _claim_shard_statement()
 _SHARD_BATCH = (
-    select(_b.c.endpoint, _b.c.expires_at, _f.c.storage_key)
+    select(_b.c.endpoint, _b.c.expires_at, _b.c.request_id, _f.c.storage_key)
     .select_from(_b.join(_f, _f.c.id == _b.c.input_file_id))
     .where(_b.c.id == bindparam("p_batch"))
 )
@@ -164,6 +166,7 @@ _COMMIT_SHARD = (
         model=bindparam("p_model"),
         expired=bindparam("p_expired"),
         error_codes=bindparam("p_error_codes"),
+        finished_at=database_now(),
     )
 )
 # A failed attempt: back to pending at once, unless the previous attempt failed the same way (or
@@ -368,6 +371,7 @@ class SqlWorkQueue:
             expires_at=batch.expires_at,
             input_storage_key=batch.storage_key,
             last_error=row.last_error,
+            request_id=batch.request_id,
         )
 
     def heartbeat_shards(

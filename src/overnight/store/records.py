@@ -52,6 +52,10 @@ class BatchRecord:
     # A finished batch's {"completed", "failed", "errors_by_code"} (None before finalize).
     outcome: dict[str, Any] | None = None
     retry_of: str | None = None  # the batch whose failed lines this one re-runs
+    request_id: str | None = None  # of the API call that created it (for logs)
+    # Computed when an in-progress batch is read (batches/progress.py), never stored.
+    throughput: float | None = None
+    eta_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +125,7 @@ class ClaimedShard:
     expires_at: int | None
     input_storage_key: str
     last_error: str | None = None  # why the previous attempt failed, if it did
+    request_id: str | None = None  # of the API call that created its batch (for logs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,3 +238,13 @@ class WorkerSeen:
     started_at: float
     last_seen: float
     seen_seconds_ago: float
+
+
+@dataclass(frozen=True, slots=True)
+class ShardSpan:
+    """A shard attempt, for a batch's progress estimate: claimed at `started_at`, committed at
+    `finished_at` (None: still running, `done` lines as of its last heartbeat)."""
+
+    started_at: float
+    finished_at: float | None
+    done: int

@@ -86,6 +86,8 @@ batches = Table(
     Column("outcome_json", Text),
     # The batch whose failed lines this one re-runs (POST /v1/batches/{id}/retry).
     Column("retry_of", String(64)),
+    # The x-request-id of the API call that created the batch: worker log lines carry it.
+    Column("request_id", String(64)),
     Index("ix_batches_owner_seq", "owner", "seq"),
     Index("ix_batches_status", "status"),
     Index("ix_batches_retry_of", "retry_of"),
@@ -126,6 +128,10 @@ shards = Table(
     Column("last_error", Text),
     # {code: count} of the committed error lines (JSON), summed into the batch's outcome.
     Column("error_codes", Text),
+    # When the current attempt was claimed and committed (the database's clock): a batch's
+    # throughput over the last minute is read from these and the live counts (batches/progress.py).
+    Column("started_at", Float),
+    Column("finished_at", Float),
     UniqueConstraint("batch_id", "shard_index", name="uq_shards_batch_index"),
     # The claim scans pending shards in round-robin order across batches.
     Index("ix_shards_status_index", "status", "shard_index"),

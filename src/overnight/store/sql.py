@@ -5,10 +5,12 @@ from __future__ import annotations
 from overnight.store.batches import SqlBatchCatalog
 from overnight.store.database import Database
 from overnight.store.files import SqlFileCatalog
+from overnight.store.gauges import SqlQueueGauges
 from overnight.store.housekeeping import SqlHousekeeping
 from overnight.store.keys import SqlKeyStore
 from overnight.store.membership import SqlMembership
 from overnight.store.overview import SqlOverview
+from overnight.store.progress import SqlProgress
 from overnight.store.queue import SqlWorkQueue
 from overnight.store.results import SqlResultsCatalog
 from overnight.store.uploads import SqlUploadStore
@@ -30,6 +32,8 @@ class SqlStore:
         self.uploads = SqlUploadStore(self.db)
         self.webhooks = SqlWebhookOutbox(self.db)
         self.results = SqlResultsCatalog(self.db)
+        self.gauges = SqlQueueGauges(self.db)
+        self.progress = SqlProgress(self.db)
 
     def migrate(self) -> None:
         self.db.migrate()

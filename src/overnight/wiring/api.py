@@ -32,6 +32,7 @@ def build_api(
     files = FileService(core.store.files, core.files)
     batches = BatchService(
         core.store.batches, core.store.files, windows=settings.limits.windows(), on_change=on_change,
+        progress=core.store.progress,
     )
     return Services(
         auth=load_authenticator(settings, core.store.keys, announce),
@@ -50,6 +51,8 @@ def build_api(
             settings.http.auth_failure_burst, settings.http.auth_failures_per_second,
             settings.http.auth_failure_addresses,
         ),
+        metrics_dir=settings.metrics_dir,
+        gauges=core.store.gauges,
     )
 
 

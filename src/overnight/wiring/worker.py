@@ -6,6 +6,7 @@ from __future__ import annotations
 from overnight.api.auth import hash_key, owner_of
 from overnight.batches.webhooks import RetryPolicy, WebhookEndpoint, WebhookRoutes, WebhookSender, signing_key
 from overnight.engines.router import Router
+from overnight.observability.metrics import WorkerMetrics
 from overnight.settings import BATCH_WEBHOOK_EVENTS, Settings
 from overnight.store.notify import BatchChangeListener
 from overnight.wiring.core import ConfigurationError, Core
@@ -22,7 +23,8 @@ def build_worker(core: Core, router: Router) -> Worker:
         sender = WebhookSender(core.store.webhooks, routes, policy, delivery.timeout_seconds)
     worker = Worker(queue, queue, core.store.housekeeping, core.files, router, core.settings.worker,
                     core.settings.limits, membership=core.store.membership, webhooks=sender,
-                    webhook_slots=delivery.max_in_flight, webhook_poll_seconds=delivery.poll_seconds)
+                    webhook_slots=delivery.max_in_flight, webhook_poll_seconds=delivery.poll_seconds,
+                    metrics=WorkerMetrics())
     if not core.store.db.is_sqlite:  # other machines' API replicas wake it with NOTIFY
         worker.wake_sources.append(BatchChangeListener(core.store.db.url, worker.wake))
     return worker

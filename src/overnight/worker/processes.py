@@ -82,6 +82,7 @@ class WorkerProcesses:
                     log.error("worker process %s exited with %s; starting another", child.process.pid,
                               child.process.exitcode)
                     child.wake.close()
+                    self._forget(child)
                     self._workers[i] = self._spawn()
 
     def stop(self, timeout: float = 20.0) -> None:
@@ -95,14 +96,23 @@ class WorkerProcesses:
                 child.process.kill()
                 child.process.join(5)
             child.wake.close()
+            self._forget(child)
         self._workers.clear()
+
+    def _forget(self, child: _Child) -> None:
+        """Drop a gone worker's live gauges from the metrics (its counters stay counted)."""
+        if child.process.pid is not None and self.settings.metrics_dir is not None:
+            from overnight.observability.metrics import forget_process
+
+            forget_process(child.process.pid, self.settings.metrics_dir)
 
 
 def worker_main(settings: Settings, wake: Connection, parent_pid: int, ready: Event | None = None) -> None:
     """Entry point of a worker process (a top-level function, so `spawn` can import it)."""
     _die_with_parent()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    from overnight.observability.logs import configure_logging
+
+    configure_logging(settings.log_format, process="worker")
     runner = asyncio.run
     with contextlib.suppress(ImportError):
         import uvloop

@@ -24,6 +24,7 @@ from overnight.engines.router import Resolved, Router
 from overnight.files.layout import results_key
 from overnight.files.port import FileStore
 from overnight.ids import line_id_prefix, line_request_id_prefix
+from overnight.observability.metrics import WorkerMetrics
 from overnight.store.records import ClaimedShard, ShardResult
 from overnight.worker.lanes import EngineLane, Lanes
 from overnight.worker.ports import WorkQueue
@@ -49,8 +50,10 @@ class ShardRunner:
         router: Router,
         lanes: Lanes,
         clock: Callable[[], float] = time.time,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.queue = queue
+        self.metrics = metrics or WorkerMetrics()
         self.files = files
         self.router = router
         self.lanes = lanes
@@ -88,7 +91,10 @@ class ShardRunner:
         if outcome == "lost":  # fenced: someone else holds (or finished) the shard
             log.warning("shard %s of %s: commit refused, the lease was taken over", claim.shard_index,
                         claim.batch_id)
+            self.metrics.leases_lost.inc()
             await asyncio.to_thread(self.files.delete, run.result.result_key)
+        else:  # lines are counted once, when they are committed (one call per shard, not per line)
+            self.metrics.shard_committed(claim.endpoint, run.result.completed, run.result.error_codes)
         return outcome
 
     def _write_results(self, run: _ShardRun) -> None:

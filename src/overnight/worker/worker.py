@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 
+from overnight import constants as C
 from overnight.batches.housekeeping import ORPHAN_AGE_SECONDS, collect_garbage
 from overnight.batches.lifecycle import finalize_batch, validate_batch
 from overnight.batches.ports import BatchPhases, StorageCatalog
@@ -23,6 +24,8 @@ from overnight.batches.webhooks import WebhookRoutes, WebhookSender
 from overnight.engines.router import Router
 from overnight.files.port import FileStore, StorageUnavailableError
 from overnight.ids import new_lease_token
+from overnight.observability.logs import bind
+from overnight.observability.metrics import WorkerMetrics
 from overnight.settings import Limits, WorkerSettings
 from overnight.store.records import BatchTask, ClaimedShard, ShardProgress
 from overnight.worker.budget import apply_shares
@@ -54,6 +57,7 @@ class Worker:
         webhooks: WebhookSender | None = None,
         webhook_slots: int = 8,
         webhook_poll_seconds: float = 1.0,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.queue = queue
         self.phases = phases
@@ -69,9 +73,10 @@ class Worker:
         self.webhook_slots = webhook_slots
         self.webhook_poll_seconds = webhook_poll_seconds
         self._webhooks_due = asyncio.Event()
+        self.metrics = metrics or WorkerMetrics()
         self.worker_id = new_lease_token()
         self.lanes = Lanes(on_low=self._nudge_shards)
-        self.runner = ShardRunner(queue, files, router, self.lanes, clock)
+        self.runner = ShardRunner(queue, files, router, self.lanes, clock, self.metrics)
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shards: dict[int, tuple[ClaimedShard, ShardState]] = {}
@@ -124,6 +129,7 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
             await self.lanes.close()
+            self._publish_metrics()  # what ran since the last heartbeat
             await asyncio.to_thread(self._hand_back, held, batch_leases)
             for source in self.wake_sources:
                 await asyncio.to_thread(source.stop)
@@ -191,6 +197,9 @@ class Worker:
             if shard is None:
                 break
             claimed = True
+            self.metrics.shard_claims.inc()
+            if shard.attempt > 1:
+                self.metrics.shard_reclaims.inc()
             self.lanes.note_shard(shard.request_count)
             state = ShardState()
             self._shards[shard.shard_id] = (shard, state)
@@ -206,6 +215,8 @@ class Worker:
         task.add_done_callback(running.discard)
 
     async def _run_shard(self, shard: ClaimedShard, state: ShardState) -> None:
+        # This task's log lines name the shard, its batch and the call that created the batch.
+        bind(request_id=shard.request_id, batch_id=shard.batch_id, shard=shard.shard_index)
         try:
             if shard.attempt > self.settings.max_shard_attempts:
                 error = (f"gave up after {shard.attempt - 1} attempts: the worker running this shard "
@@ -241,15 +252,25 @@ class Worker:
     async def _run_batch_task(self, task: BatchTask) -> None:
         self._batch_tasks += 1
         self._batch_leases[task.batch.id] = task.lease_token
+        bind(request_id=task.batch.request_id, batch_id=task.batch.id)
         try:
             async with self._batch_lease(task.batch.id, task.lease_token):
+                started = time.monotonic()
                 if task.kind == "validate":
-                    await asyncio.to_thread(validate_batch, task, self.files, self.phases, self._shard_lines_for,
-                                            self.limits, self.clock, self._webhook_routes)
+                    entered = await asyncio.to_thread(validate_batch, task, self.files, self.phases,
+                                                      self._shard_lines_for, self.limits, self.clock,
+                                                      self._webhook_routes)
                     self._batch_due = True  # a failed or cancelled validation is finalized next
+                    self.metrics.validation.observe(time.monotonic() - started)
+                    log.info("batch %s validated: %s", task.batch.id, entered or "moved on meanwhile")
                 else:
-                    await asyncio.to_thread(finalize_batch, task, self.files, self.phases, int(self.clock()),
-                                            self._webhook_routes)
+                    entered = task.final_status if await asyncio.to_thread(
+                        finalize_batch, task, self.files, self.phases, int(self.clock()),
+                        self._webhook_routes) else None
+                    self.metrics.finalize.observe(time.monotonic() - started)
+                    log.info("batch %s finalized: %s", task.batch.id, entered or "lease lost")
+                if entered is not None and entered in C.TERMINAL_STATES:
+                    self.metrics.batch_ended(entered, task.batch.created_at, self.clock())
         except Exception:
             log.exception("%s of batch %s failed; it will be retried", task.kind, task.batch.id)
         finally:
@@ -307,6 +328,14 @@ class Worker:
             await asyncio.sleep(self.heartbeat_seconds)
             await self._update_shares()
             await self.heartbeat()
+            self._publish_metrics()
+
+    def _publish_metrics(self) -> None:
+        """The engines' counts since the last heartbeat, to Prometheus (cheap: a few adds per engine)."""
+        try:
+            self.metrics.publish_engines(self.router.engines())
+        except Exception:  # metrics must never stop the heartbeat that keeps leases alive
+            log.exception("publishing engine metrics failed")
 
     async def heartbeat(self) -> None:
         """Extend our shard leases and learn which shards must stop (lease lost, batch cancelled)."""
@@ -325,6 +354,8 @@ class Worker:
         except Exception:
             log.exception("heartbeat failed")
             return
+        if lost:
+            self.metrics.leases_lost.inc(len(lost))
         for shard_id in lost | stopped:
             entry = self._shards.get(shard_id)
             if entry is not None:

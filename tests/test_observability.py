@@ -1,0 +1,141 @@
+"""Seeing batches run: GET /metrics (Prometheus text, the API and every worker process in one
+scrape), JSON logs that tie an API call to its batch's worker events, and the progress fields
+(`throughput`, `eta_seconds`) of an in-progress batch. Against `overnight serve --workers 2`."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import Server, chat_line, raw_request, results_by_id, until, upload, wait_status, wait_terminal
+
+pytestmark = pytest.mark.both_tiers
+
+CHAT = "/v1/chat/completions"
+
+
+def scrape(srv: Server) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """name of each sample -> [(labels, value)], parsed by prometheus-client's own text parser."""
+    status, headers, body = raw_request("GET", f"http://127.0.0.1:{srv.port}/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    samples: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            samples[sample.name].append((sample.labels, sample.value))
+    return samples
+
+
+def value(samples: dict[str, Any], name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels` (0 when there are none)."""
+    return sum(v for got, v in samples.get(name, []) if all(got.get(k) == want for k, want in labels.items()))
+
+
+def test_metrics_count_a_batch_run_by_two_worker_processes(make_server: Any) -> None:
+    srv = make_server("--workers", "2", "--shard-lines", "10")
+    client = srv.client()
+    lines = [chat_line(i) for i in range(55)] + [chat_line(100 + i, x_fault="400") for i in range(5)]
+    lines += [chat_line(200 + i, x_fault="503:1") for i in range(3)]  # each retried once, then answered
+    file_id = upload(client, lines)
+    batch = client.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    done = wait_terminal(client, batch.id)
+    assert done.status == "completed"
+    outputs, errors = results_by_id(client, done)
+    assert (len(outputs), len(errors)) == (58, 5)
+
+    scrape(srv)  # the last poll's request is counted just after its answer went out: let it land
+    samples = scrape(srv)
+    # Lines, counted at shard commits in the worker processes, match the batch's files.
+    assert value(samples, "overnight_lines_total", endpoint=CHAT, outcome="completed") == 58
+    assert value(samples, "overnight_lines_total", endpoint=CHAT, outcome="failed", code="http_400") == 5
+    assert value(samples, "overnight_lines_total", outcome="failed") == 5
+    assert value(samples, "overnight_batches_total", status="completed") == 1
+    assert value(samples, "overnight_batch_duration_seconds_count", status="completed") == 1
+    assert value(samples, "overnight_validation_duration_seconds_count") == 1
+    assert value(samples, "overnight_finalize_duration_seconds_count") == 1
+    assert value(samples, "overnight_shard_claims_total") >= 7  # 63 lines in shards of 10
+    # The API's own requests, by route template (never by id).
+    assert value(samples, "overnight_api_requests_total", route="/v1/files", method="POST", status="200") == 1
+    assert value(samples, "overnight_api_requests_total", route="/v1/batches", method="POST", status="200") == 1
+    polls = value(samples, "overnight_api_requests_total", route="/v1/batches/{batch_id}", method="GET")
+    assert polls >= 1
+    assert value(samples, "overnight_api_request_duration_seconds_count", route="/v1/batches/{batch_id}") == polls
+    assert not [labels for labels, _ in samples["overnight_api_requests_total"] if batch.id in labels["route"]]
+    # Nothing is queued once the batch is done (the gauge is read from the store at scrape time).
+    assert value(samples, "overnight_queued_lines") == 0
+
+    # Engine numbers are published at the workers' heartbeats (each under a second).
+    def engines_published() -> bool:
+        now = scrape(srv)
+        return value(now, "overnight_upstream_request_duration_seconds_count") >= 66
+    until(engines_published, timeout=10)
+    samples = scrape(srv)
+    assert value(samples, "overnight_upstream_request_duration_seconds_count") == 66  # 63 lines + 3 retries
+    assert value(samples, "overnight_upstream_retries_total") == 3
+    assert value(samples, "overnight_upstream_errors_total", kind="http_503") == 3
+    assert value(samples, "overnight_upstream_errors_total", kind="http_400") == 5
+    assert value(samples, "overnight_upstream_concurrency_allowed") >= 1
+    assert value(samples, "overnight_upstream_in_flight") == 0
+
+    # Both worker processes write to the registry: each holds live gauges of its own.
+    files = (srv.data_dir / "metrics" / str(srv.proc.pid)).iterdir()
+    pids = {m.group(1) for f in files if (m := re.match(r"gauge_livesum_(\d+)\.db", f.name))}
+    assert len(pids) == 2
+
+
+def test_progress_fields_and_queue_depth_while_a_batch_runs(make_server: Any) -> None:
+    srv = make_server("--workers", "2", "--shard-lines", "20")
+    client = srv.client()
+    lines = [chat_line(i, x_fault="slow:250") for i in range(600)]
+    batch = client.batches.create(input_file_id=upload(client, lines), endpoint=CHAT, completion_window="24h")
+    wait_status(client, batch.id, {"in_progress"})
+    seen: dict[str, Any] = {}
+
+    def measured() -> bool:
+        current = client.batches.retrieve(batch.id)
+        dumped = current.model_dump()
+        if current.status == "in_progress" and (dumped.get("throughput") or 0) > 0 and dumped["eta_seconds"]:
+            seen.update(dumped)
+            seen["queued"] = value(scrape(srv), "overnight_queued_lines")
+            return True
+        assert current.status == "in_progress", "the batch ended before its progress was seen"
+        return False
+
+    until(measured, timeout=30, interval=0.2)
+    assert 0 < seen["throughput"] < 10_000
+    done = seen["request_counts"]["completed"] + seen["request_counts"]["failed"]
+    assert seen["eta_seconds"] == pytest.approx((600 - done) / seen["throughput"], rel=0.05, abs=0.2)
+    assert 0 < seen["queued"] <= 600
+    listed = {b.id: b.model_dump() for b in client.batches.list(limit=5).data}
+    assert "throughput" in listed[batch.id] and "eta_seconds" in listed[batch.id]
+
+    finished = wait_terminal(client, batch.id)
+    assert finished.status == "completed"
+    dumped = finished.model_dump()
+    assert dumped["throughput"] is None and dumped["eta_seconds"] is None
+
+
+def test_json_logs_tie_the_create_call_to_its_batch_in_the_workers(make_server: Any) -> None:
+    srv = make_server("--workers", "2", "--log-format", "json")
+    client = srv.client()
+    file_id = upload(client, [chat_line(i) for i in range(30)])
+    raw = client.batches.with_raw_response.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    request_id = raw.headers["x-request-id"]
+    batch = raw.parse()
+    assert wait_terminal(client, batch.id).status == "completed"
+    srv.stop()  # flush what every process had to say
+
+    entries = [json.loads(line) for line in srv.log.read_text().splitlines() if line.strip()]
+    for entry in entries:
+        assert {"time", "level", "logger", "message", "process"} <= entry.keys()
+    about = [e for e in entries if e.get("batch_id") == batch.id]
+    api = [e for e in about if e["process"] == "api"]
+    worker = [e for e in about if e["process"] == "worker"]
+    assert api and all(e["request_id"] == request_id for e in api)
+    assert worker and all(e["request_id"] == request_id for e in worker)
+    assert any("validated" in e["message"] for e in worker)
+    assert any("finalized" in e["message"] for e in worker)
