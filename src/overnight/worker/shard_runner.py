@@ -94,7 +94,7 @@ class ShardRunner:
             self.metrics.leases_lost.inc()
             await asyncio.to_thread(self.files.delete, run.result.result_key)
         else:  # lines are counted once, when they are committed (one call per shard, not per line)
-            self.metrics.shard_committed(claim.endpoint, run.result.completed, run.result.error_codes)
+            self.metrics.shard_committed(claim.endpoint, run.result.completed, run.failures)
         return outcome
 
     def _write_results(self, run: _ShardRun) -> None:
@@ -124,6 +124,10 @@ class _ShardRun:
         self.requests = requests
         self.resolved: list[Resolved | None] = []
         self.lines: list[bytes] = [b""] * len(requests)
+        # Failed lines by a bounded label, for the metrics: overnight's own codes, or http_<status>
+        # for an upstream's answer (its error.code, which the batch's outcome counts, is the
+        # upstream's free text: no metric label).
+        self.failures: dict[str, int] = {}
         self.custom_ids: list[str] = [""] * len(requests)  # filled as lines start: for error lines
         self.failed_at: list[int] = []  # indexes of lines that go to the error file
         self.id_prefix = line_id_prefix(claim.batch_id)
@@ -162,8 +166,13 @@ class _ShardRun:
         if self.remaining == 0 or self.failure is not None:
             self._done.set()
 
+    def _fail(self, code: str, metric_label: str | None = None) -> None:
+        self.result.add_error(code)
+        label = metric_label or code
+        self.failures[label] = self.failures.get(label, 0) + 1
+
     def _line_failed(self, i: int, exc: Exception) -> bytes:
-        self.result.add_error(C.ENGINE_ERROR)
+        self._fail(C.ENGINE_ERROR)
         log.warning("line %s of batch %s raised %s", self.claim.first_request + i, self.claim.batch_id,
                     type(exc).__name__, exc_info=exc)
         return error_line(
@@ -184,10 +193,10 @@ class _ShardRun:
         body = request["body"]
         ident = f"{self.id_prefix}{index:08x}"
         if state.batch_stopped or state.lease_lost:
-            result.add_error(C.BATCH_CANCELLED)
+            self._fail(C.BATCH_CANCELLED)
             return error_line(ident, custom_id, C.BATCH_CANCELLED), False
         if self.runner.clock() >= self.deadline:
-            result.add_error(C.BATCH_EXPIRED)
+            self._fail(C.BATCH_EXPIRED)
             result.expired += 1
             return error_line(ident, custom_id, C.BATCH_EXPIRED), False
         resolved = self.resolved[i]
@@ -208,7 +217,7 @@ class _ShardRun:
             )
         if response.status_code is None:
             code = response.error_code or C.ENGINE_ERROR
-            result.add_error(code)
+            self._fail(code)
             if code == C.BATCH_EXPIRED:
                 result.expired += 1
             return error_line(ident, custom_id, code, response.error_message), False
@@ -223,7 +232,7 @@ class _ShardRun:
             if result.model is None and isinstance(body_out.get("model"), str):
                 result.model = body_out["model"]
             return line, True
-        result.add_error(response_error_code(response.status_code, response.body))
+        self._fail(response_error_code(response.status_code, response.body), f"http_{response.status_code}")
         return line, False
 
 
