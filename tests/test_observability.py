@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections import defaultdict
 from typing import Any
 
@@ -39,7 +40,9 @@ def test_metrics_count_a_batch_run_by_two_worker_processes(make_server: Any) -> 
     srv = make_server("--workers", "2", "--shard-lines", "10")
     client = srv.client()
     lines = [chat_line(i) for i in range(55)] + [chat_line(100 + i, x_fault="400") for i in range(5)]
-    lines += [chat_line(200 + i, x_fault="503:1") for i in range(3)]  # each retried once, then answered
+    # each retried once, then answered (fault keys of this run only: the fake upstream outlives tests)
+    run = uuid.uuid4().hex
+    lines += [chat_line(200 + i, x_fault="503:1", x_fault_key=f"{run}-{i}") for i in range(3)]
     file_id = upload(client, lines)
     batch = client.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
     done = wait_terminal(client, batch.id)
