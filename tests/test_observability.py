@@ -142,3 +142,45 @@ def test_json_logs_tie_the_create_call_to_its_batch_in_the_workers(make_server: 
     assert worker and all(e["request_id"] == request_id for e in worker)
     assert any("validated" in e["message"] for e in worker)
     assert any("finalized" in e["message"] for e in worker)
+
+
+def test_a_worker_on_its_own_serves_its_metrics(make_server: Any, upstream: Any, tmp_path: Any) -> None:
+    """A worker on another machine has no API process to be scraped through: `overnight worker
+    --metrics-port` serves its own counts, plus the store's queue gauges."""
+    import subprocess
+    import sys
+
+    from conftest import free_port, wait_http
+
+    srv = make_server("--no-worker", "--shard-lines", "10")
+    tier = [a for i, a in enumerate(srv.args) if a in ("--database-url", "--storage-url")
+            or (i and srv.args[i - 1] in ("--database-url", "--storage-url"))]
+    port = free_port()
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "overnight", "worker", "--data-dir", str(srv.data_dir), "--no-embedded",
+         "--upstream", f"*={upstream.base_url}", "--metrics-port", str(port), *tier],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/metrics", worker, log)
+        client = srv.client()
+        run = uuid.uuid4().hex
+        lines = [chat_line(i) for i in range(27)] + [chat_line(100 + i, x_fault="400", x_fault_key=f"{run}-{i}")
+                                                      for i in range(3)]
+        done = wait_terminal(client, client.batches.create(input_file_id=upload(client, lines), endpoint=CHAT,
+                                                           completion_window="24h").id)
+        assert done.status == "completed"
+        status, _, body = raw_request("GET", f"http://127.0.0.1:{port}/metrics")
+        assert status == 200
+        samples: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
+        for family in text_string_to_metric_families(body.decode()):
+            for sample in family.samples:
+                samples[sample.name].append((sample.labels, sample.value))
+        assert value(samples, "overnight_lines_total", endpoint=CHAT, outcome="completed") == 27
+        assert value(samples, "overnight_lines_total", endpoint=CHAT, outcome="failed", code="http_400") == 3
+        assert value(samples, "overnight_batches_total", status="completed") == 1
+        assert value(samples, "overnight_queued_lines") == 0
+    finally:
+        worker.terminate()
+        worker.wait(20)

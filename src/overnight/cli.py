@@ -121,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run a worker only, against a shared database and data dir")
     _common(worker)
+    worker.add_argument("--metrics-port", type=int, default=None,
+                        help="serve this worker's Prometheus metrics at http://HOST:PORT/metrics")
+    worker.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)")
 
     cleanup = sub.add_parser("cleanup", help="remove deleted/expired files and orphaned objects once, and exit")
     _common(cleanup)
@@ -242,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         from overnight.files.private import tighten_data_dir
 
         tighten_data_dir(settings.data_dir)  # an older version left it 0755, its files 0644
-    if args.command == "serve":
+    if args.command == "serve" or (args.command == "worker" and args.metrics_port is not None):
         settings = _with_metrics_dir(settings)  # before the imports below load prometheus_client
     from overnight.wiring import ConfigurationError
 
@@ -271,7 +274,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> None:
     elif args.command == "worker":
         from overnight.worker.processes import run_worker
 
-        asyncio.run(run_worker(settings))
+        metrics = (args.metrics_host, args.metrics_port) if args.metrics_port is not None else None
+        asyncio.run(run_worker(settings, metrics_address=metrics))
     elif args.command == "cleanup":
         from overnight.batches.housekeeping import collect_garbage
         from overnight.wiring import build_core

@@ -123,14 +123,23 @@ def worker_main(settings: Settings, wake: Connection, parent_pid: int, ready: Ev
 
 
 async def run_worker(
-    settings: Settings, wake: Connection | None = None, parent_pid: int | None = None, ready: Event | None = None
+    settings: Settings, wake: Connection | None = None, parent_pid: int | None = None, ready: Event | None = None,
+    metrics_address: tuple[str, int] | None = None,
 ) -> None:
-    """Run one worker until SIGTERM/SIGINT (or until the parent process is gone)."""
+    """Run one worker until SIGTERM/SIGINT (or until the parent process is gone). `metrics_address`:
+    serve this worker's metrics there (a worker on its own machine; under `serve`, the API does)."""
     from overnight.wiring import build_core, build_router, build_worker
 
     core = build_core(settings)  # no authenticator, rate limiter or API services in a worker
     router = build_router(settings)
     worker = build_worker(core, router)
+    exporter = None
+    if metrics_address is not None:
+        from overnight.observability.exporter import MetricsExporter
+
+        exporter = MetricsExporter(*metrics_address, settings.metrics_dir, core.store.gauges.queued_lines_by_model,
+                                   core.store.gauges.open_batches_by_status)
+        exporter.start()
     for engine in router.engines():
         await engine.start()
     freeze_startup_objects()
@@ -167,6 +176,8 @@ async def run_worker(
         watcher.cancel()
         for engine in router.engines():
             await engine.close()
+        if exporter is not None:
+            exporter.stop()
         core.close()
 
 
