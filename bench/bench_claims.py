@@ -21,7 +21,7 @@ Also measured, to estimate what one PostgreSQL can serve:
 Every arm runs once per round, in an order rotated by round; each run on a fresh copy of the same
 populated database (a PostgreSQL template / a copy of the SQLite file).
 
-    ./dev bench bench_claims [--shards 5000] [--rounds 3] [--claimers 1,2,4,8] [--sqlite-claimers 1,2]
+    ./dev bench bench_claims [--shards 4000] [--rounds 3] [--claimers 1,2,4,8] [--sqlite-claimers 1,2]
 """
 
 from __future__ import annotations
@@ -416,7 +416,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", type=int, default=5000)
+    parser.add_argument("--shards", type=int, default=4000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--claimers", default="1,2,4,8", help="K for PostgreSQL")
     parser.add_argument("--sqlite-claimers", default="1,2", help="K for SQLite ('' for none)")

@@ -219,9 +219,14 @@ def summarize(arms: list[str], runs: dict[str, list[dict[str, Any]]]) -> dict[st
         }
         busiest = max((n for n in names if n not in ("machine", "other", "postgres", "seaweedfs")),
                       key=lambda n: entry["cores"][n]["median"])
+        ours = [n for n in names if n not in ("machine", "other")]
+        entry["cpu_s_per_10k_lines"]["all_ours"] = spread(
+            [sum(r["cpu"][n]["cpu_s"] for n in ours) / r["lines"] * 10_000 for r in runs[arm]], 3)
+        cpus = os.cpu_count() or 1
         entry["busiest_process"] = {"name": busiest, "cores_median": entry["cores"][busiest]["median"],
                                     "saturated": entry["cores"][busiest]["median"] >= SATURATED,
-                                    "machine_cores_median": entry["cores"]["machine"]["median"]}
+                                    "machine_cores_median": entry["cores"]["machine"]["median"],
+                                    "machine_saturated": entry["cores"]["machine"]["median"] >= SATURATED * cpus}
         summary[arm] = entry
     return summary
 
