@@ -196,7 +196,17 @@ def run_arm(arm: str, tag: str, stack: Stack, workdir: Path, upstream_url: str, 
         wall = time.perf_counter() - began
         after = cpu_snapshot(groups)
     return {**{k: round(v, 4) for k, v in result.items()}, "wall_s": round(wall, 4), "startup_s": round(ready, 2),
-            "cpu": cpu_use(before, after, wall)}
+            "cpu": cpu_use(before, after, wall), "log_problems": log_problems(workdir, tag)}
+
+
+def log_problems(workdir: Path, tag: str) -> dict[str, Any]:
+    """Warnings, errors and tracebacks the run's processes logged (the logs go with the temp dir)."""
+    found: list[str] = []
+    for log in sorted(workdir.glob(f"{tag}*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if any(word in line for word in (" WARNING ", " ERROR ", " CRITICAL ", "Traceback", "Error:")):
+                found.append(f"{log.name}: {line[:400]}")
+    return {"count": len(found), "first": found[:10]}
 
 
 def summarize(arms: list[str], runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -273,7 +283,7 @@ def main() -> None:
                     cores = ", ".join(f"{k} {v['cores']:.2f}" for k, v in run["cpu"].items() if v["cores"] >= 0.05)
                     print(f"round {r + 1} {arm:8} {run['lines_per_s']:8,.0f} lines/s "
                           f"(upload {run['upload_s']:.2f}s run {run['run_s']:.2f}s download {run['download_s']:.2f}s)"
-                          f"  cores: {cores}", file=sys.stderr)
+                          f"  cores: {cores}  logged problems: {run['log_problems']['count']}", file=sys.stderr)
     summary = summarize(arms, runs)
     print()
     print(f"{'arm':10}{'lines/s median':>16}{'min-max':>18}{'vs one-box (per round)':>30}   busiest")
