@@ -431,6 +431,7 @@ def main() -> None:
             + ["heartbeat"])
     runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
     order_log = []
+    git = git_state()  # before any result file is written
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="overnight-claims-") as tmp, PostgresServer.start() as pg:
         dbs = Databases(pg, Path(tmp))
@@ -464,7 +465,7 @@ def main() -> None:
                 shown = {k: v for k, v in result.items() if k not in ("claim_ms_p50_by_tenth", "outcomes", "round")}
                 print(f"round {r + 1} {arm:11} {json.dumps(shown)}", file=sys.stderr)
             # What is measured so far survives a run that is stopped (the end writes the whole file).
-            save("claims", {"git": git_state(), "arguments": vars(args), "partial_after_round": r + 1, "runs": runs})
+            save("claims", {"git": git, "arguments": vars(args), "partial_after_round": r + 1, "runs": runs})
     summary = summarize(runs)
     cores = os.cpu_count() or 1
     est = estimate(summary, args.shards, cores, tiers_worker_rate())
@@ -488,7 +489,7 @@ def main() -> None:
                                            if isinstance(v, dict) and "median" in v and k != "round"))
     print(json.dumps(est, indent=2))
     result = {
-        "git": git_state(),
+        "git": git,
         "arguments": vars(args),
         "claimers": "processes (multiprocessing fork), each with its own SqlStore and pool",
         "arms": arms,

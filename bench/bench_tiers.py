@@ -253,6 +253,7 @@ def main() -> None:
     print(f"machine: {machine()}", file=sys.stderr)
     runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
     order_log = []
+    git = git_state()  # before any result file is written
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="overnight-tiers-") as tmp:
         workdir = Path(tmp)
@@ -297,7 +298,7 @@ def main() -> None:
         print(f"{arm:10}{rate['median']:16,.0f}{span:>18}{ratio_text:>30}   "
               f"{s['busiest_process']['name']} {s['busiest_process']['cores_median']:.2f} cores")
     result = {
-        "git": git_state(),
+        "git": git,
         "arguments": vars(args),
         "arms": arms,
         "order": order_log,

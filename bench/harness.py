@@ -174,13 +174,15 @@ def save(name: str, result: dict[str, Any]) -> Path:
 
 
 def git_state() -> dict[str, Any]:
-    """The commit the benchmark ran on and whether the tree had uncommitted changes."""
+    """The commit the benchmark runs on and whether the tree has uncommitted changes (result files
+    aside: a benchmark writes its own). Take it at the start of a run."""
     root = Path(__file__).parent.parent
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False).stdout.strip()
 
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    changed = [line for line in git("status", "--porcelain").splitlines() if "bench/results/" not in line]
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed), "changed": changed}
 
 
 def spread(values: list[float], digits: int = 3) -> dict[str, float]:
