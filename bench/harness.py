@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
+TICK = os.sysconf("SC_CLK_TCK")  # the unit of the CPU times in /proc
 SYSTEM_A = "You are a helpful assistant that answers questions about geography."
 SYSTEM_B = "Answer in one short sentence. Do not add any explanation."
 
@@ -122,11 +123,72 @@ def rss_mb(pid: int) -> float:
     return total
 
 
+# -- CPU accounting from /proc (Linux) ---------------------------------------------------
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (index 0 is the state, 1 the parent)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2:].split()
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = _stat(int(entry.name))
+            if fields is not None and int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def own_ticks(pid: int) -> int:
+    fields = _stat(pid)
+    return 0 if fields is None else int(fields[11]) + int(fields[12])
+
+
+def tree_ticks(pid: int) -> int:
+    """CPU of a process and all its descendants, the exited ones included (their time is in the
+    parent's cutime/cstime once it has waited for them, as the postmaster does)."""
+    fields = _stat(pid)
+    if fields is None:
+        return 0
+    total = sum(int(f) for f in fields[11:15])
+    return total + sum(tree_ticks(child) for child in children(pid))
+
+
+def machine_busy_ticks() -> int:
+    """Busy ticks of all CPUs together (/proc/stat: user nice system irq softirq steal)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return values[0] + values[1] + values[2] + values[5] + values[6] + values[7]
+
+
 def save(name: str, result: dict[str, Any]) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **result}, indent=2) + "\n")
     return path
+
+
+def git_state() -> dict[str, Any]:
+    """The commit the benchmark runs on and whether the tree has uncommitted changes (result files
+    aside: a benchmark writes its own). Take it at the start of a run."""
+    root = Path(__file__).parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False).stdout.strip()
+
+    changed = [line for line in git("status", "--porcelain").splitlines() if "bench/results/" not in line]
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed), "changed": changed}
+
+
+def spread(values: list[float], digits: int = 3) -> dict[str, float]:
+    """Median and min-max of a list of samples."""
+    return {"median": round(median(values), digits), "min": round(min(values), digits),
+            "max": round(max(values), digits)}
 
 
 def median(values: list[float]) -> float:
