@@ -4,9 +4,6 @@ requests of unfinished batches per model, and the workers' rows with how long ag
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-
-import pytest
 
 from overnight import constants as C
 from overnight.store.records import BatchRecord, ModelQueue
@@ -14,13 +11,6 @@ from overnight.store.sql import SqlStore
 
 NOW = 1_000_000
 
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[SqlStore]:
-    s = SqlStore(database_url)
-    s.migrate()
-    yield s
-    s.close()
 
 
 def _batch(store: SqlStore, batch_id: str, status: str, model: str | None, total: int, done: int, failed: int) -> None:

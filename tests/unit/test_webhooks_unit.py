@@ -9,7 +9,7 @@ import base64
 import json
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import openai
@@ -150,13 +150,6 @@ def test_sender_gives_up_on_an_endpoint_no_longer_configured() -> None:
 
 # -- the outbox in the store -----------------------------------------------------------------
 
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[SqlStore]:
-    s = SqlStore(database_url)
-    s.migrate()
-    yield s
-    s.close()
 
 
 def _batch_finalizing(store: SqlStore) -> str:
