@@ -18,7 +18,7 @@ _GROUP_OTHER = 0o077
 
 # What overnight keeps in a data directory; only these are tightened, so a data directory that
 # also holds someone else's things (a home directory by mistake) does not have them changed.
-DATA_DIR_ENTRIES = ("blobs", "tmp", "models", "overnight.db", "overnight.db-wal", "overnight.db-shm")
+DATA_DIR_ENTRIES = ("blobs", "tmp", "models", "metrics", "overnight.db", "overnight.db-wal", "overnight.db-shm")
 
 
 def make_private_dirs(path: Path) -> None:

@@ -8,6 +8,8 @@ import os
 import shutil
 from pathlib import Path
 
+from overnight.files.private import make_private_dirs
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -18,7 +20,7 @@ def prepare_metrics_dir(data_dir: Path, pid: int | None = None) -> Path:
     replica beside another): one starting must not wipe the files another is writing."""
     pid = os.getpid() if pid is None else pid
     root = data_dir / "metrics"
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dirs(root)  # 0700 whatever the umask (they name models and volumes)
     for old in root.iterdir():
         if not old.name.isdigit() or int(old.name) == pid or not _alive(int(old.name)):
             shutil.rmtree(old, ignore_errors=True)
