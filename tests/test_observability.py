@@ -76,6 +76,13 @@ def test_metrics_count_a_batch_run_by_two_worker_processes(make_server: Any) -> 
         now = scrape(srv)
         return value(now, "overnight_upstream_request_duration_seconds_count") >= 66
     until(engines_published, timeout=10)
+    # Both worker processes write to the registry: each holds live gauges of its own (published at
+    # its heartbeats; on SQLite a heartbeat can wait a while for the write lock).
+    def gauge_pids() -> set[str]:
+        files = (srv.data_dir / "metrics" / str(srv.proc.pid)).iterdir()
+        return {m.group(1) for f in files if (m := re.match(r"gauge_livesum_(\d+)\.db", f.name))}
+
+    until(lambda: len(gauge_pids()) == 2, timeout=15)
     samples = scrape(srv)
     assert value(samples, "overnight_upstream_request_duration_seconds_count") == 66  # 63 lines + 3 retries
     assert value(samples, "overnight_upstream_retries_total") == 3
@@ -84,10 +91,6 @@ def test_metrics_count_a_batch_run_by_two_worker_processes(make_server: Any) -> 
     assert value(samples, "overnight_upstream_concurrency_allowed") >= 1
     assert value(samples, "overnight_upstream_in_flight") == 0
 
-    # Both worker processes write to the registry: each holds live gauges of its own.
-    files = (srv.data_dir / "metrics" / str(srv.proc.pid)).iterdir()
-    pids = {m.group(1) for f in files if (m := re.match(r"gauge_livesum_(\d+)\.db", f.name))}
-    assert len(pids) == 2
 
 
 def test_progress_fields_and_queue_depth_while_a_batch_runs(make_server: Any) -> None:

@@ -39,6 +39,8 @@ def test_a_joining_worker_sends_nothing_until_the_others_have_shrunk() -> None:
     assert engine.share == 2
     apply_shares([engine], rank=0, count=1, joined_seconds_ago=0.0, settle_seconds=2.5)
     assert engine.share == 8  # alone: the whole budget at once
+    apply_shares([engine], rank=0, count=2, joined_seconds_ago=0.0, settle_seconds=2.5)
+    assert engine.share == 4  # the oldest of workers that start together does not wait
 
 
 def test_a_lowered_ceiling_holds_new_requests_until_in_flight_drops_below_it() -> None:

@@ -3,8 +3,8 @@ upstream sees the configured maximum in total, not once per worker process.
 
 Each worker knows, from its heartbeat, its rank among the live workers and how many there are;
 the shares are the maximum divided evenly, the first `maximum % count` workers taking one more.
-A worker that joins others sends nothing until the others have had two heartbeats to see it and
-shrink their shares; a worker that leaves (or dies) is dropped once its row is stale, and the
+A worker that joins others (any but the oldest) sends nothing until the others have had two
+heartbeats to see it and shrink their shares; a worker that leaves (or dies) is dropped once its row is stale, and the
 others' shares grow. With more workers than the maximum, each still sends one request at a time.
 """
 
@@ -23,7 +23,9 @@ def share_of(maximum: int, rank: int, count: int) -> int:
 
 def apply_shares(engines: Iterable[object], rank: int, count: int, joined_seconds_ago: float,
                  settle_seconds: float) -> None:
-    settling = count > 1 and joined_seconds_ago < settle_seconds
+    # Only a worker that others were already running before waits; the oldest never does, so
+    # workers that start together are not all held back.
+    settling = rank > 0 and count > 1 and joined_seconds_ago < settle_seconds
     for engine in engines:
         if isinstance(engine, SharedBudgetEngine):
             engine.set_share(0 if settling else share_of(engine.max_in_flight, rank, count))
