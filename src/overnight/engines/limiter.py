@@ -1,6 +1,12 @@
 """Adaptive concurrency: additive increase while the upstream is healthy, multiplicative decrease
 when it signals overload (429/503/timeouts), between a floor and a ceiling. The ceiling is this
-process's share of the upstream's maximum (workers on every machine split it between them)."""
+process's share of the upstream's maximum (workers on every machine split it between them).
+
+Two lanes share the limit. Online requests (someone is waiting for the answer) take a slot ahead
+of waiting batch requests, and each online request in flight shrinks the batch lane's allowance
+by one, down to one: a running batch then gives way to interactive users within one batch
+request's time instead of keeping every slot, and still makes progress while they are there.
+"""
 
 from __future__ import annotations
 
@@ -15,52 +21,87 @@ class AdaptiveLimiter:
         self.minimum = minimum
         self.maximum = maximum
         self.limit = float(min(max(initial, minimum), maximum))
-        self.ceiling = maximum  # this process's share of `maximum`; 0 sends nothing for now
-        self.in_flight = 0
+        self.ceiling = maximum  # this process's share of `maximum`; 0 sends no batch request for now
+        self.in_flight = 0  # both lanes
+        self.online_in_flight = 0
         self.peak_in_flight = 0
         self._decrease_factor = decrease_factor
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[asyncio.Future[None]] = deque()  # batch requests
+        self._online_waiters: deque[asyncio.Future[None]] = deque()
         # Bumped at each decrease. A request remembers the epoch it started in, so the burst of
         # failures from one overloaded window causes one decrease, not one per request.
         self.epoch = 0
 
-    async def acquire(self) -> int:
-        """Wait for a slot; returns the epoch to pass to `on_overload`."""
-        if self.in_flight < self.allowed and not self._waiters:
-            self._take()
+    async def acquire(self, online: bool = False) -> int:
+        """Wait for a slot in the lane; returns the epoch to pass to `on_overload`."""
+        if online:
+            if self.in_flight < self._online_allowed and not self._online_waiters:
+                self._take(True)
+                return self.epoch
+            return await self._wait(self._online_waiters, True)
+        if self._batch_may_start() and not self._waiters:
+            self._take(False)
             return self.epoch
+        return await self._wait(self._waiters, False)
+
+    async def _wait(self, waiters: deque[asyncio.Future[None]], online: bool) -> int:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(future)
+        waiters.append(future)
         try:
             await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
-                self.release()  # we were handed a slot but nobody will use it
-            elif future in self._waiters:  # (_wake may already have dropped a cancelled waiter)
-                self._waiters.remove(future)
+                self.release(online)  # we were handed a slot but nobody will use it
+            elif future in waiters:  # (_wake may already have dropped a cancelled waiter)
+                waiters.remove(future)
             raise
         return self.epoch
 
-    def _take(self) -> None:
+    def _take(self, online: bool) -> None:
         self.in_flight += 1
+        if online:
+            self.online_in_flight += 1
         if self.in_flight > self.peak_in_flight:
             self.peak_in_flight = self.in_flight
 
-    def release(self) -> None:
+    def release(self, online: bool = False) -> None:
         self.in_flight -= 1
+        if online:
+            self.online_in_flight -= 1
         self._wake()
 
     def _wake(self) -> None:
-        while self._waiters and self.in_flight < self.allowed:
-            future = self._waiters.popleft()
-            if not future.done():
-                self._take()
-                future.set_result(None)
+        # Online first: a batch request never takes a slot an online request is waiting for.
+        while self._online_waiters and self.in_flight < self._online_allowed:
+            self._hand_slot(self._online_waiters.popleft(), True)
+        while self._waiters and not self._online_waiters and self._batch_may_start():
+            self._hand_slot(self._waiters.popleft(), False)
+
+    def _hand_slot(self, future: asyncio.Future[None], online: bool) -> None:
+        if not future.done():
+            self._take(online)
+            future.set_result(None)
 
     @property
     def allowed(self) -> int:
-        """Requests that may be in flight now."""
+        """Requests that may be in flight now (both lanes)."""
         return min(int(self.limit), self.ceiling)
+
+    @property
+    def batch_allowed(self) -> int:
+        """Batch requests that may be in flight now: the limit less the online requests in flight,
+        never below one (a batch keeps moving) unless the limit itself is 0."""
+        allowed = self.allowed
+        return max(min(allowed, 1), allowed - self.online_in_flight)
+
+    @property
+    def _online_allowed(self) -> int:
+        # An online request is let through even where this process's share is 0 (other workers
+        # hold the whole budget for batches): someone is waiting for it.
+        return max(self.allowed, 1)
+
+    def _batch_may_start(self) -> bool:
+        return self.in_flight - self.online_in_flight < self.batch_allowed
 
     def set_ceiling(self, ceiling: int) -> None:
         """Cap concurrency at this process's share. Requests in flight above a lowered ceiling

@@ -1,0 +1,70 @@
+"""The limiter's two lanes: online requests go ahead of queued batch requests, and each online
+request in flight takes one slot from the batch lane, never its last."""
+
+from __future__ import annotations
+
+import asyncio
+
+from overnight.engines.limiter import AdaptiveLimiter
+
+
+async def _started(limiter: AdaptiveLimiter, online: bool, log: list[str], name: str) -> None:
+    await limiter.acquire(online=online)
+    log.append(name)
+
+
+def test_online_requests_go_ahead_of_queued_batch_requests() -> None:
+    async def scenario() -> list[str]:
+        limiter = AdaptiveLimiter(initial=2, minimum=1, maximum=2)
+        for _ in range(2):
+            await limiter.acquire()  # the batch holds both slots
+        log: list[str] = []
+        tasks = [asyncio.create_task(_started(limiter, False, log, f"batch{i}")) for i in range(3)]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(_started(limiter, True, log, "online")))
+        await asyncio.sleep(0)
+        assert log == []
+        limiter.release()  # a batch request ends: its slot goes to the online request, queued last
+        await asyncio.sleep(0)
+        assert limiter.online_in_flight == 1 and limiter.in_flight == 2
+        limiter.release()  # the batch lane's allowance is now 2 - 1 = 1, and it has none in flight
+        await asyncio.sleep(0)
+        for task in tasks:
+            task.cancel()
+        return log
+
+    assert asyncio.run(scenario()) == ["online", "batch0"]
+
+
+def test_batch_allowance_shrinks_per_online_request_but_never_below_one() -> None:
+    async def scenario() -> None:
+        limiter = AdaptiveLimiter(initial=4, minimum=1, maximum=4)
+        assert limiter.batch_allowed == 4
+        for expected in (3, 2, 1, 1, 1):  # a fifth online request waits; the batch keeps one slot
+            if limiter.in_flight < limiter.allowed:
+                await limiter.acquire(online=True)
+            assert limiter.batch_allowed == expected
+        assert limiter.online_in_flight == 4
+        await limiter.acquire()  # the batch's one slot, above the limit of 4
+        assert limiter.in_flight == 5
+        limiter.release(online=True)
+        assert limiter.batch_allowed == 1  # 4 - 3
+        for _ in range(3):
+            limiter.release(online=True)
+        assert limiter.batch_allowed == 4 and limiter.online_in_flight == 0
+
+    asyncio.run(scenario())
+
+
+def test_an_online_request_goes_where_the_batch_share_is_zero() -> None:
+    async def scenario() -> None:
+        limiter = AdaptiveLimiter(initial=4, minimum=1, maximum=4)
+        limiter.set_ceiling(0)  # other workers hold the whole budget for batches
+        assert limiter.batch_allowed == 0
+        await asyncio.wait_for(limiter.acquire(online=True), 1)
+        batch = asyncio.create_task(limiter.acquire())
+        await asyncio.sleep(0.01)
+        assert not batch.done()
+        batch.cancel()
+
+    asyncio.run(scenario())
