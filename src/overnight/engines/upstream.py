@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from pyreqwest.exceptions import RequestError, RequestTimeoutError
 
 from overnight import constants as C
 from overnight.engines.limiter import AdaptiveLimiter
+from overnight.engines.online import EVENT_STREAM, JSON, OnlineReply
 from overnight.engines.port import EngineRequest, EngineResponse
 from overnight.engines.retry import OVERLOAD_STATUS, RetryPolicy, parse_retry_after
 from overnight.engines.stats import UpstreamStats
@@ -104,6 +106,58 @@ class UpstreamEngine:
                 return response
             self.stats.retries += 1
             await asyncio.sleep(decision.delay)
+
+    async def send_online(self, request: EngineRequest) -> OnlineReply:
+        """One attempt, in the online lane (ahead of batch requests, which give way while it runs),
+        answered with the upstream's status and bytes as they arrive: a streamed answer's events
+        reach the client as the upstream sends them. No retry here: the client (the OpenAI SDK
+        retries 429s and 5xx itself) decides, and an answer already relayed cannot be taken back."""
+        if self._client is None:
+            await self.start()
+        assert self._client is not None
+        payload = request.raw_body if request.raw_body is not None else orjson.dumps(request.body)
+        await self.limiter.acquire(online=True)
+        started = time.perf_counter()
+        # No read-ahead buffer: with one, pyreqwest holds the answer back until the buffer (64 KiB by
+        # default) is full or the body ends, and a stream's events would arrive all at once.
+        builder = self._client.post(self.url_for(request.endpoint)).body_bytes(payload)
+        stream = builder.streamed_read_buffer_limit(0).build_streamed()
+        try:
+            resp = await stream.__aenter__()
+        except RequestTimeoutError:
+            self._end_online(started, "timeout")
+            return OnlineReply.error(504, f"The upstream {self.name} did not answer within the timeout.",
+                                     "server_error", code="upstream_timeout")
+        except RequestError as exc:
+            self._end_online(started, "unreachable")
+            return OnlineReply.error(502, f"Could not reach the upstream {self.name}: {_describe(exc)}.",
+                                     "server_error", code="upstream_unreachable")
+        except BaseException:
+            self._end_online(started, None)
+            raise
+        status = resp.status
+        if status >= 400:
+            self.stats.error(f"http_{status}")
+        media_type = resp.get_header("content-type") or (EVENT_STREAM if status < 300 else JSON)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            reader = resp.body_reader
+            while (chunk := await reader.read_chunk()) is not None:
+                yield bytes(chunk)
+
+        async def close() -> None:
+            try:
+                await stream.__aexit__(None, None, None)
+            finally:
+                self._end_online(started, None)
+
+        return OnlineReply(status, media_type, chunks=chunks(), on_close=close)
+
+    def _end_online(self, started: float, error: str | None) -> None:
+        self.limiter.release(online=True)
+        self.stats.latency.observe(time.perf_counter() - started)
+        if error is not None:
+            self.stats.error(error)
 
     async def _attempt(self, url: str, payload: bytes, deadline: float) -> tuple[EngineResponse, float | None]:
         assert self._client is not None

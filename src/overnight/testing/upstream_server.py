@@ -20,6 +20,12 @@ byte for byte as received, in the answer as `x_request`; `"x_extras": true` adds
 re-serialization would change (`12345678901234567890123`, `1.10`, raw U+2028/U+2029 in a string)
 and answers indented JSON over several lines, as some servers do.
 
+`"stream": true` on chat, completions and responses answers with server-sent events in OpenAI's
+formats (the echo one word per event; `stream_options.include_usage` honoured for chat and
+completions), `"x_chunk_delay_ms": N` waiting N ms between events. `"x_tag": "name"` counts the
+request in and out of that tag's in-flight count and peak (GET /stats `tags`), so a test can see
+how many of one kind of request ran at once.
+
 Attempts are counted per `x_fault_key` (default: the whole body). `--chaos P` injects a random
 transient fault (429/500/503/reset) into a fraction P of first attempts. `--api-key K` answers 401
 unless `Authorization: Bearer K` is sent. `--tls-cert C --tls-key K` serves HTTPS. `--max-concurrency N`
@@ -60,6 +66,17 @@ class UpstreamState:
     requests: int = 0
     chaos_seen: set[str] = field(default_factory=set)
     api_key: str = ""
+    tag_in_flight: Counter[str] = field(default_factory=Counter)
+    tag_peak: Counter[str] = field(default_factory=Counter)
+
+    def enter(self, tag: str | None) -> None:
+        if tag is not None:
+            self.tag_in_flight[tag] += 1
+            self.tag_peak[tag] = max(self.tag_peak[tag], self.tag_in_flight[tag])
+
+    def leave(self, tag: str | None) -> None:
+        if tag is not None:
+            self.tag_in_flight[tag] -= 1
 
 
 def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -181,6 +198,72 @@ def _answer(endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _sse(obj: dict[str, Any], event: str | None = None) -> bytes:
+    head = f"event: {event}\n".encode() if event else b""
+    return head + b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _stream_events(endpoint: str, body: dict[str, Any]) -> list[bytes]:
+    """The events of the echo answer, one word per delta, in OpenAI's streaming formats."""
+    answer = _answer(endpoint, body)
+    options = body.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    if endpoint == "responses":
+        text = answer["output"][0]["content"][0]["text"]
+        words = text.split(" ")
+        pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+        item = answer["output"][0]
+        pending = {**answer, "status": "in_progress", "output": [], "usage": None}
+        where = {"item_id": item["id"], "output_index": 0, "content_index": 0}
+        kinds: list[tuple[str, dict[str, Any]]] = [
+            ("response.created", {"response": pending}), ("response.in_progress", {"response": pending}),
+            ("response.output_item.added", {"output_index": 0, "item": {**item, "status": "in_progress", "content": []}}),
+            ("response.content_part.added", {**where, "part": {"type": "output_text", "text": "", "annotations": []}}),
+            *[("response.output_text.delta", {**where, "delta": p, "logprobs": []}) for p in pieces],
+            ("response.output_text.done", {**where, "text": text, "logprobs": []}),
+            ("response.content_part.done", {**where, "part": item["content"][0]}),
+            ("response.output_item.done", {"output_index": 0, "item": item}),
+            ("response.completed", {"response": answer}),
+        ]
+        return [_sse({"type": kind, "sequence_number": n, **fields}, kind) for n, (kind, fields) in enumerate(kinds)]
+    chat = endpoint == "chat"
+    choice = answer["choices"][0]
+    text = choice["message"]["content"] if chat else choice["text"]
+    base = {"id": answer["id"], "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": answer["created"], "model": answer["model"]}
+    if include_usage:
+        base["usage"] = None
+
+    def chunk(piece: str | None, finish: str | None) -> bytes:
+        if chat:
+            delta: dict[str, Any] = {} if piece is None else {"content": piece}
+            item: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            item = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
+        return _sse({**base, "choices": [item]})
+
+    words = text.split(" ")
+    events = [_sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None, "finish_reason": None}]})] if chat else []
+    events += [chunk(w if i == 0 else " " + w, None) for i, w in enumerate(words)]
+    events.append(chunk(None, "stop"))
+    if include_usage:
+        events.append(_sse({**base, "choices": [], "usage": answer["usage"]}))
+    return [*events, b"data: [DONE]\n\n"]
+
+
+async def _stream(request: web.Request, endpoint: str, body: dict[str, Any]) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    delay = float(body.get("x_chunk_delay_ms") or 0) / 1000
+    for n, event in enumerate(_stream_events(endpoint, body)):
+        if n and delay:
+            await asyncio.sleep(delay)
+        await response.write(event)
+    await response.write_eof()
+    return response
+
+
 async def _fault(state: UpstreamState, request: web.Request, body: dict[str, Any], raw: bytes) -> web.Response | None:
     spec = body.get("x_fault")
     key = str(body.get("x_fault_key") or raw)
@@ -227,12 +310,17 @@ def make_app(state: UpstreamState) -> web.Application:
         state.requests += 1
         state.in_flight += 1
         state.peak_in_flight = max(state.peak_in_flight, state.in_flight)
+        tag = None
         try:
             raw = await request.read()
             try:
                 body = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 return _error(400, "body is not JSON")
+            if not isinstance(body, dict):
+                return _error(400, "body is not a JSON object")
+            tag = body.get("x_tag") if isinstance(body.get("x_tag"), str) else None
+            state.enter(tag)
             if state.max_concurrency and state.in_flight > state.max_concurrency:
                 state.served["overload"] += 1
                 return _error(429, "too many concurrent requests")
@@ -242,6 +330,8 @@ def make_app(state: UpstreamState) -> web.Application:
             if state.delay:
                 await asyncio.sleep(state.delay)
             state.served["ok"] += 1
+            if body.get("stream") is True and endpoint in ("chat", "completions", "responses"):
+                return await _stream(request, endpoint, body)
             answer = _answer(endpoint, body)
             if body.get("x_echo_raw") is True:
                 answer["x_request"] = orjson.Fragment(raw)
@@ -252,16 +342,21 @@ def make_app(state: UpstreamState) -> web.Application:
             return _json(answer)
         finally:
             state.in_flight -= 1
+            state.leave(tag)
 
     async def stats(_request: web.Request) -> web.Response:
         return _json({"requests": state.requests, "peak_in_flight": state.peak_in_flight,
-                      "in_flight": state.in_flight, "served": dict(state.served)})
+                      "in_flight": state.in_flight, "served": dict(state.served),
+                      "tags": {tag: {"in_flight": state.tag_in_flight[tag], "peak": state.tag_peak[tag]}
+                               for tag in state.tag_peak}})
 
     async def reset(_request: web.Request) -> web.Response:
         state.requests = state.peak_in_flight = 0
         state.served.clear()
         state.attempts.clear()
         state.chaos_seen.clear()
+        # A tag's peak starts again from what is in flight now: the peak of the next interval.
+        state.tag_peak = Counter({tag: n for tag, n in state.tag_in_flight.items()})
         return _json({"ok": True})
 
     app = web.Application(client_max_size=1024**3)
