@@ -314,11 +314,16 @@ def serve(settings: Settings) -> None:
 
     from overnight.api.app import create_app
     from overnight.api.http_protocol import guarded_protocol
+    from overnight.online import OnlineService, RelayClient
     from overnight.wiring import build
     from overnight.worker.processes import WorkerProcesses
 
     parts = build(settings, announce=lambda text: print(text, file=sys.stderr, flush=True))
     idle = settings.http.body_idle_timeout_seconds
+    # Online requests run where the batch lines run, so that they can go ahead of them: on this
+    # process's engines, or on the worker processes' (through their sockets). With no worker here
+    # (--no-worker), this process's engines answer them, started on first use.
+    parts.services.online = OnlineService(parts.router)
     if not settings.run_worker:
         app = create_app(parts.services, on_shutdown=parts.close, body_idle_timeout=idle)
     elif settings.worker_processes == 0:
@@ -326,6 +331,7 @@ def serve(settings: Settings) -> None:
                          on_shutdown=parts.close, body_idle_timeout=idle)
     else:
         workers = WorkerProcesses(settings, settings.worker_processes)
+        parts.services.online = RelayClient(workers.relay_paths)
         parts.services.batches.on_change = workers.notify
         parts.services.workers_ready = workers.ready
 

@@ -10,7 +10,15 @@ from typing import Any
 from fastapi import FastAPI
 
 from overnight import __version__
-from overnight.api import routes_admin, routes_batches, routes_files, routes_misc, routes_ui, routes_uploads
+from overnight.api import (
+    routes_admin,
+    routes_batches,
+    routes_files,
+    routes_misc,
+    routes_online,
+    routes_ui,
+    routes_uploads,
+)
 from overnight.api.body_timeout import BodyIdleTimeoutMiddleware
 from overnight.api.errors import BodySizeLimitMiddleware, RequestIdMiddleware, install_error_handlers
 from overnight.api.request_metrics import RequestMetricsMiddleware
@@ -63,5 +71,6 @@ def create_app(
     app.include_router(routes_batches.router)
     app.include_router(routes_misc.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_online.router)
     routes_ui.mount_dashboard(app)
     return app

@@ -17,6 +17,7 @@ from overnight.batches.service import BatchService
 from overnight.batches.upload_service import UploadService
 from overnight.engines.router import Router
 from overnight.observability.metrics import ApiMetrics
+from overnight.online.port import OnlineAnswerer
 from overnight.settings import Limits
 
 
@@ -41,3 +42,6 @@ class Services:
     metrics: ApiMetrics = field(default_factory=ApiMetrics)
     metrics_dir: Path | None = None
     gauges: QueueGauges | None = None
+    # Online requests (POST /v1/chat/completions, ...): answered on this process's engines, or by
+    # a worker process's; None answers 503.
+    online: OnlineAnswerer | None = None

@@ -14,8 +14,10 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -34,6 +36,7 @@ class _Child:
     process: BaseProcess
     wake: Connection  # the parent's end: a byte says "new work"
     ready: Event  # set by the child once it can claim work
+    index: int  # which relay socket is its (a restarted worker takes over the socket of the one it replaces)
 
 
 class WorkerProcesses:
@@ -46,21 +49,25 @@ class WorkerProcesses:
         self._context = multiprocessing.get_context("spawn")
         self._workers: list[_Child] = []
         self._stopping = False
+        # The workers' sockets for online requests (online/relay.py), in a directory of this user's
+        # only (mkdtemp makes it 0700) and with a short path (a socket path has ~100 bytes at most).
+        self._relay_dir = tempfile.mkdtemp(prefix="overnight-")
+        self.relay_paths = [os.path.join(self._relay_dir, f"worker-{i}.sock") for i in range(count)]
 
     def start(self) -> None:
-        for _ in range(self.count):
-            self._workers.append(self._spawn())
+        for i in range(self.count):
+            self._workers.append(self._spawn(i))
 
-    def _spawn(self) -> _Child:
+    def _spawn(self, index: int) -> _Child:
         reader, writer = self._context.Pipe(duplex=False)
         ready = self._context.Event()
         process = self._context.Process(
-            target=worker_main, args=(self.settings, reader, os.getpid(), ready), name="overnight-worker",
-            daemon=True,
+            target=worker_main, args=(self.settings, reader, os.getpid(), ready, self.relay_paths[index]),
+            name="overnight-worker", daemon=True,
         )
         process.start()
         reader.close()
-        return _Child(process, writer, ready)
+        return _Child(process, writer, ready, index)
 
     def ready(self) -> bool:
         """Whether every worker process has started (its engines loaded) and can claim work: until
@@ -83,7 +90,7 @@ class WorkerProcesses:
                               child.process.exitcode)
                     child.wake.close()
                     self._forget(child)
-                    self._workers[i] = self._spawn()
+                    self._workers[i] = self._spawn(child.index)
 
     def stop(self, timeout: float = 20.0) -> None:
         self._stopping = True
@@ -98,6 +105,7 @@ class WorkerProcesses:
             child.wake.close()
             self._forget(child)
         self._workers.clear()
+        shutil.rmtree(self._relay_dir, ignore_errors=True)
 
     def _forget(self, child: _Child) -> None:
         """Drop a gone worker's live gauges from the metrics (its counters stay counted)."""
@@ -107,7 +115,8 @@ class WorkerProcesses:
             forget_process(child.process.pid, self.settings.metrics_dir)
 
 
-def worker_main(settings: Settings, wake: Connection, parent_pid: int, ready: Event | None = None) -> None:
+def worker_main(settings: Settings, wake: Connection, parent_pid: int, ready: Event | None = None,
+                relay_path: str | None = None) -> None:
     """Entry point of a worker process (a top-level function, so `spawn` can import it)."""
     _die_with_parent()
     from overnight.observability.logs import configure_logging
@@ -118,16 +127,17 @@ def worker_main(settings: Settings, wake: Connection, parent_pid: int, ready: Ev
         import uvloop
 
         runner = uvloop.run
-    runner(run_worker(settings, wake, parent_pid, ready))
+    runner(run_worker(settings, wake, parent_pid, ready, relay_path=relay_path))
     exit_now(0)
 
 
 async def run_worker(
     settings: Settings, wake: Connection | None = None, parent_pid: int | None = None, ready: Event | None = None,
-    metrics_address: tuple[str, int] | None = None,
+    metrics_address: tuple[str, int] | None = None, relay_path: str | None = None,
 ) -> None:
     """Run one worker until SIGTERM/SIGINT (or until the parent process is gone). `metrics_address`:
-    serve this worker's metrics there (a worker on its own machine; under `serve`, the API does)."""
+    serve this worker's metrics there (a worker on its own machine; under `serve`, the API does).
+    `relay_path`: answer the API process's online requests at this socket, on this worker's engines."""
     from overnight.wiring import build_core, build_router, build_worker
 
     core = build_core(settings)  # no authenticator, rate limiter or API services in a worker
@@ -142,6 +152,12 @@ async def run_worker(
         exporter.start()
     for engine in router.engines():
         await engine.start()
+    relay = None
+    if relay_path is not None:
+        from overnight.online import OnlineService, RelayServer
+
+        relay = RelayServer(OnlineService(router), relay_path)
+        await relay.start()
     freeze_startup_objects()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -174,6 +190,8 @@ async def run_worker(
         await worker.run(stop)
     finally:
         watcher.cancel()
+        if relay is not None:
+            await relay.close()
         for engine in router.engines():
             await engine.close()
         if exporter is not None:
