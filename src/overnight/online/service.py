@@ -70,15 +70,17 @@ class OnlineService:
         if isinstance(engine, PassThroughEngine):
             return await engine.send_online(_online(EngineRequest(endpoint, body, deadline, raw)))
         stream = body.get("stream") is True and endpoint in _TEXT_EVENTS
-        if stream:  # the engine writes the answer; the events are ours
-            body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-        response = await engine.execute(_online(EngineRequest(endpoint, body, deadline)))
+        # Asked to stream, the engine still writes the answer; the events are ours.
+        engine_body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")} if stream else body
+        response = await engine.execute(_online(EngineRequest(endpoint, engine_body, deadline)))
         if not response.ok:
             return _failure(response)
+        answer = response.body or {}
         if stream:
-            events = _TEXT_EVENTS[endpoint](resolved.model, body)
-            return _whole_answer_as_events(events, endpoint, response.body or {})
-        return OnlineReply(response.status_code or 200, JSON, response.raw or orjson.dumps(response.body))
+            model = answer.get("model") if isinstance(answer.get("model"), str) else resolved.model
+            events = _TEXT_EVENTS[endpoint](str(model), body)
+            return _whole_answer_as_events(events, endpoint, answer)
+        return OnlineReply(response.status_code or 200, JSON, response.raw or orjson.dumps(answer))
 
     async def _start(self, engine: Engine) -> None:
         if id(engine) not in self._started:
