@@ -77,8 +77,8 @@ class OnlineService:
             return _failure(response)
         answer = response.body or {}
         if stream:
-            model = answer.get("model") if isinstance(answer.get("model"), str) else resolved.model
-            events = _TEXT_EVENTS[endpoint](str(model), body)
+            named = answer.get("model")  # the engine's own name for its model
+            events = _TEXT_EVENTS[endpoint](named if isinstance(named, str) else resolved.model, body)
             return _whole_answer_as_events(events, endpoint, answer)
         return OnlineReply(response.status_code or 200, JSON, response.raw or orjson.dumps(answer))
 
