@@ -50,6 +50,12 @@ def _data(obj: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
+def error_event(status: int, error: dict[str, Any]) -> bytes:
+    """An answer that failed after its first events: OpenAI's `data: {"error": ...}` (the SDK raises it)."""
+    return _data({"error": error if error else {"message": f"The engine failed ({status}).",
+                                                "type": "server_error", "param": None, "code": None}})
+
+
 def _include_usage(body: dict[str, Any]) -> bool:
     options = body.get("stream_options")
     return isinstance(options, dict) and options.get("include_usage") is True

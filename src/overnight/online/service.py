@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import orjson
 
@@ -22,7 +22,14 @@ from overnight.batches.request_line import with_model
 from overnight.engines.online import EVENT_STREAM, JSON, OnlineReply, PassThroughEngine
 from overnight.engines.port import Engine, EngineRequest, EngineResponse
 from overnight.engines.router import Router
-from overnight.online.events import ChatEvents, CompletionEvents, ResponseEvents, TextEvents, TextOutcome
+from overnight.online.events import (
+    ChatEvents,
+    CompletionEvents,
+    ResponseEvents,
+    TextEvents,
+    TextOutcome,
+    error_event,
+)
 
 ONLINE_ENDPOINTS = (C.CHAT_COMPLETIONS, C.COMPLETIONS, C.EMBEDDINGS, C.RESPONSES)
 # How long an online request may take, retries included (as an upstream's default timeout).
@@ -70,22 +77,77 @@ class OnlineService:
         if isinstance(engine, PassThroughEngine):
             return await engine.send_online(_online(EngineRequest(endpoint, body, deadline, raw)))
         stream = body.get("stream") is True and endpoint in _TEXT_EVENTS
-        # Asked to stream, the engine still writes the answer; the events are ours.
-        engine_body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")} if stream else body
-        response = await engine.execute(_online(EngineRequest(endpoint, engine_body, deadline)))
+        if not stream:
+            response = await engine.execute(_online(EngineRequest(endpoint, body, deadline)))
+            if not response.ok:
+                return _failure(response)
+            return OnlineReply(response.status_code or 200, JSON, response.raw or orjson.dumps(response.body))
+        # Asked to stream, the engine still writes the text; the events are ours.
+        engine_body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        request = _online(EngineRequest(endpoint, engine_body, deadline))
+        events = _TEXT_EVENTS[endpoint](_model_name(engine, resolved.model), body)
+        if isinstance(engine, TextStreamingEngine):
+            return await _streamed(events, endpoint, engine.stream(request))
+        response = await engine.execute(request)
         if not response.ok:
             return _failure(response)
-        answer = response.body or {}
-        if stream:
-            named = answer.get("model")  # the engine's own name for its model
-            events = _TEXT_EVENTS[endpoint](named if isinstance(named, str) else resolved.model, body)
-            return _whole_answer_as_events(events, endpoint, answer)
-        return OnlineReply(response.status_code or 200, JSON, response.raw or orjson.dumps(answer))
+        return _whole_answer_as_events(events, endpoint, response.body or {})
 
     async def _start(self, engine: Engine) -> None:
         if id(engine) not in self._started:
             await engine.start()  # idempotent; the first request waits for a model to load
             self._started.add(id(engine))
+
+
+@runtime_checkable
+class TextStreamingEngine(Protocol):
+    """An engine that yields an answer's text as it is generated, then the whole response (the one
+    `execute` returns); a request that fails yields only its error response. Closing the iterator
+    early cancels the request."""
+
+    def stream(self, request: EngineRequest) -> AsyncIterator[str | EngineResponse]: ...
+
+
+def _model_name(engine: Engine, routed: str) -> str:
+    """The name an engine answers with: its own model's (an embedded engine's), else the routed one."""
+    served = engine.served_models()
+    return served[0] if len(served) == 1 else routed
+
+
+async def _streamed(events: TextEvents, endpoint: str, items: AsyncIterator[str | EngineResponse]) -> OnlineReply:
+    """The engine's pieces as events. Its first item is awaited before answering: a request it
+    refuses is then answered with the error's status and body, as OpenAI does, not with an event."""
+    try:
+        first = await anext(items)
+    except BaseException:
+        await _close(items)
+        raise
+    if isinstance(first, EngineResponse):
+        await _close(items)
+        if not first.ok:
+            return _failure(first)
+        return _whole_answer_as_events(events, endpoint, first.body or {})
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield events.start() + events.delta(first)
+        async for item in items:
+            if isinstance(item, str):
+                yield events.delta(item)
+            elif item.ok:  # the whole response: how the answer ended and its usage
+                yield events.finish(_text_and_outcome(endpoint, item.body or {})[1])
+                return
+            else:
+                failure = _failure(item)
+                yield error_event(failure.status, orjson.loads(failure.body or b"{}").get("error", {}))
+                return
+
+    return OnlineReply(200, EVENT_STREAM, chunks=chunks(), on_close=lambda: _close(items))
+
+
+async def _close(items: AsyncIterator[Any]) -> None:
+    aclose = getattr(items, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 def _online(request: EngineRequest) -> EngineRequest:
