@@ -31,7 +31,8 @@ import llama_cpp
 import numpy as np
 
 from overnight.constants import TERMINAL_STATES
-from overnight.engines.llama_chat import LlamaChatEngine
+from overnight.engines.llama import LlamaChatEngine
+from overnight.engines.llama.openai_params import parse_body
 from overnight.engines.packaged_models import DEFAULT_CHAT_MODEL_NAME, default_chat_model_path
 from overnight.engines.port import EngineRequest
 from overnight.settings import EmbeddedSettings, Settings
@@ -176,7 +177,7 @@ def chat_prompt_tokens(model_path: str, requests: list[EngineRequest], threads: 
         engine = LlamaChatEngine(model_path, DEFAULT_CHAT_MODEL_NAME, n_ctx=1024, n_seq_max=1, threads=threads)
         await engine.start()
         try:
-            return [engine._make_job(engine._native, r, True).prompt for r in requests]
+            return [parse_body(engine._native, engine._formatter, r.body, True).prompt for r in requests]
         finally:
             await engine.close()
 

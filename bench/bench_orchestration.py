@@ -1,11 +1,20 @@
-"""Orchestration throughput: overnight end to end (upload, validate, run, finalize, download) vs
-(a) the plain asyncio + official-SDK script users write instead, (b) a minimal raw aiohttp client
-with keep-alive at the same concurrency on the same event loop as the server (uvloop): the ceiling
-the issue names, and (c) the same minimal client on pyreqwest, the HTTP client overnight uses:
-the ceiling of overnight's own client. All against the same fast upstream on 127.0.0.1,
-interleaved in one run.
+"""Orchestration throughput: overnight end to end (upload, validate, run, finalize, download) against
+the bare clients a skeptic would write instead, all against the same fast upstream on 127.0.0.1:
 
-    ./dev bench bench_orchestration [--lines 50000] [--runs 3] [--sdk-lines 5000]
+- raw pyreqwest: pre-serialized bodies, one pooled client on overnight's own HTTP library, fixed
+  sender tasks at the same concurrency: the ceiling of what overnight's client can do (the headline
+  ratio is against this);
+- raw aiohttp: the same minimal client on aiohttp;
+- SDK script: what users write without a batch server, AsyncOpenAI and a semaphore (fewer lines:
+  it is ~30x slower; same rounds);
+- overnight at each size, and many small batches from several keys at once against one batch of the
+  same total watched the same way.
+
+Every arm runs the same number of rounds, interleaved (the order rotates each round), on the same
+event loop policy (uvloop, as the server), after one warm-up round of every arm. Ratios are taken
+within a round (arms adjacent in time) and reported as the median and min-max over the rounds.
+
+    ./dev bench bench_orchestration [--sizes 50000,1000] [--rounds 5] [--sdk-lines 5000]
 """
 
 from __future__ import annotations
@@ -13,7 +22,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +35,26 @@ from pyreqwest.client import ClientBuilder
 
 from harness import (
     chat_request_line,
+    git_state,
     machine,
-    median,
     overnight_process,
     save,
+    spread,
     upstream_process,
     write_chat_batch,
 )
 from overnight.runtime import exit_now
 
 CONCURRENCY = 64
+TERMINAL = ("completed", "failed", "cancelled", "expired")
+
+
+def run_on_fastest_loop(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 async def sdk_script(upstream_url: str, lines: int) -> float:
@@ -56,8 +77,8 @@ async def sdk_script(upstream_url: str, lines: int) -> float:
     return lines / elapsed
 
 
-async def raw_client(upstream_url: str, lines: int) -> float:
-    """The ceiling: pre-serialized bodies, one pooled aiohttp session, fixed sender tasks."""
+async def raw_aiohttp(upstream_url: str, lines: int) -> float:
+    """Pre-serialized bodies, one pooled aiohttp session, fixed sender tasks."""
     bodies = [orjson.dumps(chat_request_line(i)["body"]) for i in range(lines)]
     url = upstream_url + "/chat/completions"
     pending = iter(bodies)
@@ -102,24 +123,24 @@ async def raw_pyreqwest(upstream_url: str, lines: int) -> float:
     return lines / elapsed
 
 
-def run_on_fastest_loop(coro: Any) -> Any:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+def poll_interval(lines: int) -> float:
+    """How often the client asks whether the batch is done: about 1% of the expected run time at
+    ~10k lines/s, so small batches are not rounded up to the poll and large ones are not slowed
+    by the polling itself (each retrieve costs the API ~1 ms of CPU)."""
+    return min(0.05, max(0.005, lines / 1_000_000))
 
 
-def overnight_run(base_url: str, input_path: Path, lines: int) -> dict[str, float]:
+def overnight_run(base_url: str, input_path: Path, lines: int, key: str = "sk-bench") -> dict[str, float]:
     """End to end through the official SDK, as a user would. Returns lines/s and phase times."""
-    client = openai.OpenAI(base_url=base_url, api_key="sk-bench")
+    client = openai.OpenAI(base_url=base_url, api_key=key)
+    poll = poll_interval(lines)
     start = time.perf_counter()
     with input_path.open("rb") as fh:
         file_id = client.files.create(file=fh, purpose="batch").id
     uploaded = time.perf_counter()
     batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
-    while batch.status not in ("completed", "failed", "cancelled", "expired"):
-        time.sleep(0.05)
+    while batch.status not in TERMINAL:
+        time.sleep(poll)
         batch = client.batches.retrieve(batch.id)
     finished = time.perf_counter()
     assert batch.status == "completed" and batch.request_counts.completed == lines, batch
@@ -134,58 +155,127 @@ def overnight_run(base_url: str, input_path: Path, lines: int) -> dict[str, floa
             "download_s": end - finished}
 
 
+def batches_at_once(base_url: str, path: Path, batches: int, lines_each: int, keys: list[str]) -> float:
+    """`batches` batches of the file at `path`, created round-robin across `keys` at once, each key
+    watching its own with one list call per poll (as a client watching many batches would).
+    Returns lines/s from the first create to the last batch seen done."""
+    clients = {k: openai.OpenAI(base_url=base_url, api_key=k) for k in keys}
+    file_ids = {k: clients[k].files.create(file=path.open("rb"), purpose="batch").id for k in keys}
+    per_key: dict[str, set[str]] = {k: set() for k in keys}
+    start = time.perf_counter()
+    for i in range(batches):
+        key = keys[i % len(keys)]
+        batch = clients[key].batches.create(input_file_id=file_ids[key], endpoint="/v1/chat/completions",
+                                            completion_window="24h")
+        per_key[key].add(batch.id)
+    finished: dict[str, float] = {}
+
+    def watch(key: str) -> None:
+        pending = set(per_key[key])
+        while pending:
+            for batch in clients[key].batches.list(limit=100).data:
+                if batch.status in TERMINAL:
+                    assert batch.status == "completed", batch
+                    pending.discard(batch.id)
+            time.sleep(0.01 if len(pending) <= 2 else 0.1)
+        finished[key] = time.perf_counter() - start
+
+    threads = [threading.Thread(target=watch, args=(k,)) for k in keys]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for client in clients.values():
+        client.close()
+    return batches * lines_each / max(finished.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lines", type=int, default=50_000)
-    parser.add_argument("--sdk-lines", type=int, default=5_000, help="the SDK script is slow: fewer lines")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--sizes", default="50000,1000", help="batch sizes (lines) to run every arm at")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--sdk-lines", type=int, default=5_000, help="the SDK script is slow: at most this many lines")
+    parser.add_argument("--many", default="100x500", help="many batches: COUNTxLINES (0 to skip)")
+    parser.add_argument("--keys", type=int, default=5, help="API keys the many batches come from")
     parser.add_argument("--overnight-arg", action="append", default=[], help="extra `overnight serve` flag")
     args = parser.parse_args()
-    print(f"machine: {machine()}")
+    state = git_state()
+    sizes = [int(x) for x in args.sizes.split(",")]
+    many_count, many_lines = (int(x) for x in args.many.split("x")) if args.many != "0" else (0, 0)
+    keys = [f"sk-bench-key{i}" for i in range(args.keys)]
+    print(f"machine: {machine()}  commit {state['commit'][:10]}{' (dirty)' if state['dirty'] else ''}")
+    samples: dict[str, list[float]] = {}
+    phases: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="overnight-bench-") as tmp:
         workdir = Path(tmp)
-        input_path = write_chat_batch(workdir / "input.jsonl", args.lines)
+        inputs = {n: write_chat_batch(workdir / f"input-{n}.jsonl", n) for n in sizes}
+        extra = [arg for k in keys for arg in ("--api-key", k)]
         with upstream_process(workdir) as upstream_url, \
-                overnight_process(workdir, upstream_url, *args.overnight_arg) as (base_url, _proc):
-            sdk = asyncio.run(sdk_script(upstream_url, args.sdk_lines))
-            print(f"sdk script      {sdk:9,.0f} lines/s  ({args.sdk_lines:,} lines)")
-            raw_rates: list[float] = []
-            reqwest_rates: list[float] = []
-            runs: list[dict[str, float]] = []
-            for run in range(args.runs):
-                # The ceilings run on the same event loop as the server (uvloop, via uvicorn[standard]).
-                raw_rates.append(run_on_fastest_loop(raw_client(upstream_url, args.lines)))
-                runs.append(overnight_run(base_url, input_path, args.lines))
-                reqwest_rates.append(run_on_fastest_loop(raw_pyreqwest(upstream_url, args.lines)))
-                print(f"run {run + 1}: raw aiohttp {raw_rates[-1]:7,.0f} | overnight "
-                      f"{runs[-1]['lines_per_s']:7,.0f} (upload {runs[-1]['upload_s']:.2f}s, run "
-                      f"{runs[-1]['run_s']:.2f}s, download {runs[-1]['download_s']:.2f}s) | raw pyreqwest "
-                      f"{reqwest_rates[-1]:7,.0f} lines/s")
-    raw = median(raw_rates)
-    reqwest = median(reqwest_rates)
-    ours = median([r["lines_per_s"] for r in runs])
+                overnight_process(workdir, upstream_url, *extra, *args.overnight_arg) as (base_url, _proc):
+            arms: list[tuple[str, Callable[[], float]]] = []
+            for n in sizes:
+                arms += [
+                    (f"raw_pyreqwest@{n}", lambda n=n: run_on_fastest_loop(raw_pyreqwest(upstream_url, n))),
+                    (f"raw_aiohttp@{n}", lambda n=n: run_on_fastest_loop(raw_aiohttp(upstream_url, n))),
+                    (f"sdk_script@{min(n, args.sdk_lines)}",
+                     lambda n=n: run_on_fastest_loop(sdk_script(upstream_url, min(n, args.sdk_lines)))),
+                ]
+
+                def ours(n: int = n) -> float:
+                    result = overnight_run(base_url, inputs[n], n)
+                    phases.setdefault(f"overnight@{n}", []).append(result)
+                    return result["lines_per_s"]
+
+                arms.append((f"overnight@{n}", ours))
+            if many_count:
+                total = many_count * many_lines
+                many_input = write_chat_batch(workdir / f"many-{many_lines}.jsonl", many_lines)
+                one_input = write_chat_batch(workdir / f"one-{total}.jsonl", total)
+                arms.append((f"one_batch_watched@{total}",
+                             lambda: batches_at_once(base_url, one_input, 1, total, keys[:1])))
+                arms.append((f"many_batches@{many_count}x{many_lines}",
+                             lambda: batches_at_once(base_url, many_input, many_count, many_lines, keys)))
+            warm_input = write_chat_batch(workdir / "warm-up.jsonl", 2_000)
+            print("warm-up: one round of every arm at 2,000 lines")
+            run_on_fastest_loop(raw_pyreqwest(upstream_url, 2_000))
+            run_on_fastest_loop(raw_aiohttp(upstream_url, 2_000))
+            run_on_fastest_loop(sdk_script(upstream_url, 2_000))
+            overnight_run(base_url, warm_input, 2_000)
+            if many_count:
+                batches_at_once(base_url, warm_input, len(keys), 2_000, keys)
+            for round_ in range(args.rounds):
+                shift = round_ % len(arms)
+                for name, arm in arms[shift:] + arms[:shift]:
+                    samples.setdefault(name, []).append(arm())
+                print(f"round {round_ + 1}: " + " | ".join(f"{name} {values[-1]:,.0f}" for name, values in samples.items()),
+                      flush=True)
+    ratios: dict[str, list[float]] = {}
+    for n in sizes:
+        ours_n = samples[f"overnight@{n}"]
+        ratios[f"overnight_vs_raw_pyreqwest@{n}"] = [a / b for a, b in zip(ours_n, samples[f"raw_pyreqwest@{n}"])]
+        ratios[f"overnight_vs_raw_aiohttp@{n}"] = [a / b for a, b in zip(ours_n, samples[f"raw_aiohttp@{n}"])]
+        ratios[f"overnight_vs_sdk_script@{n}"] = [
+            a / b for a, b in zip(ours_n, samples[f"sdk_script@{min(n, args.sdk_lines)}"])]
+    if many_count:
+        ratios["many_vs_one_batch"] = [a / b for a, b in zip(samples[f"many_batches@{many_count}x{many_lines}"],
+                                                             samples[f"one_batch_watched@{many_count * many_lines}"])]
     result: dict[str, Any] = {
-        "lines": args.lines,
+        "git": state,
+        "args": vars(args),
         "concurrency": CONCURRENCY,
-        "sdk_script_lines_per_s": round(sdk),
-        "raw_aiohttp_lines_per_s": round(raw),
-        "raw_pyreqwest_lines_per_s": round(reqwest),
-        "overnight_lines_per_s": round(ours),
-        "overnight_vs_sdk": round(ours / sdk, 2),
-        "overnight_vs_raw": round(ours / raw, 3),
-        "overnight_vs_raw_pyreqwest": round(ours / reqwest, 3),
-        "runs": runs,
-        "raw_runs": raw_rates,
-        "raw_pyreqwest_runs": reqwest_rates,
+        "loop": "uvloop for every arm and the server",
+        "arms_lines_per_s": {name: spread(values, 0) for name, values in samples.items()},
+        "ratios": {name: spread(values) for name, values in ratios.items()},
+        "samples": samples,
+        "overnight_phases": phases,
     }
     print()
-    print(f"{'':34}{'lines/s':>10}")
-    print(f"{'plain SDK script':34}{sdk:10,.0f}")
-    print(f"{'raw aiohttp (the issue ceiling)':34}{raw:10,.0f}")
-    print(f"{'raw pyreqwest (same client)':34}{reqwest:10,.0f}")
-    print(f"{'overnight end to end':34}{ours:10,.0f}")
-    print(f"overnight / SDK script = {ours / sdk:.1f}x   overnight / raw aiohttp = {ours / raw:.2f}   "
-          f"overnight / raw pyreqwest = {ours / reqwest:.2f}")
+    for name, values in samples.items():
+        s = spread(values, 0)
+        print(f"{name:34}{s['median']:10,.0f} lines/s  [{s['min']:,.0f}-{s['max']:,.0f}]")
+    for name, values in ratios.items():
+        s = spread(values)
+        print(f"{name:34}{s['median']:10.3f}          [{s['min']:.3f}-{s['max']:.3f}]")
     print(f"wrote {save('orchestration', result)}")
 
 

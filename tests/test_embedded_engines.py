@@ -50,7 +50,7 @@ def with_engine(engine: Any, work: Callable[[Any], Awaitable[Any]]) -> Any:
 
 
 def run_chat(work: Callable[[Any], Awaitable[Any]], **engine_args: Any) -> Any:
-    from overnight.engines.llama_chat import LlamaChatEngine
+    from overnight.engines.llama import LlamaChatEngine
 
     settings = {"n_ctx": 8 * 512, "n_seq_max": 8, "threads": 2, **engine_args}
     return with_engine(LlamaChatEngine(CHAT_PATH, "smol", **settings), work)
@@ -88,9 +88,9 @@ def test_batched_greedy_equals_single_and_prefix_sharing_reuses_the_system_promp
 def test_response_shape_usage_and_max_tokens() -> None:
     async def work(engine: Any) -> tuple[EngineResponse, list[int], EngineResponse]:
         r = await engine.execute(chat("Write a long story about a dragon.", max_tokens=9))
-        from overnight.engines.llama_chat import _normalize_messages
+        from overnight.engines.llama.openai_params import normalize_messages
 
-        text = engine._formatter(messages=_normalize_messages(chat("Write a long story about a dragon.").body)).prompt
+        text = engine._formatter(messages=normalize_messages(chat("Write a long story about a dragon.").body)).prompt
         tokens = engine._native.tokenize(text, False, True)
         c = await engine.execute(EngineRequest("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 7,
                                                                    "temperature": 0}, time.time() + 60))
@@ -273,3 +273,79 @@ def test_deterministic_mode_answers_a_line_the_same_whatever_else_is_in_flight()
     expected = run_chat(alone, prefix_sharing=False, **slots)
     answers = run_chat(together, prefix_sharing=False, **slots)
     assert answers == [expected[prompts.index(p)] for p in copies]
+
+
+# -- streaming and online priority (the scheduler hooks) ------------------------------------------------
+
+
+def completion(prompt: str, max_tokens: int, online: bool = False) -> EngineRequest:
+    body = {"model": "smol", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    return EngineRequest("/v1/completions", body, time.time() + 600, online=online)
+
+
+async def collect(engine: Any, request: EngineRequest) -> tuple[list[str], EngineResponse]:
+    items = [item async for item in engine.stream(request)]
+    *pieces, final = items
+    assert isinstance(final, EngineResponse) and all(isinstance(p, str) for p in pieces)
+    return pieces, final
+
+
+@needs_chat
+def test_streamed_pieces_join_to_the_content_with_and_without_a_stop_string() -> None:
+    question = "Count from one to ten in words, separated by commas."
+
+    async def work(engine: Any) -> list[Any]:
+        whole = await engine.execute(chat(question, max_tokens=24))
+        text = content(whole)
+        stop = text[len(text) // 2: len(text) // 2 + 3]  # cuts the answer in its middle
+        streamed = await collect(engine, chat(question, max_tokens=24))
+        cut = await engine.execute(chat(question, max_tokens=24, stop=[stop, "zzz"]))
+        streamed_cut = await collect(engine, chat(question, max_tokens=24, stop=[stop, "zzz"]))
+        bad = await collect(engine, chat(question, n=2))
+        return [whole, streamed, stop, cut, streamed_cut, bad]
+
+    # Without prefix sharing a greedy answer does not depend on what ran before (see above).
+    whole, (pieces, final), stop, cut, (cut_pieces, cut_final), (bad_pieces, bad) = run_chat(
+        work, prefix_sharing=False)
+    assert len(pieces) > 3  # really streamed, not one piece at the end
+    assert "".join(pieces) == content(whole) == content(final)
+    assert final.body["usage"] == whole.body["usage"]
+    assert final.body["choices"][0]["finish_reason"] == whole.body["choices"][0]["finish_reason"]
+    text = content(whole)
+    assert content(cut) == text[: text.index(stop)] and cut.body["choices"][0]["finish_reason"] == "stop"
+    assert "".join(cut_pieces) == content(cut) == content(cut_final)
+    assert cut_final.body["choices"][0]["finish_reason"] == "stop"
+    assert bad_pieces == [] and bad.status_code == 400 and bad.body["error"]["param"] == "n"
+
+
+@needs_chat
+def test_an_online_request_overtakes_queued_batch_lines() -> None:
+    """16 batch lines on 4 slots, then one more request: online, it finishes in the first waves; as a
+    batch line, the same request finishes behind the queue (the control: the test can fail)."""
+
+    async def finish_position(engine: Any, online: bool) -> tuple[int, list[EngineResponse]]:
+        order: list[str] = []
+
+        async def run(name: str, request: EngineRequest) -> EngineResponse:
+            response = await engine.execute(request)
+            order.append(name)
+            return response
+
+        batch = [asyncio.create_task(run(f"b{i}", completion(f"Story {i}: Once upon a time", 24)))
+                 for i in range(16)]
+        for _ in range(500):  # the first 4 lines are running, 12 queued
+            if engine.stats is not None and engine.stats.busy_slots == 4:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.stats.busy_slots == 4
+        extra = await run("extra", completion("Hello, my name is", 8, online=online))
+        responses = await asyncio.gather(*batch)
+        return order.index("extra"), [extra, *responses]
+
+    async def work(engine: Any) -> tuple[tuple[int, list[EngineResponse]], tuple[int, list[EngineResponse]]]:
+        return await finish_position(engine, True), await finish_position(engine, False)
+
+    (online_at, online_run), (batch_at, batch_run) = run_chat(work, n_seq_max=4, n_ctx=4 * 256)
+    assert all(r.status_code == 200 for r in online_run + batch_run)
+    assert online_at < 8, online_at  # before most of the 16 batch lines
+    assert batch_at >= 12, batch_at  # without priority it waits for the queue ahead of it

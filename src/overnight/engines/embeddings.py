@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import os
@@ -26,19 +25,14 @@ import numpy as np
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
+from overnight.engines.errors import BadRequest
+from overnight.engines.handoff import resolve_threadsafe
 from overnight.engines.port import EngineRequest, EngineResponse
 
 log = logging.getLogger(__name__)
 
 EMBEDDINGS = "/v1/embeddings"
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
-
-
-class _BadRequest(Exception):
-    def __init__(self, message: str, param: str | None, code: str = "invalid_value") -> None:
-        super().__init__(message)
-        self.param = param
-        self.code = code
 
 
 def _layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:
@@ -133,13 +127,8 @@ class _Job:
     future: asyncio.Future[str | None]  # None when done, else an error message
 
     def resolve(self, error: str | None) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-            self.loop.call_soon_threadsafe(_set_result, self.future, error)
-
-
-def _set_result(future: asyncio.Future[Any], result: Any) -> None:
-    if not future.done():
-        future.set_result(result)
+        """Thread-safe: the future belongs to the event loop."""
+        resolve_threadsafe(self.loop, self.future, error)
 
 
 class MiniLMEmbeddingEngine:
@@ -203,8 +192,8 @@ class MiniLMEmbeddingEngine:
                                              code="unknown_url")
         try:
             texts, base64_out = self._parse(request.body)
-        except _BadRequest as exc:
-            return EngineResponse.http_error(400, str(exc), code=exc.code, param=exc.param)
+        except BadRequest as exc:
+            return exc.response()
         assert self._tokenizer is not None
         encodings = self._tokenizer.encode_batch(texts)
         loop = asyncio.get_running_loop()
@@ -219,23 +208,23 @@ class MiniLMEmbeddingEngine:
 
     def _parse(self, body: dict[str, Any]) -> tuple[list[str], bool]:
         if not isinstance(body, dict):
-            raise _BadRequest("The request body must be a JSON object.", None)
+            raise BadRequest("The request body must be a JSON object.", None)
         raw = body.get("input")
         texts = [raw] if isinstance(raw, str) else raw
         if not isinstance(texts, list) or not texts:
-            raise _BadRequest("'input' must be a string or a non-empty list of strings.", "input")
+            raise BadRequest("'input' must be a string or a non-empty list of strings.", "input")
         if not all(isinstance(t, str) for t in texts):
-            raise _BadRequest("The embedded embedding engine accepts text inputs only, not token ids.", "input")
+            raise BadRequest("The embedded embedding engine accepts text inputs only, not token ids.", "input")
         if any(not t for t in texts):
-            raise _BadRequest("'input' must not contain empty strings.", "input")
+            raise BadRequest("'input' must not contain empty strings.", "input")
         if len(texts) > MAX_INPUTS:
-            raise _BadRequest(f"'input' may hold at most {MAX_INPUTS} items.", "input")
+            raise BadRequest(f"'input' may hold at most {MAX_INPUTS} items.", "input")
         fmt = body.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
-            raise _BadRequest("'encoding_format' must be 'float' or 'base64'.", "encoding_format")
+            raise BadRequest("'encoding_format' must be 'float' or 'base64'.", "encoding_format")
         dims = body.get("dimensions")
         if dims is not None and dims != self.dimensions:
-            raise _BadRequest(f"{self.model_name} produces {self.dimensions} dimensions only.", "dimensions")
+            raise BadRequest(f"{self.model_name} produces {self.dimensions} dimensions only.", "dimensions")
         return texts, fmt == "base64"
 
     def _body(self, job: _Job, base64_out: bool) -> dict[str, Any]:

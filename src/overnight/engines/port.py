@@ -16,6 +16,9 @@ class EngineRequest:
     # The body's JSON text exactly as the user wrote it (alias applied): what an HTTP engine
     # sends, so numbers keep their digits and strings their characters. None: serialize `body`.
     raw_body: bytes | None = None
+    # Someone waits for this answer interactively (not a batch line): an engine that schedules its
+    # own work (the embedded llama engine) runs it before queued batch work.
+    online: bool = False
 
 
 @dataclass(slots=True)

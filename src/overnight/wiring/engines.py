@@ -45,7 +45,7 @@ def embedded_engines(settings: Settings) -> dict[str, Engine]:
     try:
         from overnight.engines import packaged_models
         from overnight.engines.embeddings import MiniLMEmbeddingEngine
-        from overnight.engines.llama_chat import LlamaChatEngine
+        from overnight.engines.llama import LlamaChatEngine
     except ImportError as exc:  # the `embedded` extra is not installed
         log.warning("embedded engines unavailable (%s); only configured upstreams serve requests", exc)
         return engines
@@ -78,7 +78,7 @@ def gemma_engine(settings: Settings) -> Engine | None:
             "pass --accept-gemma-terms (or accept_gemma_terms = true under [embedded]) to go on."
         )
     from overnight.engines import packaged_models
-    from overnight.engines.llama_chat import LlamaChatEngine
+    from overnight.engines.llama import LlamaChatEngine
 
     path = packaged_models.gemma_model_path(settings.data_dir / "models")
     if path is None:

@@ -1,0 +1,167 @@
+"""Renders the README's benchmark numbers from bench/results/*.json, so that no number in the README
+is one no script produced. Each rendered block sits between `<!-- bench:NAME -->` and
+`<!-- /bench:NAME -->` markers; the text around it carries no measured numbers.
+
+    python bench/report.py            # rewrite the blocks in README.md
+    python bench/report.py --check    # exit 1 if README.md and the results disagree (a test runs this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+_BLOCK = re.compile(r"(<!-- bench:(?P<name>[a-z_]+) -->)(?P<body>.*?)(<!-- /bench:(?P=name) -->)", re.DOTALL)
+
+
+def load(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((RESULTS / f"{name}.json").read_text())
+    return data
+
+
+def measured_at(name: str, data: dict[str, Any]) -> str:
+    """Which code a results file measured: the commit it recorded, else the commit that last wrote
+    the file (older results files did not record one)."""
+    git = data.get("git")
+    if isinstance(git, dict) and git.get("commit"):
+        return f"commit {git['commit'][:7]}" + (" with uncommitted changes" if git.get("dirty") else "")
+    out = subprocess.run(["git", "log", "-1", "--format=%h", "--", f"bench/results/{name}.json"], cwd=ROOT,
+                         capture_output=True, text=True, check=False).stdout.strip()
+    return f"written at commit {out} (the file records no commit)" if out else "commit not recorded"
+
+
+def n(value: float, digits: int = 0) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def med(s: dict[str, float], digits: int = 0) -> str:
+    """A spread as `median [min-max]`."""
+    return f"{n(s['median'], digits)} [{n(s['min'], digits)}-{n(s['max'], digits)}]"
+
+
+# -- blocks ------------------------------------------------------------------------------------
+
+
+def orchestration_headline() -> str:
+    d = load("orchestration")
+    big = max(int(k.split("@")[1]) for k in d["arms_lines_per_s"] if k.startswith("overnight@"))
+    r = d["ratios"]
+    return (f"{n(r[f'overnight_vs_sdk_script@{big}']['median'], 1)}x a plain asyncio script with the SDK, "
+            f"{n(r[f'overnight_vs_raw_pyreqwest@{big}']['median'], 2)} of a bare client on the same HTTP library")
+
+
+def orchestration() -> str:
+    d = load("orchestration")
+    arms, ratios, args = d["arms_lines_per_s"], d["ratios"], d["args"]
+    sizes = sorted((int(k.split("@")[1]) for k in arms if k.startswith("overnight@")), reverse=True)
+    lines = [
+        f"{args['rounds']} interleaved rounds of every arm after one warm-up round, uvloop everywhere, medians "
+        f"[min-max]; ratios are taken within each round; {measured_at('orchestration', d)} "
+        f"(`bench/results/orchestration.json`).",
+        "",
+        "| lines per batch | arm | lines/s | overnight's ratio to it |",
+        "|---|---|---|---|",
+    ]
+    for size in sizes:
+        sdk = min(size, args["sdk_lines"])
+        lines += [
+            f"| {n(size)} | **overnight**, durable, end to end | **{med(arms[f'overnight@{size}'])}** | |",
+            f"| | raw pyreqwest (overnight's HTTP library), concurrency {d['concurrency']} | "
+            f"{med(arms[f'raw_pyreqwest@{size}'])} | **{med(ratios[f'overnight_vs_raw_pyreqwest@{size}'], 2)}** |",
+            f"| | raw aiohttp, concurrency {d['concurrency']} | {med(arms[f'raw_aiohttp@{size}'])} | "
+            f"{med(ratios[f'overnight_vs_raw_aiohttp@{size}'], 2)} |",
+            f"| | asyncio + official SDK, semaphore {d['concurrency']} ({n(sdk)} lines) | "
+            f"{med(arms[f'sdk_script@{sdk}'])} | {med(ratios[f'overnight_vs_sdk_script@{size}'], 1)}x |",
+        ]
+    many = [k for k in arms if k.startswith("many_batches@")]
+    if many:
+        count, each = many[0].split("@")[1].split("x")
+        one = next(k for k in arms if k.startswith("one_batch_watched@"))
+        lines += [
+            "",
+            f"**Many batches**: {count} batches of {each} lines created at once from {args['keys']} API keys run at "
+            f"{med(arms[many[0]])} lines/s, **{med(ratios['many_vs_one_batch'], 2)}** of one "
+            f"{n(int(one.split('@')[1]))}-line batch watched the same way ({med(arms[one])} lines/s).",
+        ]
+    phases = d.get("overnight_phases", {}).get(f"overnight@{sizes[0]}", [])
+    if phases:
+        def phase(key: str) -> str:
+            return n(sorted(p[key] for p in phases)[len(phases) // 2], 2)
+
+        lines += ["", f"Where a {n(sizes[0])}-line batch's time goes (medians): upload {phase('upload_s')} s, "
+                      f"validate + run + finalize {phase('run_s')} s, download {phase('download_s')} s."]
+    return "\n".join(lines)
+
+
+def api_latency() -> str:
+    d = load("api_latency")
+    lat = d["latency"]
+    return (f"while a {n(lat['lines'])}-line batch runs at {n(lat['lines_per_s'])} lines/s with the client polling "
+            f"twice every 10 ms, `GET /v1/batches/{{id}}` answers in p50 {lat['retrieve_p50_ms']} ms / p99 "
+            f"{lat['retrieve_p99_ms']} ms and `GET /v1/files` in p50 {lat['files_p50_ms']} ms / p99 "
+            f"{lat['files_p99_ms']} ms ({measured_at('api_latency', d)}).")
+
+
+def memory() -> str:
+    d = load("memory")
+    rows = ["| input | lines | peak growth over idle |", "|---|---|---|"]
+    for r in d["rows"]:
+        rows.append(f"| {n(r['input_bytes'] / 2**20)} MiB | {n(r['lines'])} | {n(r['growth_mb'])} MB (idle "
+                    f"{n(r['idle_rss_mb'])} MB, peak {n(r['peak_rss_mb'])} MB) |")
+    return "\n".join(rows) + f"\n\n({measured_at('memory', d)}.)"
+
+
+BLOCKS: dict[str, Callable[[], str]] = {
+    "orchestration_headline": orchestration_headline,
+    "orchestration": orchestration,
+    "api_latency": api_latency,
+    "memory": memory,
+}
+
+
+def render(text: str) -> str:
+    def block(match: re.Match[str]) -> str:
+        name = match.group("name")
+        if name not in BLOCKS:
+            raise SystemExit(f"README.md has a block `{name}` that bench/report.py cannot render")
+        body = BLOCKS[name]()
+        inline = "\n" not in match.group("body")
+        sep = "" if inline else "\n"
+        return f"{match.group(1)}{sep}{body}{sep}{match.group(4)}"
+
+    return _BLOCK.sub(block, text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="fail if README.md is not what the results render")
+    args = parser.parse_args()
+    current = README.read_text()
+    rendered = render(current)
+    found = {m.group("name") for m in _BLOCK.finditer(current)}
+    if args.check:
+        missing = sorted(set(BLOCKS) - found)
+        if missing:
+            print(f"README.md lacks the blocks {missing}", file=sys.stderr)
+            return 1
+        if rendered != current:
+            print("README.md's benchmark numbers differ from bench/results: run `python bench/report.py`",
+                  file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(rendered)
+    print(f"rendered {len(found)} blocks into README.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""The llama.cpp handles (through llama-cpp-python's ctypes bindings) and llama.cpp's log routing.
+
+One `Native` holds the model, its vocabulary, the one context (all sequence slots) and the reusable
+batch. Only the scheduler's decode thread touches the context; see scheduler.py for why the context is
+configured as it is (no unified KV cache, no flash attention).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import llama_cpp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+N_UBATCH = 512
+
+_LLAMA_LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level: 3 WARN, 4 ERROR
+
+
+@llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]  # a ctypes CFUNCTYPE
+def llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    """Route llama.cpp's own messages to Python logging: warnings and errors only, the load chatter
+    (hundreds of INFO lines per model) would drown the server log."""
+    py_level = _LLAMA_LOG_LEVELS.get(level)
+    if py_level is not None:
+        log.log(py_level, "llama.cpp: %s", text.decode("utf-8", errors="replace").rstrip())
+
+
+
+class Native:
+    """The model, its vocabulary, the one context and the reusable batch. Tokenizing touches only the
+    (read-only) vocabulary and is safe from any thread; everything else belongs to the decode thread."""
+
+    def __init__(self, model_path: str, n_ctx: int, n_seq_max: int, threads: int) -> None:
+        llama_cpp.llama_log_set(llama_log, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        model = llama_cpp.llama_model_load_from_file(model_path.encode(), llama_cpp.llama_model_default_params())
+        if not model:
+            raise RuntimeError(f"llama.cpp could not load the model {model_path!r}")
+        self.model = model
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = max(N_UBATCH, 2048)
+        params.n_ubatch = N_UBATCH
+        params.n_seq_max = n_seq_max
+        params.kv_unified = False  # one stream per slot: batched output == single output (scheduler.py)
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.no_perf = True
+        # Flash attention's CPU kernel picks its algorithm by the number of query rows, so a prompt
+        # decoded in one call or in two (after a shared prefix) would round differently.
+        params.flash_attn_type = 0
+        ctx = llama_cpp.llama_init_from_model(model, params)
+        if not ctx:
+            llama_cpp.llama_model_free(model)
+            raise RuntimeError("llama.cpp could not create a context (not enough memory for the KV cache?)")
+        self.ctx = ctx
+        self.memory = llama_cpp.llama_get_memory(ctx)
+        self.n_batch = llama_cpp.llama_n_batch(ctx)
+        train = llama_cpp.llama_model_n_ctx_train(model)
+        per_seq = llama_cpp.llama_n_ctx_seq(ctx)
+        self.window = min(per_seq, train) if train > 0 else per_seq
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special)
+        if n < 0:  # cannot happen with one token per byte + specials, but follow the API
+            buf = (llama_cpp.llama_token * -n)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, -n, add_special, parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """Decode-thread only (shared buffer)."""
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+            return buf.raw[:n]
+        return self._piece_buf.raw[:n]
+
+    def special_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
+
+    def chat_template(self) -> str | None:
+        raw = llama_cpp.llama_model_chat_template(self.model, None)
+        return raw.decode("utf-8", errors="replace") if raw else None
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def argmax(self, batch_index: int) -> int:
+        # numpy argmax over the logits row: much cheaper than a native sampler chain for greedy.
+        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, batch_index), shape=(self.n_vocab,))
+        return int(row.argmax())
+
+    def free(self) -> None:
+        llama_cpp.llama_batch_free(self.batch)
+        llama_cpp.llama_free(self.ctx)
+        llama_cpp.llama_model_free(self.model)
+

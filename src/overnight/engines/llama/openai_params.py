@@ -1,0 +1,235 @@
+"""OpenAI request bodies -> what the scheduler runs: prompt tokens, sampling, stop strings, max tokens.
+
+Runs on the event loop before a request is queued: it is cheap, and a bad line is answered at once
+(a `BadRequest`, i.e. an HTTP 400 in OpenAI's words) instead of after waiting for a slot. Chat messages
+are rendered with the model's chat template (or the one configured), or, for a GGUF without one, with
+a plain 'Role: content' fallback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import llama_cpp
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from overnight.engines import responses_api
+from overnight.engines.errors import BadRequest
+from overnight.engines.llama.native import Native
+from overnight.engines.llama.sampling import Sampling
+from overnight.engines.port import EngineRequest
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+RESPONSES = "/v1/responses"  # answered as a chat request (see responses_api)
+ENDPOINTS = (CHAT, COMPLETIONS, RESPONSES)
+
+# OpenAI's default for the legacy completions endpoint; chat defaults to the rest of the context.
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+_UNSUPPORTED_TRUTHY = {
+    "logprobs": "logprobs are not supported by the embedded engine.",
+    "top_logprobs": "top_logprobs are not supported by the embedded engine.",
+    "echo": "echo is not supported by the embedded engine.",
+    "suffix": "suffix is not supported by the embedded engine.",
+    "tools": "tools are not supported by the embedded engine.",
+    "functions": "functions are not supported by the embedded engine.",
+    "logit_bias": "logit_bias is not supported by the embedded engine.",
+    "stream": "streaming is not supported in a batch.",
+}
+
+
+def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise BadRequest(f"'{name}' must be a number between {lo} and {hi}.", name)
+    return float(value)
+
+
+def parse_sampling(body: dict[str, Any]) -> Sampling:
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise BadRequest("'seed' must be an integer.", "seed")
+    return Sampling(
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+        seed=seed,
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+    )
+
+
+def check_unsupported(body: dict[str, Any]) -> None:
+    if body.get("n") not in (None, 1):
+        raise BadRequest("The embedded engine supports only n=1; send one line per completion.", "n")
+    best_of = body.get("best_of", 1)
+    if best_of not in (None, 1):
+        raise BadRequest("The embedded engine supports only best_of=1.", "best_of")
+    for name, message in _UNSUPPORTED_TRUTHY.items():
+        if body.get(name):
+            raise BadRequest(message, name)
+    response_format = body.get("response_format")
+    if response_format and not (isinstance(response_format, dict) and response_format.get("type") == "text"):
+        raise BadRequest("Only response_format {'type': 'text'} is supported by the embedded engine.",
+                          "response_format")
+
+
+def parse_stops(body: dict[str, Any]) -> tuple[bytes, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    items = [stop] if isinstance(stop, str) else stop
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise BadRequest("'stop' must be a string or a list of strings.", "stop")
+    return tuple(s.encode("utf-8") for s in items if s)
+
+
+def requested_max_tokens(body: dict[str, Any], chat: bool) -> int | None:
+    name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    value = body.get(name)
+    if value is None:
+        return None if chat else COMPLETIONS_DEFAULT_MAX_TOKENS
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadRequest(f"'{name}' must be a positive integer.", name)
+    return value
+
+
+def _message_text(message: dict[str, Any], index: int) -> str:
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise BadRequest("The embedded engine accepts only text content parts.",
+                                  f"messages.[{index}].content")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise BadRequest("Message content must be a string or a list of text parts.", f"messages.[{index}].content")
+
+
+def normalize_messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list.", "messages")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest("Each message must be an object with a 'role'.", f"messages.[{i}]")
+        role = "system" if message["role"] == "developer" else message["role"]
+        out.append({"role": role, "content": _message_text(message, i)})
+    return out
+
+
+def fallback_chat_prompt(messages: list[dict[str, str]]) -> str:
+    """For a GGUF without a chat template: 'Role: content' turns, one per line, ending with
+    'Assistant:'. Generation also stops at a new 'User:' turn (see FALLBACK_STOPS)."""
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n".join([*lines, "Assistant:"])
+
+
+FALLBACK_STOPS = (b"\nUser:", b"\nSystem:")
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRequest:
+    """What the scheduler needs of one request."""
+
+    prompt: list[int]
+    sampling: Sampling
+    stops: tuple[bytes, ...]  # UTF-8: the scheduler matches them on generated bytes
+    max_new: int
+
+
+def parse_request(native: Native, formatter: Jinja2ChatFormatter | None, request: EngineRequest) -> ParsedRequest:
+    """A chat, completions or Responses request, mapped for the scheduler; raises BadRequest."""
+    body = request.body
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.", None)
+    if request.endpoint != RESPONSES:
+        return parse_body(native, formatter, body, request.endpoint == CHAT)
+    # A Responses request runs as the chat request it maps onto; the chat side's complaints
+    # then name the Responses parameter (`input`, not `messages`).
+    try:
+        chat_body = responses_api.to_chat_body(body)
+        return parse_body(native, formatter, chat_body, True, noun="input")
+    except responses_api.UnsupportedRequest as exc:
+        raise BadRequest(str(exc), exc.param, exc.code) from None
+    except BadRequest as exc:
+        param = responses_api.RESPONSES_PARAMS.get(exc.param or "", exc.param)
+        raise BadRequest(str(exc), param, exc.code) from None
+
+
+def parse_body(native: Native, formatter: Jinja2ChatFormatter | None, body: dict[str, Any], chat: bool,
+               noun: str | None = None) -> ParsedRequest:
+    """A chat (`chat`) or completions body. `noun`: what the prompt is called in messages (default:
+    messages or prompt)."""
+    check_unsupported(body)
+    sampling = parse_sampling(body)
+    stops = parse_stops(body)
+    if chat:
+        prompt, extra_stops = chat_prompt(native, formatter, body)
+        stops += extra_stops
+    else:
+        prompt = completion_prompt(native, body)
+    max_new = max_new_tokens(native, body, chat, len(prompt), noun or ("messages" if chat else "prompt"))
+    return ParsedRequest(prompt=prompt, sampling=sampling, stops=stops, max_new=max_new)
+
+
+def chat_prompt(native: Native, formatter: Jinja2ChatFormatter | None,
+                body: dict[str, Any]) -> tuple[list[int], tuple[bytes, ...]]:
+    """The rendered, tokenized messages and the stop strings the rendering implies."""
+    messages = normalize_messages(body)
+    if formatter is None:
+        return native.tokenize(fallback_chat_prompt(messages), True, False), FALLBACK_STOPS
+    try:
+        text = formatter(messages=messages).prompt  # type: ignore[arg-type]
+    except Exception as exc:  # the template's raise_exception(), or a template/message mismatch
+        raise BadRequest(f"The chat template rejected these messages: {exc}", "messages") from exc
+    # The template writes any BOS itself (llama-cpp-python: added_special=True).
+    return native.tokenize(text, False, True), ()
+
+
+def completion_prompt(native: Native, body: dict[str, Any]) -> list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one prompt
+    if isinstance(prompt, str):
+        tokens = native.tokenize(prompt, True, True)
+    elif isinstance(prompt, list) and prompt and all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < native.n_vocab for t in prompt):
+        tokens = list(prompt)
+    elif isinstance(prompt, list) and len(prompt) > 1:
+        raise BadRequest("The embedded engine takes one prompt per line; send one line per prompt.", "prompt")
+    else:
+        raise BadRequest("'prompt' must be a string or a list of token ids.", "prompt")
+    if not tokens:
+        bos = llama_cpp.llama_vocab_bos(native.vocab)
+        if bos < 0:
+            raise BadRequest("The prompt is empty.", "prompt")
+        tokens = [bos]
+    return tokens
+
+
+def max_new_tokens(native: Native, body: dict[str, Any], chat: bool, n_prompt: int, noun: str) -> int:
+    """The completion budget: as requested, or (chat without a limit) the rest of the window."""
+    requested = requested_max_tokens(body, chat)
+    window = native.window
+    if requested is None:  # OpenAI chat default: up to the context length
+        requested = int(window - n_prompt)
+        if requested >= 1:
+            return requested
+    if requested < 1 or n_prompt + requested > window:
+        raise BadRequest(
+            f"This model's maximum context length is {window} tokens. However, you requested "
+            f"{n_prompt + max(requested, 1)} tokens ({n_prompt} in the {noun}, "
+            f"{max(requested, 1)} in the completion). Please reduce the length of the "
+            f"{noun} or completion.",
+            noun, code="context_length_exceeded")
+    return requested

@@ -1,0 +1,466 @@
+"""The continuous-batching scheduler of the embedded llama.cpp engine (its decode thread).
+
+One `llama_context` holds `n_seq_max` sequence slots. A dedicated decode thread (never the event loop)
+runs the scheduler: queued requests are admitted into free slots as others finish, and every step
+decodes one token for every generating sequence in one `llama_decode`, plus the prompt chunks (up to
+`n_batch` tokens) of newly admitted ones. Batching is where the throughput comes from on a CPU: 16-32
+sequences decoded together give ~3x the tokens/s of one-at-a-time serving.
+
+Determinism. Measured on llama-cpp-python 0.3.36 with SmolLM2: a sequence's greedy output in a batch
+equals its single-sequence output only if its numerics do not depend on what else is in flight. So
+(1) the KV cache is *not* unified: every slot owns a stream of `n_ctx // n_seq_max` cells (with a
+unified cache a sequence attends over cells interleaved with other sequences' and float summation
+order changes); (2) flash attention is off (its CPU kernel picks an algorithm by the number of query
+rows); (3) the generating sequences (one token each) are decoded together, but each prompt chunk in a
+`llama_decode` of its own (prompt chunks mixed into one call changed some outputs). Prefill is
+compute-bound anyway; the batching gain is in the generation steps. So `n_ctx` is the total KV size (as llama.cpp's `-c` with `--parallel`) and each request's
+prompt + completion must fit in `n_ctx // n_seq_max` tokens (capped by the model's training context).
+
+Prefix sharing. Lines of a batch commonly share a long prompt prefix (the same system message). A
+slot keeps its KV after its request finishes (its stream is private, so this costs no memory) and
+remembers which tokens it holds. A new request goes to the free slot holding the longest common
+token prefix, and that part is not recomputed. If another slot (live or idle) holds a longer common
+prefix, its whole stream is copied (`llama_memory_seq_cp`; across streams llama.cpp copies full
+buffers only) and the copy is truncated to the common prefix (`llama_memory_seq_rm`). A request whose
+prefix is still being prefilled by a live slot waits for that prefill (typically one step) instead of
+computing the same tokens in parallel. Reused tokens are reported as
+`usage.prompt_tokens_details.cached_tokens`.
+
+Priority. A job is online (someone waits for it interactively) or batch. Pending online jobs are
+admitted before any pending batch job (two queues). While any online job is pending or active, batch
+jobs are admitted only while fewer than `n_seq_max - reserve` slots hold batch jobs, where `reserve` is
+the number of online jobs pending or active plus one: the next online request then finds a free slot
+instead of waiting for a batch line to finish. Running batch lines are never evicted, so an online
+request that arrives while every slot is busy waits for the first slot to free up.
+
+Streaming. A job may carry `on_text`, called on the decode thread with each piece of generated text
+that is final: bytes that could still begin a stop string are held back until they cannot, and so
+are the bytes of an incomplete UTF-8 character. The concatenation of the pieces equals the final
+text (see `Slot.emit`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+from overnight.engines.handoff import resolve_threadsafe
+from overnight.engines.llama.native import Native
+from overnight.engines.llama.sampling import Sampling, make_sampler
+from overnight.engines.port import EngineResponse
+from overnight.engines.stats import EmbeddedStats
+
+log = logging.getLogger(__name__)
+
+# Only share a prefix with another slot (or wait for one being computed) when it saves at least this
+# many tokens: a cross-stream copy moves a whole KV stream, and waiting costs a decode step.
+MIN_SHARED_PREFIX = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass(eq=False)
+class Job:
+    prompt: list[int]
+    max_new: int
+    sampling: Sampling
+    stops: tuple[bytes, ...]
+    deadline: float
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Outcome | EngineResponse]
+    online: bool = False  # admitted before batch jobs (see the module doc)
+    # Called on the decode thread with each final piece of text (see the module doc); it must not
+    # block, so an event-loop consumer wraps it in call_soon_threadsafe.
+    on_text: Callable[[str], None] | None = None
+    cancelled: bool = False  # set from the event loop, read by the decode thread (a plain bool is atomic)
+
+    def resolve(self, result: Outcome | EngineResponse) -> None:
+        """Thread-safe: the future belongs to the event loop."""
+        resolve_threadsafe(self.loop, self.future, result)
+
+
+@dataclass(eq=False)
+class Slot:
+    """One sequence id. `tokens[:n_past]` are in its KV stream, also after its job finished (reusable
+    prefix); while a job runs, `tokens[n_past:]` are still to be decoded."""
+
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)
+    n_past: int = 0
+    job: Job | None = None
+    generated: list[int] = field(default_factory=list)
+    text: bytearray = field(default_factory=bytearray)
+    sampler: Any = None  # native sampler chain, None for plain greedy
+    cached: int = 0
+    wait_for: Slot | None = None  # a live slot whose prompt prefill we want to copy from
+    # A cross-stream copy is carried out at the start of the next decode: until then the destination
+    # holds no data yet and the source must not be overwritten.
+    received_copy: bool = False
+    copy_source: bool = False
+    logits_index: int = -1
+    # Streaming: `text[:streamed]` went through `decoder` to the job's on_text.
+    streamed: int = 0
+    decoder: codecs.IncrementalDecoder | None = None
+
+    def emit(self, final: bool) -> None:
+        """Pass the text that no stop string can cut any more to the job's on_text (all of it when
+        `final`). The incremental decoder holds back an incomplete UTF-8 character and decodes
+        exactly as one `decode(errors="replace")` of the whole text does, so the pieces add up to
+        the final text."""
+        job = self.job
+        if job is None or job.on_text is None:
+            return
+        if self.decoder is None:
+            self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        end = len(self.text) if final else len(self.text) - _stop_prefix_len(self.text, job.stops)
+        if end <= self.streamed and not final:
+            return
+        piece = self.decoder.decode(bytes(self.text[self.streamed:end]), final)
+        self.streamed = max(end, self.streamed)
+        if piece:
+            try:
+                job.on_text(piece)
+            except Exception:  # a consumer's bug must not fail the decode step of every slot
+                log.exception("embedded llama engine: on_text failed; streaming stops for this request")
+                job.on_text = None
+
+
+def _stop_prefix_len(text: bytearray, stops: tuple[bytes, ...]) -> int:
+    """The longest end of `text` that is the start of a stop string (not a whole one: a whole one has
+    already cut the text). A stop string found later starts no earlier than this."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))
+    return int(diff[0]) if diff.size else n
+
+
+class Scheduler:
+    def __init__(self, native: Native, n_seq_max: int, prefix_sharing: bool) -> None:
+        self.native = native
+        self.prefix_sharing = prefix_sharing
+        self.slots = [Slot(seq_id=i) for i in range(n_seq_max)]
+        self.stats = EmbeddedStats(total_slots=n_seq_max)
+        self.n_seq_max = n_seq_max
+        # Two queues: pending online jobs are admitted before any batch job (module doc).
+        self.online: deque[Job] = deque()
+        self.queue: deque[Job] = deque()  # batch jobs
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="overnight-llama-decode", daemon=True)
+
+    # -- called from the event loop -----------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            (self.online if job.online else self.queue).append(job)
+            self.cond.notify()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+
+    # -- decode thread ---------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._wait_for_work():
+                try:
+                    self._step()
+                except Exception:  # a bug must not kill the thread and leave futures hanging forever
+                    log.exception("embedded llama engine: decode step failed")
+                    self._fail_active("engine_error", "The embedded engine failed while decoding this request.")
+        finally:
+            self._shutdown()
+
+    def _wait_for_work(self) -> bool:
+        with self.cond:
+            while not self.stopping and not self.online and not self.queue and not self._active():
+                self.cond.wait()
+            return not self.stopping
+
+    def _active(self) -> list[Slot]:
+        return [s for s in self.slots if s.job is not None]
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        self._resolve_waits()
+        ready = [s for s in self._active() if s.wait_for is None]
+        generating = [s for s in ready if len(s.tokens) - s.n_past == 1]
+        prefilling = [s for s in ready if len(s.tokens) - s.n_past > 1]
+        # Generating slots go together (one token each); each prompt chunk gets a decode call of its
+        # own: a sequence's numerics then do not depend on what else is in flight (see module doc).
+        groups = ([generating] if generating else []) + [[s] for s in prefilling]
+        for group in groups:
+            self._decode(group)
+            for slot in self.slots:
+                slot.received_copy = slot.copy_source = False
+        self.stats.busy_slots = len(self._active())  # batch occupancy, for the metrics
+
+    def _decode(self, group: list[Slot]) -> None:
+        entries = self._fill_batch(group)
+        rc = llama_cpp.llama_decode(self.native.ctx, self.native.batch)
+        if rc != 0:
+            log.error("embedded llama engine: llama_decode returned %d", rc)
+            for slot, _ in entries:
+                self._finish_with(slot, EngineResponse.failure(
+                    "engine_error", f"The embedded engine could not decode this request (llama_decode={rc})."))
+                self._forget_kv(slot)
+            return
+        for slot, n in entries:
+            slot.n_past += n
+            if slot.n_past == len(slot.tokens):
+                self._sample(slot)
+
+    # admission --------------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        while True:
+            free = [s for s in self.slots if s.job is None and not s.copy_source]
+            if not free:
+                return
+            with self.cond:
+                job = self._next_job()
+            if job is None:
+                return
+            if job.cancelled:
+                continue
+            if time.time() >= job.deadline:
+                job.resolve(EngineResponse.failure(
+                    "batch_expired", "This request could not be executed before the completion window expired."))
+                continue
+            self._place(job, free)
+
+    def _next_job(self) -> Job | None:
+        """The next job to admit (caller holds `cond`): online first; a batch job only while it leaves
+        `reserve` slots for online jobs (module doc)."""
+        if self.online:
+            return self.online.popleft()
+        if not self.queue:
+            return None
+        active = self._active()
+        # No online job is pending here (they went first), so the reserve counts the active ones.
+        online = sum(1 for s in active if s.job is not None and s.job.online)
+        if online and len(active) - online >= self.n_seq_max - (online + 1):
+            return None
+        return self.queue.popleft()
+
+    def _place(self, job: Job, free: list[Slot]) -> None:
+        prompt = job.prompt
+        limit = len(prompt) - 1  # at least one prompt token must be decoded to get logits
+        own = {id(s): min(common_prefix(s.tokens[: s.n_past], prompt), limit) for s in free}
+        slot = max(free, key=lambda s: own[id(s)]) if self.prefix_sharing else free[0]
+        keep = own[id(slot)] if self.prefix_sharing else 0
+        llama_cpp.llama_memory_seq_rm(self.native.memory, slot.seq_id, keep, -1)
+        slot.tokens = list(prompt)
+        slot.n_past = keep
+        slot.job = job
+        slot.generated = []
+        slot.text = bytearray()
+        slot.streamed = 0
+        slot.decoder = None
+        slot.sampler = make_sampler(job.sampling, job.max_new)
+        slot.cached = keep
+        slot.wait_for = None
+        if self.prefix_sharing:
+            self._share_prefix(slot, keep, limit)
+
+    def _share_prefix(self, slot: Slot, keep: int, limit: int) -> None:
+        """Copy a longer prefix from another slot now, or wait for one that is being prefilled."""
+        best, best_len, best_ready = None, keep, False
+        for other in self.slots:
+            if other is slot:
+                continue
+            planned = other.tokens if other.job is not None else other.tokens[: other.n_past]
+            n = min(common_prefix(planned, slot.tokens), limit)
+            ready = other.n_past >= n and not other.received_copy
+            if n > best_len or (n == best_len and best is not None and ready and not best_ready):
+                best, best_len, best_ready = other, n, ready
+        if best is None or best_len < keep + MIN_SHARED_PREFIX:
+            return
+        if best_ready:
+            self._copy_prefix(best, slot, best_len)
+        else:
+            slot.wait_for = best
+
+    def _resolve_waits(self) -> None:
+        for slot in self.slots:
+            source = slot.wait_for
+            if slot.job is None or source is None:
+                continue
+            limit = len(slot.tokens) - 1
+            planned = min(common_prefix(source.tokens, slot.tokens), limit)
+            if source.received_copy or (source.job is not None and source.n_past < planned):
+                continue  # copy once the source has prefilled the shared part
+            slot.wait_for = None
+            available = min(common_prefix(source.tokens[: source.n_past], slot.tokens), limit)
+            if available >= slot.n_past + MIN_SHARED_PREFIX:
+                self._copy_prefix(source, slot, available)
+
+    def _copy_prefix(self, source: Slot, dest: Slot, n: int) -> None:
+        # Across KV streams llama.cpp copies whole buffers only (p0/p1 must be -1), then we cut the
+        # copy back to the shared prefix. The copy itself happens at the start of the next decode.
+        mem = self.native.memory
+        llama_cpp.llama_memory_seq_rm(mem, dest.seq_id, -1, -1)
+        llama_cpp.llama_memory_seq_cp(mem, source.seq_id, dest.seq_id, -1, -1)
+        llama_cpp.llama_memory_seq_rm(mem, dest.seq_id, n, -1)
+        dest.n_past = n
+        dest.cached = n
+        dest.received_copy = True
+        source.copy_source = True
+
+    def _drop_cancelled(self) -> None:
+        for slot in self.slots:
+            if slot.job is not None and slot.job.cancelled:
+                self._release(slot)
+
+    # batch ------------------------------------------------------------------------------------------
+
+    def _fill_batch(self, group: list[Slot]) -> list[tuple[Slot, int]]:
+        """The pending tokens of the group's slots, up to n_batch tokens."""
+        batch = self.native.batch
+        budget = self.native.n_batch
+        entries: list[tuple[Slot, int]] = []
+        n = 0
+        for slot in group:
+            take = min(len(slot.tokens) - slot.n_past, budget - n)
+            if take <= 0:
+                break
+            for i in range(take):
+                pos = slot.n_past + i
+                batch.token[n] = slot.tokens[pos]
+                batch.pos[n] = pos
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = slot.seq_id
+                batch.logits[n] = False
+                n += 1
+            if slot.n_past + take == len(slot.tokens):
+                batch.logits[n - 1] = True
+                slot.logits_index = n - 1
+            entries.append((slot, take))
+        batch.n_tokens = n
+        return entries
+
+    # sampling ---------------------------------------------------------------------------------------
+
+    def _sample(self, slot: Slot) -> None:
+        job = slot.job
+        assert job is not None
+        if slot.sampler is None:
+            token = self.native.argmax(slot.logits_index)
+        else:
+            token = llama_cpp.llama_sampler_sample(slot.sampler, self.native.ctx, slot.logits_index)
+        slot.generated.append(token)
+        self.stats.generated_tokens += 1
+        if self.native.is_eog(token):
+            self._finish(slot, "stop")
+            return
+        before = len(slot.text)
+        slot.text += self.native.piece(token)
+        if job.stops and self._cut_at_stop(slot, before):
+            self._finish(slot, "stop")
+        elif len(slot.generated) >= job.max_new:
+            self._finish(slot, "length")
+        else:
+            slot.emit(final=False)
+            slot.tokens.append(token)  # decoded (into the KV) in the next step
+
+    @staticmethod
+    def _cut_at_stop(slot: Slot, before: int) -> bool:
+        """Search only the region the new piece can complete a stop string in; searching UTF-8 bytes
+        equals searching text (UTF-8 is self-synchronizing)."""
+        assert slot.job is not None
+        longest = max(len(s) for s in slot.job.stops)
+        start = max(0, before - longest + 1)
+        hits = [i for i in (slot.text.find(s, start) for s in slot.job.stops) if i >= 0]
+        if not hits:
+            return False
+        del slot.text[min(hits):]
+        return True
+
+    # finishing --------------------------------------------------------------------------------------
+
+    def _finish(self, slot: Slot, reason: str) -> None:
+        assert slot.job is not None
+        slot.emit(final=True)  # the rest of the text, before the future resolves
+        outcome = Outcome(
+            text=bytes(slot.text).decode("utf-8", errors="replace"),
+            finish_reason=reason,
+            prompt_tokens=len(slot.job.prompt),
+            completion_tokens=len(slot.generated),
+            cached_tokens=slot.cached,
+        )
+        self.stats.cached_prompt_tokens += slot.cached
+        self._finish_with(slot, outcome)
+
+    def _finish_with(self, slot: Slot, result: Outcome | EngineResponse) -> None:
+        assert slot.job is not None
+        slot.job.resolve(result)
+        self._release(slot)
+
+    def _release(self, slot: Slot) -> None:
+        """Free the slot for the next request. Its KV stays as a reusable prefix: `tokens[:n_past]`
+        (the stream is private to the slot, so keeping it costs nothing; the next request admitted
+        here truncates it to what it shares)."""
+        if slot.sampler is not None:
+            llama_cpp.llama_sampler_free(slot.sampler)
+            slot.sampler = None
+        slot.job = None
+        slot.wait_for = None
+        slot.decoder = None
+        for other in self.slots:
+            if other.wait_for is slot:
+                other.wait_for = None  # it prefills on its own instead
+
+    def _forget_kv(self, slot: Slot) -> None:
+        llama_cpp.llama_memory_seq_rm(self.native.memory, slot.seq_id, -1, -1)
+        slot.tokens, slot.n_past = [], 0
+
+    def _fail_active(self, code: str, message: str) -> None:
+        for slot in self._active():
+            self._finish_with(slot, EngineResponse.failure(code, message))
+        llama_cpp.llama_memory_clear(self.native.memory, True)
+        for slot in self.slots:
+            slot.tokens, slot.n_past = [], 0
+            slot.received_copy = slot.copy_source = False
+
+    def _shutdown(self) -> None:
+        closed = EngineResponse.failure("engine_closed", "The embedded engine was shut down before this request ran.")
+        for slot in self._active():
+            self._finish_with(slot, closed)
+        with self.cond:
+            pending = [*self.online, *self.queue]
+            self.online, self.queue = deque(), deque()
+        for job in pending:
+            job.resolve(closed)
+        self.native.free()
+

@@ -1,0 +1,82 @@
+"""The llama scheduler's pure logic, without a model: streaming hold-back and online admission."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import pytest
+
+pytest.importorskip("llama_cpp")
+
+from overnight.engines.llama.sampling import Sampling
+from overnight.engines.llama.scheduler import Job, Scheduler, Slot
+
+GREEDY = Sampling(temperature=0, top_p=1, seed=None, presence_penalty=0, frequency_penalty=0)
+
+
+def job(online: bool = False, stops: tuple[bytes, ...] = (), pieces: list[str] | None = None) -> Job:
+    on_text = pieces.append if pieces is not None else None
+    # loop and future are untouched by the logic under test
+    return Job(prompt=[1, 2], max_new=8, sampling=GREEDY, stops=stops, deadline=0.0, loop=None,  # type: ignore[arg-type]
+               future=None, online=online, on_text=on_text)  # type: ignore[arg-type]
+
+
+def test_streaming_holds_back_stop_prefixes_and_partial_utf8() -> None:
+    pieces: list[str] = []
+    slot = Slot(seq_id=0, job=job(stops=(b"END", b"\n\n"), pieces=pieces))
+    emitted: list[str] = []
+
+    def add(data: bytes) -> None:
+        slot.text += data
+        slot.emit(final=False)
+        emitted.append("".join(pieces))
+
+    add(b"caf")
+    add("é".encode()[:1])  # half of a two-byte character: held back
+    add("é".encode()[1:] + b" E")  # 'E' may start 'END': held back
+    add(b"N")
+    add(b"X\n")  # 'ENX' is no stop any more; '\n' may start '\n\n'
+    assert emitted == ["caf", "caf", "café ", "café ", "café ENX"]
+    slot.text += b"\n\nrest"  # the stop string arrives: the scheduler cuts the text there
+    del slot.text[slot.text.find(b"\n\n"):]
+    slot.emit(final=True)
+    assert "".join(pieces) == "café ENX" == bytes(slot.text).decode()
+
+
+def test_streaming_matches_a_whole_decode_of_invalid_bytes() -> None:
+    pieces: list[str] = []
+    slot = Slot(seq_id=0, job=job(pieces=pieces))
+    for byte in b"a\xe2\x82b\xff\xf0\x9f\x98":  # broken sequences, then a truncated emoji
+        slot.text.append(byte)
+        slot.emit(final=False)
+    slot.emit(final=True)
+    assert "".join(pieces) == bytes(slot.text).decode("utf-8", errors="replace")
+
+
+def scheduler(n_seq_max: int, online_active: int, batch_active: int) -> Any:
+    """A scheduler with slots and queues only (admission logic needs no native handles)."""
+    s = Scheduler.__new__(Scheduler)
+    s.n_seq_max = n_seq_max
+    s.slots = [Slot(seq_id=i) for i in range(n_seq_max)]
+    for i in range(online_active + batch_active):
+        s.slots[i].job = job(online=i < online_active)
+    s.online, s.queue = deque(), deque()
+    return s
+
+
+def test_online_jobs_go_first_and_keep_a_slot_in_reserve() -> None:
+    s = scheduler(8, online_active=0, batch_active=7)
+    s.queue.extend([first_batch := job(), job()])
+    s.online.append(online := job(online=True))
+    assert s._next_job() is online  # queued after the batch job, admitted before it
+    assert s._next_job() is first_batch  # no online job active: batch fills every free slot
+    s = scheduler(8, online_active=1, batch_active=5)
+    s.queue.append(batch := job())
+    assert s._next_job() is batch  # 6 batch + 1 online: one slot stays free for the next online job
+    s = scheduler(8, online_active=1, batch_active=6)
+    s.queue.append(job())
+    assert s._next_job() is None  # 6 >= 8 - (1 + 1)
+    s = scheduler(8, online_active=2, batch_active=5)
+    s.queue.append(job())
+    assert s._next_job() is None  # 5 >= 8 - (2 + 1)
