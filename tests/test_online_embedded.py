@@ -37,8 +37,8 @@ def test_chat_whole_and_streamed(embedded: Server) -> None:
     chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=QUESTION, max_tokens=8,
                                                  temperature=0, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].object == "chat.completion.chunk" and chunks[0].choices[0].delta.role == "assistant"
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text.strip()
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces).strip() and len(pieces) > 1  # text as it was generated, not in one piece
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
     usage = chunks[-1].usage
     assert chunks[-1].choices == [] and usage is not None and 0 < usage.completion_tokens <= 8
@@ -81,13 +81,15 @@ def test_bad_parameter_is_a_400_from_the_engine(embedded: Server) -> None:
 
 
 def test_online_request_goes_ahead_of_queued_batch_lines(embedded: Server) -> None:
-    """The worker hands the engine 8 lines for its 2 slots. An online request sent then is admitted
-    at the next free slot, ahead of the 6 queued lines: few batch lines finish while it runs."""
+    """The worker hands the engine 8 lines (one shard: 4 x its 2 slots) and queues no more until
+    some finish. An online request sent then is admitted at the next free slot, ahead of the 6
+    queued lines, so it is answered before that shard commits; in arrival order it would wait for
+    all 8 lines, and their commit would count them done first."""
     client = embedded.client()
     lines = [{"custom_id": f"b{i}", "method": "POST", "url": "/v1/chat/completions",
-              "body": {"model": "gpt-4o-mini", "max_tokens": 64, "temperature": 0,
+              "body": {"model": "gpt-4o-mini", "max_tokens": 32, "temperature": 0,
                        "messages": [{"role": "user", "content": f"Write a long list of {i + 20} animals."}]}}
-             for i in range(24)]
+             for i in range(16)]
     batch = client.batches.create(input_file_id=upload(client, lines), endpoint="/v1/chat/completions",
                                   completion_window="24h")
     wait_status(client, batch.id, {"in_progress"}, timeout=60)
@@ -101,7 +103,7 @@ def test_online_request_goes_ahead_of_queued_batch_lines(embedded: Server) -> No
     time.sleep(1.5)  # the heartbeat that reports the lines done by then
     during = _completed(client, batch.id) - before
     assert text.strip()
-    assert during <= 4, f"{during} batch lines finished during the online request ({took:.1f}s)"
+    assert during < 8, f"{during} batch lines were done when the online request was answered ({took:.1f}s)"
     client.batches.cancel(batch.id)
     wait_terminal(client, batch.id, timeout=120)
 

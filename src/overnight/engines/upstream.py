@@ -98,7 +98,7 @@ class UpstreamEngine:
             now = time.time()
             if now >= request.deadline:
                 return EngineResponse.failure(C.BATCH_EXPIRED, _EXPIRED_MESSAGE)
-            response, retry_after = await self._attempt(url, payload, request.deadline)
+            response, retry_after = await self._attempt(url, payload, request.deadline, request.online)
             if response.ok:
                 return response
             decision = self.policy.decide(attempt, response.status_code, retry_after, time.time(), request.deadline)
@@ -159,9 +159,10 @@ class UpstreamEngine:
         if error is not None:
             self.stats.error(error)
 
-    async def _attempt(self, url: str, payload: bytes, deadline: float) -> tuple[EngineResponse, float | None]:
+    async def _attempt(self, url: str, payload: bytes, deadline: float,
+                       online: bool = False) -> tuple[EngineResponse, float | None]:
         assert self._client is not None
-        epoch = await self.limiter.acquire()
+        epoch = await self.limiter.acquire(online)
         # The deadline is checked after the wait for a concurrency slot, which can be long: no
         # request starts after the completion window closed.
         time_left = deadline - time.time()
@@ -194,7 +195,7 @@ class UpstreamEngine:
                 "upstream_unreachable", f"Could not reach the upstream {self.name}: {_describe(exc)}."
             ), None
         finally:
-            self.limiter.release()
+            self.limiter.release(online)
             stats.latency.observe(time.perf_counter() - started)
         if status >= 400:
             stats.error(f"http_{status}")

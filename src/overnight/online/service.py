@@ -75,16 +75,16 @@ class OnlineService:
         await self._start(engine)
         deadline = time.time() + self.timeout_seconds
         if isinstance(engine, PassThroughEngine):
-            return await engine.send_online(_online(EngineRequest(endpoint, body, deadline, raw)))
+            return await engine.send_online(EngineRequest(endpoint, body, deadline, raw, online=True))
         stream = body.get("stream") is True and endpoint in _TEXT_EVENTS
         if not stream:
-            response = await engine.execute(_online(EngineRequest(endpoint, body, deadline)))
+            response = await engine.execute(EngineRequest(endpoint, body, deadline, online=True))
             if not response.ok:
                 return _failure(response)
             return OnlineReply(response.status_code or 200, JSON, response.raw or orjson.dumps(response.body))
         # Asked to stream, the engine still writes the text; the events are ours.
         engine_body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-        request = _online(EngineRequest(endpoint, engine_body, deadline))
+        request = EngineRequest(endpoint, engine_body, deadline, online=True)
         events = _TEXT_EVENTS[endpoint](_model_name(engine, resolved.model), body)
         if isinstance(engine, TextStreamingEngine):
             return await _streamed(events, endpoint, engine.stream(request))
@@ -148,11 +148,6 @@ async def _close(items: AsyncIterator[Any]) -> None:
     aclose = getattr(items, "aclose", None)
     if aclose is not None:
         await aclose()
-
-
-def _online(request: EngineRequest) -> EngineRequest:
-    """The request, marked for the engine's online lane."""
-    return request
 
 
 def _check_body(endpoint: str, body: dict[str, Any]) -> OnlineReply | None:
