@@ -207,3 +207,34 @@ def _shrink_and_recover(server: Server, up: Upstream) -> None:
     until(lambda: tag("batch")["in_flight"] == 4, timeout=10)  # the batch lane grows back
     client.batches.cancel(batch.id)
     wait_terminal(client, batch.id, timeout=60)
+
+
+def test_a_client_that_goes_away_frees_the_upstream_request(online: Server, upstream: Upstream) -> None:
+    """Closing a stream after its first event ends the upstream request at once (through the worker
+    process's relay), not when the upstream would have finished writing it."""
+    import http.client
+
+    body = orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "a b c d e"}],
+                         "stream": True, "x_chunk_delay_ms": 3000, "x_tag": "dropped"})
+    conn = http.client.HTTPConnection("127.0.0.1", online.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=body,
+                 headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.read1(65536).startswith(b"data: ")
+    assert upstream.stats()["tags"]["dropped"]["in_flight"] == 1
+    conn.close()  # 6 more events would take 18 s
+    until(lambda: upstream.stats()["tags"]["dropped"]["in_flight"] == 0, timeout=5)
+
+
+def test_online_requests_in_the_api_process(tmp_path: Path, upstream: Upstream) -> None:
+    """With the worker in the API process (--workers 0), online requests run on its engines directly."""
+    server = Server(tmp_path / "data", ["--upstream", f"*={upstream.base_url}", "--api-key", API_KEY,
+                                        "--no-embedded", "--workers", "0"]).start()
+    try:
+        client = server.client()
+        pieces = [c.choices[0].delta.content for c in client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "in process"}], stream=True) if c.choices]
+        assert "".join(p or "" for p in pieces) == "echo: in process"
+        assert client.embeddings.create(model="e", input="abc").data[0].embedding == [3.0, 0.5, -0.25]
+    finally:
+        server.stop()

@@ -79,13 +79,21 @@ class RelayServer:
                 return
             endpoint = orjson.loads(head)["endpoint"]
             reply = await self.answerer.answer(endpoint, body)
-            await _write_frame(writer, b"H", orjson.dumps({"status": reply.status, "media_type": reply.media_type}))
-            if reply.body is not None:
-                await _write_frame(writer, b"D", reply.body)
-            else:
-                async for chunk in reply.chunks:
-                    await _write_frame(writer, b"D", chunk)
-            await _write_frame(writer, b"E", b"")
+            # The API process sends nothing more: end of file means its client went away. Watch for
+            # it while the answer is relayed, or a slow stream would run on until its next event.
+            relay = asyncio.create_task(_relay(reply, writer))
+            gone = asyncio.create_task(reader.read(1))
+            try:
+                await asyncio.wait({relay, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not relay.done():
+                    relay.cancel()
+                await asyncio.gather(relay, return_exceptions=True)
+            finally:
+                gone.cancel()
+                relay.cancel()
+            error = None if relay.cancelled() else relay.exception()
+            if error is not None:
+                raise error
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the API process dropped the request (its client went away)
         except Exception:
@@ -96,6 +104,16 @@ class RelayServer:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+
+async def _relay(reply: OnlineReply, writer: asyncio.StreamWriter) -> None:
+    await _write_frame(writer, b"H", orjson.dumps({"status": reply.status, "media_type": reply.media_type}))
+    if reply.body is not None:
+        await _write_frame(writer, b"D", reply.body)
+    else:
+        async for chunk in reply.chunks:
+            await _write_frame(writer, b"D", chunk)
+    await _write_frame(writer, b"E", b"")
 
 
 class RelayClient:

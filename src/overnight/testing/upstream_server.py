@@ -256,11 +256,14 @@ async def _stream(request: web.Request, endpoint: str, body: dict[str, Any]) -> 
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     delay = float(body.get("x_chunk_delay_ms") or 0) / 1000
-    for n, event in enumerate(_stream_events(endpoint, body)):
-        if n and delay:
-            await asyncio.sleep(delay)
-        await response.write(event)
-    await response.write_eof()
+    try:
+        for n, event in enumerate(_stream_events(endpoint, body)):
+            if n and delay:
+                await asyncio.sleep(delay)
+            await response.write(event)
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the client stopped reading (a test of what a client that goes away frees)
     return response
 
 
