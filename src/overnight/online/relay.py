@@ -71,27 +71,26 @@ class RelayServer:
             os.unlink(self.path)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        reply: OnlineReply | None = None
         try:
             kind, head = await _read_frame(reader)
             body_kind, body = await _read_frame(reader)
             if kind != b"Q" or body_kind != b"B":
                 return
             endpoint = orjson.loads(head)["endpoint"]
-            reply = await self.answerer.answer(endpoint, body)
             # The API process sends nothing more: end of file means its client went away. Watch for
-            # it while the answer is relayed, or a slow stream would run on until its next event.
-            relay = asyncio.create_task(_relay(reply, writer))
+            # it while the request runs and its answer is relayed, and stop there: a slow stream
+            # would otherwise run on until its next event, a whole answer until it is done.
+            work = asyncio.create_task(self._answer(endpoint, body, writer))
             gone = asyncio.create_task(reader.read(1))
             try:
-                await asyncio.wait({relay, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if not relay.done():
-                    relay.cancel()
-                await asyncio.gather(relay, return_exceptions=True)
+                await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not work.done():
+                    work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
             finally:
                 gone.cancel()
-                relay.cancel()
-            error = None if relay.cancelled() else relay.exception()
+                work.cancel()
+            error = None if work.cancelled() else work.exception()
             if error is not None:
                 raise error
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -99,11 +98,16 @@ class RelayServer:
         except Exception:
             log.exception("online request failed in the worker")
         finally:
-            if reply is not None:
-                await reply.aclose()
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+    async def _answer(self, endpoint: str, body: bytes, writer: asyncio.StreamWriter) -> None:
+        reply = await self.answerer.answer(endpoint, body)
+        try:
+            await _relay(reply, writer)
+        finally:
+            await reply.aclose()
 
 
 async def _relay(reply: OnlineReply, writer: asyncio.StreamWriter) -> None:
