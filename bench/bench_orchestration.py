@@ -249,16 +249,17 @@ def main() -> None:
                     samples.setdefault(name, []).append(arm())
                 print(f"round {round_ + 1}: " + " | ".join(f"{name} {values[-1]:,.0f}" for name, values in samples.items()),
                       flush=True)
+    def per_round(a: str, b: str) -> list[float]:
+        return [x / y for x, y in zip(samples[a], samples[b], strict=True)]
+
     ratios: dict[str, list[float]] = {}
     for n in sizes:
-        ours_n = samples[f"overnight@{n}"]
-        ratios[f"overnight_vs_raw_pyreqwest@{n}"] = [a / b for a, b in zip(ours_n, samples[f"raw_pyreqwest@{n}"])]
-        ratios[f"overnight_vs_raw_aiohttp@{n}"] = [a / b for a, b in zip(ours_n, samples[f"raw_aiohttp@{n}"])]
-        ratios[f"overnight_vs_sdk_script@{n}"] = [
-            a / b for a, b in zip(ours_n, samples[f"sdk_script@{min(n, args.sdk_lines)}"])]
+        ratios[f"overnight_vs_raw_pyreqwest@{n}"] = per_round(f"overnight@{n}", f"raw_pyreqwest@{n}")
+        ratios[f"overnight_vs_raw_aiohttp@{n}"] = per_round(f"overnight@{n}", f"raw_aiohttp@{n}")
+        ratios[f"overnight_vs_sdk_script@{n}"] = per_round(f"overnight@{n}", f"sdk_script@{min(n, args.sdk_lines)}")
     if many_count:
-        ratios["many_vs_one_batch"] = [a / b for a, b in zip(samples[f"many_batches@{many_count}x{many_lines}"],
-                                                             samples[f"one_batch_watched@{many_count * many_lines}"])]
+        ratios["many_vs_one_batch"] = per_round(f"many_batches@{many_count}x{many_lines}",
+                                                f"one_batch_watched@{many_count * many_lines}")
     result: dict[str, Any] = {
         "git": state,
         "args": vars(args),

@@ -52,3 +52,13 @@ def test_usage_of_either_shape_adds_up() -> None:
     assert (result.input_tokens, result.output_tokens, result.cached_tokens, result.reasoning_tokens) == (
         20, 6, 4, 3,
     )
+
+
+@pytest.mark.parametrize("custom_id", ["c1", 'quote " and \\ backslash', "caf\u00e9 \u2028 line sep \u2029", "\x00\x1f"])
+def test_a_joined_line_is_the_serialized_line_byte_for_byte(custom_id: str) -> None:
+    """The hot path joins bytes instead of serializing a dict; both must write the same line."""
+    raw = orjson.dumps(BODY)
+    joined = response_line("batch_req_1", custom_id, 404, "req_\u2028", BODY, raw)
+    serialized = response_line("batch_req_1", custom_id, 404, "req_\u2028", BODY)
+    assert joined == serialized
+    assert b"\xe2\x80\xa8" not in joined and orjson.loads(joined)["custom_id"] == custom_id

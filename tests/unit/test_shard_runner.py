@@ -206,6 +206,36 @@ def test_a_shard_that_fails_the_same_way_twice_is_settled_and_its_lines_reported
     assert "disk on fire" in lines[0]["error"]["message"]
 
 
+class CountingFiles(MemoryFileStore):
+    """Records every blob a writer was opened for."""
+
+    def __init__(self, inner: MemoryFileStore) -> None:
+        super().__init__()
+        self.blobs = inner.blobs
+        self.opened: list[str] = []
+
+    def writer(self, key: str) -> Any:
+        self.opened.append(key)
+        return super().writer(key)
+
+
+def test_finalize_opens_no_blob_for_a_file_it_would_leave_empty(setup: Any) -> None:
+    """Every line failed: the error file is written, and no output file is ever opened (an empty
+    one used to be created, fsynced, published and deleted again)."""
+    store, files = setup
+    claim = store.queue.claim_shard(NOW, 30, "t1")
+    assert claim is not None
+    assert store.queue.fail_shard(claim.shard_id, "t1", "batch_x", "gave up", True, int(NOW)) == "batch_ready"
+    task = store.queue.claim_batch_task(NOW, 30, "f")
+    assert task is not None
+    counting = CountingFiles(files)
+    assert finalize_batch(task, counting, store.queue, int(NOW))
+    batch = store.batches.get_batch(None, "batch_x")
+    assert batch is not None and batch.output_file_id is None and batch.error_file_id is not None
+    error_file = store.files.get_file(None, batch.error_file_id, int(NOW))
+    assert error_file is not None and counting.opened == [error_file.storage_key]
+
+
 def test_a_different_failure_is_retried_and_attempts_are_capped(setup: Any) -> None:
     store, _files = setup
     claim = store.queue.claim_shard(NOW, 30, "t1")

@@ -9,6 +9,7 @@ ranges in large chunks, not a loop over lines."""
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import ExitStack
 
 import orjson
 
@@ -37,7 +38,9 @@ def finalize_batch(
     err_record = _new_output_record(batch.id, batch.owner, "error", batch.output_expires_after, now)
     completed = failed = 0
     codes: Counter[str] = Counter()
-    with files.writer(out_record.storage_key) as out, files.writer(err_record.storage_key) as err:
+    with ExitStack() as stack:
+        out = _OpenedOnFirstWrite(files, out_record.storage_key, stack)
+        err = _OpenedOnFirstWrite(files, err_record.storage_key, stack)
         for shard in task.shards:
             if shard.status == C.SHARD_DONE and shard.result_key:
                 if shard.result_output_bytes is None:
@@ -62,8 +65,8 @@ def finalize_batch(
                     codes[code] += 1
         out_size, err_size = out.bytes_written, err.bytes_written
     output, error = _sized(out_record, out_size), _sized(err_record, err_size)
-    for record, size in ((out_record, out_size), (err_record, err_size)):
-        if not size:
+    for record, writer in ((out_record, out), (err_record, err)):
+        if writer.opened and not writer.bytes_written:
             files.delete(record.storage_key)  # OpenAI leaves the id null rather than an empty file
     outcome = {"completed": completed, "failed": failed, "errors_by_code": dict(codes.most_common())}
     events = webhooks.events_for(batch.owner, batch.id, task.final_status, now) if webhooks else []
@@ -79,6 +82,29 @@ def finalize_batch(
         if shard.result_key:
             files.delete(shard.result_key)
     return True
+
+
+class _OpenedOnFirstWrite:
+    """A blob writer that opens its blob at the first write. Most batches have no error lines
+    (and some no output lines): an empty blob would be created, fsynced, published and deleted
+    again, several file-system round trips per batch for nothing."""
+
+    def __init__(self, files: FileStore, key: str, stack: ExitStack) -> None:
+        self._files, self._key, self._stack = files, key, stack
+        self._writer: BlobWriter | None = None
+
+    @property
+    def opened(self) -> bool:
+        return self._writer is not None
+
+    @property
+    def bytes_written(self) -> int:
+        return self._writer.bytes_written if self._writer is not None else 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self._writer is None:
+            self._writer = self._stack.enter_context(self._files.writer(self._key))
+        self._writer.write(data)
 
 
 def _count_codes(codes: Counter[str], shard_codes: str | None, error_lines: int) -> None:

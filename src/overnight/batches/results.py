@@ -19,6 +19,12 @@ def response_line(
     raw_body: bytes | None = None,
 ) -> bytes:
     """`raw_body`, when given, is `body` as JSON text without line breaks: embedded as is."""
+    if raw_body is not None:  # the hot path (every upstream answer): joined, not built as a dict (0.4 vs 1.4 us)
+        return _one_line(b"".join((
+            b'{"id":', orjson.dumps(line_id), b',"custom_id":', orjson.dumps(custom_id),
+            b',"response":{"status_code":', b"%d" % status_code, b',"request_id":', orjson.dumps(request_id),
+            b',"body":', raw_body, b'},"error":null}',
+        )))
     return _one_line(orjson.dumps(
         {
             "id": line_id,
@@ -26,7 +32,7 @@ def response_line(
             "response": {
                 "status_code": status_code,
                 "request_id": request_id,
-                "body": body if raw_body is None else orjson.Fragment(raw_body),
+                "body": body,
             },
             "error": None,
         }

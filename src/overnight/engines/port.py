@@ -59,6 +59,15 @@ class SharedBudgetEngine(Protocol):
     def set_share(self, share: int) -> None: ...
 
 
+@runtime_checkable
+class RawBodyEngine(Protocol):
+    """An engine that sends `EngineRequest.raw_body` as is and never reads `body` when it is given
+    (an HTTP engine). The worker then skips parsing the body into a dict for it: a dict per line
+    held for a whole shard costs more in garbage collection than its parse."""
+
+    sends_raw_body: bool
+
+
 class Engine(Protocol):
     """Executes one request. Implementations own their concurrency and retries; `execute` never
     raises for a per-request failure, it returns it."""

@@ -30,6 +30,8 @@ _EXPIRED_MESSAGE = "This request could not be executed before the completion win
 
 
 class UpstreamEngine:
+    sends_raw_body = True  # a RawBodyEngine: `body` is not read when `raw_body` is given
+
     def __init__(self, settings: UpstreamSettings, policy: RetryPolicy | None = None) -> None:
         self.settings = settings
         self.name = settings.label

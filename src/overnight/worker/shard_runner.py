@@ -12,14 +12,15 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+
+import orjson
 
 from overnight import constants as C
 from overnight.batches.endpoints import routing_model
 from overnight.batches.jsonl import split_requests
 from overnight.batches.request_line import parse_request_line, with_model
 from overnight.batches.results import error_line, response_error_code, response_line
-from overnight.engines.port import EngineRequest, EngineResponse
+from overnight.engines.port import Engine, EngineRequest, EngineResponse, RawBodyEngine
 from overnight.engines.router import Resolved, Router
 from overnight.files.layout import results_key
 from overnight.files.port import FileStore
@@ -58,17 +59,18 @@ class ShardRunner:
         self.router = router
         self.lanes = lanes
         self.clock = clock
+        self._raw_body_engines: dict[int, bool] = {}  # id(engine) -> sends_raw_body (a few engines)
 
     async def run(self, claim: ClaimedShard, state: ShardState) -> str:
         """Run and commit the shard: `committed`, `batch_ready` (its batch can finalize) or `lost`."""
         data = await asyncio.to_thread(
             self.files.read_range, claim.input_storage_key, claim.byte_offset, claim.byte_length
         )
-        run = _ShardRun(self, claim, state, [parse_request_line(raw) for raw in split_requests(data)])
+        run = _ShardRun(self, claim, state, [_request_of(raw, claim.endpoint) for raw in split_requests(data)])
         del data
         by_lane: dict[int, tuple[EngineLane | None, list[tuple[_ShardRun, int]]]] = {}
-        for i, (request, _) in enumerate(run.requests):
-            resolved = self.router.resolve(routing_model(claim.endpoint, request["body"]), claim.endpoint)
+        for i, (_, model, _) in enumerate(run.requests):
+            resolved = self.router.resolve(model, claim.endpoint)
             run.resolved.append(resolved)
             lane = self.lanes.for_engine(resolved.engine) if resolved is not None else None
             by_lane.setdefault(id(lane), (lane, []))[1].append((run, i))
@@ -97,6 +99,12 @@ class ShardRunner:
             self.metrics.shard_committed(claim.endpoint, run.result.completed, run.failures)
         return outcome
 
+    def sends_raw_body(self, engine: Engine) -> bool:
+        known = self._raw_body_engines.get(id(engine))
+        if known is None:
+            known = self._raw_body_engines[id(engine)] = isinstance(engine, RawBodyEngine) and engine.sends_raw_body
+        return known
+
     def _write_results(self, run: _ShardRun) -> None:
         lines, failed = run.lines, run.failed_at
         if failed:
@@ -117,7 +125,7 @@ class _ShardRun:
     """One attempt at a shard: its parsed lines, their results so far, and when they are all in."""
 
     def __init__(self, runner: ShardRunner, claim: ClaimedShard, state: ShardState,
-                 requests: list[tuple[dict[str, Any], bytes | None]]) -> None:
+                 requests: list[_Request]) -> None:
         self.runner = runner
         self.claim = claim
         self.state = state
@@ -185,12 +193,10 @@ class _ShardRun:
     async def _execute(self, i: int) -> tuple[bytes, bool]:
         """The line's result line, and whether it belongs in the output file (else the error file)."""
         claim, state, result = self.claim, self.state, self.result
-        request, body_bytes = self.requests[i]
+        custom_id, model, body_bytes = self.requests[i]
         self.requests[i] = _DONE  # drop the body as soon as it is sent
         index = claim.first_request + i
-        custom_id: str = request["custom_id"]
         self.custom_ids[i] = custom_id
-        body = request["body"]
         ident = f"{self.id_prefix}{index:08x}"
         if state.batch_stopped or state.lease_lost:
             self._fail(C.BATCH_CANCELLED)
@@ -202,19 +208,22 @@ class _ShardRun:
         resolved = self.resolved[i]
         if resolved is None:  # the routes changed since validation (a restart with other settings)
             response = EngineResponse.http_error(
-                404, f"The model '{routing_model(claim.endpoint, body)}' is not served by this server.",
+                404, f"The model '{model}' is not served by this server.",
                 code="model_not_found",
                 param="model",
             )
         else:
+            engine = resolved.engine
             # Only an alias changes the body; a line without a model (moderations) goes as written.
-            if resolved.model != routing_model(claim.endpoint, body):
-                if body_bytes is not None:
-                    body_bytes = with_model(body_bytes, body, resolved.model)
+            if resolved.model != model:
+                body = orjson.loads(body_bytes)
+                body_bytes = with_model(body_bytes, body, resolved.model)
                 body = {**body, "model": resolved.model}
-            response = await resolved.engine.execute(
-                EngineRequest(claim.endpoint, body, self.deadline, body_bytes)
-            )
+            elif self.runner.sends_raw_body(engine):
+                body = {}  # not read: the engine sends body_bytes
+            else:
+                body = orjson.loads(body_bytes)
+            response = await engine.execute(EngineRequest(claim.endpoint, body, self.deadline, body_bytes))
         if response.status_code is None:
             code = response.error_code or C.ENGINE_ERROR
             self._fail(code)
@@ -236,4 +245,15 @@ class _ShardRun:
         return line, False
 
 
-_DONE: tuple[dict[str, Any], None] = ({}, None)
+# A line as the worker keeps it until it is sent: custom_id, the model it routes by, the body's
+# exact bytes. Strings and bytes only: the parsed line is dropped at once, so thousands of nested
+# dicts are not held (and scanned by the garbage collector) for the life of a shard.
+_Request = tuple[str, str, bytes]
+_DONE: _Request = ("", "", b"")
+
+
+def _request_of(raw: bytes, endpoint: str) -> _Request:
+    request, body_bytes = parse_request_line(raw)
+    body = request["body"]
+    # Validation guarantees a `body` object, so its bytes are found; re-serializing is a fallback.
+    return request["custom_id"], routing_model(endpoint, body), body_bytes or orjson.dumps(body)
