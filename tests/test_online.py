@@ -226,15 +226,19 @@ def test_a_client_that_goes_away_frees_the_upstream_request(online: Server, upst
     until(lambda: upstream.stats()["tags"]["dropped"]["in_flight"] == 0, timeout=5)
 
 
-def test_online_requests_in_the_api_process(tmp_path: Path, upstream: Upstream) -> None:
-    """With the worker in the API process (--workers 0), online requests run on its engines directly."""
+@pytest.mark.parametrize("placement", [("--workers", "0"), ("--workers", "2"), ("--no-worker",)],
+                         ids=["worker-in-api-process", "two-worker-processes", "no-worker"])
+def test_online_requests_wherever_the_engines_run(tmp_path: Path, upstream: Upstream, placement: tuple[str, ...]) -> None:
+    """On the API process's engines (no worker process, or none at all) or on each of several
+    worker processes' in turn."""
     server = Server(tmp_path / "data", ["--upstream", f"*={upstream.base_url}", "--api-key", API_KEY,
-                                        "--no-embedded", "--workers", "0"]).start()
+                                        "--no-embedded", *placement]).start()
     try:
         client = server.client()
-        pieces = [c.choices[0].delta.content for c in client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "in process"}], stream=True) if c.choices]
-        assert "".join(p or "" for p in pieces) == "echo: in process"
+        for i in range(3):  # with two workers, both answer
+            pieces = [c.choices[0].delta.content for c in client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": f"where {i}"}], stream=True) if c.choices]
+            assert "".join(p or "" for p in pieces) == f"echo: where {i}"
         assert client.embeddings.create(model="e", input="abc").data[0].embedding == [3.0, 0.5, -0.25]
     finally:
         server.stop()
