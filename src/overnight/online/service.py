@@ -57,7 +57,7 @@ class OnlineService:
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            return OnlineReply.error(400, _NOT_JSON, code="invalid_json")
+            body = None
         if not isinstance(body, dict):
             return OnlineReply.error(400, _NOT_JSON, code="invalid_json")
         problem = _check_body(endpoint, body)
@@ -68,30 +68,20 @@ class OnlineService:
         if resolved is None:
             return OnlineReply.error(404, f"The model `{model}` does not exist or you do not have access to it.",
                                      code="model_not_found")
-        if resolved.model != model:
+        if resolved.model != model:  # an alias: the engine is asked for the model it names
             raw = with_model(raw, body, resolved.model)
             body = {**body, "model": resolved.model}
-        engine = resolved.engine
-        await self._start(engine)
+        await self._start(resolved.engine)
         deadline = time.time() + self.timeout_seconds
+        engine = resolved.engine
         if isinstance(engine, PassThroughEngine):
             return await engine.send_online(EngineRequest(endpoint, body, deadline, raw, online=True))
-        stream = body.get("stream") is True and endpoint in _TEXT_EVENTS
-        if not stream:
-            response = await engine.execute(EngineRequest(endpoint, body, deadline, online=True))
-            if not response.ok:
-                return _failure(response)
-            return OnlineReply(response.status_code or 200, JSON, response.raw or orjson.dumps(response.body))
-        # Asked to stream, the engine still writes the text; the events are ours.
-        engine_body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-        request = EngineRequest(endpoint, engine_body, deadline, online=True)
-        events = _TEXT_EVENTS[endpoint](_model_name(engine, resolved.model), body)
-        if isinstance(engine, TextStreamingEngine):
-            return await _streamed(events, endpoint, engine.stream(request))
-        response = await engine.execute(request)
+        if body.get("stream") is True and endpoint in _TEXT_EVENTS:
+            return await _answer_as_events(engine, endpoint, body, deadline, resolved.model)
+        response = await engine.execute(EngineRequest(endpoint, body, deadline, online=True))
         if not response.ok:
             return _failure(response)
-        return _whole_answer_as_events(events, endpoint, response.body or {})
+        return OnlineReply(response.status_code or 200, JSON, response.raw or orjson.dumps(response.body))
 
     async def _start(self, engine: Engine) -> None:
         if id(engine) not in self._started:
@@ -106,6 +96,21 @@ class TextStreamingEngine(Protocol):
     early cancels the request."""
 
     def stream(self, request: EngineRequest) -> AsyncIterator[str | EngineResponse]: ...
+
+
+async def _answer_as_events(engine: Engine, endpoint: str, body: dict[str, Any], deadline: float,
+                            routed: str) -> OnlineReply:
+    """A streamed request to an engine that writes its own answers: the engine writes the text,
+    the events are ours (as it is generated where the engine can stream, else in one piece)."""
+    engine_body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+    request = EngineRequest(endpoint, engine_body, deadline, online=True)
+    events = _TEXT_EVENTS[endpoint](_model_name(engine, routed), body)
+    if isinstance(engine, TextStreamingEngine):
+        return await _streamed(events, endpoint, engine.stream(request))
+    response = await engine.execute(request)
+    if not response.ok:
+        return _failure(response)
+    return _whole_answer_as_events(events, endpoint, response.body or {})
 
 
 def _model_name(engine: Engine, routed: str) -> str:
