@@ -30,8 +30,11 @@ Priority. A job is online (someone waits for it interactively) or batch. Pending
 admitted before any pending batch job (two queues). While any online job is pending or active, batch
 jobs are admitted only while fewer than `n_seq_max - reserve` slots hold batch jobs, where `reserve` is
 the number of online jobs pending or active plus one: the next online request then finds a free slot
-instead of waiting for a batch line to finish. Running batch lines are never evicted, so an online
-request that arrives while every slot is busy waits for the first slot to free up.
+instead of waiting for a batch line to finish. The reserve of one slot also holds for
+`ONLINE_RESERVE_SECONDS` after the last online request arrived: interactive users send a request,
+read, and send the next one, and without it each of their requests would find every slot taken by
+the batch again. Running batch lines are never evicted, so an online request that arrives while
+every slot is busy (the first after a quiet spell) waits for the first slot to free up.
 
 Streaming. A job may carry `on_text`, called on the decode thread with each piece of generated text
 that is final: bytes that could still begin a stop string are held back until they cannot, and so
@@ -61,6 +64,10 @@ from overnight.engines.port import EngineResponse
 from overnight.engines.stats import EmbeddedStats
 
 log = logging.getLogger(__name__)
+
+# How long the batch keeps one slot free after an online request arrived (see Priority above): a
+# user's think time between requests; meanwhile it costs the batch one slot of n_seq_max.
+ONLINE_RESERVE_SECONDS = 30.0
 
 # Only share a prefix with another slot (or wait for one being computed) when it saves at least this
 # many tokens: a cross-stream copy moves a whole KV stream, and waiting costs a decode step.
@@ -176,11 +183,15 @@ class Scheduler:
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="overnight-llama-decode", daemon=True)
 
+    last_online = float("-inf")  # time.monotonic() when the last online job was submitted
+
     # -- called from the event loop -----------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
         with self.cond:
             (self.online if job.online else self.queue).append(job)
+            if job.online:
+                self.last_online = time.monotonic()
             self.cond.notify()
 
     def stop(self) -> None:
@@ -270,7 +281,8 @@ class Scheduler:
         active = self._active()
         # No online job is pending here (they went first), so the reserve counts the active ones.
         online = sum(1 for s in active if s.job is not None and s.job.online)
-        if online and len(active) - online >= self.n_seq_max - (online + 1):
+        recent = time.monotonic() - self.last_online < ONLINE_RESERVE_SECONDS
+        if (online or recent) and len(active) - online >= self.n_seq_max - (online + 1):
             return None
         return self.queue.popleft()
 
