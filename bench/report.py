@@ -80,7 +80,7 @@ def orchestration() -> str:
             f"| | raw aiohttp, concurrency {d['concurrency']} | {med(arms[f'raw_aiohttp@{size}'])} | "
             f"{med(ratios[f'overnight_vs_raw_aiohttp@{size}'], 2)} |",
             f"| | asyncio + official SDK, semaphore {d['concurrency']} ({n(sdk)} lines) | "
-            f"{med(arms[f'sdk_script@{sdk}'])} | {med(ratios[f'overnight_vs_sdk_script@{size}'], 1)}x |",
+            f"{med(arms[f'sdk_script@{size}'])} | {med(ratios[f'overnight_vs_sdk_script@{size}'], 1)}x |",
         ]
     many = [k for k in arms if k.startswith("many_batches@")]
     if many:
