@@ -16,7 +16,7 @@ from typing import Any
 
 import openai
 
-from harness import machine, overnight_process, rss_mb, save, upstream_process
+from harness import git_state, machine, overnight_process, rss_mb, save, upstream_process
 
 UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3}
 
@@ -93,6 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="20M,200M,2G")
     args = parser.parse_args()
+    state = git_state()
     print(f"machine: {machine()}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="overnight-mem-") as tmp:
@@ -103,7 +104,7 @@ def main() -> None:
                 rows.append(row)
                 print(f"{size_text:>6}: {row['lines']:>9,} lines  idle {row['idle_rss_mb']:6.1f} MB  peak "
                       f"{row['peak_rss_mb']:6.1f} MB  growth {row['growth_mb']:6.1f} MB  ({row['seconds']}s)")
-    print(f"wrote {save('memory', {'rows': rows})}")
+    print(f"wrote {save('memory', {'git': state, 'args': vars(args), 'rows': rows})}")
 
 
 if __name__ == "__main__":

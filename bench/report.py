@@ -40,12 +40,20 @@ def measured_at(name: str, data: dict[str, Any]) -> str:
 
 
 def n(value: float, digits: int = 0) -> str:
+    """A number with thousands separators; negative `digits` rounds to tens, hundreds, ..."""
+    if digits < 0:
+        return f"{round(value, digits):,.0f}"
     return f"{value:,.{digits}f}"
 
 
 def med(s: dict[str, float], digits: int = 0) -> str:
     """A spread as `median [min-max]`."""
     return f"{n(s['median'], digits)} [{n(s['min'], digits)}-{n(s['max'], digits)}]"
+
+
+def times(s: dict[str, float]) -> str:
+    """A spread of factors as `28.2x [26.0-30.1]`."""
+    return f"{n(s['median'], 1)}x [{n(s['min'], 1)}-{n(s['max'], 1)}]"
 
 
 # -- blocks ------------------------------------------------------------------------------------
@@ -80,7 +88,7 @@ def orchestration() -> str:
             f"| | raw aiohttp, concurrency {d['concurrency']} | {med(arms[f'raw_aiohttp@{size}'])} | "
             f"{med(ratios[f'overnight_vs_raw_aiohttp@{size}'], 2)} |",
             f"| | asyncio + official SDK, semaphore {d['concurrency']} ({n(sdk)} lines) | "
-            f"{med(arms[f'sdk_script@{sdk}'])} | {med(ratios[f'overnight_vs_sdk_script@{size}'], 1)}x |",
+            f"{med(arms[f'sdk_script@{size}'])} | {times(ratios[f'overnight_vs_sdk_script@{size}'])} |",
         ]
     many = [k for k in arms if k.startswith("many_batches@")]
     if many:
@@ -120,11 +128,50 @@ def memory() -> str:
     return "\n".join(rows) + f"\n\n({measured_at('memory', d)}.)"
 
 
+def worker_cpu() -> str:
+    one, many = load("worker_cpu"), load("worker_cpu_many")
+    return (f"{med(one['cpu_us_per_line'], 1)} us of CPU per line for one {n(one['args']['lines'])}-line batch "
+            f"({one['args']['rounds']} rounds; {measured_at('worker_cpu', one)}), "
+            f"{med(many['cpu_us_per_line'], 1)} us per line for {many['args']['batches']} batches of "
+            f"{n(many['args']['lines'])} lines at once ({many['args']['rounds']} rounds; "
+            f"{measured_at('worker_cpu_many', many)})")
+
+
+def tiers() -> str:
+    d = load("tiers")
+    s = d["summary"]
+    labels = {"one-box": "one box (SQLite, 1 worker)", "pg-1w": "PostgreSQL + SeaweedFS, 1 worker",
+              "pg-2w": "PostgreSQL + SeaweedFS, 2 workers", "pg-4w": "PostgreSQL + SeaweedFS, 4 workers"}
+    rows = [f"{d['arguments']['rounds']} interleaved rounds of {n(d['arguments']['lines'])} lines, medians [min-max]; "
+            f"{measured_at('tiers', d)} (`bench/results/tiers.json`).", "",
+            "| | lines/s | vs one box (per round) | CPU-s of overnight's processes per 10k lines |", "|---|---|---|---|"]
+    for arm in d["arms"]:
+        vs = s[arm].get("vs_one_box", {}).get("per_round")
+        rows.append(f"| {labels.get(arm, arm)} | {med(s[arm]['lines_per_s'])} | {med(vs, 2) if vs else '1'} | "
+                    f"{med(s[arm]['cpu_s_per_10k_lines']['all_ours'], 2)} |")
+    return "\n".join(rows)
+
+
+def claims() -> str:
+    d = load("claims")
+    e, probes = d["estimate"], d["summary"]
+    by_pending = ", ".join(f"{n(probes[f'probe-{p}']['claim_ms_p50']['median'], 1)} ms at {n(int(p))}"
+                           for p in str(d["arguments"]["probe_pending"]).split(","))
+    return (f"about {n(e['postgres_cpu_ms_per_shard'], 1)} ms of PostgreSQL CPU per shard (claim and commit) and "
+            f"{n(e['postgres_cpu_ms_per_heartbeat'], 1)} ms per worker heartbeat; at 1,000 lines per shard one 2-core "
+            f"PostgreSQL could serve on the order of {n(e['capacity_lines_per_s'], -5)} lines/s before the queue is "
+            f"its bottleneck. A claim's latency grows with the pending shards (p50 {by_pending}) "
+            f"({measured_at('claims', d)}, `bench/results/claims.json`).")
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "orchestration_headline": orchestration_headline,
     "orchestration": orchestration,
     "api_latency": api_latency,
     "memory": memory,
+    "worker_cpu": worker_cpu,
+    "tiers": tiers,
+    "claims": claims,
 }
 
 

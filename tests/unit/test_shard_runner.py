@@ -20,7 +20,7 @@ from overnight.engines.router import Route, Router
 from overnight.files.memory import MemoryFileStore
 from overnight.files.port import StorageUnavailableError
 from overnight.settings import Limits, WorkerSettings
-from overnight.store.records import BatchRecord, FileRecord, ShardPlan
+from overnight.store.records import BatchRecord, BatchTask, FileRecord, ShardPlan, ShardResult
 from overnight.store.schema import shards
 from overnight.store.sql import SqlStore
 from overnight.worker.lanes import Lanes
@@ -204,6 +204,26 @@ def test_a_shard_that_fails_the_same_way_twice_is_settled_and_its_lines_reported
     assert [obj["custom_id"] for obj in lines] == [f"c{i}" for i in range(LINES)]
     assert {obj["error"]["code"] for obj in lines} == {C.SHARD_FAILED_CODE}
     assert "disk on fire" in lines[0]["error"]["message"]
+
+
+def test_the_last_commit_leases_the_batch_to_its_worker_for_finalizing(setup: Any) -> None:
+    """One transaction commits the last shard and leases the batch for finalizing: nobody else can
+    claim the finalize task, and the task the commit returns finalizes the batch."""
+    store, files = setup
+    claim = store.queue.claim_shard(NOW, 30, "t1")
+    assert claim is not None
+    section = b"{}\n" * LINES  # what finalize counts and copies into the output file
+    result = ShardResult(result_key="results/batch_x/0", completed=LINES, output_bytes=len(section))
+    with files.writer(result.result_key) as out:
+        out.write(section)
+    task = store.queue.commit_shard(claim.shard_id, "t1", "batch_x", result, int(NOW), finalize_lease=("f1", 30.0))
+    assert isinstance(task, BatchTask)
+    assert (task.kind, task.lease_token, task.final_status) == ("finalize", "f1", C.COMPLETED)
+    assert [shard.status for shard in task.shards] == [C.SHARD_DONE]
+    assert store.queue.claim_batch_task(None, 30, "other") is None  # the lease is ours
+    assert finalize_batch(task, files, store.queue, int(NOW))
+    batch = store.batches.get_batch(None, "batch_x")
+    assert batch is not None and batch.status == C.COMPLETED and batch.request_completed == LINES
 
 
 class CountingFiles(MemoryFileStore):

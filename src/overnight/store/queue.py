@@ -26,6 +26,7 @@ from overnight.store import schema as T
 from overnight.store.clock import LEASE_NOW, database_now
 from overnight.store.database import Database
 from overnight.store.records import (
+    BatchRecord,
     BatchTask,
     ClaimedShard,
     FileRecord,
@@ -210,6 +211,15 @@ _FINALIZE_IF_LAST = (
     )
     .values(status=C.FINALIZING, finalizing_at=bindparam("p_now_int"))
 )
+# The worker that commits a batch's last shard takes the batch's lease in the same transaction and
+# finalizes it at once, instead of another worker (or itself) claiming the finalize task later.
+_LEASE_READY_BATCH = (
+    update(_b)
+    .where(_b.c.id == bindparam("p_batch"), _b.c.status == C.FINALIZING,
+           or_(_b.c.lease_expires_at.is_(None), _b.c.lease_expires_at < LEASE_NOW))
+    .values(lease_token=bindparam("p_token"), lease_expires_at=LEASE_NOW + bindparam("p_lease_seconds"))
+    .returning(*_b.c)
+)
 _START_BATCH = (
     update(_b)
     .where(_b.c.id == bindparam("p_batch"), _b.c.lease_token == bindparam("p_token"), _b.c.status == C.VALIDATING)
@@ -276,17 +286,12 @@ class SqlWorkQueue:
             if row is None:
                 return None
             batch = batch_record(row)
-            input_key = conn.execute(_INPUT_KEY, {"p_file": batch.input_file_id}).scalar()
             if batch.status == C.VALIDATING:
+                input_key = conn.execute(_INPUT_KEY, {"p_file": batch.input_file_id}).scalar()
                 return BatchTask("validate", batch, token, input_storage_key=input_key)
             # Whatever has not committed by now never will: its lines are reported, not run.
             conn.execute(_SKIP_OPEN_SHARDS, {"p_batch": batch.id})
-            shards = conn.execute(_SETTLED_SHARDS, {"p_batch": batch.id}).all()
-        settled = [SettledShard(**r._mapping) for r in shards]
-        final = {C.FINALIZING: C.COMPLETED, C.CANCELLING: C.CANCELLED}.get(batch.status, C.EXPIRED)
-        if final == C.COMPLETED and any(shard.expired for shard in settled):
-            final = C.EXPIRED  # the window closed before every line ran: OpenAI's `expired`
-        return BatchTask("finalize", batch, token, final, input_key, settled)
+            return _finalize_task(conn, batch, token)
 
     def extend_batch_lease(self, batch_id: str, token: str, lease_seconds: float, now: float | None = None) -> bool:
         with self.db.write() as conn:
@@ -404,11 +409,16 @@ class SqlWorkQueue:
                 conn.execute(_RELEASE_SHARD, {"p_shard": shard_id, "p_token": token})
 
     def commit_shard(
-        self, shard_id: int, token: str, batch_id: str, result: ShardResult, now: int
-    ) -> Literal["lost", "committed", "batch_ready"]:
+        self, shard_id: int, token: str, batch_id: str, result: ShardResult, now: int,
+        finalize_lease: tuple[str, float] | None = None,
+    ) -> Literal["lost", "committed", "batch_ready"] | BatchTask:
         """Mark a shard done if we still hold its lease, add its counts to the batch, and move the
         batch to finalizing when this was its last open shard (`batch_ready`). `lost`: the lease
-        was lost, the results object is an orphan and someone else runs (or ran) the shard."""
+        was lost, the results object is an orphan and someone else runs (or ran) the shard.
+
+        With `finalize_lease` (token, seconds), a batch this commit made ready is also leased to
+        the caller in the same transaction, and its finalize task returned: one transaction and
+        one claim fewer per batch, which small batches feel."""
         counts = {
             "p_completed": result.completed,
             "p_failed": result.failed,
@@ -429,7 +439,15 @@ class SqlWorkQueue:
                 return "lost"
             conn.execute(_ADD_SHARD_TO_BATCH, {"p_batch": batch_id, **counts})
             ready = conn.execute(_FINALIZE_IF_LAST, {"p_batch": batch_id, "p_now_int": now})
-            return "batch_ready" if ready.rowcount else "committed"
+            if not ready.rowcount:
+                return "committed"
+            if finalize_lease is None:
+                return "batch_ready"
+            finalize_token, lease_seconds = finalize_lease
+            row = conn.execute(_LEASE_READY_BATCH, {
+                "p_batch": batch_id, "p_token": finalize_token, "p_lease_seconds": lease_seconds, "p_now": None,
+            }).first()
+            return _finalize_task(conn, batch_record(row), finalize_token) if row is not None else "batch_ready"
 
     def fail_shard(
         self, shard_id: int, token: str, batch_id: str, error: str, give_up: bool, now: int
@@ -480,3 +498,12 @@ class SqlWorkQueue:
             insert_webhook_events(conn, events)
             return True
 
+
+def _finalize_task(conn: Any, batch: BatchRecord, token: str) -> BatchTask:
+    """The finalize task of a batch leased to `token` whose shards are all settled."""
+    input_key = conn.execute(_INPUT_KEY, {"p_file": batch.input_file_id}).scalar()
+    settled = [SettledShard(**r._mapping) for r in conn.execute(_SETTLED_SHARDS, {"p_batch": batch.id}).all()]
+    final = {C.FINALIZING: C.COMPLETED, C.CANCELLING: C.CANCELLED}.get(batch.status, C.EXPIRED)
+    if final == C.COMPLETED and any(shard.expired for shard in settled):
+        final = C.EXPIRED  # the window closed before every line ran: OpenAI's `expired`
+    return BatchTask("finalize", batch, token, final, input_key, settled)

@@ -40,8 +40,12 @@ class WorkQueue(Protocol):
         ...
 
     def commit_shard(
-        self, shard_id: int, token: str, batch_id: str, result: ShardResult, now: int
-    ) -> Literal["lost", "committed", "batch_ready"]: ...
+        self, shard_id: int, token: str, batch_id: str, result: ShardResult, now: int,
+        finalize_lease: tuple[str, float] | None = None,
+    ) -> Literal["lost", "committed", "batch_ready"] | BatchTask:
+        """Commit a shard under its lease; with `finalize_lease` (token, seconds), a batch this made
+        ready comes back as its finalize task, leased to that token in the same transaction."""
+        ...
 
     def fail_shard(
         self, shard_id: int, token: str, batch_id: str, error: str, give_up: bool, now: int

@@ -24,9 +24,9 @@ from overnight.engines.port import Engine, EngineRequest, EngineResponse, RawBod
 from overnight.engines.router import Resolved, Router
 from overnight.files.layout import results_key
 from overnight.files.port import FileStore
-from overnight.ids import line_id_prefix, line_request_id_prefix
+from overnight.ids import line_id_prefix, line_request_id_prefix, new_lease_token
 from overnight.observability.metrics import WorkerMetrics
-from overnight.store.records import ClaimedShard, ShardResult
+from overnight.store.records import BatchTask, ClaimedShard, ShardResult
 from overnight.worker.lanes import EngineLane, Lanes
 from overnight.worker.ports import WorkQueue
 
@@ -41,6 +41,7 @@ class ShardState:
     batch_stopped: bool = False  # cancelled (or otherwise no longer in progress): send no more lines
     result: ShardResult | None = None
     queued: bool = False  # its lines are in the lanes' queues
+    finalize: BatchTask | None = None  # the commit made the batch ready and leased it to us
 
 
 class ShardRunner:
@@ -52,8 +53,10 @@ class ShardRunner:
         lanes: Lanes,
         clock: Callable[[], float] = time.time,
         metrics: WorkerMetrics | None = None,
+        finalize_lease_seconds: float = 30.0,
     ) -> None:
         self.queue = queue
+        self.finalize_lease_seconds = finalize_lease_seconds
         self.metrics = metrics or WorkerMetrics()
         self.files = files
         self.router = router
@@ -88,8 +91,12 @@ class ShardRunner:
             return "lost"
         await asyncio.to_thread(self._write_results, run)
         outcome = await asyncio.to_thread(
-            self.queue.commit_shard, claim.shard_id, claim.lease_token, claim.batch_id, run.result, int(self.clock())
+            self.queue.commit_shard, claim.shard_id, claim.lease_token, claim.batch_id, run.result, int(self.clock()),
+            (new_lease_token(), self.finalize_lease_seconds),
         )
+        if isinstance(outcome, BatchTask):
+            state.finalize = outcome
+            outcome = "batch_ready"
         if outcome == "lost":  # fenced: someone else holds (or finished) the shard
             log.warning("shard %s of %s: commit refused, the lease was taken over", claim.shard_index,
                         claim.batch_id)

@@ -76,7 +76,8 @@ class Worker:
         self.metrics = metrics or WorkerMetrics()
         self.worker_id = new_lease_token()
         self.lanes = Lanes(on_low=self._nudge_shards)
-        self.runner = ShardRunner(queue, files, router, self.lanes, clock, self.metrics)
+        self.runner = ShardRunner(queue, files, router, self.lanes, clock, self.metrics, settings.lease_seconds)
+        self._running: set[asyncio.Task[None]] = set()  # shard and batch tasks, cancelled at stop
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shards: dict[int, tuple[ClaimedShard, ShardState]] = {}
@@ -152,7 +153,7 @@ class Worker:
     async def _claim_loop(self, stop: asyncio.Event) -> None:
         """Claim shards whenever a slot is free; claim batch-level tasks when woken (a batch was
         created or cancelled, a shard finished its batch) or every poll interval."""
-        running: set[asyncio.Task[None]] = set()
+        running = self._running
         next_batch_poll = 0.0
         try:
             while not stop.is_set():
@@ -223,7 +224,10 @@ class Worker:
                          f"stopped each time (last error: {shard.last_error or 'none recorded'})")
                 await self._fail_shard(shard, error, give_up=True)
             elif await self.runner.run(shard, state) == "batch_ready":
-                self._batch_due = True
+                if state.finalize is not None:  # leased to us with the commit: finalize now
+                    self._spawn(self._running, self._run_batch_task(state.finalize))
+                else:
+                    self._batch_due = True
         except (StorageUnavailableError, DBAPIError) as exc:
             # An outage of the file store or the database, not something wrong with the shard:
             # hand it back (it does not count as a failure) and let the outage pass.
