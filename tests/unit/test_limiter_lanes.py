@@ -68,3 +68,12 @@ def test_an_online_request_goes_where_the_batch_share_is_zero() -> None:
         batch.cancel()
 
     asyncio.run(scenario())
+
+
+def test_a_free_batch_slot_is_taken_at_once_and_a_full_lane_is_refused() -> None:
+    limiter = AdaptiveLimiter(2, 1, 2)
+    assert limiter.try_take_batch() and limiter.try_take_batch()
+    assert not limiter.try_take_batch()  # full: the caller waits in `acquire` instead
+    assert limiter.in_flight == 2
+    limiter.release()
+    assert limiter.try_take_batch() and limiter.in_flight == 2

@@ -44,6 +44,14 @@ class AdaptiveLimiter:
             return self.epoch
         return await self._wait(self._waiters, False)
 
+    def try_take_batch(self) -> bool:
+        """Take a batch slot if one is free now, without a coroutine or a future: the common case
+        on the hot path (one call per line), where `acquire` would cost a coroutine frame."""
+        if self._batch_may_start() and not self._waiters:
+            self._take(False)
+            return True
+        return False
+
     async def _wait(self, waiters: deque[asyncio.Future[None]], online: bool) -> int:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters.append(future)

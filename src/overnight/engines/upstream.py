@@ -164,7 +164,8 @@ class UpstreamEngine:
     async def _attempt(self, url: str, payload: bytes, deadline: float,
                        online: bool = False) -> tuple[EngineResponse, float | None]:
         assert self._client is not None
-        epoch = await self.limiter.acquire(online)
+        limiter = self.limiter
+        epoch = limiter.epoch if not online and limiter.try_take_batch() else await limiter.acquire(online)
         # The deadline is checked after the wait for a concurrency slot, which can be long: no
         # request starts after the completion window closed.
         time_left = deadline - time.time()
