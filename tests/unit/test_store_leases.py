@@ -52,6 +52,21 @@ def test_claim_is_exclusive_and_expired_lease_is_reclaimed(store: SqlStore) -> N
     assert batch is not None and batch.request_completed == 10 and batch.status == C.FINALIZING
 
 
+def test_an_expired_shard_goes_first_and_only_the_one_claimed_changes_hands(store: SqlStore) -> None:
+    """Claims take expired shards (their workers died) before pending ones, one at a time: a late
+    holder whose shard nobody took yet may still commit it."""
+    _batch_in_progress(store, shards=4)
+    late_0 = store.queue.claim_shard(NOW, 30, "late0")
+    late_1 = store.queue.claim_shard(NOW, 30, "late1")
+    assert late_0 is not None and late_1 is not None and (late_0.shard_index, late_1.shard_index) == (0, 1)
+    taken = store.queue.claim_shard(NOW + 31, 30, "new")  # both leases expired; shards 2 and 3 pending
+    assert taken is not None and (taken.shard_index, taken.attempt) == (0, 2)
+    assert store.queue.commit_shard(late_0.shard_id, "late0", "batch_a", ShardResult("r0"), NOW) == "lost"
+    assert store.queue.commit_shard(late_1.shard_id, "late1", "batch_a", ShardResult("r1"), NOW) == "committed"
+    pending = store.queue.claim_shard(NOW + 31, 30, "next")
+    assert pending is not None and pending.shard_index == 2
+
+
 def test_heartbeat_extends_and_reports_lost_and_stopped(store: SqlStore) -> None:
     _batch_in_progress(store, shards=2)
     a = store.queue.claim_shard(NOW, 30, "ta")
@@ -152,3 +167,21 @@ def test_leases_run_on_the_database_clock(store: SqlStore) -> None:
     assert abs(until - (time.time() + 30)) < 5  # the database's now, plus the lease
     assert store.queue.claim_shard(None, 30, "t2") is None  # live on the database's clock
     assert store.queue.claim_shard(real_now + 60, 30, "skewed") is not None  # what a skewed clock did
+
+
+def test_a_claim_reads_the_queue_in_index_order_without_sorting_it(store: SqlStore) -> None:
+    """The claim's plan walks the shards' claim-order index and stops at the first pending shard of
+    an open batch: its cost does not grow with the queue (the old plan sorted every candidate)."""
+    from overnight.store import queue
+
+    _batch_in_progress(store, shards=1500)  # past the size at which start_batch refreshes statistics
+    compiled = queue._CLAIM_SHARD.compile(dialect=store.db.engine.dialect)
+    params = {**compiled.params, "p_now": None, "p_token": "plan", "p_lease_seconds": 30.0}
+    explain = "EXPLAIN QUERY PLAN" if store.db.is_sqlite else "EXPLAIN"
+    with store.db.engine.connect() as conn:
+        rows = conn.exec_driver_sql(f"{explain} {compiled}", params if not store.db.is_sqlite else
+                                    tuple(params[k] for k in compiled.positiontup or ())).all()
+        conn.rollback()
+    plan = "\n".join(str(row[-1]) for row in rows)
+    assert "ix_shards_claim_order" in plan, plan
+    assert "Sort" not in plan and "TEMP B-TREE" not in plan, plan

@@ -1,7 +1,7 @@
 """What a metrics scrape reads from the database: queue depth per model and open batches per
 state. Read at scrape time, so they are right for workers on any machine (the many-machine tier's
 queue lives here, not in any process's memory). Both scan only open work: pending and running
-shards (ix_shards_status_index), batches in a non-terminal state (ix_batches_status)."""
+shards (ix_shards_claim_order), batches in a non-terminal state (ix_batches_status)."""
 
 from __future__ import annotations
 

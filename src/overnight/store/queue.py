@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import orjson
-from sqlalchemy import Boolean, and_, bindparam, case, exists, func, insert, or_, select, update
+from sqlalchemy import Boolean, and_, bindparam, case, exists, func, insert, or_, select, text, update
 
 from overnight import constants as C
 from overnight.store import schema as T
@@ -67,27 +67,38 @@ def _claim_batch_task_statement() -> Any:
     )
 
 
-def _claim_shard_statement() -> Any:
-    runnable = or_(
-        _s.c.status == C.SHARD_PENDING,
-        and_(_s.c.status == C.SHARD_RUNNING, _s.c.lease_expires_at < LEASE_NOW),
-    )
+def _claim_shard_statement(kind: Literal["expired", "urgent", "any"]) -> Any:
+    """Claim one shard in (shard_index, id) order, so batches advance round-robin instead of one
+    starving the rest. Each kind reads one status through `ix_shards_claim_order`, in order, and
+    stops at the first shard of an open batch; a single `pending OR expired-running` condition
+    sorted on the batch's deadline had the database read and sort every candidate instead (1 ms
+    per claim at 1,000 pending shards, 9 ms at 20,000).
+
+    - `expired`: a running shard whose lease ran out (its worker died or hangs), first: it has
+      waited longest. Only the one claimed changes hands; other late holders may still commit.
+    - `urgent`: pending shards of batches due within the horizon (a 1h batch overtakes a 7d one);
+    - `any`: pending shards of any open batch."""
     open_batch = and_(_b.c.status == C.IN_PROGRESS, _b.c.expires_at > LEASE_NOW)
-    # Deadline first: shards of batches whose deadline is within the horizon go before batches
-    # with slack (a 1h batch overtakes a 7d one). Within each of the two tiers, shard_index
-    # first, so batches of similar urgency advance round-robin instead of one starving the rest.
-    urgent = case((_b.c.expires_at < LEASE_NOW + bindparam("p_horizon"), 0), else_=1)
+    if kind == "urgent":
+        open_batch = and_(open_batch, _b.c.expires_at < LEASE_NOW + bindparam("p_horizon"))
+    if kind == "expired":
+        claimable = and_(_s.c.status == C.SHARD_RUNNING, _s.c.lease_expires_at < LEASE_NOW)
+    else:
+        claimable = _s.c.status == C.SHARD_PENDING
+    # OFFSET 0 keeps PostgreSQL from turning the open batches into the outer side of a join (then
+    # it reads every pending shard of every open batch and sorts them): evaluated once as a hashed
+    # set, it lets the claim walk the shards' index in order and stop at the first match.
+    open_batches = select(_b.c.id).where(open_batch).offset(0)
     candidate = (
         select(_s.c.id)
-        .select_from(_s.join(_b, _b.c.id == _s.c.batch_id))
-        .where(runnable, open_batch)
-        .order_by(urgent, _s.c.shard_index, _s.c.id)
+        .where(claimable, _s.c.batch_id.in_(open_batches))
+        .order_by(_s.c.shard_index, _s.c.id)
         .limit(1)
-        .with_for_update(of=_s, skip_locked=True)
+        .with_for_update(skip_locked=True)
     )
     return (
         update(_s)
-        .where(_s.c.id == candidate.scalar_subquery())
+        .where(_s.c.id == candidate.scalar_subquery(), claimable)
         .values(
             status=C.SHARD_RUNNING,
             lease_token=bindparam("p_token"),
@@ -102,6 +113,10 @@ def _claim_shard_statement() -> Any:
     )
 
 
+# Whether any open batch is due within the horizon (usually none: then the urgent claim is skipped).
+_ANY_URGENT = select(_b.c.id).where(
+    _b.c.status == C.IN_PROGRESS, _b.c.expires_at > LEASE_NOW, _b.c.expires_at < LEASE_NOW + bindparam("p_horizon")
+).limit(1)
 _CLAIM_BATCH_TASK = _claim_batch_task_statement()
 _INPUT_KEY = select(_f.c.storage_key).where(_f.c.id == bindparam("p_file"))
 _SKIP_OPEN_SHARDS = (
@@ -131,7 +146,9 @@ _EXTEND_BATCH_LEASE = (
     .where(_b.c.id == bindparam("p_batch"), _b.c.lease_token == bindparam("p_token"))
     .values(lease_expires_at=LEASE_NOW + bindparam("p_lease_seconds"))
 )
-_CLAIM_SHARD = _claim_shard_statement()
+_CLAIM_EXPIRED_SHARD = _claim_shard_statement("expired")
+_CLAIM_URGENT_SHARD = _claim_shard_statement("urgent")
+_CLAIM_SHARD = _claim_shard_statement("any")
 _SHARD_BATCH = (
     select(_b.c.endpoint, _b.c.expires_at, _b.c.request_id, _f.c.storage_key)
     .select_from(_b.join(_f, _f.c.id == _b.c.input_file_id))
@@ -227,6 +244,8 @@ _START_BATCH = (
             lease_token=None, lease_expires_at=None)
 )
 _INSERT_SHARDS = insert(_s)
+_ANALYZE_SHARDS = text("ANALYZE shards")
+_ANALYZE_AFTER_SHARDS = 1000  # a batch this large refreshes the planner's statistics (PostgreSQL)
 _FINISH_BATCH = {
     final: update(_b)
     .where(_b.c.id == bindparam("p_batch"), _b.c.lease_token == bindparam("p_token"))
@@ -325,6 +344,11 @@ class SqlWorkQueue:
             ]
             for start in range(0, len(rows), 500):
                 conn.execute(_INSERT_SHARDS, rows[start : start + 500])
+            if len(rows) >= _ANALYZE_AFTER_SHARDS and not self.db.is_sqlite:
+                # Fresh statistics, or PostgreSQL takes the shards table for a small one (until
+                # autovacuum catches up) and plans the claim as "read and sort every pending
+                # shard": 11 ms a claim at 20,000 pending, 3 ms once analyzed.
+                conn.execute(_ANALYZE_SHARDS)
             return True
 
     def fail_batch(
@@ -348,17 +372,19 @@ class SqlWorkQueue:
     def claim_shard(
         self, now: float | None, lease_seconds: float, token: str, horizon_seconds: float = C.DEADLINE_HORIZON_SECONDS
     ) -> ClaimedShard | None:
-        """Claim the next runnable shard in one statement.
-
-        Runnable: pending, or running under a lease that expired (its worker died). Only shards of
-        in-progress batches before their deadline. Batches due within `horizon_seconds` go first;
-        then shard_index, so concurrent batches advance round-robin instead of one batch starving
-        the rest.
+        """Claim the next runnable shard: a running shard whose lease expired (its worker died)
+        first, then pending shards of batches due within `horizon_seconds`, then any pending
+        shard; each in shard_index order, so concurrent batches advance round-robin instead of
+        one batch starving the rest. Only shards of in-progress batches before their deadline.
+        One transaction; each step reads its index in order and stops at the first match.
         """
+        params = {"p_now": now, "p_token": token, "p_lease_seconds": lease_seconds, "p_horizon": horizon_seconds}
         with self.db.write() as conn:
-            row = conn.execute(_CLAIM_SHARD, {
-                "p_now": now, "p_token": token, "p_lease_seconds": lease_seconds, "p_horizon": horizon_seconds,
-            }).first()
+            row = conn.execute(_CLAIM_EXPIRED_SHARD, params).first()
+            if row is None and conn.execute(_ANY_URGENT, params).first() is not None:
+                row = conn.execute(_CLAIM_URGENT_SHARD, params).first()
+            if row is None:
+                row = conn.execute(_CLAIM_SHARD, params).first()
             if row is None:
                 return None
             batch = conn.execute(_SHARD_BATCH, {"p_batch": row.batch_id}).one()

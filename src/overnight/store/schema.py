@@ -133,8 +133,8 @@ shards = Table(
     Column("started_at", Float),
     Column("finished_at", Float),
     UniqueConstraint("batch_id", "shard_index", name="uq_shards_batch_index"),
-    # The claim scans pending shards in round-robin order across batches.
-    Index("ix_shards_status_index", "status", "shard_index"),
+    # The claim reads pending shards in round-robin order across batches, and stops at the first.
+    Index("ix_shards_claim_order", "status", "shard_index", "id"),
     Index("ix_shards_batch_status", "batch_id", "status"),
 )
 
