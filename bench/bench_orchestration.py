@@ -252,13 +252,13 @@ def main() -> None:
     ratios: dict[str, list[float]] = {}
     for n in sizes:
         ours_n = samples[f"overnight@{n}"]
-        ratios[f"overnight_vs_raw_pyreqwest@{n}"] = [a / b for a, b in zip(ours_n, samples[f"raw_pyreqwest@{n}"])]
-        ratios[f"overnight_vs_raw_aiohttp@{n}"] = [a / b for a, b in zip(ours_n, samples[f"raw_aiohttp@{n}"])]
+        ratios[f"overnight_vs_raw_pyreqwest@{n}"] = [a / b for a, b in zip(ours_n, samples[f"raw_pyreqwest@{n}"], strict=True)]
+        ratios[f"overnight_vs_raw_aiohttp@{n}"] = [a / b for a, b in zip(ours_n, samples[f"raw_aiohttp@{n}"], strict=True)]
         ratios[f"overnight_vs_sdk_script@{n}"] = [
-            a / b for a, b in zip(ours_n, samples[f"sdk_script@{min(n, args.sdk_lines)}"])]
+            a / b for a, b in zip(ours_n, samples[f"sdk_script@{min(n, args.sdk_lines)}"], strict=True)]
     if many_count:
         ratios["many_vs_one_batch"] = [a / b for a, b in zip(samples[f"many_batches@{many_count}x{many_lines}"],
-                                                             samples[f"one_batch_watched@{many_count * many_lines}"])]
+                                                             samples[f"one_batch_watched@{many_count * many_lines}"], strict=True)]
     result: dict[str, Any] = {
         "git": state,
         "args": vars(args),
