@@ -357,6 +357,8 @@ def rounds_(args: argparse.Namespace, batch: list[dict[str, Any]], path: Path, w
                 measured[name] = arms[name](len(batch))
                 samples[name].append(measured[name]["tok_s"])
             rounds.append(measured)
+            results["rounds"] = rounds
+            save("embedded", results)  # after every round: a run cut short keeps what it measured
             print(f"round {r + 1}: " + "  ".join(f"({k}) {v['tok_s']:6.1f}" for k, v in measured.items())
                   + " tok/s", flush=True)
     loop.run_until_complete(engine.close())
