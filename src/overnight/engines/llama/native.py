@@ -49,8 +49,8 @@ class Native:
         params.n_ubatch = N_UBATCH
         params.n_seq_max = n_seq_max
         # One KV stream per slot: a sequence attends over its own cells only (deterministic mode needs
-        # it; measured no slower than the unified cache at 16-32 slots, and a finished slot's stream
-        # stays a reusable prefix at no cost).
+        # it, and a finished slot's stream stays a reusable prefix at no cost). The fast mode keeps it
+        # too until a unified cache measures faster (bench_embedded.py --levers compares the two).
         params.kv_unified = False
         params.n_threads = threads
         params.n_threads_batch = threads
