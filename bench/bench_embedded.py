@@ -228,22 +228,26 @@ def quality(batch: list[dict[str, Any]], workdir: Path) -> dict[str, Any]:
 # -- the levers, one at a time, on the engine alone ----------------------------------------------------
 
 
-def levers(batch: list[dict[str, Any]], workdir: Path) -> dict[str, Any]:
+def levers(batch: list[dict[str, Any]], workdir: Path, full: bool) -> dict[str, Any]:
     """Tokens/s of the engine (every line submitted at once) as the levers are added one by one."""
     import overnight.engines.llama.native as native_module
 
-    variants = [  # label, weights, engine arguments, unified KV cache
-        ("before: Q4_1, fa off, one prompt per decode, 16 slots", "Q4_1", {"deterministic": True, "n_seq_max": 16}, False),
-        ("+ Q8_0 weights", "Q8_0", {"deterministic": True, "n_seq_max": 16}, False),
-        ("+ fa on, prompts mixed into one decode (fast mode), 16 slots", "Q8_0", {"n_seq_max": 16}, False),
-        ("+ 32 slots", "Q8_0", {"n_seq_max": 32}, False),
-        ("32 slots, unified KV cache instead of a stream per slot", "Q8_0", {"n_seq_max": 32}, True),
+    variants = [  # label, weights, engine arguments, KV layout override (None: the engine's own)
+        ("before: Q4_1, fa off, one prompt per decode, 16 slots", "Q4_1", {"deterministic": True, "n_seq_max": 16},
+         None),
+        ("+ Q8_0 weights", "Q8_0", {"deterministic": True, "n_seq_max": 16}, None),
+        ("+ fa on, prompts and generation in one decode, unified KV (fast mode), 16 slots", "Q8_0",
+         {"n_seq_max": 16}, None),
+        ("+ 32 slots (the default)", "Q8_0", {"n_seq_max": 32}, None),
     ]
+    if full:
+        variants.append(("fast mode, 32 slots, but a KV stream per slot", "Q8_0", {"n_seq_max": 32}, False))
     original = native_module.llama_cpp.llama_init_from_model
     out = {}
     for label, ftype, kwargs, unified in variants:
-        def init(model: Any, params: Any, unified: bool = unified) -> Any:
-            params.kv_unified = unified
+        def init(model: Any, params: Any, unified: bool | None = unified) -> Any:
+            if unified is not None:
+                params.kv_unified = unified
             return original(model, params)
 
         native_module.llama_cpp.llama_init_from_model = init  # this process only, restored below
@@ -288,6 +292,7 @@ def main() -> None:
     parser.add_argument("--sweep-lines", type=int, default=32, help="lines per sweep run (the first of the file)")
     parser.add_argument("--quality", action="store_true", help="compare Q8_0/Q4_0 greedy answers to Q4_1 first")
     parser.add_argument("--levers", action="store_true", help="the engine alone, one lever at a time")
+    parser.add_argument("--levers-full", action="store_true", help="also the fast mode on a KV stream per slot")
     parser.add_argument("--llama-bin", type=Path,
                         default=HERE / ".llama-server" / llama_cpp.__version__ / "bin")
     parser.add_argument("--server", default=None,
@@ -308,7 +313,7 @@ def main() -> None:
             save("embedded_quality", {"git": state, **quality(batch[:16], workdir)})
         if args.levers:
             save("embedded_levers", {"git": state, "lines": len(batch), "max_tokens": MAX_TOKENS,
-                                     "levers": levers(batch, workdir)})
+                                     "levers": levers(batch, workdir, args.levers_full)})
         sweep_file = RESULTS / "embedded_sweep.json"
         if args.sweep:
             found = sweep(args.llama_bin, batch[: args.sweep_lines], workdir, args.sweep_full)

@@ -111,8 +111,8 @@ class EmbeddedSettings:
     chat_model_path: str | None = None  # a GGUF; None means the packaged SmolLM2
     chat_model_name: str | None = None
     embedding_model_dir: str | None = None
-    # Total KV cache; each of the n_seq_max slots gets n_ctx // n_seq_max tokens (prompt + completion),
-    # 2048 here (~1.5 GB of KV for SmolLM2). 32 slots: llama-server's fastest configuration on 2 cores
+    # Total KV cache; each of the n_seq_max slots may hold n_ctx // n_seq_max tokens (prompt +
+    # completion), 2048 here (~1.5 GB of KV for SmolLM2). 32 slots: llama-server's fastest configuration on 2 cores
     # used -np 32 (issue 14); bench_embedded.py --levers compares 16 and 32 slots on this engine.
     n_ctx: int = 65536
     n_seq_max: int = 32

@@ -9,7 +9,8 @@ sequences decoded together give ~3x the tokens/s of one-at-a-time serving.
 Two modes. The default (fast) mode puts everything of a step into one `llama_decode`: one token for
 every generating sequence plus prompt chunks of newly admitted ones, up to `STEP_TOKENS` tokens in
 all (chunked prefill: a long prompt is spread over several steps, so generation never stalls
-behind it), with flash attention on and prefix sharing. As on OpenAI and vLLM, a greedy answer may
+behind it), on one unified KV cache (native.py says why), with flash attention on and prefix
+sharing. As on OpenAI and vLLM, a greedy answer may
 then vary with what else is in flight: the float summation order of a row depends on the shape of
 the batch it was decoded in.
 
@@ -24,12 +25,13 @@ cost is measured by bench/bench_embedded.py. In both modes `n_ctx` is the total 
 llama.cpp's `-c` with `--parallel`) and each request's prompt + completion must fit in
 `n_ctx // n_seq_max` tokens (capped by the model's training context).
 
-Prefix sharing. Lines of a batch commonly share a long prompt prefix (the same system message). A
-slot keeps its KV after its request finishes (its stream is private, so this costs no memory) and
-remembers which tokens it holds. A new request goes to the free slot holding the longest common
-token prefix, and that part is not recomputed. If another slot (live or idle) holds a longer common
-prefix, its whole stream is copied (`llama_memory_seq_cp`; across streams llama.cpp copies full
-buffers only) and the copy is truncated to the common prefix (`llama_memory_seq_rm`). A request whose
+Prefix sharing (fast mode). Lines of a batch commonly share a long prompt prefix (the same system
+message). A slot keeps its KV after its request finishes and remembers which tokens it holds (each
+slot, busy or idle, holds at most `n_ctx // n_seq_max` tokens, so the cache cannot run out). A new
+request goes to the free slot holding the longest common token prefix, and that part is not
+recomputed. If another slot (live or idle) holds a longer common prefix, it is copied
+(`llama_memory_seq_cp`: in the unified cache the cells are tagged with one more sequence, nothing is
+moved) and the copy is truncated to the common prefix (`llama_memory_seq_rm`). A request whose
 prefix is still being prefilled by a live slot waits for that prefill (typically one step) instead of
 computing the same tokens in parallel. Reused tokens are reported as
 `usage.prompt_tokens_details.cached_tokens`.
@@ -71,7 +73,7 @@ from overnight.engines.stats import EmbeddedStats
 log = logging.getLogger(__name__)
 
 # Only share a prefix with another slot (or wait for one being computed) when it saves at least this
-# many tokens: a cross-stream copy moves a whole KV stream, and waiting costs a decode step.
+# many tokens: waiting costs a decode step.
 MIN_SHARED_PREFIX = 8
 # Tokens per decode step in the fast mode: every generating sequence's next token plus prompt chunks up
 # to this many. One micro-batch (native.N_UBATCH): a step then never takes more than one pass over the
