@@ -2,7 +2,8 @@
 
 One `Native` holds the model, its vocabulary, the one context (all sequence slots) and the reusable
 batch. Only the scheduler's decode thread touches the context; see scheduler.py for why the context is
-configured as it is (no unified KV cache; flash attention on except in deterministic mode).
+configured as it is (fast mode: one unified KV cache and flash attention; deterministic mode: a KV
+stream per slot, no flash attention).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class Native:
         params.n_threads = threads
         params.n_threads_batch = threads
         params.no_perf = True
-        # Flash attention: ~20% faster generation at 16-32 sequences (llama-batched-bench). Off in
+        # Flash attention: ~20% faster generation at 32 sequences (llama-batched-bench, issue 14). Off in
         # deterministic mode: its CPU kernel picks its algorithm by the number of query rows, so a
         # prompt decoded in one call or in two would round differently.
         params.flash_attn_type = 1 if flash_attn else 0
