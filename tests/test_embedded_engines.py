@@ -71,12 +71,14 @@ def test_batched_greedy_equals_single_and_prefix_sharing_reuses_the_system_promp
     async def concurrent(engine: Any) -> list[EngineResponse]:
         return await asyncio.gather(*(engine.execute(r) for r in requests))
 
-    single = run_chat(one_at_a_time, prefix_sharing=False)
-    batched = run_chat(concurrent, prefix_sharing=False)
+    # batched == alone is a promise of deterministic mode only: the default mode decodes prompts of
+    # several sequences in one call with flash attention, and greedy answers may vary with batching.
+    single = run_chat(one_at_a_time, deterministic=True)
+    batched = run_chat(concurrent, deterministic=True)
     shared = run_chat(concurrent)
     assert [content(r) for r in batched] == [content(r) for r in single]
-    # With prefix sharing greedy answers may differ (see the deterministic-mode test); what it
-    # promises is that the shared system prompt is not recomputed and usage is unchanged.
+    # The default mode may answer differently (see the deterministic-mode test); what prefix
+    # sharing promises is that the shared system prompt is not recomputed and usage is unchanged.
     assert all(r.body["usage"]["prompt_tokens_details"]["cached_tokens"] == 0 for r in batched)
     cached = [r.body["usage"]["prompt_tokens_details"]["cached_tokens"] for r in shared[len(QUESTIONS):]]
     assert sum(1 for c in cached if c >= 80) >= 3  # the long system prompt is reused, not recomputed
@@ -128,7 +130,7 @@ def test_responses_requests_answer_as_the_same_chat_request_would() -> None:
             engine.execute(EngineRequest("/v1/responses", {"model": "m", "input": "word " * 5000}, deadline)),
         )
 
-    answer, as_chat, tools, too_long = run_chat(work, prefix_sharing=False)  # same text, whatever runs along
+    answer, as_chat, tools, too_long = run_chat(work, deterministic=True)  # same text, whatever runs along
     assert answer.status_code == 200, answer.body
     response = Response.model_validate(answer.body)
     assert response.output_text == content(as_chat) and response.model == "smol"
@@ -257,9 +259,9 @@ def test_long_inputs_are_truncated_to_256_word_pieces() -> None:
 @needs_chat
 def test_deterministic_mode_answers_a_line_the_same_whatever_else_is_in_flight() -> None:
     """3 copies each of 16 prompts (8 sharing a long system prompt) at temperature 0 in one batch.
-    With prefix reuse (the default) a copy whose prompt came from another slot's cache decodes
-    its tail in a chunk of another size: here 2 of the 48 answers differed from the prompt's
-    answer alone. Without prefix reuse (`--deterministic`) every copy equals it."""
+    In the default mode a copy whose prompt came from another slot's cache, or was decoded in one
+    call with other prompts, may answer differently (with prefix reuse alone, 2 of the 48 answers
+    differed from the prompt's answer alone). In deterministic mode every copy equals it."""
     prompts = [chat(q, max_tokens=64) for q in QUESTIONS] + [chat(q, system=SYSTEM, max_tokens=64) for q in QUESTIONS]
     copies = [p for p in prompts for _ in range(3)]
 
@@ -270,8 +272,8 @@ def test_deterministic_mode_answers_a_line_the_same_whatever_else_is_in_flight()
         return [content(r) for r in await asyncio.gather(*(engine.execute(r) for r in copies))]
 
     slots = {"n_seq_max": 16, "n_ctx": 16 * 512}
-    expected = run_chat(alone, prefix_sharing=False, **slots)
-    answers = run_chat(together, prefix_sharing=False, **slots)
+    expected = run_chat(alone, deterministic=True, **slots)
+    answers = run_chat(together, deterministic=True, **slots)
     assert answers == [expected[prompts.index(p)] for p in copies]
 
 
@@ -304,9 +306,9 @@ def test_streamed_pieces_join_to_the_content_with_and_without_a_stop_string() ->
         bad = await collect(engine, chat(question, n=2))
         return [whole, streamed, stop, cut, streamed_cut, bad]
 
-    # Without prefix sharing a greedy answer does not depend on what ran before (see above).
+    # Deterministic mode: a greedy answer does not depend on what ran before (a reused prefix).
     whole, (pieces, final), stop, cut, (cut_pieces, cut_final), (bad_pieces, bad) = run_chat(
-        work, prefix_sharing=False)
+        work, deterministic=True)
     assert len(pieces) > 3  # really streamed, not one piece at the end
     assert "".join(pieces) == content(whole) == content(final)
     assert final.body["usage"] == whole.body["usage"]

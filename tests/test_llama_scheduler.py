@@ -1,4 +1,5 @@
-"""The llama scheduler's pure logic, without a model: streaming hold-back and online admission."""
+"""The llama scheduler's pure logic, without a model: streaming hold-back, online admission and what
+each decode call holds in the fast and the deterministic mode."""
 
 from __future__ import annotations
 
@@ -80,3 +81,58 @@ def test_online_jobs_go_first_and_keep_a_slot_in_reserve() -> None:
     s = scheduler(8, online_active=2, batch_active=5)
     s.queue.append(job())
     assert s._next_job() is None  # 5 >= 8 - (2 + 1)
+
+
+class FakeBatch:
+    """The fields of a llama_batch the scheduler writes."""
+
+    def __init__(self, size: int) -> None:
+        self.token, self.pos, self.n_seq_id, self.logits = [0] * size, [0] * size, [0] * size, [False] * size
+        self.seq_id = [[0] for _ in range(size)]
+        self.n_tokens = 0
+
+
+def stepping_scheduler(deterministic: bool) -> tuple[Any, list[list[tuple[int, int]]]]:
+    """3 generating slots and 2 admitted 400-token prompts; `_decode` records what each call holds."""
+    import threading
+    from types import SimpleNamespace
+
+    from overnight.engines.stats import EmbeddedStats
+
+    s = scheduler(5, online_active=0, batch_active=5)
+    s.deterministic, s.prefix_sharing = deterministic, False
+    s.native = SimpleNamespace(n_batch=2048, batch=FakeBatch(2048))
+    s.cond, s.stats = threading.Condition(), EmbeddedStats(total_slots=5)
+    for slot in s.slots[:3]:
+        slot.tokens, slot.n_past = list(range(31)), 30  # one token to decode: generating
+    for slot in s.slots[3:]:
+        slot.tokens, slot.n_past = list(range(400)), 0
+    calls: list[list[tuple[int, int]]] = []
+    logits: list[list[int]] = []
+
+    def decode(group: list[Slot], budget: int) -> None:
+        entries = s._fill_batch(group, budget)
+        calls.append([(slot.seq_id, n) for slot, n in entries])
+        logits.append([k for k in range(s.native.batch.n_tokens) if s.native.batch.logits[k]])
+
+    s._decode = decode
+    s.logits = logits
+    return s, calls
+
+
+def test_fast_mode_decodes_generation_and_prompt_chunks_in_one_call_within_a_token_budget() -> None:
+    from overnight.engines.llama.scheduler import STEP_TOKENS
+
+    s, calls = stepping_scheduler(deterministic=False)
+    s._step()
+    # one llama_decode: a token for each generating slot, then prompts up to the step budget; the
+    # second prompt is cut (chunked prefill) and goes on next step, generation does not wait for it
+    assert calls == [[(0, 1), (1, 1), (2, 1), (3, 400), (4, STEP_TOKENS - 403)]]
+    assert s.logits == [[0, 1, 2, 402]]  # logits for the generating slots and the completed prompt only
+
+
+def test_deterministic_mode_decodes_each_prompt_in_a_call_of_its_own() -> None:
+    s, calls = stepping_scheduler(deterministic=True)
+    s._step()
+    assert calls == [[(0, 1), (1, 1), (2, 1)], [(3, 400)], [(4, 400)]]
+    assert s.logits == [[0, 1, 2], [399], [399]]

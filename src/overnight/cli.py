@@ -69,8 +69,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accept-gemma-terms", action="store_true",
                         help="accept the Gemma Terms of Use (ai.google.dev/gemma/terms) for serving Gemma")
     parser.add_argument("--deterministic", action="store_true",
-                        help="embedded chat: a temperature-0 line's answer depends only on the line (no prefix "
-                        "reuse between slots; slower on shared system prompts)")
+                        help="embedded chat: a temperature-0 line's answer depends only on the line (the "
+                        "original weights, no flash attention, no batched prefill or prefix reuse: slower)")
     parser.add_argument("--lease-seconds", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shard-lines", type=int, default=None, help="requests per shard (default 256)")
     parser.add_argument("--max-shards", type=int, default=None, help="shards run at once per worker")

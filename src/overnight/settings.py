@@ -111,14 +111,15 @@ class EmbeddedSettings:
     chat_model_path: str | None = None  # a GGUF; None means the packaged SmolLM2
     chat_model_name: str | None = None
     embedding_model_dir: str | None = None
-    # Total KV cache; each of the n_seq_max slots gets n_ctx // n_seq_max tokens (prompt + completion).
-    # Slots have separate KV streams so that batched output equals one-at-a-time output.
-    n_ctx: int = 32768
-    n_seq_max: int = 16
+    # Total KV cache; each of the n_seq_max slots may hold n_ctx // n_seq_max tokens (prompt +
+    # completion), 2048 here (~1.5 GB of KV for SmolLM2). 32 slots: llama-server's fastest configuration on 2 cores
+    # used -np 32 (issue 14); bench_embedded.py --levers compares 16 and 32 slots on this engine.
+    n_ctx: int = 65536
+    n_seq_max: int = 32
     threads: int | None = None
-    # Greedy output that depends only on the line: no prefix reuse between slots (a prompt whose
-    # prefix came from another slot's cache decodes its tail in a differently sized chunk, and
-    # greedy answers can change). Costs the prefix-reuse speed-up on shared system prompts.
+    # Greedy output that depends only on the line (never on what else is in flight): the packaged
+    # model's original weights, flash attention off, one prompt per decode call, no prefix reuse
+    # between slots (engines/llama/scheduler.py). Slower; bench_embedded measures by how much.
     deterministic: bool = False
     # Gemma 3 270M as a second chat model, routed by its name "gemma-3-270m" (never the default).
     # Serving it counts as distributing it: it is only loaded once the operator accepts the

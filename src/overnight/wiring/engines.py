@@ -55,8 +55,12 @@ def embedded_engines(settings: Settings) -> dict[str, Engine]:
         name = cfg.chat_model_name or (
             packaged_models.DEFAULT_CHAT_MODEL_NAME if not cfg.chat_model_path else _stem(chat_path)
         )
+        if not cfg.chat_model_path and not cfg.deterministic:
+            # The packaged Q4_1 file in Q8_0, a format with fast CPU kernels (packaged_models.py);
+            # deterministic mode keeps the original weights.
+            chat_path = packaged_models.fast_chat_model_path(chat_path, settings.data_dir / "models")
         chat = LlamaChatEngine(chat_path, name, n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq_max, threads=cfg.threads,
-                               prefix_sharing=not cfg.deterministic)
+                               deterministic=cfg.deterministic)
         engines[C.CHAT_COMPLETIONS] = chat
         engines[C.COMPLETIONS] = chat
         engines[C.RESPONSES] = chat  # client.responses.create(...) bodies work with zero configuration
@@ -85,7 +89,8 @@ def gemma_engine(settings: Settings) -> Engine | None:
         raise ConfigurationError("Gemma is enabled but not installed: pip install 'overnight[gemma]'.")
     log.warning(packaged_models.GEMMA_NOTICE)
     return LlamaChatEngine(path, packaged_models.GEMMA_MODEL_NAME, n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq_max,
-                           threads=cfg.threads, prefix_sharing=not cfg.deterministic, chat_template=packaged_models.GEMMA_CHAT_TEMPLATE,
+                           threads=cfg.threads, deterministic=cfg.deterministic,
+                           chat_template=packaged_models.GEMMA_CHAT_TEMPLATE,
                            owned_by="google; " + packaged_models.GEMMA_NOTICE)
 
 

@@ -6,22 +6,32 @@ decodes one token for every generating sequence in one `llama_decode`, plus the 
 `n_batch` tokens) of newly admitted ones. Batching is where the throughput comes from on a CPU: 16-32
 sequences decoded together give ~3x the tokens/s of one-at-a-time serving.
 
-Determinism. Measured on llama-cpp-python 0.3.36 with SmolLM2: a sequence's greedy output in a batch
-equals its single-sequence output only if its numerics do not depend on what else is in flight. So
-(1) the KV cache is *not* unified: every slot owns a stream of `n_ctx // n_seq_max` cells (with a
-unified cache a sequence attends over cells interleaved with other sequences' and float summation
-order changes); (2) flash attention is off (its CPU kernel picks an algorithm by the number of query
-rows); (3) the generating sequences (one token each) are decoded together, but each prompt chunk in a
-`llama_decode` of its own (prompt chunks mixed into one call changed some outputs). Prefill is
-compute-bound anyway; the batching gain is in the generation steps. So `n_ctx` is the total KV size (as llama.cpp's `-c` with `--parallel`) and each request's
-prompt + completion must fit in `n_ctx // n_seq_max` tokens (capped by the model's training context).
+Two modes. The default (fast) mode puts everything of a step into one `llama_decode`: one token for
+every generating sequence plus prompt chunks of newly admitted ones, up to `STEP_TOKENS` tokens in
+all (chunked prefill: a long prompt is spread over several steps, so generation never stalls
+behind it), on one unified KV cache (native.py says why), with flash attention on and prefix
+sharing. As on OpenAI and vLLM, a greedy answer may
+then vary with what else is in flight: the float summation order of a row depends on the shape of
+the batch it was decoded in.
 
-Prefix sharing. Lines of a batch commonly share a long prompt prefix (the same system message). A
-slot keeps its KV after its request finishes (its stream is private, so this costs no memory) and
-remembers which tokens it holds. A new request goes to the free slot holding the longest common
-token prefix, and that part is not recomputed. If another slot (live or idle) holds a longer common
-prefix, its whole stream is copied (`llama_memory_seq_cp`; across streams llama.cpp copies full
-buffers only) and the copy is truncated to the common prefix (`llama_memory_seq_rm`). A request whose
+Deterministic mode (`deterministic=True`): for temperature 0 a line's answer depends only on the line.
+Measured on llama-cpp-python 0.3.36 with SmolLM2, that takes (1) a KV cache that is *not* unified:
+every slot owns a stream of `n_ctx // n_seq_max` cells (with a unified cache a sequence attends over
+cells interleaved with other sequences' and the summation order changes); (2) flash attention off
+(its CPU kernel picks an algorithm by the number of query rows); (3) the generating sequences (one
+token each) decoded together, but each prompt chunk in a `llama_decode` of its own; (4) no prefix
+reuse (a prompt whose prefix came from a cache decodes its tail in a chunk of another size). Its
+cost is measured by bench/bench_embedded.py. In both modes `n_ctx` is the total KV size (as
+llama.cpp's `-c` with `--parallel`) and each request's prompt + completion must fit in
+`n_ctx // n_seq_max` tokens (capped by the model's training context).
+
+Prefix sharing (fast mode). Lines of a batch commonly share a long prompt prefix (the same system
+message). A slot keeps its KV after its request finishes and remembers which tokens it holds (each
+slot, busy or idle, holds at most `n_ctx // n_seq_max` tokens, so the cache cannot run out). A new
+request goes to the free slot holding the longest common token prefix, and that part is not
+recomputed. If another slot (live or idle) holds a longer common prefix, it is copied
+(`llama_memory_seq_cp`: in the unified cache the cells are tagged with one more sequence, nothing is
+moved) and the copy is truncated to the common prefix (`llama_memory_seq_rm`). A request whose
 prefix is still being prefilled by a live slot waits for that prefill (typically one step) instead of
 computing the same tokens in parallel. Reused tokens are reported as
 `usage.prompt_tokens_details.cached_tokens`.
@@ -70,8 +80,12 @@ log = logging.getLogger(__name__)
 ONLINE_RESERVE_SECONDS = 30.0
 
 # Only share a prefix with another slot (or wait for one being computed) when it saves at least this
-# many tokens: a cross-stream copy moves a whole KV stream, and waiting costs a decode step.
+# many tokens: waiting costs a decode step.
 MIN_SHARED_PREFIX = 8
+# Tokens per decode step in the fast mode: every generating sequence's next token plus prompt chunks up
+# to this many. One micro-batch (native.N_UBATCH): a step then never takes more than one pass over the
+# weights for prompts, so generating sequences wait at most that long for their next token.
+STEP_TOKENS = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,9 +184,10 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Scheduler:
-    def __init__(self, native: Native, n_seq_max: int, prefix_sharing: bool) -> None:
+    def __init__(self, native: Native, n_seq_max: int, prefix_sharing: bool, deterministic: bool = False) -> None:
         self.native = native
-        self.prefix_sharing = prefix_sharing
+        self.deterministic = deterministic
+        self.prefix_sharing = prefix_sharing and not deterministic
         self.slots = [Slot(seq_id=i) for i in range(n_seq_max)]
         self.stats = EmbeddedStats(total_slots=n_seq_max)
         self.n_seq_max = n_seq_max
@@ -228,17 +243,23 @@ class Scheduler:
         ready = [s for s in self._active() if s.wait_for is None]
         generating = [s for s in ready if len(s.tokens) - s.n_past == 1]
         prefilling = [s for s in ready if len(s.tokens) - s.n_past > 1]
-        # Generating slots go together (one token each); each prompt chunk gets a decode call of its
-        # own: a sequence's numerics then do not depend on what else is in flight (see module doc).
-        groups = ([generating] if generating else []) + [[s] for s in prefilling]
+        if self.deterministic:
+            # Generating slots go together (one token each); each prompt chunk gets a decode call of
+            # its own: a sequence's numerics then do not depend on what else is in flight.
+            groups = ([generating] if generating else []) + [[s] for s in prefilling]
+            budget = self.native.n_batch
+        else:
+            # One call: generation first (one token each), then prompt chunks in the rest of the budget.
+            groups = [generating + prefilling] if ready else []
+            budget = max(STEP_TOKENS, len(generating) + 1)
         for group in groups:
-            self._decode(group)
+            self._decode(group, budget)
             for slot in self.slots:
                 slot.received_copy = slot.copy_source = False
         self.stats.busy_slots = len(self._active())  # batch occupancy, for the metrics
 
-    def _decode(self, group: list[Slot]) -> None:
-        entries = self._fill_batch(group)
+    def _decode(self, group: list[Slot], budget: int) -> None:
+        entries = self._fill_batch(group, budget)
         rc = llama_cpp.llama_decode(self.native.ctx, self.native.batch)
         if rc != 0:
             log.error("embedded llama engine: llama_decode returned %d", rc)
@@ -357,10 +378,10 @@ class Scheduler:
 
     # batch ------------------------------------------------------------------------------------------
 
-    def _fill_batch(self, group: list[Slot]) -> list[tuple[Slot, int]]:
-        """The pending tokens of the group's slots, up to n_batch tokens."""
+    def _fill_batch(self, group: list[Slot], budget: int) -> list[tuple[Slot, int]]:
+        """The pending tokens of the group's slots, up to `budget` tokens (at most n_batch)."""
         batch = self.native.batch
-        budget = self.native.n_batch
+        budget = min(budget, self.native.n_batch)
         entries: list[tuple[Slot, int]] = []
         n = 0
         for slot in group:
