@@ -164,6 +164,30 @@ def claims() -> str:
             f"({measured_at('claims', d)}, `bench/results/claims.json`).")
 
 
+def embedded() -> str:
+    d = load("embedded")
+    t, r, cfg = d["tok_s"], d["ratios"], d["llama_server_config"]
+    server = (f"`llama-server` at its best configuration found by the sweep ({cfg['ftype']}, flash attention "
+              f"{'on' if cfg['flash_attn'] else 'off'}, `-np {cfg['np']}`), fed by an asyncio SDK script at "
+              f"concurrency {cfg['np']}")
+    rows = [
+        f"**Embedded engine** (`bench_embedded`): {d['lines']} distinct chat lines (system + user, `max_tokens` "
+        f"{d['max_tokens']}, temperature 0), SmolLM2-135M-Instruct, {d['threads']} threads; "
+        f"{d['args']['rounds']} interleaved rounds, medians [min-max]; {measured_at('embedded', d)} "
+        "(`bench/results/embedded.json`, the sweep in `embedded_sweep.json`).",
+        "",
+        "| what ran the lines | tokens/s | |",
+        "|---|---|---|",
+        f"| (a) {server} | {med(t['a'], 1)} | |",
+        f"| (b) **overnight**, the batch file end to end through `overnight serve` | **{med(t['b'], 1)}** | "
+        f"**{times(r['b_over_a'])} (a)**, per round |",
+        f"| (b') the same with `--deterministic` | {med(t['b_det'], 1)} | {med(r['b_det_over_b'], 2)} of (b) |",
+        f"| (c) one line at a time through the same engine (what an online server does) | {med(t['c'], 1)} | "
+        f"(b) is {times(r['b_over_c'])} |",
+    ]
+    return "\n".join(rows)
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "orchestration_headline": orchestration_headline,
     "orchestration": orchestration,
@@ -172,6 +196,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "worker_cpu": worker_cpu,
     "tiers": tiers,
     "claims": claims,
+    "embedded": embedded,
 }
 
 
