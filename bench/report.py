@@ -51,9 +51,9 @@ def med(s: dict[str, float], digits: int = 0) -> str:
     return f"{n(s['median'], digits)} [{n(s['min'], digits)}-{n(s['max'], digits)}]"
 
 
-def times(s: dict[str, float]) -> str:
+def times(s: dict[str, float], digits: int = 1) -> str:
     """A spread of factors as `28.2x [26.0-30.1]`."""
-    return f"{n(s['median'], 1)}x [{n(s['min'], 1)}-{n(s['max'], 1)}]"
+    return f"{n(s['median'], digits)}x [{n(s['min'], digits)}-{n(s['max'], digits)}]"
 
 
 # -- blocks ------------------------------------------------------------------------------------
@@ -180,11 +180,22 @@ def embedded() -> str:
         "|---|---|---|",
         f"| (a) {server} | {med(t['a'], 1)} | |",
         f"| (b) **overnight**, the batch file end to end through `overnight serve` | **{med(t['b'], 1)}** | "
-        f"**{times(r['b_over_a'])} (a)**, per round |",
+        f"**{times(r['b_over_a'], 2)} (a)**, per round |",
         f"| (b') the same with `--deterministic` | {med(t['b_det'], 1)} | {med(r['b_det_over_b'], 2)} of (b) |",
         f"| (c) one line at a time through the same engine (what an online server does) | {med(t['c'], 1)} | "
         f"(b) is {times(r['b_over_c'])} |",
     ]
+    levers = load("embedded_levers")
+    rows += ["", f"What moved it (`--levers`: the engine alone, all {levers['lines']} lines at once, one run each; "
+                 f"{measured_at('embedded_levers', levers)}):", ""]
+    rows += [f"- {step}: {n(result['tok_s'], 1)} tokens/s" for step, result in levers["levers"].items()]
+    quality = load("embedded_quality")
+    rows += ["", f"Weight formats against the packaged Q4_1 (`--quality`: {quality['lines']} prompts, "
+                 f"{quality['max_tokens']} tokens, greedy, one at a time): "
+             + "; ".join(f"{name} gave {q['identical_answers']} identical answers and agreed for "
+                         f"{q['mean_agreeing_prefix']:.0%} of an answer's length on average"
+                         for name, q in quality.items() if isinstance(q, dict) and "identical_answers" in q)
+             + f" ({measured_at('embedded_quality', quality)})."]
     return "\n".join(rows)
 
 
