@@ -199,6 +199,18 @@ def embedded() -> str:
     return "\n".join(rows)
 
 
+def online() -> str:
+    d = load("online")
+    s, c = d["summary"], d["config"]
+    return (f"with a {c['lines']}-line batch ({c['new']} tokens a line) running on the embedded engine and a "
+            f"streamed chat request every {c['gap']} s, online time to first token p50 is "
+            f"{med(s['loaded_ttft_p50'], 3)} s against {med(s['idle_ttft_p50'], 3)} s on the idle engine "
+            f"(**{med(s['ttft_ratio'], 2)}x**, per round; goal 1.5x at most), and the batch keeps "
+            f"**{med(s['throughput_ratio'], 2)}** of its solo tokens/s ({med(s['loaded_tokens_per_s'], 1)} against "
+            f"{med(s['solo_tokens_per_s'], 1)}; goal 0.70 at least). {c['rounds']} interleaved rounds, medians "
+            f"[min-max]; {measured_at('online', d)} (`bench/results/online.json`).")
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "orchestration_headline": orchestration_headline,
     "orchestration": orchestration,
@@ -208,6 +220,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "tiers": tiers,
     "claims": claims,
     "embedded": embedded,
+    "online": online,
 }
 
 
