@@ -293,3 +293,20 @@ def test_a_storage_outage_hands_the_shard_back_without_counting_a_failure(setup:
         asyncio.run(scenario())
         claim = store.queue.claim_shard(NOW, 30, "t-again")  # at once: it was handed back, not left to expire
         assert claim is not None and claim.last_error is None
+
+
+def test_a_nudge_for_batch_work_outlives_full_batch_task_slots(setup: Any) -> None:
+    """With every batch-task slot busy, a claim attempt must keep the nudge (a batch was created, a
+    validation ended): the task that frees the slot wakes the loop, which claims then. Consumed,
+    the batch waited for the next poll (`poll_seconds`), after a finalize freed the slot."""
+    store, files = setup
+    worker = Worker(store.queue, store.queue, store.housekeeping, files, Router([Route("*", ScriptedEngine())]),
+                    WorkerSettings(max_batch_tasks=1), Limits())
+    worker._batch_tasks = 1  # a finalize is running
+    worker._batch_due = False
+
+    async def scenario() -> bool:
+        return await worker._claim_batch_task(set())
+
+    assert asyncio.run(scenario()) is False
+    assert worker._batch_due  # still due: claimed as soon as the slot frees

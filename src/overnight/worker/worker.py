@@ -179,6 +179,9 @@ class Worker:
 
     async def _claim_batch_task(self, running: set[asyncio.Task[None]]) -> bool:
         if self._batch_tasks >= self.settings.max_batch_tasks:
+            # Keep the nudge: the task that frees a slot wakes the loop, which claims then. (Consumed
+            # here, a batch created while finalizes filled the slots waited for the next poll.)
+            self._batch_due = True
             return False
         lease = self.settings.lease_seconds
         task = await asyncio.to_thread(self.queue.claim_batch_task, None, lease, new_lease_token())
