@@ -136,3 +136,19 @@ def test_deterministic_mode_decodes_each_prompt_in_a_call_of_its_own() -> None:
     s._step()
     assert calls == [[(0, 1), (1, 1), (2, 1)], [(3, 400)], [(4, 400)]]
     assert s.logits == [[0, 1, 2], [399], [399]]
+
+
+def test_an_online_prompt_goes_with_generation_alone_and_recent_users_shorten_steps() -> None:
+    import time
+
+    from overnight.engines.llama.scheduler import ONLINE_STEP_PROMPT_TOKENS
+
+    s, calls = stepping_scheduler(deterministic=False)
+    s.slots[4].job = job(online=True)
+    s._step()
+    # the online prompt (slot 4) is decoded whole with the generating slots; slot 3's batch prompt waits
+    assert calls == [[(0, 1), (1, 1), (2, 1), (4, 400)]]
+    s, calls = stepping_scheduler(deterministic=False)
+    s.last_online = time.monotonic()  # an online request came a moment ago (none is prefilling now)
+    s._step()
+    assert calls == [[(0, 1), (1, 1), (2, 1), (3, ONLINE_STEP_PROMPT_TOKENS)]]

@@ -86,6 +86,9 @@ MIN_SHARED_PREFIX = 8
 # to this many. One micro-batch (native.N_UBATCH): a step then never takes more than one pass over the
 # weights for prompts, so generating sequences wait at most that long for their next token.
 STEP_TOKENS = 512
+# Batch prompt tokens per step while online requests are recent (ONLINE_RESERVE_SECONDS): a step then
+# takes about a generation step's time, and an online request's wait for the step in flight with it.
+ONLINE_STEP_PROMPT_TOKENS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,8 +253,17 @@ class Scheduler:
             budget = self.native.n_batch
         else:
             # One call: generation first (one token each), then prompt chunks in the rest of the budget.
-            groups = [generating + prefilling] if ready else []
             budget = max(STEP_TOKENS, len(generating) + 1)
+            online_prompts = [s for s in prefilling if s.job is not None and s.job.online]
+            if online_prompts:
+                # An online prompt goes with generation alone: batch prompt chunks wait one step, so
+                # the user's first token is one short step away, not behind 512 tokens of batch prompts.
+                prefilling = online_prompts
+            elif time.monotonic() - self.last_online < ONLINE_RESERVE_SECONDS:
+                # Users are around: shorter steps (fewer batch prompt tokens each), so an online
+                # request that arrives waits less for the step in flight.
+                budget = len(generating) + ONLINE_STEP_PROMPT_TOKENS
+            groups = [generating + prefilling] if ready else []
         for group in groups:
             self._decode(group, budget)
             for slot in self.slots:
