@@ -26,6 +26,7 @@ from typing import Any
 import openai
 
 from harness import free_port, git_state, median, process, save, spread
+from overnight.engines.llama.scheduler import ONLINE_RESERVE_SECONDS
 
 KEY = "sk-bench-online"
 TOPICS = ["a dragon", "the sea", "a robot", "a city at night", "an old library", "a mountain village",
@@ -121,12 +122,16 @@ def main() -> None:
         ttft(client, 0, args.online_new)  # warm-up: the first request pays for lazy set-up
         for r in range(args.rounds):
             idle = [ttft(client, i, args.online_new) for i in range(args.idle_requests)]
-            # Alternate which batch run goes first, so drift does not favour one.
+            # Alternate which batch run goes first, so drift does not favour one. The solo run starts
+            # once the engine no longer counts users as around (ONLINE_RESERVE_SECONDS after the last
+            # online request): it is the batch's speed with nobody online at all.
             if r % 2 == 0:
+                time.sleep(ONLINE_RESERVE_SECONDS + 1)
                 solo_tps = run_batch(client, data)[0]
                 loaded_tps, loaded = loaded_round(client, data, args.online_new, args.gap)
             else:
                 loaded_tps, loaded = loaded_round(client, data, args.online_new, args.gap)
+                time.sleep(ONLINE_RESERVE_SECONDS + 1)
                 solo_tps = run_batch(client, data)[0]
             row = {"idle_ttft_p50": median(idle), "loaded_ttft_p50": median(loaded), "online_requests": len(loaded),
                    "solo_tokens_per_s": solo_tps, "loaded_tokens_per_s": loaded_tps}

@@ -83,6 +83,22 @@ def test_online_jobs_go_first_and_keep_a_slot_in_reserve() -> None:
     assert s._next_job() is None  # 5 >= 8 - (2 + 1)
 
 
+def test_while_users_are_around_the_batch_backs_off_to_half_the_slots() -> None:
+    import time
+
+    s = scheduler(8, online_active=0, batch_active=2)
+    s.last_online = time.monotonic()  # an online request came a moment ago, and is done
+    s.queue.extend([first := job(), job()])
+    assert s._next_job() is first  # 2 batch jobs < 8 // 2 - 1
+    s = scheduler(8, online_active=0, batch_active=3)
+    s.last_online = time.monotonic()
+    s.queue.append(job())
+    assert s._next_job() is None  # 3 >= 8 // 2 - 1: half the slots, less the reserve
+    s = scheduler(8, online_active=0, batch_active=3)
+    s.queue.append(later := job())
+    assert s._next_job() is later  # nobody online for a while: every slot is the batch's
+
+
 class FakeBatch:
     """The fields of a llama_batch the scheduler writes."""
 
@@ -138,7 +154,7 @@ def test_deterministic_mode_decodes_each_prompt_in_a_call_of_its_own() -> None:
     assert s.logits == [[0, 1, 2], [399], [399]]
 
 
-def test_an_online_prompt_goes_with_generation_alone_and_recent_users_shorten_steps() -> None:
+def test_an_online_prompt_gets_a_step_of_its_own_and_recent_users_shorten_steps() -> None:
     import time
 
     from overnight.engines.llama.scheduler import ONLINE_STEP_PROMPT_TOKENS
@@ -146,8 +162,8 @@ def test_an_online_prompt_goes_with_generation_alone_and_recent_users_shorten_st
     s, calls = stepping_scheduler(deterministic=False)
     s.slots[4].job = job(online=True)
     s._step()
-    # the online prompt (slot 4) is decoded whole with the generating slots; slot 3's batch prompt waits
-    assert calls == [[(0, 1), (1, 1), (2, 1), (4, 400)]]
+    # the online prompt (slot 4) gets a step of its own; generation and slot 3's batch prompt wait one step
+    assert calls == [[(4, 400)]]
     s, calls = stepping_scheduler(deterministic=False)
     s.last_online = time.monotonic()  # an online request came a moment ago (none is prefilling now)
     s._step()

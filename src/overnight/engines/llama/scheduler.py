@@ -44,7 +44,10 @@ instead of waiting for a batch line to finish. The reserve of one slot also hold
 `ONLINE_RESERVE_SECONDS` after the last online request arrived: interactive users send a request,
 read, and send the next one, and without it each of their requests would find every slot taken by
 the batch again. Running batch lines are never evicted, so an online request that arrives while
-every slot is busy (the first after a quiet spell) waits for the first slot to free up.
+every slot is busy (the first after a quiet spell) waits for the first slot to free up. While online
+requests are recent, the batch also backs off: it is admitted into half the slots (less the
+reserve), its steps carry fewer prompt tokens, and an online prompt is decoded in a step of its own,
+so a user's first token waits for one short step, not for a step of every batch sequence.
 
 Streaming. A job may carry `on_text`, called on the decode thread with each piece of generated text
 that is final: bytes that could still begin a stop string are held back until they cannot, and so
@@ -88,6 +91,8 @@ MIN_SHARED_PREFIX = 8
 STEP_TOKENS = 512
 # Batch prompt tokens per step while online requests are recent (ONLINE_RESERVE_SECONDS): a step then
 # takes about a generation step's time, and an online request's wait for the step in flight with it.
+# (bench_online: with these, an online prompt's step of its own and half the slots for the batch
+# while users are around, time to first token beside a running batch went from ~115 ms to ~55 ms.)
 ONLINE_STEP_PROMPT_TOKENS = 64
 
 
@@ -256,9 +261,9 @@ class Scheduler:
             budget = max(STEP_TOKENS, len(generating) + 1)
             online_prompts = [s for s in prefilling if s.job is not None and s.job.online]
             if online_prompts:
-                # An online prompt goes with generation alone: batch prompt chunks wait one step, so
-                # the user's first token is one short step away, not behind 512 tokens of batch prompts.
-                prefilling = online_prompts
+                # Online prompts get a step of their own: the batch's sequences wait one step, and
+                # the user's first token costs a prompt pass, not a step of every batch sequence too.
+                generating, prefilling = [], online_prompts
             elif time.monotonic() - self.last_online < ONLINE_RESERVE_SECONDS:
                 # Users are around: shorter steps (fewer batch prompt tokens each), so an online
                 # request that arrives waits less for the step in flight.
@@ -315,7 +320,10 @@ class Scheduler:
         # No online job is pending here (they went first), so the reserve counts the active ones.
         online = sum(1 for s in active if s.job is not None and s.job.online)
         recent = time.monotonic() - self.last_online < ONLINE_RESERVE_SECONDS
-        if (online or recent) and len(active) - online >= self.n_seq_max - (online + 1):
+        # While users are around, the batch backs off to half the slots (plus the reserve): every
+        # step then carries half the sequences, and an online request waits half as long for it.
+        limit = self.n_seq_max // 2 if recent else self.n_seq_max
+        if (online or recent) and len(active) - online >= limit - (online + 1):
             return None
         return self.queue.popleft()
 
