@@ -345,7 +345,10 @@ def test_an_online_request_overtakes_queued_batch_lines() -> None:
         return order.index("extra"), [extra, *responses]
 
     async def work(engine: Any) -> tuple[tuple[int, list[EngineResponse]], tuple[int, list[EngineResponse]]]:
-        return await finish_position(engine, True), await finish_position(engine, False)
+        # The control first: after an online request the batch backs off to half the slots for a
+        # while, and the control's 4 lines would not all run at once.
+        control = await finish_position(engine, False)
+        return await finish_position(engine, True), control
 
     (online_at, online_run), (batch_at, batch_run) = run_chat(work, n_seq_max=4, n_ctx=4 * 256)
     assert all(r.status_code == 200 for r in online_run + batch_run)

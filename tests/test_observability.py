@@ -174,12 +174,19 @@ def test_a_worker_on_its_own_serves_its_metrics(make_server: Any, upstream: Any,
         done = wait_terminal(client, client.batches.create(input_file_id=upload(client, lines), endpoint=CHAT,
                                                            completion_window="24h").id)
         assert done.status == "completed"
-        status, _, body = raw_request("GET", f"http://127.0.0.1:{port}/metrics")
-        assert status == 200
-        samples: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
-        for family in text_string_to_metric_families(body.decode()):
-            for sample in family.samples:
-                samples[sample.name].append((sample.labels, sample.value))
+
+        def scrape_worker() -> dict[str, list[tuple[dict[str, str], float]]]:
+            status, _, body = raw_request("GET", f"http://127.0.0.1:{port}/metrics")
+            assert status == 200
+            found: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
+            for family in text_string_to_metric_families(body.decode()):
+                for sample in family.samples:
+                    found[sample.name].append((sample.labels, sample.value))
+            return found
+
+        # The batch is completed once its finalize commits; the worker counts it a moment later.
+        until(lambda: value(scrape_worker(), "overnight_batches_total", status="completed") == 1, timeout=10)
+        samples = scrape_worker()
         assert value(samples, "overnight_lines_total", endpoint=CHAT, outcome="completed") == 27
         assert value(samples, "overnight_lines_total", endpoint=CHAT, outcome="failed", code="http_400") == 3
         assert value(samples, "overnight_batches_total", status="completed") == 1
