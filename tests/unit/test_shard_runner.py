@@ -310,3 +310,25 @@ def test_a_nudge_for_batch_work_outlives_full_batch_task_slots(setup: Any) -> No
 
     assert asyncio.run(scenario()) is False
     assert worker._batch_due  # still due: claimed as soon as the slot frees
+
+
+def test_a_finished_attempt_leaves_a_newer_attempt_of_its_shard_held(setup: Any) -> None:
+    """An attempt whose lease was lost ends after the same worker claimed its shard again: it must
+    not drop the new attempt from the shards the heartbeat keeps alive."""
+    store, files = setup
+    worker = Worker(store.queue, store.queue, store.housekeeping, files, Router([Route("*", ScriptedEngine())]),
+                    WorkerSettings(), Limits())
+    old = store.queue.claim_shard(NOW, 30, "old")
+    assert old is not None
+    old_state = ShardState(lease_lost=True)
+    new = store.queue.claim_shard(NOW + 31, 30, "new")  # the old lease ran out: claimed again
+    assert new is not None and new.shard_id == old.shard_id
+    new_state = ShardState()
+    worker._shards[new.shard_id] = (new, new_state)
+
+    async def scenario() -> None:
+        worker._lease_thread = ThreadPoolExecutor(1)
+        await worker._run_shard(old, old_state)  # the old attempt ends (its lines were never queued)
+
+    asyncio.run(scenario())
+    assert worker._shards.get(new.shard_id) == (new, new_state)

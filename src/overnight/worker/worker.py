@@ -243,7 +243,10 @@ class Worker:
             with contextlib.suppress(Exception):
                 await self._fail_shard(shard, f"{type(exc).__name__}: {str(exc)[:500]}", give_up=False)
         finally:
-            self._shards.pop(shard.shard_id, None)
+            # Only our own entry: a shard whose lease we lost may already be claimed again (by this
+            # worker too) and entered under the same id; dropping that entry would stop its heartbeat.
+            if (entry := self._shards.get(shard.shard_id)) is not None and entry[1] is state:
+                del self._shards[shard.shard_id]
             self._wake.set()
 
     async def _fail_shard(self, shard: ClaimedShard, error: str, give_up: bool) -> None:
