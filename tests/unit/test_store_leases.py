@@ -185,3 +185,18 @@ def test_a_claim_reads_the_queue_in_index_order_without_sorting_it(store: SqlSto
     plan = "\n".join(str(row[-1]) for row in rows)
     assert "ix_shards_claim_order" in plan, plan
     assert "Sort" not in plan and "TEMP B-TREE" not in plan, plan
+
+
+def test_a_read_sees_one_snapshot_for_all_its_statements(store: SqlStore) -> None:
+    """The API reads a batch, then its running shards' progress: both must come from one snapshot,
+    or a shard's commit between them is counted in neither (progress shows 0 for a poll)."""
+    _batch_in_progress(store, shards=1)
+    claim = store.queue.claim_shard(NOW, 30, "t1")
+    assert claim is not None
+    with store.db.read() as conn:
+        before = conn.execute(select(schema.shards.c.status)).scalar_one()
+        # the shard commits meanwhile, on another connection
+        assert store.queue.commit_shard(claim.shard_id, "t1", "batch_a", ShardResult("r", completed=10), NOW) == (
+            "batch_ready")
+        after = conn.execute(select(schema.shards.c.status)).scalar_one()
+    assert before == after == C.SHARD_RUNNING

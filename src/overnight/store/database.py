@@ -67,8 +67,15 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn, conn.begin():
-            yield conn
+        """A read-only transaction that sees one snapshot for all its statements. (SQLite's read
+        transactions do; PostgreSQL's default, READ COMMITTED, takes one per statement: a batch read,
+        then its running shards' progress, straddled a shard's commit and counted neither, so
+        `request_counts` went back to 0 for one poll. Read-only, REPEATABLE READ never aborts.)"""
+        with self.engine.connect() as conn:
+            if not self.is_sqlite:
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                yield conn
 
 
 def _private_sqlite_files(url: str) -> None:
