@@ -26,6 +26,9 @@ COMPLETED: Final = "completed"
 EXPIRED: Final = "expired"
 CANCELLING: Final = "cancelling"
 CANCELLED: Final = "cancelled"
+# What a wake-up says changed (workers start a created batch; they stop a cancelled one's shards).
+CHANGE_CREATED: Final = "created"
+CHANGE_CANCELLED: Final = "cancelled"
 TERMINAL_STATES: Final = frozenset({FAILED, COMPLETED, EXPIRED, CANCELLED})
 ACTIVE_STATES: Final = frozenset({VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING})
 

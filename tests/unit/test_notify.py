@@ -19,18 +19,27 @@ NOW = 1_000_000
 def test_create_and_cancel_wake_a_listener_on_commit(postgres_clean_url: str) -> None:
     store = SqlStore(postgres_clean_url)
     woken = threading.Semaphore(0)
-    listener = BatchChangeListener(postgres_clean_url, woken.release)
+    changes: list[str] = []
+
+    def on_change(change: str) -> None:
+        changes.append(change)
+        woken.release()
+
+    listener = BatchChangeListener(postgres_clean_url, on_change)
     listener.start()
     try:
         assert listener.listening.wait(10)
         assert woken.acquire(timeout=5)  # one wake-up on (re)connecting: whatever was missed
+        assert changes == [C.CHANGE_CANCELLED]  # a cancel may be among it: running shards check
         store.files.insert_file(FileRecord("file-in", "o", "batch", "in.jsonl", 10, NOW, None, "files/in"))
         assert not woken.acquire(timeout=0.3)  # a file is no work for a worker
         store.batches.insert_batch(BatchRecord("batch_a", "o", C.CHAT_COMPLETIONS, "file-in", "24h",
                                                C.VALIDATING, NOW, NOW + 86400))
         assert woken.acquire(timeout=2)
+        assert changes[-1] == C.CHANGE_CREATED
         store.batches.request_cancel("o", "batch_a", NOW)
         assert woken.acquire(timeout=2)
+        assert changes[-1] == C.CHANGE_CANCELLED  # workers heartbeat at once: their shards stop
         store.batches.request_cancel("o", "batch_a", NOW)  # already cancelling: nothing changed
         assert not woken.acquire(timeout=0.3)
     finally:

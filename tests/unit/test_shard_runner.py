@@ -4,6 +4,7 @@ batch is cancelled mid-way, when its lease is lost, when a line raises, and when
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -332,3 +333,48 @@ def test_a_finished_attempt_leaves_a_newer_attempt_of_its_shard_held(setup: Any)
 
     asyncio.run(scenario())
     assert worker._shards.get(new.shard_id) == (new, new_state)
+
+
+class _HourlyHeartbeat(Worker):
+    @property
+    def heartbeat_seconds(self) -> float:
+        return 3600.0
+
+
+def test_a_cancel_wake_brings_the_heartbeat_forward(setup: Any) -> None:
+    """A cancel (from this machine's API, or another's through NOTIFY) makes the worker heartbeat at
+    once: the heartbeat is what tells running shards to stop, and its next tick may be a second away
+    (more under load, when lines kept going out after a cancel)."""
+    store, files = setup
+    worker = _HourlyHeartbeat(store.queue, store.queue, store.housekeeping, files,
+                              Router([Route("*", ScriptedEngine())]), WorkerSettings(), Limits())
+    claim = store.queue.claim_shard(NOW, 30, "lease")
+    assert claim is not None
+    state = ShardState()
+    worker._shards[claim.shard_id] = (claim, state)
+    assert store.batches.request_cancel("o", "batch_x", int(NOW)) is not None
+
+    async def until_stopped(seconds: float) -> bool:
+        for _ in range(int(seconds / 0.02)):
+            if state.batch_stopped:
+                return True
+            await asyncio.sleep(0.02)
+        return state.batch_stopped
+
+    async def scenario() -> tuple[bool, bool]:
+        worker._loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        heartbeats = asyncio.create_task(worker._heartbeat_loop(stop))
+        try:
+            worker.wake(C.CHANGE_CREATED)  # a new batch is no reason to heartbeat early
+            after_create = await until_stopped(0.3)
+            worker.wake(C.CHANGE_CANCELLED)
+            return after_create, await until_stopped(5)
+        finally:
+            stop.set()
+            heartbeats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeats
+
+    after_create, after_cancel = asyncio.run(scenario())
+    assert not after_create and after_cancel

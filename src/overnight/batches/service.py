@@ -24,7 +24,7 @@ class BatchService:
         endpoints: tuple[str, ...] = C.SUPPORTED_ENDPOINTS,
         windows: dict[str, int] | None = None,
         clock: Callable[[], float] = time.time,
-        on_change: Callable[[], None] = lambda: None,
+        on_change: Callable[[str], None] = lambda change: None,
         progress: ProgressReader | None = None,
     ) -> None:
         self.batches = batches
@@ -32,7 +32,7 @@ class BatchService:
         self.endpoints = endpoints
         self.windows = dict(C.COMPLETION_WINDOWS) if windows is None else windows  # name -> seconds
         self.clock = clock
-        self.on_change = on_change  # wakes the in-process worker
+        self.on_change = on_change  # wakes the worker(s) with C.CHANGE_CREATED or C.CHANGE_CANCELLED
         self.progress = progress  # None: batches carry no throughput or ETA
 
     def create(
@@ -87,7 +87,7 @@ class BatchService:
             request_id=request_id,
         )
         self.batches.insert_batch(record)
-        self.on_change()
+        self.on_change(C.CHANGE_CREATED)
         return record
 
     def get(self, owner: str | None, batch_id: str) -> BatchRecord:
@@ -112,7 +112,7 @@ class BatchService:
             raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id")
         if record.status not in (C.CANCELLING, C.CANCELLED):
             raise Conflict(f"Cannot cancel a batch with status '{record.status}'.")
-        self.on_change()
+        self.on_change(C.CHANGE_CANCELLED)
         return record
 
 

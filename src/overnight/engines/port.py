@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -19,6 +20,9 @@ class EngineRequest:
     # Someone waits for this answer interactively (not a batch line): an engine that schedules its
     # own work (the embedded llama engine) runs it before queued batch work.
     online: bool = False
+    # Whether the caller no longer wants the answer (its batch was cancelled, its lease lost): an
+    # engine that waited for a slot, or between retries, asks before it sends. None: always wanted.
+    stopped: Callable[[], bool] | None = None
 
 
 @dataclass(slots=True)

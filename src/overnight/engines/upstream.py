@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from overnight.engines.stats import UpstreamStats
 from overnight.settings import UpstreamSettings
 
 _EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
+_CANCELLED_MESSAGE = "This request was not executed because the batch was cancelled."
 
 
 class UpstreamEngine:
@@ -100,7 +101,8 @@ class UpstreamEngine:
             now = time.time()
             if now >= request.deadline:
                 return EngineResponse.failure(C.BATCH_EXPIRED, _EXPIRED_MESSAGE)
-            response, retry_after = await self._attempt(url, payload, request.deadline, request.online)
+            response, retry_after = await self._attempt(url, payload, request.deadline, request.online,
+                                                        request.stopped)
             if response.ok:
                 return response
             decision = self.policy.decide(attempt, response.status_code, retry_after, time.time(), request.deadline)
@@ -108,6 +110,8 @@ class UpstreamEngine:
                 return response
             self.stats.retries += 1
             await asyncio.sleep(decision.delay)
+            if request.stopped is not None and request.stopped():
+                return EngineResponse.failure(C.BATCH_CANCELLED, _CANCELLED_MESSAGE)
 
     async def send_online(self, request: EngineRequest) -> OnlineReply:
         """One attempt, in the online lane (ahead of batch requests, which give way while it runs),
@@ -161,11 +165,19 @@ class UpstreamEngine:
         if error is not None:
             self.stats.error(error)
 
-    async def _attempt(self, url: str, payload: bytes, deadline: float,
-                       online: bool = False) -> tuple[EngineResponse, float | None]:
+    async def _attempt(self, url: str, payload: bytes, deadline: float, online: bool = False,
+                       stopped: Callable[[], bool] | None = None) -> tuple[EngineResponse, float | None]:
         assert self._client is not None
         limiter = self.limiter
-        epoch = limiter.epoch if not online and limiter.try_take_batch() else await limiter.acquire(online)
+        if not online and limiter.try_take_batch():
+            epoch = limiter.epoch
+        else:
+            epoch = await limiter.acquire(online)
+            # The wait can be long (this worker's share of the upstream is small, a retry's back-off):
+            # a line whose batch was cancelled meanwhile is not sent.
+            if stopped is not None and stopped():
+                limiter.release(online)
+                return EngineResponse.failure(C.BATCH_CANCELLED, _CANCELLED_MESSAGE), None
         # The deadline is checked after the wait for a concurrency slot, which can be long: no
         # request starts after the completion window closed.
         time_left = deadline - time.time()

@@ -37,7 +37,7 @@ class SqlBatchCatalog:
     def insert_batch(self, record: BatchRecord) -> None:
         with self.db.write() as conn:
             conn.execute(_INSERT_BATCH, batch_values(record))
-            notify_batches_changed(conn)
+            notify_batches_changed(conn, C.CHANGE_CREATED)
 
     def get_batch(self, owner: str | None, batch_id: str) -> BatchRecord | None:
         if not storable(batch_id):
@@ -76,7 +76,7 @@ class SqlBatchCatalog:
                 .values(status=C.CANCELLING, cancelling_at=now)
             )
             if moved.rowcount:
-                notify_batches_changed(conn)
+                notify_batches_changed(conn, C.CHANGE_CANCELLED)
                 conn.execute(
                     update(_s)
                     .where(_s.c.batch_id == batch_id, _s.c.status == C.SHARD_PENDING)

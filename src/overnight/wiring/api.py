@@ -22,7 +22,7 @@ from overnight.wiring.core import ConfigurationError, Core
 
 
 def build_api(
-    core: Core, router: Router, announce: Callable[[str], None] | None, on_change: Callable[[], None] = lambda: None
+    core: Core, router: Router, announce: Callable[[str], None] | None, on_change: Callable[[str], None] = lambda change: None
 ) -> Services:
     """`router` lists the models (GET /v1/models); the API never starts engines. `on_change` wakes
     an in-process worker when a batch is created or cancelled."""

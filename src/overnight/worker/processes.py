@@ -23,12 +23,16 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
 
+from overnight import constants as C
 from overnight.runtime import exit_now, freeze_startup_objects
 from overnight.settings import Settings
 
 log = logging.getLogger("overnight.workers")
 
 _PR_SET_PDEATHSIG = 1
+# What the parent writes down a worker's wake pipe: a batch was created, or cancelled.
+_CREATED = b"!"
+_CANCELLED = b"x"
 
 
 @dataclass(slots=True)
@@ -74,10 +78,11 @@ class WorkerProcesses:
         then /health answers 503, so whoever waits for it does not time the workers' start-up."""
         return all(child.ready.is_set() for child in self._workers)
 
-    def notify(self) -> None:
+    def notify(self, change: str) -> None:
+        message = _CANCELLED if change == C.CHANGE_CANCELLED else _CREATED
         for child in self._workers:
             with contextlib.suppress(OSError, ValueError):
-                child.wake.send_bytes(b"!")
+                child.wake.send_bytes(message)
 
     async def supervise(self, stop: asyncio.Event) -> None:
         """Restart a worker that died (a crash in an engine, the OOM killer) until `stop`."""
@@ -166,14 +171,15 @@ async def run_worker(
 
     def drain() -> None:
         assert wake is not None
+        messages = set()
         try:
             while wake.poll():
-                wake.recv_bytes()
+                messages.add(wake.recv_bytes())
         except (EOFError, OSError):  # the parent is gone
             loop.remove_reader(wake.fileno())
             stop.set()
             return
-        worker.wake()
+        worker.wake(C.CHANGE_CANCELLED if _CANCELLED in messages else C.CHANGE_CREATED)
 
     if wake is not None:
         loop.add_reader(wake.fileno(), drain)

@@ -43,6 +43,10 @@ class ShardState:
     queued: bool = False  # its lines are in the lanes' queues
     finalize: BatchTask | None = None  # the commit made the batch ready and leased it to us
 
+    def stopped(self) -> bool:
+        """Whether to send no more of its lines (asked again by an engine after a long wait)."""
+        return self.batch_stopped or self.lease_lost
+
 
 class ShardRunner:
     def __init__(
@@ -136,6 +140,7 @@ class _ShardRun:
         self.runner = runner
         self.claim = claim
         self.state = state
+        self.stopped = state.stopped  # bound once: the engine gets it with every line
         self.requests = requests
         self.resolved: list[Resolved | None] = []
         self.lines: list[bytes] = [b""] * len(requests)
@@ -205,7 +210,7 @@ class _ShardRun:
         index = claim.first_request + i
         self.custom_ids[i] = custom_id
         ident = f"{self.id_prefix}{index:08x}"
-        if state.batch_stopped or state.lease_lost:
+        if state.stopped():
             self._fail(C.BATCH_CANCELLED)
             return error_line(ident, custom_id, C.BATCH_CANCELLED), False
         if self.runner.clock() >= self.deadline:
@@ -230,7 +235,9 @@ class _ShardRun:
                 body = {}  # not read: the engine sends body_bytes
             else:
                 body = orjson.loads(body_bytes)
-            response = await engine.execute(EngineRequest(claim.endpoint, body, self.deadline, body_bytes))
+            response = await engine.execute(
+                EngineRequest(claim.endpoint, body, self.deadline, body_bytes, stopped=self.stopped)
+            )
         if response.status_code is None:
             code = response.error_code or C.ENGINE_ERROR
             self._fail(code)

@@ -79,6 +79,7 @@ class Worker:
         self.runner = ShardRunner(queue, files, router, self.lanes, clock, self.metrics, settings.lease_seconds)
         self._running: set[asyncio.Task[None]] = set()  # shard and batch tasks, cancelled at stop
         self._wake = asyncio.Event()
+        self._heartbeat_due = asyncio.Event()  # set by a cancel: heartbeat now, not at the next tick
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shards: dict[int, tuple[ClaimedShard, ShardState]] = {}
         self._batch_tasks = 0
@@ -94,14 +95,17 @@ class Worker:
         reads and writes stalled on a slow store, and leases ran out under live shards."""
         return await asyncio.get_running_loop().run_in_executor(self._lease_thread, functools.partial(call, *args))
 
-    def wake(self) -> None:
-        """Thread-safe nudge: new work may be claimable (a batch was created or cancelled)."""
+    def wake(self, change: str = C.CHANGE_CREATED) -> None:
+        """Thread-safe nudge: new work may be claimable (a batch was created or cancelled). A
+        cancel also brings the next heartbeat forward: it is what tells running shards to stop."""
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._nudge)
+            self._loop.call_soon_threadsafe(self._nudge, change)
 
-    def _nudge(self) -> None:
+    def _nudge(self, change: str) -> None:
         self._batch_due = True
         self._wake.set()
+        if change == C.CHANGE_CANCELLED:
+            self._heartbeat_due.set()
 
     def _nudge_shards(self) -> None:
         self._wake.set()
@@ -335,7 +339,9 @@ class Worker:
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            await asyncio.sleep(self.heartbeat_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._heartbeat_due.wait(), self.heartbeat_seconds)
+            self._heartbeat_due.clear()
             await self._update_shares()
             await self.heartbeat()
             self._publish_metrics()
