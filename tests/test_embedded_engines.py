@@ -345,8 +345,8 @@ def test_an_online_request_overtakes_queued_batch_lines() -> None:
         return order.index("extra"), [extra, *responses]
 
     async def work(engine: Any) -> tuple[tuple[int, list[EngineResponse]], tuple[int, list[EngineResponse]]]:
-        # The control first: after an online request the batch backs off to half the slots for a
-        # while, and the control's 4 lines would not all run at once.
+        # The control first: after an online request the batch leaves a slot free for a while, and
+        # the control's 4 lines would not all run at once.
         control = await finish_position(engine, False)
         return await finish_position(engine, True), control
 
@@ -354,3 +354,71 @@ def test_an_online_request_overtakes_queued_batch_lines() -> None:
     assert all(r.status_code == 200 for r in online_run + batch_run)
     assert online_at < 8, online_at  # before most of the 16 batch lines
     assert batch_at >= 12, batch_at  # without priority it waits for the queue ahead of it
+
+
+@needs_chat
+def test_an_aborted_decode_leaves_the_cache_as_it_was_and_its_redo_matches_an_uninterrupted_step() -> None:
+    """The scheduler aborts a batch step for an online request and redoes it later: llama.cpp must
+    have dropped the aborted step's tokens, so the redo computes exactly what the step would have."""
+    import llama_cpp
+
+    from overnight.engines.llama.native import Native
+
+    def decode(native: Any, entries: list[tuple[int, list[int], int]]) -> int:
+        """One llama_decode of (seq, tokens, first position) entries, logits for each last token."""
+        batch, n = native.batch, 0
+        for seq, tokens, start in entries:
+            for i, token in enumerate(tokens):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, start + i, 1
+                batch.seq_id[n][0], batch.logits[n] = seq, i == len(tokens) - 1
+                n += 1
+        batch.n_tokens = n
+        return int(llama_cpp.llama_decode(native.ctx, batch))
+
+    def run(abort: bool) -> tuple[list[int], Any]:
+        native = Native(CHAT_PATH, 4 * 256, 4, 2, flash_attn=True, kv_unified=True)
+        try:
+            a, b, c = (native.tokenize(text, True, False) for text in QUESTIONS[2:5])
+            assert decode(native, [(0, a, 0), (1, b, 0)]) == 0
+            step = [(0, [a[-1]], len(a)), (1, [b[-1]], len(b)), (2, c, 0)]  # generation + a prompt
+            if abort:
+                native.abort()  # set before the call: aborted after the first graph node
+                assert decode(native, step) == 2
+                native.clear_abort()
+                positions = [llama_cpp.llama_memory_seq_pos_max(native.memory, s) for s in range(3)]
+                assert positions == [len(a) - 1, len(b) - 1, -1]  # the step's tokens are gone
+            assert decode(native, step) == 0
+            rows = [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(native.ctx, i), shape=(native.n_vocab,))
+                    for i in (0, 1, 1 + len(c))]
+            return [int(row.argmax()) for row in rows], np.stack(rows).copy()
+        finally:
+            native.free()
+
+    (redone, redone_logits), (straight, straight_logits) = run(abort=True), run(abort=False)
+    assert redone == straight
+    assert np.array_equal(redone_logits, straight_logits)
+
+
+@needs_chat
+def test_an_online_request_aborts_the_batch_step_in_flight_and_the_batch_still_finishes() -> None:
+    """Online requests one after another beside 3 batch lines (one slot free): one that arrives while a
+    step of batch lines is decoding aborts it (one arriving between two steps has nothing to abort:
+    of 5, the chance that none lands in a step is nil), and the batch lines still finish whole."""
+
+    async def work(engine: Any) -> tuple[list[EngineResponse], list[EngineResponse], int, bool]:
+        batch = [asyncio.create_task(engine.execute(completion(f"Story {i}: Once upon a time", 96)))
+                 for i in range(3)]
+        for _ in range(500):  # 3 lines running, one slot free
+            if engine.stats is not None and engine.stats.busy_slots == 3 and engine.stats.generated_tokens > 3:
+                break
+            await asyncio.sleep(0.01)
+        online = [await engine.execute(completion(f"Hello, my name is {name}", 4, online=True))
+                  for name in ("Ann", "Bo", "Cy", "Di", "Ed")]
+        still_running = not any(task.done() for task in batch)
+        return online, await asyncio.gather(*batch), engine.stats.aborted_steps, still_running
+
+    online, batch, aborted, overlapped = run_chat(work, n_seq_max=4, n_ctx=4 * 256)
+    assert overlapped  # the online requests ran beside the batch
+    assert [r.status_code for r in online + batch] == [200] * 8
+    assert all(r.body["usage"]["completion_tokens"] == 96 for r in batch)  # redone steps lose nothing
+    assert 1 <= aborted <= 5  # at most one step per online request

@@ -83,18 +83,18 @@ def test_online_jobs_go_first_and_keep_a_slot_in_reserve() -> None:
     assert s._next_job() is None  # 5 >= 8 - (2 + 1)
 
 
-def test_while_users_are_around_the_batch_backs_off_to_half_the_slots() -> None:
+def test_while_users_are_around_the_batch_keeps_every_slot_but_the_reserve() -> None:
     import time
 
-    s = scheduler(8, online_active=0, batch_active=2)
+    s = scheduler(8, online_active=0, batch_active=6)
     s.last_online = time.monotonic()  # an online request came a moment ago, and is done
     s.queue.extend([first := job(), job()])
-    assert s._next_job() is first  # 2 batch jobs < 8 // 2 - 1
-    s = scheduler(8, online_active=0, batch_active=3)
+    assert s._next_job() is first  # 6 batch jobs < 8 - 1: the batch does not back off further
+    s = scheduler(8, online_active=0, batch_active=7)
     s.last_online = time.monotonic()
     s.queue.append(job())
-    assert s._next_job() is None  # 3 >= 8 // 2 - 1: half the slots, less the reserve
-    s = scheduler(8, online_active=0, batch_active=3)
+    assert s._next_job() is None  # 7 >= 8 - 1: one slot stays free for the next online request
+    s = scheduler(8, online_active=0, batch_active=7)
     s.queue.append(later := job())
     assert s._next_job() is later  # nobody online for a while: every slot is the batch's
 
@@ -154,17 +154,70 @@ def test_deterministic_mode_decodes_each_prompt_in_a_call_of_its_own() -> None:
     assert s.logits == [[0, 1, 2], [399], [399]]
 
 
-def test_an_online_prompt_gets_a_step_of_its_own_and_recent_users_shorten_steps() -> None:
-    import time
-
-    from overnight.engines.llama.scheduler import ONLINE_STEP_PROMPT_TOKENS
-
+def test_an_online_prompt_gets_a_step_of_its_own() -> None:
     s, calls = stepping_scheduler(deterministic=False)
     s.slots[4].job = job(online=True)
     s._step()
     # the online prompt (slot 4) gets a step of its own; generation and slot 3's batch prompt wait one step
     assert calls == [[(4, 400)]]
-    s, calls = stepping_scheduler(deterministic=False)
-    s.last_online = time.monotonic()  # an online request came a moment ago (none is prefilling now)
-    s._step()
-    assert calls == [[(0, 1), (1, 1), (2, 1), (3, ONLINE_STEP_PROMPT_TOKENS)]]
+
+
+class AbortRecorder:
+    """The part of Native that aborting touches, recording what the scheduler asks."""
+
+    def __init__(self) -> None:
+        self.ctx, self.batch, self.n_batch = None, FakeBatch(64), 64
+        self.aborts = 0
+        self.flag = False
+
+    def abort(self) -> None:
+        self.aborts += 1
+        self.flag = True
+
+    def clear_abort(self) -> None:
+        self.flag = False
+
+
+def test_an_online_request_aborts_a_batch_step_once_and_the_redo_runs_to_its_end(monkeypatch: Any) -> None:
+    import threading
+
+    import llama_cpp
+
+    from overnight.engines.stats import EmbeddedStats
+
+    s = scheduler(4, online_active=0, batch_active=2)  # two slots free
+    s.deterministic, s.cond, s.stats = False, threading.Condition(), EmbeddedStats(total_slots=4)
+    s.native = native = AbortRecorder()
+    for slot in s.slots[:2]:
+        slot.tokens, slot.n_past = [1, 2, 3], 2  # generating
+    group = s.slots[:2]
+    results: list[int] = []
+
+    def llama_decode(ctx: Any, batch: Any) -> int:
+        assert s.abortable  # a step of batch lines, a slot free: an online request may abort it
+        s.submit(job())  # a batch line arriving aborts nothing
+        assert native.aborts == 0
+        s.submit(job(online=True))
+        assert native.aborts == 1 and not s.abortable  # one abort per step
+        results.append(2)
+        return 2  # what llama_decode returns for an aborted step
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", llama_decode)
+    s._decode(group, 64)
+    assert [slot.n_past for slot in group] == [2, 2]  # nothing advanced: the step is redone
+    assert s.retrying and s.stats.aborted_steps == 1 and not native.flag  # cleared for the next step
+
+    def redo(ctx: Any, batch: Any) -> int:
+        assert not s.abortable  # the redo of an aborted step runs to its end
+        s.submit(job(online=True))
+        assert native.aborts == 1
+        return 0
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", redo)
+    monkeypatch.setattr(s, "_sample", lambda slot: None)
+    s._decode(group, 64)
+    assert [slot.n_past for slot in group] == [3, 3] and not s.retrying
+    for slot in s.slots:  # every slot busy: an online request could not take a slot, so no abort
+        slot.job = slot.job or job()
+    assert not s._may_abort(batch_only=True)
+    assert not s._may_abort(batch_only=False) and results == [2]

@@ -44,4 +44,5 @@ class EmbeddedStats:
     generated_tokens: int = 0
     cached_prompt_tokens: int = 0
     busy_slots: int = 0
+    aborted_steps: int = 0  # decode steps given up for an online request (redone after its prompt)
     total_slots: int = 1

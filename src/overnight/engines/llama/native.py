@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 N_UBATCH = 512
 
 _LLAMA_LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level: 3 WARN, 4 ERROR
+# What llama.cpp says about a decode that the scheduler aborted (Native.abort): expected, not news.
+_ABORT_MESSAGES = (b"failed with error 1", b"compute status: 1", b"failed to decode, ret = 2", b"removing memory module entries")
 
 
 @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]  # a ctypes CFUNCTYPE
@@ -26,6 +28,8 @@ def llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     """Route llama.cpp's own messages to Python logging: warnings and errors only, the load chatter
     (hundreds of INFO lines per model) would drown the server log."""
     py_level = _LLAMA_LOG_LEVELS.get(level)
+    if py_level is not None and any(m in text for m in _ABORT_MESSAGES):
+        py_level = logging.DEBUG
     if py_level is not None:
         log.log(py_level, "llama.cpp: %s", text.decode("utf-8", errors="replace").rstrip())
 
@@ -79,6 +83,25 @@ class Native:
         self.window = min(per_seq, train) if train > 0 else per_seq
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._piece_buf = ctypes.create_string_buffer(256)
+        # Aborting the decode in flight (another thread calls `abort`). ggml's CPU backend asks
+        # `callback(data)` after every graph node, on a compute thread that does not hold the GIL: a
+        # Python callback would take the GIL hundreds of times per step and wait for the event loop
+        # each time. The callback is libc's `strlen` on a two-byte buffer, `flag` NUL: it returns 0
+        # or 1, which the C ABI (x86-64, AArch64) reads as the `bool` the callback type returns.
+        self._abort_flag = ctypes.create_string_buffer(2)
+        address = ctypes.cast(ctypes.CDLL(None).strlen, ctypes.c_void_p).value
+        assert address is not None
+        self._abort_callback = llama_cpp.ggml_abort_callback(address)
+        llama_cpp.llama_set_abort_callback(ctx, self._abort_callback,
+                                           ctypes.cast(self._abort_flag, ctypes.c_void_p))
+
+    def abort(self) -> None:
+        """Any thread: make the decode in flight (or the next one) stop after its current graph node;
+        `llama_decode` then returns 2 and llama.cpp removes that step's tokens from the KV cache."""
+        self._abort_flag[0] = b"\x01"
+
+    def clear_abort(self) -> None:
+        self._abort_flag[0] = b"\x00"
 
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
         data = text.encode("utf-8")

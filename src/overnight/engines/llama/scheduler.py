@@ -44,10 +44,15 @@ instead of waiting for a batch line to finish. The reserve of one slot also hold
 `ONLINE_RESERVE_SECONDS` after the last online request arrived: interactive users send a request,
 read, and send the next one, and without it each of their requests would find every slot taken by
 the batch again. Running batch lines are never evicted, so an online request that arrives while
-every slot is busy (the first after a quiet spell) waits for the first slot to free up. While online
-requests are recent, the batch also backs off: it is admitted into half the slots (less the
-reserve), its steps carry fewer prompt tokens, and an online prompt is decoded in a step of its own,
-so a user's first token waits for one short step, not for a step of every batch sequence.
+every slot is busy (the first after a quiet spell) waits for the first slot to free up.
+
+An online request does not wait for the batch step in flight either (at 32 sequences a step takes
+~100 ms on 2 cores, more than the request's own prompt): when it arrives during a step of batch
+lines only and a slot is free for it, the step is aborted (`Native.abort`: llama.cpp stops after
+the graph node it is on and drops the step's tokens from the KV cache, so nothing advanced), the
+online prompt is decoded in a step of its own, and the batch step is redone after it. A redone step
+is not aborted again, so online traffic cannot starve the batch; what an abort costs the batch is
+the part of a step already computed, at most one step per online request.
 
 Streaming. A job may carry `on_text`, called on the decode thread with each piece of generated text
 that is final: bytes that could still begin a stop string are held back until they cannot, and so
@@ -89,11 +94,6 @@ MIN_SHARED_PREFIX = 8
 # to this many. One micro-batch (native.N_UBATCH): a step then never takes more than one pass over the
 # weights for prompts, so generating sequences wait at most that long for their next token.
 STEP_TOKENS = 512
-# Batch prompt tokens per step while online requests are recent (ONLINE_RESERVE_SECONDS): a step then
-# takes about a generation step's time, and an online request's wait for the step in flight with it.
-# (bench_online: with these, an online prompt's step of its own and half the slots for the batch
-# while users are around, time to first token beside a running batch went from ~115 ms to ~55 ms.)
-ONLINE_STEP_PROMPT_TOKENS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +207,8 @@ class Scheduler:
         self.thread = threading.Thread(target=self._run, name="overnight-llama-decode", daemon=True)
 
     last_online = float("-inf")  # time.monotonic() when the last online job was submitted
+    abortable = False  # an online job may abort the decode in flight (guarded by `cond`; module doc)
+    retrying = False  # the last batch step was aborted: its redo runs to its end
 
     # -- called from the event loop -----------------------------------------------------------------
 
@@ -215,6 +217,9 @@ class Scheduler:
             (self.online if job.online else self.queue).append(job)
             if job.online:
                 self.last_online = time.monotonic()
+                if self.abortable:
+                    self.abortable = False
+                    self.native.abort()
             self.cond.notify()
 
     def stop(self) -> None:
@@ -264,10 +269,6 @@ class Scheduler:
                 # Online prompts get a step of their own: the batch's sequences wait one step, and
                 # the user's first token costs a prompt pass, not a step of every batch sequence too.
                 generating, prefilling = [], online_prompts
-            elif time.monotonic() - self.last_online < ONLINE_RESERVE_SECONDS:
-                # Users are around: shorter steps (fewer batch prompt tokens each), so an online
-                # request that arrives waits less for the step in flight.
-                budget = len(generating) + ONLINE_STEP_PROMPT_TOKENS
             groups = [generating + prefilling] if ready else []
         for group in groups:
             self._decode(group, budget)
@@ -277,7 +278,19 @@ class Scheduler:
 
     def _decode(self, group: list[Slot], budget: int) -> None:
         entries = self._fill_batch(group, budget)
+        batch_only = not any(slot.job is not None and slot.job.online for slot, _ in entries)
+        with self.cond:
+            self.abortable = self._may_abort(batch_only)
         rc = llama_cpp.llama_decode(self.native.ctx, self.native.batch)
+        with self.cond:
+            self.abortable = False
+            self.native.clear_abort()
+        if rc == 2:  # aborted for an online job: llama.cpp dropped the step's tokens, nothing advanced
+            self.retrying = True
+            self.stats.aborted_steps += 1
+            return
+        if batch_only:
+            self.retrying = False
         if rc != 0:
             log.error("embedded llama engine: llama_decode returned %d", rc)
             for slot, _ in entries:
@@ -289,6 +302,13 @@ class Scheduler:
             slot.n_past += n
             if slot.n_past == len(slot.tokens):
                 self._sample(slot)
+
+    def _may_abort(self, batch_only: bool) -> bool:
+        """Whether an online job that arrives during this step may abort it (module doc): a step of
+        batch lines only, not itself the redo of an aborted step, with a free slot for the online job."""
+        if self.deterministic or self.retrying or not batch_only:
+            return False
+        return any(s.job is None and not s.copy_source for s in self.slots)
 
     # admission --------------------------------------------------------------------------------------
 
@@ -320,10 +340,7 @@ class Scheduler:
         # No online job is pending here (they went first), so the reserve counts the active ones.
         online = sum(1 for s in active if s.job is not None and s.job.online)
         recent = time.monotonic() - self.last_online < ONLINE_RESERVE_SECONDS
-        # While users are around, the batch backs off to half the slots (plus the reserve): every
-        # step then carries half the sequences, and an online request waits half as long for it.
-        limit = self.n_seq_max // 2 if recent else self.n_seq_max
-        if (online or recent) and len(active) - online >= limit - (online + 1):
+        if (online or recent) and len(active) - online >= self.n_seq_max - (online + 1):
             return None
         return self.queue.popleft()
 
