@@ -166,7 +166,7 @@ class AbortRecorder:
     """The part of Native that aborting touches, recording what the scheduler asks."""
 
     def __init__(self) -> None:
-        self.ctx, self.batch, self.n_batch = None, FakeBatch(64), 64
+        self.ctx, self.batch, self.n_batch = None, FakeBatch(1024), 1024
         self.aborts = 0
         self.flag = False
 
@@ -217,6 +217,10 @@ def test_an_online_request_aborts_a_batch_step_once_and_the_redo_runs_to_its_end
     monkeypatch.setattr(s, "_sample", lambda slot: None)
     s._decode(group, 64)
     assert [slot.n_past for slot in group] == [3, 3] and not s.retrying
+    assert s._may_abort(batch_only=True)
+    native.batch.n_tokens = 513  # two micro-batches: an abort in the second would leave the first in the cache
+    assert not s._may_abort(batch_only=True)
+    native.batch.n_tokens = 2
     for slot in s.slots:  # every slot busy: an online request could not take a slot, so no abort
         slot.job = slot.job or job()
     assert not s._may_abort(batch_only=True)

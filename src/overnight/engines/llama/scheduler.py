@@ -76,7 +76,7 @@ import llama_cpp
 import numpy as np
 
 from overnight.engines.handoff import resolve_threadsafe
-from overnight.engines.llama.native import Native
+from overnight.engines.llama.native import N_UBATCH, Native
 from overnight.engines.llama.sampling import Sampling, make_sampler
 from overnight.engines.port import EngineResponse
 from overnight.engines.stats import EmbeddedStats
@@ -305,8 +305,10 @@ class Scheduler:
 
     def _may_abort(self, batch_only: bool) -> bool:
         """Whether an online job that arrives during this step may abort it (module doc): a step of
-        batch lines only, not itself the redo of an aborted step, with a free slot for the online job."""
-        if self.deterministic or self.retrying or not batch_only:
+        batch lines only, not itself the redo of an aborted step, with a free slot for the online job.
+        And one micro-batch: llama.cpp drops the tokens of the micro-batch it aborted, not those of
+        the ones before it, which the redo would then add to the cache a second time."""
+        if self.deterministic or self.retrying or not batch_only or self.native.batch.n_tokens > N_UBATCH:
             return False
         return any(s.job is None and not s.copy_source for s in self.slots)
 
