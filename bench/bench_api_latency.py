@@ -64,7 +64,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="overnight-lat-") as tmp:
         workdir = Path(tmp)
         input_path = write_chat_batch(workdir / "input.jsonl", args.lines)
-        with upstream_process(workdir) as upstream_url, \
+        with upstream_process(workdir) as (upstream_url, _upstream), \
                 overnight_process(workdir, upstream_url) as (base_url, _proc):
             latency = latency_during_run(base_url, input_path, args.lines)
             print(f"during a {args.lines:,}-line batch ({latency['lines_per_s']:,} lines/s): "

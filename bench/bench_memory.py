@@ -98,7 +98,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="overnight-mem-") as tmp:
         workdir = Path(tmp)
-        with upstream_process(workdir) as upstream_url:
+        with upstream_process(workdir) as (upstream_url, _upstream):
             for size_text in args.sizes.split(","):
                 row = measure(workdir, upstream_url, parse_size(size_text))
                 rows.append(row)

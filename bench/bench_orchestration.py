@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 import threading
 import time
@@ -36,11 +37,15 @@ from pyreqwest.client import ClientBuilder
 
 from harness import (
     chat_request_line,
+    cpu_snapshot,
+    cpu_use,
     git_state,
     machine,
     overnight_process,
+    own_ticks,
     save,
     spread,
+    tree_ticks,
     upstream_process,
     write_chat_batch,
 )
@@ -231,6 +236,7 @@ def main() -> None:
     keys = [f"sk-bench-key{i}" for i in range(args.keys)]
     print(f"machine: {machine()}  commit {state['commit'][:10]}{' (dirty)' if state['dirty'] else ''}")
     samples: dict[str, list[float]] = {}
+    cpu: dict[str, list[dict[str, dict[str, float]]]] = {}
     phases: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="overnight-bench-") as tmp:
         workdir = Path(tmp)
@@ -240,14 +246,14 @@ def main() -> None:
         if many_count:
             (workdir / "hooks.toml").write_text(hooks.config(keys))
             extra += ["--config", str(workdir / "hooks.toml")]
-        with upstream_process(workdir) as upstream_url, \
-                overnight_process(workdir, upstream_url, *extra, *args.overnight_arg) as (base_url, _proc):
-            arms: list[tuple[str, Callable[[], float]]] = []
+        with upstream_process(workdir) as (upstream_url, upstream), \
+                overnight_process(workdir, upstream_url, *extra, *args.overnight_arg) as (base_url, server):
+            arms: list[tuple[str, int, Callable[[], float]]] = []  # name, lines, run -> lines/s
             for n in sizes:
                 arms += [
-                    (f"raw_pyreqwest@{n}", lambda n=n: run_on_fastest_loop(raw_pyreqwest(upstream_url, n))),
-                    (f"raw_aiohttp@{n}", lambda n=n: run_on_fastest_loop(raw_aiohttp(upstream_url, n))),
-                    (f"sdk_script@{n}",  # runs min(n, --sdk-lines) lines
+                    (f"raw_pyreqwest@{n}", n, lambda n=n: run_on_fastest_loop(raw_pyreqwest(upstream_url, n))),
+                    (f"raw_aiohttp@{n}", n, lambda n=n: run_on_fastest_loop(raw_aiohttp(upstream_url, n))),
+                    (f"sdk_script@{n}", min(n, args.sdk_lines),  # the SDK script is slow: fewer lines
                      lambda n=n: run_on_fastest_loop(sdk_script(upstream_url, min(n, args.sdk_lines)))),
                 ]
 
@@ -256,14 +262,14 @@ def main() -> None:
                     phases.setdefault(f"overnight@{n}", []).append(result)
                     return result["lines_per_s"]
 
-                arms.append((f"overnight@{n}", ours))
+                arms.append((f"overnight@{n}", n, ours))
             if many_count:
                 total = many_count * many_lines
                 many_input = write_chat_batch(workdir / f"many-{many_lines}.jsonl", many_lines)
                 one_input = write_chat_batch(workdir / f"one-{total}.jsonl", total)
-                arms.append((f"one_batch_watched@{total}",
+                arms.append((f"one_batch_watched@{total}", total,
                              lambda: batches_at_once(base_url, one_input, 1, total, keys[:1], hooks)))
-                arms.append((f"many_batches@{many_count}x{many_lines}",
+                arms.append((f"many_batches@{many_count}x{many_lines}", total,
                              lambda: batches_at_once(base_url, many_input, many_count, many_lines, keys, hooks)))
             warm_input = write_chat_batch(workdir / "warm-up.jsonl", 2_000)
             print("warm-up: one round of every arm at 2,000 lines")
@@ -273,10 +279,18 @@ def main() -> None:
             overnight_run(base_url, warm_input, 2_000)
             if many_count:
                 batches_at_once(base_url, warm_input, len(keys), 2_000, keys, hooks)
+            # Where the CPU goes: this process (the bare clients, or the SDK calls and the webhook
+            # receiver of overnight's arms), the fake upstream, overnight's server (API + workers).
+            groups = {"client": lambda: own_ticks(os.getpid()), "upstream": lambda: tree_ticks(upstream.pid),
+                      "overnight": lambda: tree_ticks(server.pid)}
             for round_ in range(args.rounds):
                 shift = round_ % len(arms)
-                for name, arm in arms[shift:] + arms[:shift]:
+                for name, lines, arm in arms[shift:] + arms[:shift]:
+                    before, started = cpu_snapshot(groups), time.perf_counter()
                     samples.setdefault(name, []).append(arm())
+                    used = cpu_use(before, cpu_snapshot(groups), time.perf_counter() - started)
+                    cpu.setdefault(name, []).append({group: {"us_per_line": round(v["cpu_s"] / lines * 1e6, 1),
+                                                             "cores": v["cores"]} for group, v in used.items()})
                 print(f"round {round_ + 1}: " + " | ".join(f"{name} {values[-1]:,.0f}" for name, values in samples.items()),
                       flush=True)
     def per_round(a: str, b: str) -> list[float]:
@@ -299,6 +313,10 @@ def main() -> None:
         "ratios": {name: spread(values) for name, values in ratios.items()},
         "samples": samples,
         "overnight_phases": phases,
+        # per arm and group (client, upstream, overnight, machine = all CPUs, other = the rest):
+        # CPU microseconds per line and cores busy, median [min-max] over the rounds
+        "cpu": {name: {group: {key: spread([r[group][key] for r in runs], 2) for key in ("us_per_line", "cores")}
+                       for group in runs[0]} for name, runs in cpu.items()},
     }
     print()
     for name, values in samples.items():

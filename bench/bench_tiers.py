@@ -37,10 +37,11 @@ from bench_orchestration import overnight_run
 from harness import (
     TICK,
     children,
+    cpu_snapshot,
+    cpu_use,
     free_port,
     git_state,
     machine,
-    machine_busy_ticks,
     median,
     own_ticks,
     process,
@@ -57,25 +58,6 @@ from overnight.testing.seaweedfs import SeaweedFS
 KEY = "sk-bench"
 SETTLE_SECONDS = 3.0  # > 2.5 heartbeats: a worker that joins others sends nothing before that
 SATURATED = 0.85  # cores: a single-threaded Python process this busy is the bottleneck
-
-# -- CPU accounting -------------------------------------------------------------------------
-
-
-def cpu_snapshot(groups: dict[str, Callable[[], int]]) -> dict[str, int]:
-    return {name: read() for name, read in groups.items()} | {"machine": machine_busy_ticks()}
-
-
-def cpu_use(before: dict[str, int], after: dict[str, int], wall: float) -> dict[str, dict[str, float]]:
-    """CPU seconds and cores (seconds / wall) per group, and `other`: what the rest of the machine used."""
-    out = {}
-    for name in before:
-        seconds = (after[name] - before[name]) / TICK
-        out[name] = {"cpu_s": round(seconds, 3), "cores": round(seconds / wall, 3)}
-    ours = sum(v["cpu_s"] for k, v in out.items() if k != "machine")
-    other = max(0.0, out["machine"]["cpu_s"] - ours)
-    out["other"] = {"cpu_s": round(other, 3), "cores": round(other / wall, 3)}
-    return out
-
 
 # -- processes ------------------------------------------------------------------------------
 

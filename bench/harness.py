@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -93,11 +93,11 @@ def process(args: list[str], ready_url: str, log: Path) -> Iterator[subprocess.P
 
 
 @contextmanager
-def upstream_process(workdir: Path, *extra: str) -> Iterator[str]:
+def upstream_process(workdir: Path, *extra: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
     args = [sys.executable, "-m", "overnight.testing.upstream_server", "--port", str(port), *extra]
-    with process(args, f"http://127.0.0.1:{port}/stats", workdir / "upstream.log"):
-        yield f"http://127.0.0.1:{port}/v1"
+    with process(args, f"http://127.0.0.1:{port}/stats", workdir / "upstream.log") as proc:
+        yield f"http://127.0.0.1:{port}/v1", proc
 
 
 @contextmanager
@@ -164,6 +164,22 @@ def machine_busy_ticks() -> int:
     """Busy ticks of all CPUs together (/proc/stat: user nice system irq softirq steal)."""
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     return values[0] + values[1] + values[2] + values[5] + values[6] + values[7]
+
+
+def cpu_snapshot(groups: dict[str, Callable[[], int]]) -> dict[str, int]:
+    return {name: read() for name, read in groups.items()} | {"machine": machine_busy_ticks()}
+
+
+def cpu_use(before: dict[str, int], after: dict[str, int], wall: float) -> dict[str, dict[str, float]]:
+    """CPU seconds and cores (seconds / wall) per group, and `other`: what the rest of the machine used."""
+    out = {}
+    for name in before:
+        seconds = (after[name] - before[name]) / TICK
+        out[name] = {"cpu_s": round(seconds, 3), "cores": round(seconds / wall, 3)}
+    ours = sum(v["cpu_s"] for k, v in out.items() if k != "machine")
+    other = max(0.0, out["machine"]["cpu_s"] - ours)
+    out["other"] = {"cpu_s": round(other, 3), "cores": round(other / wall, 3)}
+    return out
 
 
 def save(name: str, result: dict[str, Any]) -> Path:

@@ -107,7 +107,24 @@ def orchestration() -> str:
 
         lines += ["", f"Where a {n(sizes[0])}-line batch's time goes (medians): upload {phase('upload_s')} s, "
                       f"validate + run + finalize {phase('run_s')} s, download {phase('download_s')} s."]
+    if "cpu" in d:
+        lines += ["", orchestration_cpu(d["cpu"], sizes[0])]
     return "\n".join(lines)
+
+
+def orchestration_cpu(cpu: dict[str, Any], size: int) -> str:
+    """Where the CPU goes per line at the largest size: the 2-core machine is the ceiling."""
+    def us(arm: str, group: str) -> str:
+        return med(cpu[f"{arm}@{size}"][group]["us_per_line"], 1)
+
+    def busy(arm: str) -> str:
+        return med(cpu[f"{arm}@{size}"]["machine"]["cores"], 2)
+
+    return (f"CPU per line at {n(size)} lines (microseconds, medians [min-max]): the bare pyreqwest client "
+            f"{us('raw_pyreqwest', 'client')} + the fake upstream {us('raw_pyreqwest', 'upstream')} "
+            f"({busy('raw_pyreqwest')} of the machine's cores busy); overnight's server (API + worker) "
+            f"{us('overnight', 'overnight')} + the SDK client {us('overnight', 'client')} + the fake upstream "
+            f"{us('overnight', 'upstream')} ({busy('overnight')} cores busy).")
 
 
 def api_latency() -> str:
