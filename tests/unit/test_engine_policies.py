@@ -38,11 +38,25 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after({}) is None
 
 
-def test_additive_increase_multiplicative_decrease() -> None:
-    limiter = AdaptiveLimiter(initial=10, minimum=2, maximum=12)
-    for _ in range(10):
+def test_slow_start_then_additive_increase_multiplicative_decrease() -> None:
+    limiter = AdaptiveLimiter(initial=16, minimum=2, maximum=64)
+    for _ in range(16):
         limiter.on_success()
-    assert 10.9 < limiter.limit < 11.1  # +1 per window of `limit` successes
+    assert limiter.limit == 32  # no overload yet: +1 per success, the window doubles per round trip
+    for _ in range(40):
+        limiter.on_success()
+    assert limiter.limit == 64  # capped at the maximum
+    limiter.on_overload(limiter.epoch)
+    assert limiter.limit == 32
+    for _ in range(32):
+        limiter.on_success()
+    assert 32.9 < limiter.limit < 33.1  # after an overload: +1 per window of `limit` successes
+    limiter = AdaptiveLimiter(initial=10, minimum=2, maximum=12)
+    limiter.on_overload(limiter.epoch)
+    for _ in range(5):
+        limiter.on_success()
+    assert 5.9 < limiter.limit < 6.1
+    limiter.limit = 11.0
     epoch = limiter.epoch
     limiter.on_overload(epoch)
     limiter.on_overload(epoch)  # the same window: one decrease only
