@@ -316,7 +316,8 @@ def test_request_counts_move_before_a_shard_commits(make_server: Any) -> None:
     # run out and the shard start over (its progress back to 0), which is not what this test is about.
     srv = make_server("--shard-lines", "1000", "--max-shards", "1", "--lease-seconds", "10")
     client = srv.client()
-    lines = [chat_line(i, x_fault="slow:60") for i in range(600)]  # ~2 s: heartbeats land mid-shard
+    # ~3 s even at the limiter's maximum of 64 at a time: heartbeats (every second) land mid-shard
+    lines = [chat_line(i, x_fault="slow:300") for i in range(600)]
     batch = client.batches.create(input_file_id=upload(client, lines), endpoint="/v1/chat/completions",
                                   completion_window="24h")
     seen = []

@@ -77,10 +77,11 @@ def test_request_and_response_values_pass_through_exactly(client: openai.OpenAI)
 def test_a_deadline_reached_mid_shard_ends_the_batch_expired(make_server: Any) -> None:
     """Every shard was running when the window closed: its late lines came back `batch_expired`
     and the batch still ended `completed`. OpenAI (and the README) say `expired`."""
-    srv = make_server("--completion-window-seconds", "4", "--shard-lines", "96")
+    srv = make_server("--completion-window-seconds", "4", "--shard-lines", "320")
     client = srv.client()
-    # One shard, 16 lines at a time: about 6 s of work in a window of 3-4 s (created_at is whole seconds)
-    lines = [chat_line(i, x_fault="slow:1000") for i in range(96)]
+    # One shard of 1 s lines: at most 64 at a time (the limiter's maximum, reached within a second by
+    # its slow start), so at least 5 s of work in a window of 3-4 s (created_at is whole seconds)
+    lines = [chat_line(i, x_fault="slow:1000") for i in range(320)]
     batch = client.batches.create(input_file_id=upload(client, lines), endpoint="/v1/chat/completions",
                                   completion_window="24h")
     done = wait_terminal(client, batch.id, timeout=30)
@@ -88,7 +89,7 @@ def test_a_deadline_reached_mid_shard_ends_the_batch_expired(make_server: Any) -
     outputs, errors = results_by_id(client, done)
     assert outputs, "finished work is kept"
     assert errors and {e["error"]["code"] for e in errors.values()} == {C.BATCH_EXPIRED}
-    assert set(outputs) | set(errors) == {f"req-{i}" for i in range(96)}
+    assert set(outputs) | set(errors) == {f"req-{i}" for i in range(320)}
 
 
 def test_an_oversized_model_name_is_a_line_error_not_a_cache_entry(client: openai.OpenAI) -> None:
