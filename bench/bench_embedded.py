@@ -9,6 +9,8 @@ the same file for every arm; tokens/s = completion tokens / wall time:
     attention on/off and -np 16/32 (-c = np x 1024, 2 threads), one factor at a time around the best
     configuration the issue measured (`--sweep-full`: all 12), once each on `--sweep-lines` lines,
     prints all, and records the best in bench/results/embedded_sweep.json; the rounds use it.
+(a') llama-server at its best configuration on the weights overnight serves (Q8_0 made from the
+    packaged file): engine against engine on the same arithmetic, when (a)'s best runs other weights.
 (b) overnight end to end: `overnight serve` (embedded default engine, default settings), the SDK
     uploads the file, creates the batch, polls every 0.5 s and downloads the output.
 (b_det) the same with `--deterministic`: what deterministic mode costs.
@@ -18,8 +20,11 @@ the same file for every arm; tokens/s = completion tokens / wall time:
 Every arm runs the same number of rounds, interleaved (the order rotates each round), after one
 warm-up round. Servers start once and stay up across rounds (idle servers use no CPU). Ratios are
 taken within a round and reported as median and min-max over rounds.
-`--quality`: greedy answers of the packaged Q4_1 file against Q8_0 and Q4_0 made from it (one at a
-time, deterministic mode), to choose the fast-kernel format by quality as well as speed.
+`--quality`: Q8_0 and Q4_0 made from the packaged Q4_1 file against it, to choose the fast-kernel
+format by quality as well as speed: greedy answers (one at a time, deterministic mode), and on the
+prompts followed by the Q4_1 answers, the KL divergence of each next-token distribution from Q4_1's,
+how often the most likely next token is the same, and perplexity (as llama-perplexity
+--kl-divergence measures a quantization).
 `--levers`: the engine alone (all 64 lines submitted at once, in this process), one lever added at a
 time: what each moved.
 
@@ -47,6 +52,7 @@ from harness import RESULTS, free_port, git_state, machine, process, save, sprea
 from overnight.engines.llama import LlamaChatEngine
 from overnight.engines.packaged_models import (
     DEFAULT_CHAT_MODEL_NAME,
+    FAST_FTYPE,
     default_chat_model_path,
     fast_chat_model_path,
     requantize,
@@ -126,7 +132,7 @@ def sweep_configs(full: bool) -> list[tuple[str, bool, int]]:
     if full:
         return [(f, fa, np_) for f in ("Q4_1", "Q4_0", "Q8_0") for fa in (False, True) for np_ in (16, 32)]
     return [("Q4_0", True, 32), ("Q4_0", False, 32), ("Q4_1", True, 32), ("Q8_0", True, 32), ("Q4_0", True, 16),
-            ("Q4_1", False, 16)]
+            ("Q8_0", True, 16), ("Q4_1", False, 16)]
 
 
 def sweep(bin_dir: Path, batch: list[dict[str, Any]], workdir: Path, full: bool) -> dict[str, Any]:
@@ -139,7 +145,12 @@ def sweep(bin_dir: Path, batch: list[dict[str, Any]], workdir: Path, full: bool)
         print(f"  llama-server {ftype} fa={'on ' if fa else 'off'} -np {np_}: {result['tok_s']:6.1f} tok/s",
               flush=True)
     best = max(runs, key=lambda r: r["tok_s"])
-    return {"lines": len(batch), "runs": runs, "best": {k: best[k] for k in ("ftype", "flash_attn", "np")}}
+    # The fastest on the weights overnight serves: engine against engine on the same arithmetic (the
+    # fastest overall may run weights that change the model's answers; --quality measures by how much).
+    same = max((r for r in runs if r["ftype"] == FAST_FTYPE), key=lambda r: r["tok_s"], default=best)
+    keys = ("ftype", "flash_attn", "np")
+    return {"lines": len(batch), "runs": runs, "best": {k: best[k] for k in keys},
+            "best_same_weights": {k: same[k] for k in keys}}
 
 
 # -- (b) overnight serve, end to end through the SDK --------------------------------------------------
@@ -213,16 +224,67 @@ def quality(batch: list[dict[str, Any]], workdir: Path) -> dict[str, Any]:
             await engine.close()
 
     reference = asyncio.run(answers(model_file(workdir, "Q4_1")))
-    result: dict[str, Any] = {"lines": len(batch), "max_tokens": 48}
+    # The texts every format is scored on: each prompt in the model's chat template, followed by the
+    # packaged model's own greedy answer (teacher forcing: every format predicts the same tokens).
+    texts = [_chat_text(line["body"]["messages"]) + answer for line, answer in zip(batch, reference, strict=True)]
+    reference_scores = _next_token_logprobs(model_file(workdir, "Q4_1"), texts)
+    result: dict[str, Any] = {"lines": len(batch), "max_tokens": 48,
+                              "scored_tokens": sum(len(t) - 1 for t, _ in reference_scores),
+                              "Q4_1_perplexity": round(_perplexity(reference_scores), 3)}
     for ftype in ("Q8_0", "Q4_0"):
         got = asyncio.run(answers(model_file(workdir, ftype)))
         same = sum(a == b for a, b in zip(got, reference, strict=True))
         # how far the answers agree before they part (characters), as a share of the reference
         agree = [len(_common(a, b)) / max(len(b), 1) for a, b in zip(got, reference, strict=True)]
-        result[ftype] = {"identical_answers": same, "mean_agreeing_prefix": round(sum(agree) / len(agree), 3)}
-        print(f"  {ftype} vs Q4_1: {same}/{len(batch)} identical greedy answers, "
-              f"agreeing prefix {result[ftype]['mean_agreeing_prefix']:.0%} on average", flush=True)
+        result[ftype] = {"identical_answers": same, "mean_agreeing_prefix": round(sum(agree) / len(agree), 3),
+                         **_divergence(reference_scores, _next_token_logprobs(model_file(workdir, ftype), texts))}
+        q = result[ftype]
+        print(f"  {ftype} vs Q4_1: {same}/{len(batch)} identical greedy answers, agreeing prefix "
+              f"{q['mean_agreeing_prefix']:.0%} on average; KL divergence {q['mean_kld']:.4f} (p99 {q['p99_kld']:.3f}), "
+              f"same top token {q['same_top_token']:.1%}, perplexity {q['perplexity']:.3f} "
+              f"(Q4_1 {result['Q4_1_perplexity']:.3f})", flush=True)
     return result
+
+
+def _chat_text(messages: list[dict[str, str]]) -> str:
+    """SmolLM2's chat template (ChatML), up to the assistant's turn."""
+    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return turns + "<|im_start|>assistant\n"
+
+
+def _next_token_logprobs(path: str, texts: list[str]) -> list[tuple[list[int], Any]]:
+    """Per text: its tokens, and the model's log-probabilities of the next token at each position."""
+    import numpy as np
+
+    llm = llama_cpp.Llama(path, n_ctx=1024, n_batch=1024, logits_all=True, n_threads=THREADS, verbose=False)
+    out = []
+    for text in texts:
+        tokens = llm.tokenize(text.encode(), add_bos=False, special=True)
+        llm.reset()
+        llm.eval(tokens)
+        logits = np.asarray(llm.scores[: len(tokens) - 1], dtype=np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        out.append((tokens, logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))))
+    llm.close()
+    return out
+
+
+def _perplexity(scored: list[tuple[list[int], Any]]) -> float:
+    import numpy as np
+
+    nll = np.concatenate([-lp[np.arange(len(t) - 1), t[1:]] for t, lp in scored])
+    return float(np.exp(nll.mean()))
+
+
+def _divergence(reference: list[tuple[list[int], Any]], got: list[tuple[list[int], Any]]) -> dict[str, float]:
+    """KL(reference || got) per position (llama-perplexity's --kl-divergence), how often the most
+    likely next token is the same, and the perplexity of the reference texts."""
+    import numpy as np
+
+    kld = np.concatenate([(np.exp(r) * (r - g)).sum(axis=1) for (_, r), (_, g) in zip(reference, got, strict=True)])
+    top = np.concatenate([r.argmax(axis=1) == g.argmax(axis=1) for (_, r), (_, g) in zip(reference, got, strict=True)])
+    return {"mean_kld": round(float(kld.mean()), 5), "p99_kld": round(float(np.percentile(kld, 99)), 4),
+            "same_top_token": round(float(top.mean()), 4), "perplexity": round(_perplexity(got), 3)}
 
 
 # -- the levers, one at a time, on the engine alone ----------------------------------------------------
@@ -318,40 +380,48 @@ def main() -> None:
         if args.sweep:
             found = sweep(args.llama_bin, batch[: args.sweep_lines], workdir, args.sweep_full)
             save("embedded_sweep", {"git": state, **found})
+        found_configs = json.loads(sweep_file.read_text()) if sweep_file.is_file() else {}
         if args.server:
             ftype, fa, np_ = args.server.split(",")
             best = {"ftype": ftype, "flash_attn": fa == "on", "np": int(np_)}
-        elif sweep_file.is_file():
-            best = json.loads(sweep_file.read_text())["best"]
         else:
-            best = {"ftype": "Q4_0", "flash_attn": True, "np": 32}
+            best = found_configs.get("best", {"ftype": "Q4_0", "flash_attn": True, "np": 32})
+        same = found_configs.get("best_same_weights", {"ftype": FAST_FTYPE, "flash_attn": True, "np": best["np"]})
         results["llama_server_config"] = best
-        print(f"llama-server config for the rounds: {best}", flush=True)
+        results["llama_server_same_weights_config"] = same
+        print(f"llama-server config for the rounds: {best}; on overnight's weights: {same}", flush=True)
         if args.rounds > 0:
-            rounds_(args, batch, path, workdir, best, results)
+            rounds_(args, batch, path, workdir, best, same, results)
             print(f"wrote {save('embedded', results)}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def rounds_(args: argparse.Namespace, batch: list[dict[str, Any]], path: Path, workdir: Path,
-            best: dict[str, Any], results: dict[str, Any]) -> None:
-    samples: dict[str, list[float]] = {"a": [], "b": [], "b_det": [], "c": []}
+            best: dict[str, Any], same: dict[str, Any], results: dict[str, Any]) -> None:
+    """(a') is llama-server on overnight's own weights, run only when (a)'s best runs other weights."""
+    samples: dict[str, list[float]] = {"a": [], "a_same": [], "b": [], "b_det": [], "c": []}
     loop = asyncio.new_event_loop()
     cfg = EmbeddedSettings()  # (b)'s engine: the server's default settings and weights
     engine = LlamaChatEngine(fast_chat_model_path(default_chat_model_path() or "", workdir / "models"),
                              DEFAULT_CHAT_MODEL_NAME, n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq_max, threads=THREADS)
     loop.run_until_complete(engine.start())
+    separate = same != best
     with (llama_server(args.llama_bin, model_file(workdir, best["ftype"]), best["np"], best["flash_attn"],
                        workdir) as llama_url,
+          (llama_server(args.llama_bin, model_file(workdir, same["ftype"]), same["np"], same["flash_attn"], workdir)
+           if separate else contextlib.nullcontext(llama_url)) as same_url,
           overnight_server(workdir) as fast_url,
           overnight_server(workdir, "--deterministic") as det_url):
         arms = {
             "a": lambda n: asyncio.run(sdk_script(llama_url, batch[:n], best["np"])),
+            "a_same": lambda n: asyncio.run(sdk_script(same_url, batch[:n], same["np"])),
             "b": lambda n: overnight_batch(fast_url, path if n == len(batch) else _subset(workdir, batch[:n])),
             "b_det": lambda n: overnight_batch(det_url, path if n == len(batch) else _subset(workdir, batch[:n])),
             "c": lambda n: one_at_a_time(engine, loop, batch[:min(n, args.one_lines)]),
         }
+        if not separate:
+            del arms["a_same"], samples["a_same"]  # (a) is already on overnight's weights
         order = list(arms)
         for name in order:  # warm-up round: page in the weights, first graphs, the servers' first batch
             arms[name](8)
@@ -370,16 +440,22 @@ def rounds_(args: argparse.Namespace, batch: list[dict[str, Any]], path: Path, w
     loop.close()
     results["rounds"] = rounds
     results["tok_s"] = {name: spread(values, 1) for name, values in samples.items()}
+    a_same = "a_same" if separate else "a"
     ratios = {"b_over_a": [x["b"]["tok_s"] / x["a"]["tok_s"] for x in rounds],
+              "b_over_a_same_weights": [x["b"]["tok_s"] / x[a_same]["tok_s"] for x in rounds],
               "b_over_c": [x["b"]["tok_s"] / x["c"]["tok_s"] for x in rounds],
               "b_det_over_b": [x["b_det"]["tok_s"] / x["b"]["tok_s"] for x in rounds]}
     results["ratios"] = {k: spread(v, 2) for k, v in ratios.items()}
-    labels = {"a": f"llama-server {best}", "b": "overnight batch (default)", "b_det": "overnight --deterministic",
+    labels = {"a": f"llama-server {best}", "a_same": f"llama-server on overnight's weights {same}",
+              "b": "overnight batch (default)", "b_det": "overnight --deterministic",
               "c": f"one at a time ({args.one_lines} lines)"}
     for name, label in labels.items():
+        if name not in results["tok_s"]:
+            continue
         s = results["tok_s"][name]
         print(f"({name}) {label}: {s['median']:.1f} tok/s (min {s['min']:.1f}, max {s['max']:.1f})")
-    for name, goal in (("b_over_a", ">= 1.2"), ("b_over_c", ">= 3"), ("b_det_over_b", "(cost of determinism)")):
+    for name, goal in (("b_over_a", ">= 1.2"), ("b_over_a_same_weights", "(engine against engine)"),
+                       ("b_over_c", ">= 3"), ("b_det_over_b", "(cost of determinism)")):
         s = results["ratios"][name]
         print(f"{name}: {s['median']:.2f} (min {s['min']:.2f}, max {s['max']:.2f}) goal {goal}")
 

@@ -184,6 +184,7 @@ def claims() -> str:
 def embedded() -> str:
     d = load("embedded")
     t, r, cfg = d["tok_s"], d["ratios"], d["llama_server_config"]
+    same = d.get("llama_server_same_weights_config", cfg)
     server = (f"`llama-server` at its best configuration found by the sweep ({cfg['ftype']}, flash attention "
               f"{'on' if cfg['flash_attn'] else 'off'}, `-np {cfg['np']}`), fed by an asyncio SDK script at "
               f"concurrency {cfg['np']}")
@@ -196,6 +197,9 @@ def embedded() -> str:
         "| what ran the lines | tokens/s | |",
         "|---|---|---|",
         f"| (a) {server} | {med(t['a'], 1)} | |",
+        *([f"| (a') `llama-server` at its best on overnight's own weights ({same['ftype']}, flash attention "
+           f"{'on' if same['flash_attn'] else 'off'}, `-np {same['np']}`) | {med(t['a_same'], 1)} | "
+           f"(b) is {times(r['b_over_a_same_weights'], 2)} (a'), per round |"] if "a_same" in t else []),
         f"| (b) **overnight**, the batch file end to end through `overnight serve` | **{med(t['b'], 1)}** | "
         f"**{times(r['b_over_a'], 2)} (a)**, per round |",
         f"| (b') the same with `--deterministic` | {med(t['b_det'], 1)} | {med(r['b_det_over_b'], 2)} of (b) |",
@@ -207,12 +211,17 @@ def embedded() -> str:
                  f"{measured_at('embedded_levers', levers)}):", ""]
     rows += [f"- {step}: {n(result['tok_s'], 1)} tokens/s" for step, result in levers["levers"].items()]
     quality = load("embedded_quality")
-    rows += ["", f"Weight formats against the packaged Q4_1 (`--quality`: {quality['lines']} prompts, "
-                 f"{quality['max_tokens']} tokens, greedy, one at a time): "
-             + "; ".join(f"{name} gave {q['identical_answers']} identical answers and agreed for "
-                         f"{q['mean_agreeing_prefix']:.0%} of an answer's length on average"
-                         for name, q in quality.items() if isinstance(q, dict) and "identical_answers" in q)
-             + f" ({measured_at('embedded_quality', quality)})."]
+    formats = {name: q for name, q in quality.items() if isinstance(q, dict) and "identical_answers" in q}
+    rows += ["", f"Weight formats against the packaged Q4_1 (`--quality`: {quality['lines']} prompts, greedy "
+                 f"answers of {quality['max_tokens']} tokens one at a time; then each format scored on the prompts "
+                 f"followed by Q4_1's answers, {n(quality['scored_tokens'])} tokens, as `llama-perplexity "
+                 f"--kl-divergence` scores a quantization; {measured_at('embedded_quality', quality)}):", "",
+             "| format | identical greedy answers | answer length agreeing | mean KL divergence from Q4_1 "
+             "| same most likely token | perplexity |", "|---|---|---|---|---|---|",
+             f"| Q4_1 (packaged) | | | | | {quality['Q4_1_perplexity']:.3f} |"]
+    rows += [f"| {name} | {q['identical_answers']}/{quality['lines']} | {q['mean_agreeing_prefix']:.0%} | "
+             f"{q['mean_kld']:.4f} (p99 {q['p99_kld']:.3f}) | {q['same_top_token']:.1%} | {q['perplexity']:.3f} |"
+             for name, q in formats.items()]
     return "\n".join(rows)
 
 
