@@ -33,6 +33,7 @@ _PR_SET_PDEATHSIG = 1
 # What the parent writes down a worker's wake pipe: a batch was created, or cancelled.
 _CREATED = b"!"
 _CANCELLED = b"x"
+RELAY_DIR_PREFIX = "overnight-relay-"
 
 
 @dataclass(slots=True)
@@ -55,7 +56,9 @@ class WorkerProcesses:
         self._stopping = False
         # The workers' sockets for online requests (online/relay.py), in a directory of this user's
         # only (mkdtemp makes it 0700) and with a short path (a socket path has ~100 bytes at most).
-        self._relay_dir = tempfile.mkdtemp(prefix="overnight-")
+        # Named after this process: a SIGKILLed server cannot remove its directory, the next start does.
+        remove_stale_relay_dirs()
+        self._relay_dir = tempfile.mkdtemp(prefix=f"{RELAY_DIR_PREFIX}{os.getpid()}-")
         self.relay_paths = [os.path.join(self._relay_dir, f"worker-{i}.sock") for i in range(count)]
 
     def start(self) -> None:
@@ -118,6 +121,33 @@ class WorkerProcesses:
             from overnight.observability.metrics import forget_process
 
             forget_process(child.process.pid, self.settings.metrics_dir)
+
+
+def remove_stale_relay_dirs(parent: str | None = None) -> list[str]:
+    """Remove the relay directories (under `parent`, the temporary directory by default) that this
+    user's servers left when they were killed: those named after a process that no longer runs.
+    Returns what was removed."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    with contextlib.suppress(OSError), os.scandir(parent) as entries:
+        for entry in entries:
+            pid = entry.name.removeprefix(RELAY_DIR_PREFIX).partition("-")[0]
+            if entry.name.startswith(RELAY_DIR_PREFIX) and pid.isdigit() and not _running(int(pid)):
+                with contextlib.suppress(OSError):
+                    if entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_uid == os.getuid():
+                        shutil.rmtree(entry.path)
+                        removed.append(entry.path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def worker_main(settings: Settings, wake: Connection, parent_pid: int, ready: Event | None = None,
