@@ -277,6 +277,27 @@ def test_deterministic_mode_answers_a_line_the_same_whatever_else_is_in_flight()
     assert answers == [expected[prompts.index(p)] for p in copies]
 
 
+@needs_chat
+def test_a_sequence_moved_to_close_a_gap_answers_as_it_would_have_unmoved() -> None:
+    """Three lines on slots 0-2; the middle one stops after 2 tokens, so slot 2's sequence is moved
+    into slot 1 (its KV stream copied) to keep generation in one micro-batch. In deterministic mode
+    the moved line must still answer exactly as it does alone, and so must the line beside it."""
+    long_a, short, long_c = (chat(q, max_tokens=48) for q in QUESTIONS[3:6])
+    short = chat(QUESTIONS[1], max_tokens=2)
+
+    async def alone(engine: Any) -> list[str]:
+        return [content(await engine.execute(r)) for r in (long_a, long_c)]
+
+    async def together(engine: Any) -> tuple[list[str], int]:
+        responses = await asyncio.gather(*(engine.execute(r) for r in (long_a, short, long_c)))
+        return [content(responses[0]), content(responses[2])], engine.stats.moved_sequences
+
+    expected = run_chat(alone, deterministic=True, n_seq_max=4, n_ctx=4 * 256)
+    answers, moved = run_chat(together, deterministic=True, n_seq_max=4, n_ctx=4 * 256)
+    assert moved == 1
+    assert answers == expected
+
+
 # -- streaming and online priority (the scheduler hooks) ------------------------------------------------
 
 

@@ -1,9 +1,10 @@
-"""The llama scheduler's pure logic, without a model: streaming hold-back, online admission and what
-each decode call holds in the fast and the deterministic mode."""
+"""The llama scheduler's pure logic, without a model: streaming hold-back, online admission, what
+each decode call holds in the fast and the deterministic mode, and compaction of generating slots."""
 
 from __future__ import annotations
 
 from collections import deque
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -111,7 +112,6 @@ class FakeBatch:
 def stepping_scheduler(deterministic: bool) -> tuple[Any, list[list[tuple[int, int]]]]:
     """3 generating slots and 2 admitted 400-token prompts; `_decode` records what each call holds."""
     import threading
-    from types import SimpleNamespace
 
     from overnight.engines.stats import EmbeddedStats
 
@@ -126,40 +126,107 @@ def stepping_scheduler(deterministic: bool) -> tuple[Any, list[list[tuple[int, i
     calls: list[list[tuple[int, int]]] = []
     logits: list[list[int]] = []
 
-    def decode(group: list[Slot], budget: int) -> None:
+    def decode(group: list[Slot], budget: int) -> bool:
         entries = s._fill_batch(group, budget)
         calls.append([(slot.seq_id, n) for slot, n in entries])
         logits.append([k for k in range(s.native.batch.n_tokens) if s.native.batch.logits[k]])
+        return True
 
     s._decode = decode
     s.logits = logits
     return s, calls
 
 
-def test_fast_mode_decodes_generation_and_prompt_chunks_in_one_call_within_a_token_budget() -> None:
+def test_fast_mode_decodes_prompt_chunks_in_one_call_within_a_token_budget_then_generation() -> None:
     from overnight.engines.llama.scheduler import STEP_TOKENS
 
     s, calls = stepping_scheduler(deterministic=False)
     s._step()
-    # one llama_decode: a token for each generating slot, then prompts up to the step budget; the
-    # second prompt is cut (chunked prefill) and goes on next step, generation does not wait for it
-    assert calls == [[(0, 1), (1, 1), (2, 1), (3, 400), (4, STEP_TOKENS - 403)]]
-    assert s.logits == [[0, 1, 2, 402]]  # logits for the generating slots and the completed prompt only
+    # Two llama_decode calls: the prompts up to the step budget (the second is cut: chunked prefill,
+    # it goes on next step), then one token for each generating slot, which waited for one chunk only.
+    # Mixed in one call, llama.cpp's micro-batches for per-slot KV streams would have taken one
+    # token of each sequence per pass over the weights.
+    assert calls == [[(3, 400), (4, STEP_TOKENS - 400)], [(0, 1), (1, 1), (2, 1)]]
+    assert s.logits == [[399], [0, 1, 2]]  # logits for the completed prompt and the generating slots only
 
 
 def test_deterministic_mode_decodes_each_prompt_in_a_call_of_its_own() -> None:
     s, calls = stepping_scheduler(deterministic=True)
     s._step()
-    assert calls == [[(0, 1), (1, 1), (2, 1)], [(3, 400)], [(4, 400)]]
-    assert s.logits == [[0, 1, 2], [399], [399]]
+    assert calls == [[(3, 400)], [(4, 400)], [(0, 1), (1, 1), (2, 1)]]
+    assert s.logits == [[399], [399], [0, 1, 2]]
 
 
-def test_an_online_prompt_gets_a_step_of_its_own() -> None:
+def test_an_online_prompt_gets_a_call_of_its_own_before_generation() -> None:
     s, calls = stepping_scheduler(deterministic=False)
     s.slots[4].job = job(online=True)
     s._step()
-    # the online prompt (slot 4) gets a step of its own; generation and slot 3's batch prompt wait one step
-    assert calls == [[(4, 400)]]
+    # the online prompt (slot 4) is decoded alone; slot 3's batch prompt waits a step, generation does not
+    assert calls == [[(4, 400)], [(0, 1), (1, 1), (2, 1)]]
+
+
+def compacting_scheduler(monkeypatch: Any, busy: dict[int, int], n_slots: int = 6) -> tuple[Any, list[Any]]:
+    """Slots with jobs: seq id -> tokens still to decode (1: generating, more: prefilling); the
+    native calls of a move are recorded."""
+    import llama_cpp
+
+    from overnight.engines.stats import EmbeddedStats
+
+    s = scheduler(n_slots, online_active=0, batch_active=0)
+    s.native, s.stats = SimpleNamespace(memory=None), EmbeddedStats(total_slots=n_slots)
+    for seq, pending in busy.items():
+        slot = s.slots[seq]
+        slot.job, slot.tokens, slot.n_past = job(), list(range(10 + seq)), 10 + seq - pending
+        slot.generated, slot.text = [seq], bytearray(b"x%d" % seq)
+    native_calls: list[Any] = []
+    monkeypatch.setattr(llama_cpp, "llama_memory_seq_rm", lambda mem, seq, p0, p1: native_calls.append(("rm", seq)))
+    monkeypatch.setattr(llama_cpp, "llama_memory_seq_cp",
+                        lambda mem, src, dst, p0, p1: native_calls.append(("cp", src, dst, p0, p1)))
+    return s, native_calls
+
+
+def test_compaction_moves_generating_sequences_onto_consecutive_slots(monkeypatch: Any) -> None:
+    s, native_calls = compacting_scheduler(monkeypatch, {0: 1, 2: 1, 4: 1, 5: 1})  # slots 1 and 3 free
+    jobs = {seq: s.slots[seq].job for seq in (0, 2, 4, 5)}
+    tokens = {seq: list(s.slots[seq].tokens) for seq in (0, 2, 4, 5)}
+    s._compact()
+    # 3 micro-batches (0 | 2 | 4-5) become 1: 5 moves into 1, then 4 into 3
+    assert [slot.seq_id for slot in s.slots if slot.job is not None] == [0, 1, 2, 3]
+    assert [s.slots[i].job for i in range(4)] == [jobs[0], jobs[5], jobs[2], jobs[4]]
+    assert native_calls == [("rm", 1), ("cp", 5, 1, -1, -1), ("rm", 3), ("cp", 4, 3, -1, -1)]  # whole streams
+    moved = s.slots[1]
+    assert moved.tokens == tokens[5] and moved.n_past == len(tokens[5]) - 1 and moved.text == b"x5"
+    assert moved.generated == [5] and moved.received_copy and s.slots[5].copy_source
+    # the source keeps its cells as a reusable prefix, as any finished slot does
+    assert s.slots[5].job is None and s.slots[5].tokens == tokens[5] and s.slots[5].tokens is not moved.tokens
+    assert s.stats.moved_sequences == 2
+
+
+def test_compaction_moves_nothing_that_would_not_close_a_gap(monkeypatch: Any) -> None:
+    # slot 1 is prefilling (busy, not generating): moving 2 into a free slot above 1 joins nothing
+    s, native_calls = compacting_scheduler(monkeypatch, {0: 1, 1: 40, 2: 1})
+    s._compact()
+    assert native_calls == [] and s.stats.moved_sequences == 0
+    # already consecutive: nothing to do
+    s, native_calls = compacting_scheduler(monkeypatch, {2: 1, 3: 1, 4: 1})
+    s._compact()
+    assert native_calls == []
+    # a slot whose stream is still to be copied (the copy runs at the next decode) is not moved
+    s, native_calls = compacting_scheduler(monkeypatch, {0: 1, 3: 1})
+    s.slots[3].received_copy = True
+    s._compact()
+    assert native_calls == []
+
+
+def test_what_llama_cpp_decodes_in_one_micro_batch() -> None:
+    from overnight.engines.llama.scheduler import _one_micro_batch
+
+    slots = [Slot(seq_id=i) for i in range(4)]
+    assert _one_micro_batch([(slots[2], 300)])  # one sequence's tokens
+    assert not _one_micro_batch([(slots[2], 513)])  # more than a micro-batch holds
+    assert _one_micro_batch([(slots[0], 1), (slots[1], 1), (slots[2], 1)])  # generation on consecutive ids
+    assert not _one_micro_batch([(slots[0], 1), (slots[2], 1)])  # a gap: two passes
+    assert not _one_micro_batch([(slots[0], 1), (slots[1], 5)])  # unequal counts: split
 
 
 class AbortRecorder:
@@ -217,11 +284,12 @@ def test_an_online_request_aborts_a_batch_step_once_and_the_redo_runs_to_its_end
     monkeypatch.setattr(s, "_sample", lambda slot: None)
     s._decode(group, 64)
     assert [slot.n_past for slot in group] == [3, 3] and not s.retrying
-    assert s._may_abort(batch_only=True)
-    native.batch.n_tokens = 513  # two micro-batches: an abort in the second would leave the first in the cache
-    assert not s._may_abort(batch_only=True)
-    native.batch.n_tokens = 2
+    generation = [(slot, 1) for slot in group]
+    assert s._may_abort(True, generation)
+    # two micro-batches: an abort in the second would leave the first's tokens in the cache
+    assert not s._may_abort(True, [(s.slots[0], 1), (s.slots[2], 1)])
+    assert not s._may_abort(True, [(s.slots[0], 513)])
     for slot in s.slots:  # every slot busy: an online request could not take a slot, so no abort
         slot.job = slot.job or job()
-    assert not s._may_abort(batch_only=True)
-    assert not s._may_abort(batch_only=False) and results == [2]
+    assert not s._may_abort(True, generation)
+    assert not s._may_abort(False, generation) and results == [2]

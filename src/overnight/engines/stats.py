@@ -44,5 +44,6 @@ class EmbeddedStats:
     generated_tokens: int = 0
     cached_prompt_tokens: int = 0
     busy_slots: int = 0
-    aborted_steps: int = 0  # decode steps given up for an online request (redone after its prompt)
+    aborted_steps: int = 0  # decode calls given up for an online request (redone after its prompt)
+    moved_sequences: int = 0  # running sequences moved to another slot to keep generation in one micro-batch
     total_slots: int = 1

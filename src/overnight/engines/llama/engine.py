@@ -83,7 +83,7 @@ class LlamaChatEngine:
             if self._closed:
                 raise RuntimeError("the engine is closed")
             native = await asyncio.to_thread(Native, self.model_path, self.n_ctx, self.n_seq_max, self.threads,
-                                             not self.deterministic, not self.deterministic)
+                                             not self.deterministic, False)
             template = self.chat_template or native.chat_template()
             if template:
                 self._formatter = Jinja2ChatFormatter(

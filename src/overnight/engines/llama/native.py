@@ -2,8 +2,8 @@
 
 One `Native` holds the model, its vocabulary, the one context (all sequence slots) and the reusable
 batch. Only the scheduler's decode thread touches the context; see scheduler.py for why the context is
-configured as it is (fast mode: one unified KV cache and flash attention; deterministic mode: a KV
-stream per slot, no flash attention).
+configured as it is (a KV stream per slot; flash attention on in the fast mode, off in the
+deterministic mode).
 """
 
 from __future__ import annotations
@@ -54,13 +54,12 @@ class Native:
         params.n_batch = max(N_UBATCH, 2048)
         params.n_ubatch = N_UBATCH
         params.n_seq_max = n_seq_max
-        # Deterministic mode: one KV stream per slot, so a sequence attends over its own cells only.
-        # The fast mode: one unified cache. With a stream per slot llama.cpp splits a batch into
-        # micro-batches of consecutive sequence ids with equally many tokens each (split_equal), so a
-        # prompt decoded along with generating sequences went one token per pass over the weights,
-        # and generation split at every idle slot: 64 lines ran at ~35 tok/s against ~230 for 8
-        # (bench_embedded, 32 slots). A unified cache takes any mix in one micro-batch, and sharing a
-        # prefix is tagging cells with one more sequence instead of copying a whole stream.
+        # Both modes run a KV stream per slot (kv_unified False): a sequence then attends over its own
+        # cells only; on one unified cache every query also walks the other sequences' cells (masked),
+        # and generation at 32 sequences ran ~20% slower (llama-batched-bench, -kvu). The price is
+        # llama.cpp's micro-batches for streams (consecutive sequence ids, equally many tokens each),
+        # which the scheduler's step layout and compaction work with (scheduler.py). The unified
+        # cache stays available for experiments (bench_embedded --levers).
         params.kv_unified = kv_unified
         params.n_threads = threads
         params.n_threads_batch = threads

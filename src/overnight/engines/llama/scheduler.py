@@ -2,36 +2,48 @@
 
 One `llama_context` holds `n_seq_max` sequence slots. A dedicated decode thread (never the event loop)
 runs the scheduler: queued requests are admitted into free slots as others finish, and every step
-decodes one token for every generating sequence in one `llama_decode`, plus the prompt chunks (up to
-`n_batch` tokens) of newly admitted ones. Batching is where the throughput comes from on a CPU: 16-32
+decodes the prompt chunks of newly admitted ones, then one token for every generating sequence
+together. Batching is where the throughput comes from on a CPU: 16-32
 sequences decoded together give ~3x the tokens/s of one-at-a-time serving.
 
-Two modes. The default (fast) mode puts everything of a step into one `llama_decode`: one token for
-every generating sequence plus prompt chunks of newly admitted ones, up to `STEP_TOKENS` tokens in
-all (chunked prefill: a long prompt is spread over several steps, so generation never stalls
-behind it), on one unified KV cache (native.py says why), with flash attention on and prefix
-sharing. As on OpenAI and vLLM, a greedy answer may
-then vary with what else is in flight: the float summation order of a row depends on the shape of
-the batch it was decoded in.
+Every slot owns a KV stream of `n_ctx // n_seq_max` cells, so a sequence attends over its own cells
+only (on one unified cache each query also walks every other sequence's cells: generation at 32
+sequences ran ~20% slower, llama-batched-bench). A step is two `llama_decode` calls: first the prompt
+chunks of newly admitted slots, then one token for every generating sequence, including those whose
+prompt the first call just finished. With a stream per slot llama.cpp splits a batch into
+micro-batches of *consecutive* sequence ids with equally many tokens each (`split_equal`), one pass
+over the weights each: decoded with prompts, generation went one token per pass, and each idle or
+prefilling slot between generating ones costs another pass. Hence the separate calls, and
+compaction: when the generating sequences do not sit on consecutive ids, the highest is moved into
+a free slot that closes a gap (`llama_memory_seq_cp` of its stream; a move happens once per gap,
+mostly as a batch's last lines finish), so a generation step is one micro-batch.
+
+Two modes. The default (fast) mode decodes the prompt chunks of all newly admitted slots in one call,
+up to `STEP_TOKENS` tokens (chunked prefill: a long prompt is spread over several steps, so
+generation never stalls behind it), with flash attention on and prefix sharing. As on OpenAI and
+vLLM, a greedy answer may then vary with what else is in flight: the float summation order of a row
+depends on the shape of the batch it was decoded in.
 
 Deterministic mode (`deterministic=True`): for temperature 0 a line's answer depends only on the line.
-Measured on llama-cpp-python 0.3.36 with SmolLM2, that takes (1) a KV cache that is *not* unified:
-every slot owns a stream of `n_ctx // n_seq_max` cells (with a unified cache a sequence attends over
-cells interleaved with other sequences' and the summation order changes); (2) flash attention off
-(its CPU kernel picks an algorithm by the number of query rows); (3) the generating sequences (one
-token each) decoded together, but each prompt chunk in a `llama_decode` of its own; (4) no prefix
-reuse (a prompt whose prefix came from a cache decodes its tail in a chunk of another size). Its
-cost is measured by bench/bench_embedded.py. In both modes `n_ctx` is the total KV size (as
-llama.cpp's `-c` with `--parallel`) and each request's prompt + completion must fit in
-`n_ctx // n_seq_max` tokens (capped by the model's training context).
+Measured on llama-cpp-python 0.3.36 with SmolLM2, that takes (1) a KV stream per slot (with a unified
+cache a sequence attends over cells interleaved with other sequences' and the summation order
+changes); (2) flash attention off (its CPU kernel picks an algorithm by the number of query rows);
+(3) each prompt chunk in a `llama_decode` of its own; (4) no prefix reuse (a prompt whose prefix came
+from a cache decodes its tail in a chunk of another size). Moving a generating sequence to another
+stream copies its cells exactly, so compaction keeps the promise. Its cost is measured by
+bench/bench_embedded.py. In both modes `n_ctx` is the total KV size (as llama.cpp's `-c` with
+`--parallel`) and each request's prompt + completion must fit in `n_ctx // n_seq_max` tokens (capped
+by the model's training context).
 
 Prefix sharing (fast mode). Lines of a batch commonly share a long prompt prefix (the same system
 message). A slot keeps its KV after its request finishes and remembers which tokens it holds (each
 slot, busy or idle, holds at most `n_ctx // n_seq_max` tokens, so the cache cannot run out). A new
 request goes to the free slot holding the longest common token prefix, and that part is not
-recomputed. If another slot (live or idle) holds a longer common prefix, it is copied
-(`llama_memory_seq_cp`: in the unified cache the cells are tagged with one more sequence, nothing is
-moved) and the copy is truncated to the common prefix (`llama_memory_seq_rm`). A request whose
+recomputed. If another slot (live or idle) holds a longer common prefix, its stream is copied
+(`llama_memory_seq_cp`; across streams llama.cpp copies whole buffers, ~47 MB for SmolLM2's 2,048
+cells, a few milliseconds) and the copy is truncated to the common prefix (`llama_memory_seq_rm`).
+Most lines need no copy: a finished line's slot keeps its KV, and the next line admitted there
+reuses the shared prefix in place. A request whose
 prefix is still being prefilled by a live slot waits for that prefill (typically one step) instead of
 computing the same tokens in parallel. Reused tokens are reported as
 `usage.prompt_tokens_details.cached_tokens`.
@@ -47,11 +59,11 @@ the batch again. Running batch lines are never evicted, so an online request tha
 every slot is busy (the first after a quiet spell) waits for the first slot to free up.
 
 An online request does not wait for the batch step in flight either (at 32 sequences a step takes
-~100 ms on 2 cores, more than the request's own prompt): when it arrives during a step of batch
-lines only and a slot is free for it, the step is aborted (`Native.abort`: llama.cpp stops after
-the graph node it is on and drops the step's tokens from the KV cache, so nothing advanced), the
-online prompt is decoded in a step of its own, and the batch step is redone after it. A redone step
-is not aborted again, so online traffic cannot starve the batch; what an abort costs the batch is
+~100 ms on 2 cores, more than the request's own prompt): when it arrives during a decode call of
+batch lines only and a slot is free for it, the call is aborted (`Native.abort`: llama.cpp stops
+after the graph node it is on and drops the call's tokens from the KV cache, so nothing advanced),
+the next step decodes the online prompt in a call of its own first, and the batch's call is redone
+after it. A redone call is not aborted again, so online traffic cannot starve the batch; what an abort costs the batch is
 the part of a step already computed, at most one step per online request.
 
 Streaming. A job may carry `on_text`, called on the decode thread with each piece of generated text
@@ -183,6 +195,20 @@ def _stop_prefix_len(text: bytearray, stops: tuple[bytes, ...]) -> int:
     return best
 
 
+def _runs(ids: list[int]) -> int:
+    """How many runs of consecutive ids a sorted list holds: llama.cpp's micro-batches for one
+    token per sequence on per-sequence KV streams."""
+    return sum(1 for i, seq in enumerate(ids) if i == 0 or seq != ids[i - 1] + 1)
+
+
+def _one_micro_batch(entries: list[tuple[Slot, int]]) -> bool:
+    """Whether llama.cpp decodes these (slot, tokens) entries in one micro-batch: at most N_UBATCH
+    tokens of one sequence, or one token each of sequences on consecutive ids (`split_equal`)."""
+    if sum(n for _, n in entries) > N_UBATCH:
+        return False
+    return len(entries) == 1 or (all(n == 1 for _, n in entries) and _runs([s.seq_id for s, _ in entries]) == 1)
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     if n == 0:
@@ -253,42 +279,42 @@ class Scheduler:
         self._drop_cancelled()
         self._admit()
         self._resolve_waits()
-        ready = [s for s in self._active() if s.wait_for is None]
-        generating = [s for s in ready if len(s.tokens) - s.n_past == 1]
-        prefilling = [s for s in ready if len(s.tokens) - s.n_past > 1]
+        prefilling = [s for s in self._active() if s.wait_for is None and len(s.tokens) - s.n_past > 1]
         if self.deterministic:
-            # Generating slots go together (one token each); each prompt chunk gets a decode call of
-            # its own: a sequence's numerics then do not depend on what else is in flight.
-            groups = ([generating] if generating else []) + [[s] for s in prefilling]
-            budget = self.native.n_batch
-        else:
-            # One call: generation first (one token each), then prompt chunks in the rest of the budget.
-            budget = max(STEP_TOKENS, len(generating) + 1)
+            # Each prompt chunk gets a decode call of its own: a sequence's numerics then do not depend
+            # on what else is in flight.
+            for slot in prefilling:
+                if not self._decode([slot], self.native.n_batch):
+                    return
+        elif prefilling:
             online_prompts = [s for s in prefilling if s.job is not None and s.job.online]
-            if online_prompts:
-                # Online prompts get a step of their own: the batch's sequences wait one step, and
-                # the user's first token costs a prompt pass, not a step of every batch sequence too.
-                generating, prefilling = [], online_prompts
-            groups = [generating + prefilling] if ready else []
-        for group in groups:
-            self._decode(group, budget)
-            for slot in self.slots:
-                slot.received_copy = slot.copy_source = False
+            # Online prompts go alone: the user's first token then costs a pass over their prompt only,
+            # and the batch's prompts wait one step.
+            if not self._decode(online_prompts or prefilling, STEP_TOKENS):
+                return
+        self._compact()
+        generating = [s for s in self._active() if s.wait_for is None and len(s.tokens) - s.n_past == 1]
+        if generating:
+            self._decode(generating, len(generating))
         self.stats.busy_slots = len(self._active())  # batch occupancy, for the metrics
 
-    def _decode(self, group: list[Slot], budget: int) -> None:
+    def _decode(self, group: list[Slot], budget: int) -> bool:
+        """One llama_decode of the group's pending tokens (in slot order, that is by sequence id, as
+        llama.cpp's micro-batches want them); False when it was aborted for an online job."""
         entries = self._fill_batch(group, budget)
         batch_only = not any(slot.job is not None and slot.job.online for slot, _ in entries)
         with self.cond:
-            self.abortable = self._may_abort(batch_only)
+            self.abortable = self._may_abort(batch_only, entries)
         rc = llama_cpp.llama_decode(self.native.ctx, self.native.batch)
         with self.cond:
             self.abortable = False
             self.native.clear_abort()
-        if rc == 2:  # aborted for an online job: llama.cpp dropped the step's tokens, nothing advanced
+        for slot in self.slots:  # the cross-stream copies queued before this call are done
+            slot.received_copy = slot.copy_source = False
+        if rc == 2:  # aborted for an online job: llama.cpp dropped the call's tokens, nothing advanced
             self.retrying = True
             self.stats.aborted_steps += 1
-            return
+            return False
         if batch_only:
             self.retrying = False
         if rc != 0:
@@ -297,20 +323,60 @@ class Scheduler:
                 self._finish_with(slot, EngineResponse.failure(
                     "engine_error", f"The embedded engine could not decode this request (llama_decode={rc})."))
                 self._forget_kv(slot)
-            return
+            return True
         for slot, n in entries:
             slot.n_past += n
             if slot.n_past == len(slot.tokens):
                 self._sample(slot)
+        return True
 
-    def _may_abort(self, batch_only: bool) -> bool:
-        """Whether an online job that arrives during this step may abort it (module doc): a step of
-        batch lines only, not itself the redo of an aborted step, with a free slot for the online job.
+    def _may_abort(self, batch_only: bool, entries: list[tuple[Slot, int]]) -> bool:
+        """Whether an online job that arrives during this call may abort it (module doc): a call of
+        batch lines only, not itself the redo of an aborted call, with a free slot for the online job.
         And one micro-batch: llama.cpp drops the tokens of the micro-batch it aborted, not those of
         the ones before it, which the redo would then add to the cache a second time."""
-        if self.deterministic or self.retrying or not batch_only or self.native.batch.n_tokens > N_UBATCH:
+        if self.deterministic or self.retrying or not batch_only or not _one_micro_batch(entries):
             return False
         return any(s.job is None and not s.copy_source for s in self.slots)
+
+    # compaction -------------------------------------------------------------------------------------
+
+    def _compact(self) -> None:
+        """Move generating sequences into free slots until they sit on consecutive sequence ids, or no
+        move closes a gap (module doc): each gap costs every generation step another micro-batch."""
+        while True:
+            generating = [s for s in self._active() if s.wait_for is None and len(s.tokens) - s.n_past == 1]
+            ids = [s.seq_id for s in generating]
+            runs = _runs(ids)
+            if runs <= 1:
+                return
+            source = generating[-1]
+            if source.received_copy or source.copy_source:
+                return
+            rest = set(ids[:-1])
+            target = next((s for s in self.slots if s.job is None and not s.copy_source and not s.received_copy
+                           and s.seq_id < source.seq_id and _runs(sorted(rest | {s.seq_id})) < runs), None)
+            if target is None:
+                return
+            self._move(source, target)
+
+    def _move(self, source: Slot, dest: Slot) -> None:
+        """Carry a running job and its KV stream from `source` to the free slot `dest`. The source keeps
+        its cells (copied, not moved): it becomes a free slot holding a reusable prefix."""
+        mem = self.native.memory
+        llama_cpp.llama_memory_seq_rm(mem, dest.seq_id, -1, -1)
+        llama_cpp.llama_memory_seq_cp(mem, source.seq_id, dest.seq_id, -1, -1)
+        dest.tokens, source.tokens = source.tokens, list(source.tokens)
+        dest.n_past, dest.job, dest.generated, dest.text = source.n_past, source.job, source.generated, source.text
+        dest.sampler, dest.cached, dest.streamed, dest.decoder = source.sampler, source.cached, source.streamed, source.decoder
+        dest.wait_for = None
+        source.job, source.sampler, source.decoder = None, None, None
+        source.generated, source.text, source.streamed = [], bytearray(), 0
+        dest.received_copy = source.copy_source = True  # carried out at the start of the next decode
+        self.stats.moved_sequences += 1
+        for other in self.slots:
+            if other.wait_for is source:
+                other.wait_for = dest
 
     # admission --------------------------------------------------------------------------------------
 
