@@ -7,8 +7,9 @@ the same file for every arm; tokens/s = completion tokens / wall time:
     at its best configuration on this machine, fed by an asyncio openai SDK script at concurrency = its
     slot count. `--sweep` tries quantization (the packaged Q4_1, Q4_0 and Q8_0 made from it), flash
     attention on/off and -np 16/32 (-c = np x 1024, 2 threads), one factor at a time around the best
-    configuration the issue measured (`--sweep-full`: all 12), once each on `--sweep-lines` lines,
-    prints all, and records the best in bench/results/embedded_sweep.json; the rounds use it.
+    configuration the issue measured (`--sweep-full`: all 12), once each on the whole file (a
+    configuration's speed depends on how the lines fill its slots: on the first 32 lines, Q8_0 at
+    -np 32 came out ahead of Q4_0 at -np 16, on all 64 behind it), prints all, and records the best in bench/results/embedded_sweep.json; the rounds use it.
 (a') llama-server at its best configuration on the weights overnight serves (Q8_0 made from the
     packaged file): engine against engine on the same arithmetic, when (a)'s best runs other weights.
 (b) overnight end to end: `overnight serve` (embedded default engine, default settings), the SDK
@@ -357,7 +358,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sweep", action="store_true", help="sweep llama-server configurations first")
     parser.add_argument("--sweep-full", action="store_true", help="every combination, not one factor at a time")
-    parser.add_argument("--sweep-lines", type=int, default=32, help="lines per sweep run (the first of the file)")
+    parser.add_argument("--sweep-lines", type=int, default=None,
+                        help="lines per sweep run (the first of the file; default: all, as the rounds run)")
     parser.add_argument("--quality", action="store_true", help="compare Q8_0/Q4_0 greedy answers to Q4_1 first")
     parser.add_argument("--levers", action="store_true", help="the engine alone, one lever at a time")
     parser.add_argument("--levers-full", action="store_true", help="also the default with 64 slots")
