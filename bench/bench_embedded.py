@@ -14,6 +14,9 @@ the same file for every arm; tokens/s = completion tokens / wall time:
     packaged file): engine against engine on the same arithmetic, when (a)'s best runs other weights.
 (b) overnight end to end: `overnight serve` (embedded default engine, default settings), the SDK
     uploads the file, creates the batch, polls every 0.1 s (about 1% of a run) and downloads the output.
+(b_a) the same with `--weights` set to (a)'s weights, when (a)'s best runs other weights than
+    overnight's default (Q4_0: faster, but re-rounds every weight; see --quality): the engine against
+    llama-server's fastest on the same arithmetic, for a user who takes that trade.
 (b_det) the same with `--deterministic`: what deterministic mode costs.
 (c) one at a time through the same engine as (b) (LlamaChatEngine.execute, one line after the other)
     on the first `--one-lines` lines (a rate; the full 64 would take minutes per round).
@@ -408,7 +411,7 @@ def main() -> None:
 def rounds_(args: argparse.Namespace, batch: list[dict[str, Any]], path: Path, workdir: Path,
             best: dict[str, Any], same: dict[str, Any], results: dict[str, Any]) -> None:
     """(a') is llama-server on overnight's own weights, run only when (a)'s best runs other weights."""
-    samples: dict[str, list[float]] = {"a": [], "a_same": [], "b": [], "b_det": [], "c": []}
+    samples: dict[str, list[float]] = {"a": [], "a_same": [], "b": [], "b_a": [], "b_det": [], "c": []}
     loop = asyncio.new_event_loop()
     cfg = EmbeddedSettings()  # (b)'s engine: the server's default settings and weights
     engine = LlamaChatEngine(fast_chat_model_path(default_chat_model_path() or "", workdir / "models"),
@@ -420,16 +423,20 @@ def rounds_(args: argparse.Namespace, batch: list[dict[str, Any]], path: Path, w
           (llama_server(args.llama_bin, model_file(workdir, same["ftype"]), same["np"], same["flash_attn"], workdir)
            if separate else contextlib.nullcontext(llama_url)) as same_url,
           overnight_server(workdir) as fast_url,
+          (overnight_server(workdir, "--weights", best["ftype"]) if separate
+           else contextlib.nullcontext(fast_url)) as fast_a_url,
           overnight_server(workdir, "--deterministic") as det_url):
         arms = {
             "a": lambda n: asyncio.run(sdk_script(llama_url, batch[:n], best["np"])),
             "a_same": lambda n: asyncio.run(sdk_script(same_url, batch[:n], same["np"])),
             "b": lambda n: overnight_batch(fast_url, path if n == len(batch) else _subset(workdir, batch[:n])),
+            "b_a": lambda n: overnight_batch(fast_a_url, path if n == len(batch) else _subset(workdir, batch[:n])),
             "b_det": lambda n: overnight_batch(det_url, path if n == len(batch) else _subset(workdir, batch[:n])),
             "c": lambda n: one_at_a_time(engine, loop, batch[:min(n, args.one_lines)]),
         }
         if not separate:
-            del arms["a_same"], samples["a_same"]  # (a) is already on overnight's weights
+            # (a) is already on overnight's weights, and (b) on (a)'s
+            del arms["a_same"], samples["a_same"], arms["b_a"], samples["b_a"]
         order = list(arms)
         for name in order:  # warm-up round: page in the weights, first graphs, the servers' first batch
             arms[name](8)
@@ -453,9 +460,12 @@ def rounds_(args: argparse.Namespace, batch: list[dict[str, Any]], path: Path, w
               "b_over_a_same_weights": [x["b"]["tok_s"] / x[a_same]["tok_s"] for x in rounds],
               "b_over_c": [x["b"]["tok_s"] / x["c"]["tok_s"] for x in rounds],
               "b_det_over_b": [x["b_det"]["tok_s"] / x["b"]["tok_s"] for x in rounds]}
+    if separate:
+        ratios["b_a_over_a"] = [x["b_a"]["tok_s"] / x["a"]["tok_s"] for x in rounds]
     results["ratios"] = {k: spread(v, 2) for k, v in ratios.items()}
     labels = {"a": f"llama-server {best}", "a_same": f"llama-server on overnight's weights {same}",
-              "b": "overnight batch (default)", "b_det": "overnight --deterministic",
+              "b": "overnight batch (default)", "b_a": f"overnight batch --weights {best['ftype']}",
+              "b_det": "overnight --deterministic",
               "c": f"one at a time ({args.one_lines} lines)"}
     for name, label in labels.items():
         if name not in results["tok_s"]:
@@ -463,7 +473,10 @@ def rounds_(args: argparse.Namespace, batch: list[dict[str, Any]], path: Path, w
         s = results["tok_s"][name]
         print(f"({name}) {label}: {s['median']:.1f} tok/s (min {s['min']:.1f}, max {s['max']:.1f})")
     for name, goal in (("b_over_a", ">= 1.2"), ("b_over_a_same_weights", "(engine against engine)"),
+                       ("b_a_over_a", "(engine against engine on (a)'s weights)"),
                        ("b_over_c", ">= 3"), ("b_det_over_b", "(cost of determinism)")):
+        if name not in results["ratios"]:
+            continue
         s = results["ratios"][name]
         print(f"{name}: {s['median']:.2f} (min {s['min']:.2f}, max {s['max']:.2f}) goal {goal}")
 

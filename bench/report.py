@@ -202,6 +202,9 @@ def embedded() -> str:
            f"(b) is {times(r['b_over_a_same_weights'], 2)} (a'), per round |"] if "a_same" in t else []),
         f"| (b) **overnight**, the batch file end to end through `overnight serve` | **{med(t['b'], 1)}** | "
         f"**{times(r['b_over_a'], 2)} (a)**, per round |",
+        *([f"| (b'') the same with `--weights {cfg['ftype']}`, (a)'s weights (faster; the table below says what "
+           f"they cost in quality) | {med(t['b_a'], 1)} | {times(r['b_a_over_a'], 2)} (a), per round |"]
+          if "b_a" in t else []),
         f"| (b') the same with `--deterministic` | {med(t['b_det'], 1)} | {med(r['b_det_over_b'], 2)} of (b) |",
         f"| (c) one line at a time through the same engine (what an online server does) | {med(t['c'], 1)} | "
         f"(b) is {times(r['b_over_c'])} |",

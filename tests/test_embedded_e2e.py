@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from openai.types.responses import Response
 
-from conftest import API_KEY, Server, raw_request, results_by_id, run_batch
+from conftest import API_KEY, Server, raw_request, results_by_id, run_batch, serve_refused
 
 pytestmark = pytest.mark.embedded
 
@@ -229,3 +229,38 @@ def test_deterministic_mode_answers_each_line_as_it_answers_it_alone(tmp_path: P
         assert not list((tmp_path / "data" / "models").glob("*.gguf"))
     finally:
         srv.stop()
+
+
+def test_weights_q4_0_serves_the_packaged_model_requantized_once(tmp_path: Path) -> None:
+    """`--weights Q4_0`: the faster (and lossier) format is made once in the data directory and
+    serves the batch; the default's Q8_0 file is not made."""
+    srv = Server(tmp_path / "data", ["--api-key", API_KEY, "--weights", "Q4_0"]).start()
+    try:
+        done = run_batch(srv.client(), [_chat(i) for i in range(4)], timeout=300)
+        outputs, errors = results_by_id(srv.client(), done)
+        assert done.status == "completed" and not errors and len(outputs) == 4
+        assert all(o["response"]["body"]["usage"]["completion_tokens"] > 0 for o in outputs.values())
+        made = sorted(p.name for p in (tmp_path / "data" / "models").glob("*.gguf"))
+        assert made == ["SmolLM2-135M-Instruct.Q4_0.gguf"]
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (("--deterministic", "--weights", "Q8_0"), "deterministic mode serves the packaged Q4_1 weights only"),
+    (("--weights", "Q5_K"), "invalid choice: 'Q5_K'"),
+])
+def test_weights_that_cannot_serve_are_refused_at_start(tmp_path: Path, args: tuple[str, ...], says: str) -> None:
+    stderr = serve_refused("--data-dir", str(tmp_path), "--api-key", API_KEY, *args)
+    assert says in stderr, stderr
+
+
+@pytest.mark.parametrize(("toml", "says"), [
+    ('weights = "q8"', "[embedded] weights = 'q8': use one of Q8_0, Q4_0, Q4_1"),
+    ('weights = "Q4_0"\nchat_model_path = "/models/mine.gguf"', "chat_model_path is served as it is"),
+])
+def test_weights_in_the_config_file_are_checked(tmp_path: Path, toml: str, says: str) -> None:
+    config = tmp_path / "overnight.toml"
+    config.write_text(f"[embedded]\n{toml}\n")
+    stderr = serve_refused("--data-dir", str(tmp_path), "--api-key", API_KEY, "--config", str(config))
+    assert says in stderr, stderr

@@ -71,6 +71,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deterministic", action="store_true",
                         help="embedded chat: a temperature-0 line's answer depends only on the line (the "
                         "original weights, no flash attention, no batched prefill or prefix reuse: slower)")
+    parser.add_argument("--weights", choices=("Q8_0", "Q4_0", "Q4_1"), default=None,
+                        help="embedded chat: the format the packaged model is served in (default Q8_0: "
+                        "keeps the model; Q4_0: faster, re-rounds every weight; Q4_1: as packaged)")
     parser.add_argument("--lease-seconds", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shard-lines", type=int, default=None, help="requests per shard (default 256)")
     parser.add_argument("--max-shards", type=int, default=None, help="shards run at once per worker")
@@ -178,6 +181,8 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
                            accept_gemma_terms=embedded.accept_gemma_terms or args.accept_gemma_terms)
     if args.deterministic:
         embedded = replace(embedded, deterministic=True)
+    if getattr(args, "weights", None):
+        embedded = replace(embedded, weights=args.weights)
     if args.no_embedded:
         embedded = EmbeddedSettings(enabled=False)
     return replace(

@@ -104,16 +104,19 @@ def gemma_model_path(models_dir: Path) -> str | None:
 # greedy outputs stay the model's; Q4_0 is as fast but re-rounds every weight (bench_embedded.py
 # --quality measures both). Made once per data directory, in under a second.
 FAST_FTYPE = "Q8_0"
+# What `[embedded] weights` may name: the packaged file's own format, or one made from it.
+PACKAGED_FTYPE = "Q4_1"
+WEIGHT_FORMATS = (FAST_FTYPE, "Q4_0", PACKAGED_FTYPE)
 
 
-def fast_chat_model_path(source: str, models_dir: Path) -> str:
-    """`source` requantized to Q8_0 under `models_dir` (made once; returns the path). Made under a
+def fast_chat_model_path(source: str, models_dir: Path, ftype: str = FAST_FTYPE) -> str:
+    """`source` requantized to `ftype` under `models_dir` (made once; returns the path). Made under a
     file lock into a temporary name and renamed, as `gemma_model_path` does, so concurrent
     processes never load a half-written file."""
     stem = os.path.basename(source).removesuffix(".gguf")
     for suffix in (".Q4_1", ".Q4_0", ".Q8_0"):
         stem = stem.removesuffix(suffix)
-    target = models_dir / f"{stem}.{FAST_FTYPE}.gguf"
+    target = models_dir / f"{stem}.{ftype}.gguf"
     if target.is_file():
         return str(target)
     import fcntl
@@ -124,9 +127,9 @@ def fast_chat_model_path(source: str, models_dir: Path) -> str:
     with os.fdopen(create_private(models_dir / f".{stem}.lock", exclusive=False), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not target.is_file():
-            partial = models_dir / f"{stem}.{FAST_FTYPE}.gguf.partial"
+            partial = models_dir / f"{stem}.{ftype}.gguf.partial"
             partial.unlink(missing_ok=True)
-            requantize(source, str(partial), FAST_FTYPE)
+            requantize(source, str(partial), ftype)
             os.chmod(partial, FILE_MODE)
             os.replace(partial, target)
     return str(target)
