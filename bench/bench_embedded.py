@@ -304,9 +304,10 @@ def levers(batch: list[dict[str, Any]], workdir: Path, full: bool) -> dict[str, 
     import overnight.engines.llama.native as native_module
 
     variants = [  # label, weights, engine arguments, KV layout override (None: the engine's own)
-        ("deterministic mode's settings: the packaged Q4_1, fa off, one prompt per decode, no prefix reuse, "
-         "16 slots", "Q4_1", {"deterministic": True, "n_seq_max": 16}, None),
-        ("+ Q8_0 weights", "Q8_0", {"deterministic": True, "n_seq_max": 16}, None),
+        ("the packaged Q4_1, fa off, one prompt per decode, no prefix reuse, 16 slots", "Q4_1",
+         {"deterministic": True, "n_seq_max": 16}, None),
+        ("+ Q8_0 weights (deterministic mode's settings but 16 slots)", "Q8_0",
+         {"deterministic": True, "n_seq_max": 16}, None),
         ("+ fa on, the prompts of several lines per decode, prefix reuse (fast mode), 16 slots", "Q8_0",
          {"n_seq_max": 16}, None),
         ("+ 32 slots (the default)", "Q8_0", {"n_seq_max": 32}, None),

@@ -55,7 +55,7 @@ def embedded_engines(settings: Settings) -> dict[str, Engine]:
         name = cfg.chat_model_name or (
             packaged_models.DEFAULT_CHAT_MODEL_NAME if not cfg.chat_model_path else _stem(chat_path)
         )
-        weights = chat_weights(cfg.weights, cfg.deterministic, cfg.chat_model_path)
+        weights = chat_weights(cfg.weights, cfg.chat_model_path)
         if weights is not None:
             # The packaged Q4_1 file in a format with fast CPU kernels (packaged_models.py).
             chat_path = packaged_models.fast_chat_model_path(chat_path, settings.data_dir / "models", weights)
@@ -70,24 +70,18 @@ def embedded_engines(settings: Settings) -> dict[str, Engine]:
     return engines
 
 
-def chat_weights(weights: str | None, deterministic: bool, chat_model_path: str | None) -> str | None:
+def chat_weights(weights: str | None, chat_model_path: str | None) -> str | None:
     """The format to make from the packaged chat model (`[embedded] weights`), checked; None: serve
     the model file as it is."""
     from overnight.engines.packaged_models import FAST_FTYPE, PACKAGED_FTYPE, WEIGHT_FORMATS
 
     if weights is None:
-        # Deterministic mode keeps the packaged weights: the fast formats' CPU kernels (repacked,
-        # tinyBLAS) tile a matrix product by its number of rows, so a row's sums would depend on
-        # how many sequences share the step.
-        return None if deterministic or chat_model_path else FAST_FTYPE
+        return None if chat_model_path else FAST_FTYPE
     if weights not in WEIGHT_FORMATS:
         raise ConfigurationError(f"[embedded] weights = {weights!r}: use one of {', '.join(WEIGHT_FORMATS)}")
     if chat_model_path:
         raise ConfigurationError("[embedded] weights applies to the packaged model; chat_model_path is "
                                  "served as it is (convert it with llama.cpp's llama-quantize instead)")
-    if deterministic and weights != PACKAGED_FTYPE:
-        raise ConfigurationError(f"deterministic mode serves the packaged {PACKAGED_FTYPE} weights only "
-                                 f"(--weights {weights} is not deterministic across batch sizes); drop one of them")
     return None if weights == PACKAGED_FTYPE else weights
 
 
