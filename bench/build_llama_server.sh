@@ -14,7 +14,7 @@ fi
 mkdir -p "$cache/src"
 cd "$cache"
 if [[ ! -f src/.unpacked ]]; then
-  "$python" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$version" -d dl
+  "$python" -m pip download --quiet --no-deps --no-binary llama-cpp-python "llama-cpp-python==$version" -d dl
   tar -xzf dl/llama_cpp_python-"$version".tar.gz -C src --strip-components=1
   touch src/.unpacked
 fi
