@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import logging
 import multiprocessing
 import os
@@ -56,9 +57,11 @@ class WorkerProcesses:
         self._stopping = False
         # The workers' sockets for online requests (online/relay.py), in a directory of this user's
         # only (mkdtemp makes it 0700) and with a short path (a socket path has ~100 bytes at most).
-        # Named after this process: a SIGKILLed server cannot remove its directory, the next start does.
+        # A SIGKILLed server cannot remove its directory, the next start does: the directory holds a
+        # lock file this process keeps locked while it lives (remove_stale_relay_dirs).
         remove_stale_relay_dirs()
         self._relay_dir = tempfile.mkdtemp(prefix=f"{RELAY_DIR_PREFIX}{os.getpid()}-")
+        self._relay_lock = hold_relay_lock(self._relay_dir)
         self.relay_paths = [os.path.join(self._relay_dir, f"worker-{i}.sock") for i in range(count)]
 
     def start(self) -> None:
@@ -114,6 +117,9 @@ class WorkerProcesses:
             self._forget(child)
         self._workers.clear()
         shutil.rmtree(self._relay_dir, ignore_errors=True)
+        if self._relay_lock >= 0:
+            os.close(self._relay_lock)
+            self._relay_lock = -1
 
     def _forget(self, child: _Child) -> None:
         """Drop a gone worker's live gauges from the metrics (its counters stay counted)."""
@@ -123,21 +129,54 @@ class WorkerProcesses:
             forget_process(child.process.pid, self.settings.metrics_dir)
 
 
+RELAY_LOCK = "owner.lock"
+
+
+def hold_relay_lock(directory: str) -> int:
+    """Lock `directory`'s lock file for as long as the returned descriptor stays open (the kernel
+    drops the lock when the process dies, however it dies). Locked under a temporary name, then
+    renamed: a sweep never sees the lock file unlocked while its owner lives."""
+    partial = os.path.join(directory, f".{RELAY_LOCK}")
+    fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(partial, os.path.join(directory, RELAY_LOCK))
+    return fd
+
+
 def remove_stale_relay_dirs(parent: str | None = None) -> list[str]:
     """Remove the relay directories (under `parent`, the temporary directory by default) that this
-    user's servers left when they were killed: those named after a process that no longer runs.
-    Returns what was removed."""
+    user's servers left when they were killed: those whose lock file no process holds. A flock is
+    seen across PID namespaces, so servers in containers sharing one /tmp keep each other's live
+    directories (a pid in the name says nothing there). A directory without a lock file (made by
+    an earlier version, or by a server between mkdtemp and its lock) goes by its pid: kept while a
+    process with that pid runs. Returns what was removed."""
     parent = parent or tempfile.gettempdir()
     removed = []
     with contextlib.suppress(OSError), os.scandir(parent) as entries:
         for entry in entries:
-            pid = entry.name.removeprefix(RELAY_DIR_PREFIX).partition("-")[0]
-            if entry.name.startswith(RELAY_DIR_PREFIX) and pid.isdigit() and not _running(int(pid)):
-                with contextlib.suppress(OSError):
-                    if entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_uid == os.getuid():
-                        shutil.rmtree(entry.path)
-                        removed.append(entry.path)
+            if not entry.name.startswith(RELAY_DIR_PREFIX):
+                continue
+            with contextlib.suppress(OSError):
+                if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                    continue
+                if _abandoned(entry.path, entry.name.removeprefix(RELAY_DIR_PREFIX).partition("-")[0]):
+                    shutil.rmtree(entry.path)
+                    removed.append(entry.path)
     return removed
+
+
+def _abandoned(directory: str, pid: str) -> bool:
+    try:
+        fd = os.open(os.path.join(directory, RELAY_LOCK), os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return pid.isdigit() and not _running(int(pid))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # its server holds the lock: alive
+    finally:
+        os.close(fd)  # (closing also drops a lock just taken: the removal follows at once)
+    return True
 
 
 def _running(pid: int) -> bool:
