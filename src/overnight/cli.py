@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from overnight import __version__
 from overnight import constants as C
+from overnight.engines.packaged_models import WEIGHT_FORMATS
 from overnight.settings import (
     STORAGE_ENV_VARS,
     EmbeddedSettings,
@@ -71,7 +72,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deterministic", action="store_true",
                         help="embedded chat: a temperature-0 line's answer depends only on the line (no "
                         "flash attention, no batched prefill or prefix reuse: slower)")
-    parser.add_argument("--weights", choices=("Q8_0", "Q4_0", "Q4_1"), default=None,
+    parser.add_argument("--weights", choices=WEIGHT_FORMATS, default=None,
                         help="embedded chat: the format the packaged model is served in (default Q8_0: "
                         "keeps the model; Q4_0: faster, re-rounds every weight; Q4_1: as packaged)")
     parser.add_argument("--lease-seconds", type=float, default=None, help=argparse.SUPPRESS)

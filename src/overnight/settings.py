@@ -124,9 +124,8 @@ class EmbeddedSettings:
     # The format the packaged SmolLM2 is served in, made once from its Q4_1 file (packaged_models.py):
     # "Q8_0" keeps the model (KL divergence 0.013 from Q4_1) on fast CPU kernels; "Q4_0" is faster
     # still but re-rounds every weight (KL divergence 0.6, a different model); "Q4_1" is the file as
-    # packaged; in either mode (deterministic mode's promise holds on each: its integer dot products
-    # do not depend on how many sequences share a step). None: Q8_0. bench_embedded.py --quality
-    # measures the formats.
+    # packaged. Each serves either mode (deterministic mode's promise is tested on all three).
+    # None: Q8_0. bench_embedded.py --quality measures the formats.
     weights: str | None = None
     # Gemma 3 270M as a second chat model, routed by its name "gemma-3-270m" (never the default).
     # Serving it counts as distributing it: it is only loaded once the operator accepts the
