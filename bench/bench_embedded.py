@@ -419,12 +419,13 @@ def rounds_(args: argparse.Namespace, batch: list[dict[str, Any]], path: Path, w
                              DEFAULT_CHAT_MODEL_NAME, n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq_max, threads=THREADS)
     loop.run_until_complete(engine.start())
     separate = same != best
+    other_weights = best["ftype"] != FAST_FTYPE  # (b_a): overnight on (a)'s weights
     with (llama_server(args.llama_bin, model_file(workdir, best["ftype"]), best["np"], best["flash_attn"],
                        workdir) as llama_url,
           (llama_server(args.llama_bin, model_file(workdir, same["ftype"]), same["np"], same["flash_attn"], workdir)
            if separate else contextlib.nullcontext(llama_url)) as same_url,
           overnight_server(workdir) as fast_url,
-          (overnight_server(workdir, "--weights", best["ftype"]) if separate
+          (overnight_server(workdir, "--weights", best["ftype"]) if other_weights
            else contextlib.nullcontext(fast_url)) as fast_a_url,
           overnight_server(workdir, "--deterministic") as det_url):
         arms = {
@@ -436,8 +437,9 @@ def rounds_(args: argparse.Namespace, batch: list[dict[str, Any]], path: Path, w
             "c": lambda n: one_at_a_time(engine, loop, batch[:min(n, args.one_lines)]),
         }
         if not separate:
-            # (a) is already on overnight's weights, and (b) on (a)'s
-            del arms["a_same"], samples["a_same"], arms["b_a"], samples["b_a"]
+            del arms["a_same"], samples["a_same"]  # (a) is already on overnight's weights
+        if not other_weights:
+            del arms["b_a"], samples["b_a"]  # (b) is already on (a)'s weights
         order = list(arms)
         for name in order:  # warm-up round: page in the weights, first graphs, the servers' first batch
             arms[name](8)
@@ -461,7 +463,7 @@ def rounds_(args: argparse.Namespace, batch: list[dict[str, Any]], path: Path, w
               "b_over_a_same_weights": [x["b"]["tok_s"] / x[a_same]["tok_s"] for x in rounds],
               "b_over_c": [x["b"]["tok_s"] / x["c"]["tok_s"] for x in rounds],
               "b_det_over_b": [x["b_det"]["tok_s"] / x["b"]["tok_s"] for x in rounds]}
-    if separate:
+    if other_weights:
         ratios["b_a_over_a"] = [x["b_a"]["tok_s"] / x["a"]["tok_s"] for x in rounds]
     results["ratios"] = {k: spread(v, 2) for k, v in ratios.items()}
     labels = {"a": f"llama-server {best}", "a_same": f"llama-server on overnight's weights {same}",

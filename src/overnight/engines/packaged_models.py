@@ -114,8 +114,8 @@ def fast_chat_model_path(source: str, models_dir: Path, ftype: str = FAST_FTYPE)
     file lock into a temporary name and renamed, as `gemma_model_path` does, so concurrent
     processes never load a half-written file."""
     stem = os.path.basename(source).removesuffix(".gguf")
-    for suffix in (".Q4_1", ".Q4_0", ".Q8_0"):
-        stem = stem.removesuffix(suffix)
+    for fmt in WEIGHT_FORMATS:
+        stem = stem.removesuffix(f".{fmt}")
     target = models_dir / f"{stem}.{ftype}.gguf"
     if target.is_file():
         return str(target)
