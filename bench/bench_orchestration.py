@@ -36,6 +36,7 @@ import orjson
 from pyreqwest.client import ClientBuilder
 
 from harness import (
+    busiest_thread_cores,
     chat_request_line,
     cpu_snapshot,
     cpu_use,
@@ -45,6 +46,7 @@ from harness import (
     own_ticks,
     save,
     spread,
+    thread_ticks,
     tree_ticks,
     upstream_process,
     write_chat_batch,
@@ -283,14 +285,24 @@ def main() -> None:
             # receiver of overnight's arms), the fake upstream, overnight's server (API + workers).
             groups = {"client": lambda: own_ticks(os.getpid()), "upstream": lambda: tree_ticks(upstream.pid),
                       "overnight": lambda: tree_ticks(server.pid)}
+            # And each group's busiest thread: whether one thread (an event loop, the upstream's one
+            # thread) is saturated and so sets the pace, or the 2 cores are shared out between them.
+            threads = {"client": lambda: thread_ticks(os.getpid(), descendants=False),  # not the servers "upstream": lambda: thread_ticks(upstream.pid),
+                       "overnight": lambda: thread_ticks(server.pid)}
             for round_ in range(args.rounds):
                 shift = round_ % len(arms)
                 for name, lines, arm in arms[shift:] + arms[:shift]:
                     before, started = cpu_snapshot(groups), time.perf_counter()
+                    threads_before = {group: read() for group, read in threads.items()}
                     samples.setdefault(name, []).append(arm())
-                    used = cpu_use(before, cpu_snapshot(groups), time.perf_counter() - started)
+                    wall = time.perf_counter() - started
+                    used = cpu_use(before, cpu_snapshot(groups), wall)
+                    busiest = {group: busiest_thread_cores(threads_before[group], read(), wall)
+                               for group, read in threads.items()}
                     cpu.setdefault(name, []).append({group: {"us_per_line": round(v["cpu_s"] / lines * 1e6, 1),
-                                                             "cores": v["cores"]} for group, v in used.items()})
+                                                             "cores": v["cores"],
+                                                             "busiest_thread_cores": busiest.get(group, v["cores"])}
+                                                     for group, v in used.items()})
                 print(f"round {round_ + 1}: " + " | ".join(f"{name} {values[-1]:,.0f}" for name, values in samples.items()),
                       flush=True)
     def per_round(a: str, b: str) -> list[float]:
@@ -314,8 +326,10 @@ def main() -> None:
         "samples": samples,
         "overnight_phases": phases,
         # per arm and group (client, upstream, overnight, machine = all CPUs, other = the rest):
-        # CPU microseconds per line and cores busy, median [min-max] over the rounds
-        "cpu": {name: {group: {key: spread([r[group][key] for r in runs], 2) for key in ("us_per_line", "cores")}
+        # CPU microseconds per line, cores busy and the cores of the group's busiest thread (for
+        # machine and other: the cores again), median [min-max] over the rounds
+        "cpu": {name: {group: {key: spread([r[group][key] for r in runs], 2)
+                               for key in ("us_per_line", "cores", "busiest_thread_cores")}
                        for group in runs[0]} for name, runs in cpu.items()},
     }
     print()

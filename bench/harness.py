@@ -128,8 +128,12 @@ def rss_mb(pid: int) -> float:
 
 def _stat(pid: int) -> list[str] | None:
     """Fields of /proc/PID/stat after the command name (index 0 is the state, 1 the parent)."""
+    return _stat_of(f"/proc/{pid}/stat")
+
+
+def _stat_of(path: str) -> list[str] | None:
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
+        raw = Path(path).read_text()
     except OSError:
         return None
     return raw[raw.rindex(")") + 2:].split()
@@ -158,6 +162,33 @@ def tree_ticks(pid: int) -> int:
         return 0
     total = sum(int(f) for f in fields[11:15])
     return total + sum(tree_ticks(child) for child in children(pid))
+
+
+def thread_ticks(pid: int, descendants: bool = True) -> dict[int, int]:
+    """CPU ticks of each live thread of a process (and its descendants), by thread id: which thread
+    is busy (a Python event loop, an HTTP client's I/O thread), not only how busy the process is."""
+    ticks = {}
+    for tid in _threads(pid):
+        fields = _stat_of(f"/proc/{pid}/task/{tid}/stat")
+        if fields is not None:
+            ticks[tid] = int(fields[11]) + int(fields[12])
+    if descendants:
+        for child in children(pid):
+            ticks |= thread_ticks(child)
+    return ticks
+
+
+def _threads(pid: int) -> list[int]:
+    try:
+        return [int(entry.name) for entry in os.scandir(f"/proc/{pid}/task")]
+    except OSError:
+        return []
+
+
+def busiest_thread_cores(before: dict[int, int], after: dict[int, int], wall: float) -> float:
+    """Cores used by the busiest thread between two `thread_ticks` snapshots (1.0: saturated)."""
+    used = [ticks - before.get(tid, 0) for tid, ticks in after.items()]
+    return round(max(used, default=0) / TICK / wall, 3)
 
 
 def machine_busy_ticks() -> int:

@@ -120,11 +120,17 @@ def orchestration_cpu(cpu: dict[str, Any], size: int) -> str:
     def busy(arm: str) -> str:
         return med(cpu[f"{arm}@{size}"]["machine"]["cores"], 2)
 
+    def thread(arm: str, group: str) -> str:
+        return med(cpu[f"{arm}@{size}"][group]["busiest_thread_cores"], 2)
+
     return (f"CPU per line at {n(size)} lines (microseconds, medians [min-max]): the bare pyreqwest client "
             f"{us('raw_pyreqwest', 'client')} + the fake upstream {us('raw_pyreqwest', 'upstream')} "
             f"({busy('raw_pyreqwest')} of the machine's cores busy); overnight's server (API + worker) "
             f"{us('overnight', 'overnight')} + the SDK client {us('overnight', 'client')} + the fake upstream "
-            f"{us('overnight', 'upstream')} ({busy('overnight')} cores busy).")
+            f"{us('overnight', 'upstream')} ({busy('overnight')} cores busy). The busiest single thread, in "
+            f"cores (1.00 is saturated): with the bare client, the upstream's {thread('raw_pyreqwest', 'upstream')} "
+            f"and the client's {thread('raw_pyreqwest', 'client')}; with overnight, the upstream's "
+            f"{thread('overnight', 'upstream')} and overnight's {thread('overnight', 'overnight')}.")
 
 
 def api_latency() -> str:
