@@ -1,5 +1,5 @@
 """Worker processes report when they can claim work, so /health waits for them; a killed server's
-relay directory does not outlive the next start."""
+relay directory does not outlive the next start; a worker that only feeds upstreams yields the CPU."""
 
 from __future__ import annotations
 
@@ -7,18 +7,21 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from conftest import until
-from overnight.settings import EmbeddedSettings, Settings
+from conftest import serve_refused, until
+from overnight.settings import EmbeddedSettings, Settings, WorkerSettings
 from overnight.worker.processes import (
+    FEEDER_NICE,
     RELAY_DIR_PREFIX,
     RELAY_LOCK,
     WorkerProcesses,
     hold_relay_lock,
     remove_stale_relay_dirs,
+    worker_niceness,
 )
 
 
@@ -90,3 +93,50 @@ def test_worker_processes_sweep_the_temporary_directory_and_remove_their_own_on_
     assert remove_stale_relay_dirs(str(tmp_path)) == []  # its own lock keeps it
     workers.stop()
     assert not own.exists()
+
+
+def _niceness(pid: int = 0) -> int:
+    return os.getpriority(os.PRIO_PROCESS, pid)  # on Linux: that process's main thread
+
+
+@pytest.mark.parametrize(("configured", "added"), [(None, FEEDER_NICE), (0, 0), (3, 3)])
+def test_a_worker_process_without_the_embedded_engine_yields_the_cpu_as_configured(
+    tmp_path: Path, configured: int | None, added: int
+) -> None:
+    # A worker that only feeds HTTP upstreams runs below the API and any model server on the box.
+    settings = Settings(data_dir=tmp_path / "data", embedded=EmbeddedSettings(enabled=False),
+                        worker=WorkerSettings(nice=configured))
+    workers = WorkerProcesses(settings, 1)
+    workers.start()
+    try:
+        until(workers.ready, timeout=60)
+        assert _niceness(workers._workers[0].process.pid or 0) == min(_niceness() + added, 19)
+    finally:
+        workers.stop()
+
+
+def test_a_worker_with_the_embedded_engine_keeps_its_priority_unless_configured() -> None:
+    embedded = Settings(embedded=EmbeddedSettings(enabled=True))
+    assert worker_niceness(embedded) == 0  # it runs the model: it is the work
+    assert worker_niceness(replace(embedded, worker=WorkerSettings(nice=5))) == 5
+    assert worker_niceness(Settings(embedded=EmbeddedSettings(enabled=False))) == FEEDER_NICE
+
+
+def test_a_standalone_worker_yields_the_cpu_too(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "overnight", "worker", "--data-dir", str(tmp_path / "data"),
+                             "--no-embedded"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        until(lambda: proc.poll() is not None or _niceness(proc.pid) == min(_niceness() + FEEDER_NICE, 19),
+              timeout=60)
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("value", ["25", "-1", '"low"', "true"])
+def test_a_bad_worker_niceness_stops_the_server_with_what_to_fix(tmp_path: Path, value: str) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f"[worker]\nnice = {value}\n")
+    stderr = serve_refused("--data-dir", str(tmp_path / "data"), "--no-embedded", "--config", str(config))
+    assert "[worker] nice = " in stderr and "use a whole number from 0 to 19" in stderr

@@ -278,10 +278,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> None:
     if args.command == "serve":
         serve(settings)
     elif args.command == "worker":
-        from overnight.worker.processes import run_worker
+        from overnight.worker.processes import run_on_fastest_loop, run_worker, yield_cpu
 
         metrics = (args.metrics_host, args.metrics_port) if args.metrics_port is not None else None
-        asyncio.run(run_worker(settings, metrics_address=metrics))
+        yield_cpu(settings)
+        run_on_fastest_loop(run_worker(settings, metrics_address=metrics))
     elif args.command == "cleanup":
         from overnight.batches.housekeeping import collect_garbage
         from overnight.wiring import build_core

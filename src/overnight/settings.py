@@ -74,6 +74,12 @@ class WorkerSettings:
     max_shard_attempts: int = 10
     # Batches due within this long are served before batches with slack (see store/queue.py).
     deadline_horizon_seconds: float = 3 * 3600
+    # Added to a worker process's niceness (0-19; more yields the CPU more). None: 10 for a worker
+    # without the embedded engine, which only feeds HTTP upstreams, so that a model server on the
+    # same machine (and the API) never waits for the CPU behind it (bench_orchestration's upstream
+    # on the same 2 cores did more with it); 0 for one with the embedded engine, which is the work.
+    # A worker inside the API process (`--workers 0`) keeps the API's.
+    nice: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,10 +19,12 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
+from typing import Any
 
 from overnight import constants as C
 from overnight.runtime import exit_now, freeze_startup_objects
@@ -31,6 +33,8 @@ from overnight.settings import Settings
 log = logging.getLogger("overnight.workers")
 
 _PR_SET_PDEATHSIG = 1
+# What a worker that only feeds HTTP upstreams adds to its niceness unless `[worker] nice` says.
+FEEDER_NICE = 10
 # What the parent writes down a worker's wake pipe: a batch was created, or cancelled.
 _CREATED = b"!"
 _CANCELLED = b"x"
@@ -50,6 +54,7 @@ class WorkerProcesses:
     wakes them when a batch is created or cancelled, so they need not wait for their next poll."""
 
     def __init__(self, settings: Settings, count: int) -> None:
+        worker_niceness(settings)  # a bad `[worker] nice` stops the server here, not in each child
         self.settings = settings
         self.count = count
         self._context = multiprocessing.get_context("spawn")
@@ -196,13 +201,37 @@ def worker_main(settings: Settings, wake: Connection, parent_pid: int, ready: Ev
     from overnight.observability.logs import configure_logging
 
     configure_logging(settings.log_format, process="worker")
-    runner = asyncio.run
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        runner = uvloop.run
-    runner(run_worker(settings, wake, parent_pid, ready, relay_path=relay_path))
+    yield_cpu(settings)
+    run_on_fastest_loop(run_worker(settings, wake, parent_pid, ready, relay_path=relay_path))
     exit_now(0)
+
+
+def run_on_fastest_loop(coro: Coroutine[Any, Any, None]) -> None:
+    """uvloop where it is installed (it comes with uvicorn[standard]), as the API runs."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
+def worker_niceness(settings: Settings) -> int:
+    """What a worker process adds to its niceness (`[worker] nice`, checked)."""
+    nice = settings.worker.nice
+    if nice is None:
+        return 0 if settings.embedded.enabled else FEEDER_NICE
+    if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
+        from overnight.wiring.core import ConfigurationError
+
+        raise ConfigurationError(f"[worker] nice = {nice!r}: use a whole number from 0 to 19")
+    return nice
+
+
+def yield_cpu(settings: Settings) -> int:
+    """Add `worker_niceness` to this process's niceness; call it before the worker starts threads
+    (they inherit it: on Linux niceness is per thread). Returns the niceness now."""
+    return os.nice(worker_niceness(settings))
 
 
 async def run_worker(
