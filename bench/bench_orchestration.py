@@ -8,7 +8,11 @@ the bare clients a skeptic would write instead, all against the same fast upstre
 - SDK script: what users write without a batch server, AsyncOpenAI and a semaphore (fewer lines:
   it is ~30x slower; same rounds);
 - overnight at each size, and many small batches from several keys at once against one batch of the
-  same total, both seen finishing by the server's `batch.completed` webhooks (no polling).
+  same total. Every overnight arm learns that its batches finished from the server's
+  `batch.completed` webhooks, as OpenAI's webhooks tell a user, not by polling: the bench's client
+  and the server share the 2 cores with the upstream, and polling often enough not to round a
+  small batch up (every 5 ms) cost the SDK client 0.38 of a core at 1,000 lines (results at
+  f60c4a8), besides the API's work answering it, slowing the batch it was waiting for.
 
 Every arm runs the same number of rounds, interleaved (the order rotates each round), on the same
 event loop policy (uvloop, as the server), after one warm-up round of every arm. Ratios are taken
@@ -54,7 +58,6 @@ from harness import (
 from overnight.runtime import exit_now
 
 CONCURRENCY = 64
-TERMINAL = ("completed", "failed", "cancelled", "expired")
 
 
 def run_on_fastest_loop(coro: Any) -> Any:
@@ -131,25 +134,18 @@ async def raw_pyreqwest(upstream_url: str, lines: int) -> float:
     return lines / elapsed
 
 
-def poll_interval(lines: int) -> float:
-    """How often the client asks whether the batch is done: about 1% of the expected run time at
-    ~10k lines/s, so small batches are not rounded up to the poll and large ones are not slowed
-    by the polling itself (each retrieve costs the API ~1 ms of CPU)."""
-    return min(0.05, max(0.005, lines / 1_000_000))
-
-
-def overnight_run(base_url: str, input_path: Path, lines: int, key: str = "sk-bench") -> dict[str, float]:
-    """End to end through the official SDK, as a user would. Returns lines/s and phase times."""
+def overnight_run(base_url: str, input_path: Path, lines: int, hooks: CompletionHooks,
+                  key: str = "sk-bench") -> dict[str, float]:
+    """End to end through the official SDK, as a user would: upload, create, wait for the
+    `batch.completed` webhook, retrieve, download. Returns lines/s and phase times."""
     client = openai.OpenAI(base_url=base_url, api_key=key)
-    poll = poll_interval(lines)
     start = time.perf_counter()
     with input_path.open("rb") as fh:
         file_id = client.files.create(file=fh, purpose="batch").id
     uploaded = time.perf_counter()
     batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
-    while batch.status not in TERMINAL:
-        time.sleep(poll)
-        batch = client.batches.retrieve(batch.id)
+    hooks.wait({batch.id})
+    batch = client.batches.retrieve(batch.id)
     finished = time.perf_counter()
     assert batch.status == "completed" and batch.request_counts.completed == lines, batch
     received = 0
@@ -164,9 +160,9 @@ def overnight_run(base_url: str, input_path: Path, lines: int, key: str = "sk-be
 
 
 class CompletionHooks:
-    """Receives the server's `batch.completed` webhooks and notes when each arrived: how the many-
-    batch arms see batches finish, with no polling (watchers listing 100 batches every 0.1 s cost
-    the API a sizeable part of a core, and the one-batch arm's single list far less)."""
+    """Receives the server's `batch.completed` (and `batch.failed`) webhooks and notes when each
+    arrived: how every overnight arm sees its batches finish, with no polling (watchers listing 100
+    batches every 0.1 s cost the API a sizeable part of a core)."""
 
     def __init__(self) -> None:
         self.arrived: dict[str, float] = {}
@@ -193,7 +189,7 @@ class CompletionHooks:
 
     def config(self, keys: list[str]) -> str:
         return "".join(f'[[webhooks]]\napi_key = "{key}"\nurl = "{self.url}"\nsecret = "whsec_{SECRET}"\n'
-                       f'events = ["batch.completed"]\n\n' for key in keys)
+                       f'events = ["batch.completed", "batch.failed"]\n\n' for key in keys)
 
     def wait(self, batch_ids: set[str], timeout: float = 600) -> float:
         """When the last of `batch_ids` was reported completed."""
@@ -245,9 +241,8 @@ def main() -> None:
         inputs = {n: write_chat_batch(workdir / f"input-{n}.jsonl", n) for n in sizes}
         extra = [arg for k in keys for arg in ("--api-key", k)]
         hooks = CompletionHooks()
-        if many_count:
-            (workdir / "hooks.toml").write_text(hooks.config(keys))
-            extra += ["--config", str(workdir / "hooks.toml")]
+        (workdir / "hooks.toml").write_text(hooks.config(["sk-bench", *keys]))
+        extra += ["--config", str(workdir / "hooks.toml")]
         with upstream_process(workdir) as (upstream_url, upstream), \
                 overnight_process(workdir, upstream_url, *extra, *args.overnight_arg) as (base_url, server):
             arms: list[tuple[str, int, Callable[[], float]]] = []  # name, lines, run -> lines/s
@@ -260,7 +255,7 @@ def main() -> None:
                 ]
 
                 def ours(n: int = n) -> float:
-                    result = overnight_run(base_url, inputs[n], n)
+                    result = overnight_run(base_url, inputs[n], n, hooks)
                     phases.setdefault(f"overnight@{n}", []).append(result)
                     return result["lines_per_s"]
 
@@ -278,7 +273,7 @@ def main() -> None:
             run_on_fastest_loop(raw_pyreqwest(upstream_url, 2_000))
             run_on_fastest_loop(raw_aiohttp(upstream_url, 2_000))
             run_on_fastest_loop(sdk_script(upstream_url, 2_000))
-            overnight_run(base_url, warm_input, 2_000)
+            overnight_run(base_url, warm_input, 2_000, hooks)
             if many_count:
                 batches_at_once(base_url, warm_input, len(keys), 2_000, keys, hooks)
             # Where the CPU goes: this process (the bare clients, or the SDK calls and the webhook
@@ -287,8 +282,8 @@ def main() -> None:
                       "overnight": lambda: tree_ticks(server.pid)}
             # And each group's busiest thread: whether one thread (an event loop, the upstream's one
             # thread) is saturated and so sets the pace, or the 2 cores are shared out between them.
-            threads = {"client": lambda: thread_ticks(os.getpid(), descendants=False),  # not the servers "upstream": lambda: thread_ticks(upstream.pid),
-                       "overnight": lambda: thread_ticks(server.pid)}
+            threads = {"client": lambda: thread_ticks(os.getpid(), descendants=False),  # not the servers
+                       "upstream": lambda: thread_ticks(upstream.pid), "overnight": lambda: thread_ticks(server.pid)}
             for round_ in range(args.rounds):
                 shift = round_ % len(arms)
                 for name, lines, arm in arms[shift:] + arms[:shift]:
@@ -299,6 +294,7 @@ def main() -> None:
                     used = cpu_use(before, cpu_snapshot(groups), wall)
                     busiest = {group: busiest_thread_cores(threads_before[group], read(), wall)
                                for group, read in threads.items()}
+                    # (machine and other are no one process: their "busiest thread" is their cores)
                     cpu.setdefault(name, []).append({group: {"us_per_line": round(v["cpu_s"] / lines * 1e6, 1),
                                                              "cores": v["cores"],
                                                              "busiest_thread_cores": busiest.get(group, v["cores"])}

@@ -108,7 +108,7 @@ def orchestration() -> str:
         lines += ["", f"Where a {n(sizes[0])}-line batch's time goes (medians): upload {phase('upload_s')} s, "
                       f"validate + run + finalize {phase('run_s')} s, download {phase('download_s')} s."]
     if "cpu" in d:
-        lines += ["", orchestration_cpu(d["cpu"], sizes[0])]
+        lines += ["", orchestration_cpu(d["cpu"], sizes[0]), "", orchestration_wall(d, sizes[0])]
     return "\n".join(lines)
 
 
@@ -131,6 +131,27 @@ def orchestration_cpu(cpu: dict[str, Any], size: int) -> str:
             f"cores (1.00 is saturated): with the bare client, the upstream's {thread('raw_pyreqwest', 'upstream')} "
             f"and the client's {thread('raw_pyreqwest', 'client')}; with overnight, the upstream's "
             f"{thread('overnight', 'upstream')} and overnight's {thread('overnight', 'overnight')}.")
+
+
+def orchestration_wall(d: dict[str, Any], size: int, goal: float = 0.90) -> str:
+    """What overnight may spend per line to reach `goal` of the bare pyreqwest client on this machine:
+    at goal x its lines/s, the upstream and the SDK client still take their CPU per line, and the
+    machine is at best as busy as the bare client's arm kept it."""
+    cpu = d["cpu"]
+
+    def per_line(arm: str, group: str) -> float:
+        return float(cpu[f"{arm}@{size}"][group]["us_per_line"]["median"])
+
+    rate = float(d["arms_lines_per_s"][f"raw_pyreqwest@{size}"]["median"])
+    busy = float(cpu[f"raw_pyreqwest@{size}"]["machine"]["cores"]["median"])
+    others = per_line("overnight", "upstream") + per_line("overnight", "client")
+    budget = busy / (goal * rate) * 1e6 - others
+    full = d["machine"]["cpus"] / (goal * rate) * 1e6 - others
+    return (f"At {goal:.2f} of the bare client's {n(rate)} lines/s, with the upstream and the SDK client taking "
+            f"{n(others, 1)} us per line and the machine as busy as the bare client's arm kept it ({n(busy, 2)} "
+            f"cores), overnight could spend **{n(budget, 1)} us per line** ({n(full, 1)} with every core busy all "
+            f"the time), against the bare client's {n(per_line('raw_pyreqwest', 'client'), 1)} for its HTTP work "
+            f"alone and overnight's {n(per_line('overnight', 'overnight'), 1)} today.")
 
 
 def api_latency() -> str:
