@@ -164,7 +164,7 @@ def run_arm(arm: str, tag: str, stack: Stack, workdir: Path, upstream_url: str, 
     with env as (base_url, groups):
         ready = time.perf_counter() - started
         time.sleep(SETTLE_SECONDS)
-        overnight_run(base_url, warm, warm_lines)
+        overnight_run(base_url, warm, warm_lines, None)  # polls: every arm alike
         groups = {
             **groups,
             "postgres": lambda: tree_ticks(stack.pg.proc.pid),  # type: ignore[union-attr]
@@ -174,7 +174,7 @@ def run_arm(arm: str, tag: str, stack: Stack, workdir: Path, upstream_url: str, 
         }
         before = cpu_snapshot(groups)
         began = time.perf_counter()
-        result = overnight_run(base_url, measured, lines)
+        result = overnight_run(base_url, measured, lines, None)
         wall = time.perf_counter() - began
         after = cpu_snapshot(groups)
     return {**{k: round(v, 4) for k, v in result.items()}, "wall_s": round(wall, 4), "startup_s": round(ready, 2),
