@@ -55,17 +55,10 @@ from harness import (
     upstream_process,
     write_chat_batch,
 )
-from overnight.runtime import exit_now
+from overnight.constants import TERMINAL_STATES
+from overnight.runtime import exit_now, run_on_fastest_loop
 
 CONCURRENCY = 64
-
-
-def run_on_fastest_loop(coro: Any) -> Any:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 async def sdk_script(upstream_url: str, lines: int) -> float:
@@ -155,7 +148,7 @@ def overnight_run(base_url: str, input_path: Path, lines: int, hooks: Completion
     if hooks is not None:
         hooks.wait({batch.id})
         batch = client.batches.retrieve(batch.id)
-    while batch.status not in ("completed", "failed", "cancelled", "expired"):
+    while batch.status not in TERMINAL_STATES:
         time.sleep(poll_interval(lines))
         batch = client.batches.retrieve(batch.id)
     finished = time.perf_counter()

@@ -278,7 +278,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> None:
     if args.command == "serve":
         serve(settings)
     elif args.command == "worker":
-        from overnight.worker.processes import run_on_fastest_loop, run_worker, yield_cpu
+        from overnight.runtime import run_on_fastest_loop
+        from overnight.worker.processes import run_worker, yield_cpu
 
         metrics = (args.metrics_host, args.metrics_port) if args.metrics_port is not None else None
         yield_cpu(settings)

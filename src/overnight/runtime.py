@@ -1,10 +1,25 @@
 """Process-level behaviour of overnight's long-running processes: garbage collection and exit."""
 
+import asyncio
 import contextlib
 import gc
 import logging
 import os
 import sys
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
+
+
+def run_on_fastest_loop(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Run `coro` on uvloop where it is installed (it comes with uvicorn[standard], as the API
+    runs), else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def freeze_startup_objects() -> None:

@@ -49,6 +49,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from overnight.runtime import run_on_fastest_loop
+
 TIMEOUT_HANG_SECONDS = 30.0
 _EXTRAS = b'{"big": 12345678901234567890123, "dec": 1.10, "sep": "a\xe2\x80\xa8b\xe2\x80\xa9c"}'
 
@@ -389,17 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.tls_cert is not None:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(args.tls_cert, args.tls_key)
-    _run(_serve(make_app(state), args.host, args.port, args.port_file, tls))
-
-
-def _run(coro: Any) -> None:
-    """On uvloop when it is installed (it comes with uvicorn[standard]), as real servers run."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coro)
-    else:
-        uvloop.run(coro)
+    run_on_fastest_loop(_serve(make_app(state), args.host, args.port, args.port_file, tls))  # as real servers run
 
 
 async def _serve(

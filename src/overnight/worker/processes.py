@@ -19,15 +19,13 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Coroutine
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
-from typing import Any
 
 from overnight import constants as C
-from overnight.runtime import exit_now, freeze_startup_objects
+from overnight.runtime import exit_now, freeze_startup_objects, run_on_fastest_loop
 from overnight.settings import Settings
 
 log = logging.getLogger("overnight.workers")
@@ -204,16 +202,6 @@ def worker_main(settings: Settings, wake: Connection, parent_pid: int, ready: Ev
     yield_cpu(settings)
     run_on_fastest_loop(run_worker(settings, wake, parent_pid, ready, relay_path=relay_path))
     exit_now(0)
-
-
-def run_on_fastest_loop(coro: Coroutine[Any, Any, None]) -> None:
-    """uvloop where it is installed (it comes with uvicorn[standard]), as the API runs."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coro)
-    else:
-        uvloop.run(coro)
 
 
 def worker_niceness(settings: Settings) -> int:
