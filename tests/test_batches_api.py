@@ -45,9 +45,9 @@ def test_lifecycle_outputs_errors_counts_usage(client: openai.OpenAI, server: Se
         input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h",
         metadata={"job": "nightly"},
     )
-    assert batch.status == "validating"
+    assert batch.status == "in_progress"  # its input was validated as it was uploaded
     assert batch.expires_at == batch.created_at + 86400
-    assert batch.request_counts.total == 0 and batch.usage is None and batch.output_file_id is None
+    assert batch.request_counts.total == 120 and batch.output_file_id is None
     status, _, raw = raw_request("GET", f"{server.base_url}/batches/{batch.id}",
                                  {"Authorization": f"Bearer {API_KEY}"})
     assert status == 200 and set(json.loads(raw)) == BATCH_KEYS
@@ -245,7 +245,7 @@ def test_cancel_in_progress_keeps_partial_output(make_server: Any) -> None:
 
 
 def test_cancel_while_validating(make_server: Any) -> None:
-    srv = make_server()
+    srv = make_server("--no-validate-on-upload")  # the worker validates after create
     client = srv.client()
     file_id = upload(client, [chat_line(i) for i in range(20000)])
     batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")

@@ -145,7 +145,8 @@ def test_api_only_server_with_a_separate_worker(make_server: Any, upstream: Upst
     client = srv.client()
     batch = client.batches.create(input_file_id=upload(client, [chat_line(1)]), endpoint="/v1/chat/completions",
                                   completion_window="24h")
-    assert client.batches.retrieve(batch.id).status == "validating"  # nobody works on it yet
+    waiting = client.batches.retrieve(batch.id)  # validated on upload, planned, and nobody works on it yet
+    assert waiting.status == "in_progress" and waiting.request_counts.completed == 0
     worker = subprocess.Popen(
         [sys.executable, "-m", "overnight", "worker", "--data-dir", str(srv.data_dir), "--no-embedded",
          "--upstream", f"*={upstream.base_url}"],

@@ -42,7 +42,21 @@ def _ignore(call: Any) -> None:
         call()
 
 
+def _validate_on_upload(srv: Server, on: bool) -> None:
+    """A batch on a file validated on upload starts in_progress: the validating phase needs the
+    worker's validation, so those trials run with it off (a restart when it changes)."""
+    if ("--no-validate-on-upload" not in srv.args) == on:
+        return
+    srv.stop()
+    if on:
+        srv.args.remove("--no-validate-on-upload")
+    else:
+        srv.args.append("--no-validate-on-upload")
+    srv.start()
+
+
 def _run_trial(srv: Server, phase: str, rng: random.Random) -> dict[str, Any]:
+    _validate_on_upload(srv, phase != "validating")
     client = srv.client()
     if phase == "upload":
         size = _kill_during_upload(srv, rng)

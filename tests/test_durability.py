@@ -42,7 +42,7 @@ def test_sigkill_mid_batch_then_restart(make_server: Any, upstream: Upstream) ->
 
 
 def test_sigkill_while_validating_and_finalizing(make_server: Any) -> None:
-    srv = make_server("--shard-lines", "500")
+    srv = make_server("--shard-lines", "500", "--no-validate-on-upload")  # the worker validates after create
     client = srv.client()
     total = 30_000
     file_id = upload(client, [chat_line(i) for i in range(total)])

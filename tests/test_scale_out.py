@@ -17,7 +17,7 @@ from typing import Any
 import openai
 import pytest
 
-from conftest import Server, Upstream, chat_line, results_by_id, server_args, upload
+from conftest import Server, Upstream, chat_line, results_by_id, server_args, until, upload
 from overnight.testing.postgres import PostgresServer
 from overnight.testing.seaweedfs import SeaweedFS
 
@@ -187,15 +187,17 @@ def test_the_object_store_gone_for_10_seconds_is_ridden_out(make_cluster: Any, p
 
 
 def test_a_worker_paused_past_its_lease_cannot_commit(make_cluster: Any, postgres_server: PostgresServer,
-                                                      seaweedfs: SeaweedFS) -> None:
+                                                      seaweedfs: SeaweedFS, upstream: Upstream) -> None:
     name = postgres_server.unique_name("fence")
     cluster = make_cluster(postgres_server.create_database(name), seaweedfs.storage_url(name), replicas=1, workers=1)
     total = 60
     file_id = upload(cluster.client(), [chat_line(i, x_fault="slow:1500") for i in range(total)])
+    sent = upstream.stats()["requests"]
     batch = cluster.client().batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
                                             completion_window="24h")
-    cluster.wait(batch.id, lambda b: b.status == "in_progress")
-    time.sleep(0.5)  # the only worker has claimed the shards and sent their lines
+    # (in_progress at create: validated on upload) the only worker has claimed the shards and sent their lines
+    until(lambda: upstream.stats()["requests"] > sent)
+    time.sleep(0.5)
     paused = cluster.workers[0]
     paused.send_signal(signal.SIGSTOP)
     try:

@@ -85,6 +85,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="how long the '24h' completion window lasts on this server (default 86400)",
     )
     parser.add_argument("--upload-expiry-seconds", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-validate-on-upload", action="store_true",
+                        help="validate batch inputs when a batch is created, not as they are uploaded")
     parser.add_argument(
         "--completion-window", action="append", default=[], metavar="NAME=SECONDS",
         help="accept another completion window, e.g. 1h=3600 or 7d=604800 (repeatable)",
@@ -163,6 +165,8 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         limits = replace(limits, completion_window_seconds=args.completion_window_seconds)
     if args.upload_expiry_seconds is not None:
         limits = replace(limits, upload_expiry_seconds=args.upload_expiry_seconds)
+    if args.no_validate_on_upload:
+        limits = replace(limits, validate_on_upload=False)
     if args.completion_window:
         try:
             extra = parse_completion_windows(args.completion_window)

@@ -35,6 +35,9 @@ class Limits:
     # Windows beyond OpenAI's one, name -> seconds (e.g. {"1h": 3600, "7d": 604800}): batches.create
     # accepts any of them. A "24h" here overrides completion_window_seconds.
     completion_windows: dict[str, int] = field(default_factory=dict)
+    # Validate a purpose=batch upload as it arrives, so that batches.create on it starts at once
+    # (in_progress, no validating phase). Off: every batch is validated by a worker after create.
+    validate_on_upload: bool = True
 
     def windows(self) -> dict[str, int]:
         """Every completion window this server accepts, name -> seconds."""

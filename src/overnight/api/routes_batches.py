@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response, StreamingResponse
 
+from overnight import constants as C
 from overnight.api.auth import Principal, principal
 from overnight.api.errors import request_id_of
 from overnight.api.json import json_response
@@ -41,7 +42,8 @@ def create_batch(request: Request, caller: Caller, body: CreateBatchRequest) -> 
         body.output_expires_after,
         request_id=request_id_of(request),
     )
-    log.info("batch %s created", record.id, extra={"batch_id": record.id})
+    started = " (its input was validated on upload)" if record.status == C.IN_PROGRESS else ""
+    log.info("batch %s created: %s%s", record.id, record.status, started, extra={"batch_id": record.id})
     return json_response(with_owner(batch_object(record), record.owner, caller))
 
 

@@ -57,8 +57,10 @@ async def create_file(request: Request, caller: Caller) -> Response:
     services = _services(request)
     file_id = services.files.new_upload_id()
     key = services.files.storage_key(file_id)
+    validator = services.files.upload_validator()
     try:
-        upload = await receive_upload(request, services.files.files, key, services.limits.max_file_bytes)
+        upload = await receive_upload(request, services.files.files, key, services.limits.max_file_bytes,
+                                      inspect=validator.feed if validator is not None else None)
     except FormParserError:
         raise InvalidRequest("The multipart/form-data body is malformed.", param="file") from None
     purpose = upload.fields.get("purpose")
@@ -76,6 +78,7 @@ async def create_file(request: Request, caller: Caller) -> Response:
         upload.size,
         upload.head,
         expires_after,
+        validator.result() if validator is not None and purpose == "batch" else None,
     )
     return json_response(with_owner(file_object(record), record.owner, caller))
 

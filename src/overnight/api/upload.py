@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -12,7 +13,7 @@ from starlette.requests import Request
 
 from overnight.batches.errors import InvalidRequest, PayloadTooLarge
 from overnight.batches.file_service import HEAD_BYTES
-from overnight.files.port import FileStore
+from overnight.files.port import BlobWriter, FileStore
 
 _FLUSH_BYTES = 1024 * 1024
 _MAX_FIELD_BYTES = 64 * 1024
@@ -98,10 +99,11 @@ class _PartCollector:
 
 async def receive_upload(
     request: Request, files: FileStore, key: str, max_bytes: int, file_field: str = "file",
-    too_large: str | None = None,
+    too_large: str | None = None, inspect: Callable[[bytes], None] | None = None,
 ) -> ReceivedUpload:
     """Parse the multipart body, storing the `file_field` part under `key` (atomically, at the end);
-    a part over `max_bytes` is refused with 413 and the message `too_large`."""
+    a part over `max_bytes` is refused with 413 and the message `too_large`. `inspect` sees the
+    part's bytes in order as they are written (on the writing thread, off the event loop)."""
     content_type = request.headers.get("content-type", "")
     media, params = parse_options_header(content_type)
     if media != b"multipart/form-data" or b"boundary" not in params:
@@ -134,10 +136,10 @@ async def receive_upload(
             parser.write(chunk)
             buffered = sum(len(c) for c in collector.to_write)
             if buffered >= _FLUSH_BYTES:
-                await asyncio.to_thread(writer.write, collector.pop_chunks())
+                await asyncio.to_thread(_write, writer, collector.pop_chunks(), inspect)
         parser.finalize()
         if collector.to_write:
-            await asyncio.to_thread(writer.write, collector.pop_chunks())
+            await asyncio.to_thread(_write, writer, collector.pop_chunks(), inspect)
     except BaseException:
         await asyncio.to_thread(context.__exit__, *sys.exc_info())
         raise
@@ -147,3 +149,9 @@ async def receive_upload(
         raise InvalidRequest(f"Missing required parameter: '{file_field}'.", param=file_field,
                              code="missing_required_parameter")
     return collector.upload
+
+
+def _write(writer: BlobWriter, data: bytes, inspect: Callable[[bytes], None] | None) -> None:
+    writer.write(data)
+    if inspect is not None:
+        inspect(data)

@@ -10,6 +10,7 @@ import orjson
 from overnight import constants as C
 from overnight.batches.errors import InvalidRequest, NotFound
 from overnight.batches.ports import FileCatalog
+from overnight.batches.upload_check import CheckedUpload, UploadChecks, UploadValidator
 from overnight.files.layout import file_key
 from overnight.files.port import FileStore
 from overnight.ids import new_file_id
@@ -20,10 +21,16 @@ HEAD_BYTES = 1024 * 1024
 
 
 class FileService:
-    def __init__(self, catalog: FileCatalog, files: FileStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, catalog: FileCatalog, files: FileStore, clock: Callable[[], float] = time.time,
+                 upload_checks: UploadChecks | None = None) -> None:
         self.catalog = catalog
         self.files = files
         self.clock = clock
+        self.upload_checks = upload_checks  # None: uploads are not validated as they arrive
+
+    def upload_validator(self) -> UploadValidator | None:
+        """What an upload's bytes are fed to as they arrive, when batch inputs are validated on upload."""
+        return self.upload_checks.validator() if self.upload_checks is not None else None
 
     def now(self) -> int:
         return int(self.clock())
@@ -41,9 +48,10 @@ class FileService:
         size: int,
         head: bytes,
         expires_after: tuple[str, int] | None,
+        checked: CheckedUpload | None = None,
     ) -> FileRecord:
         """Record an upload whose bytes are already stored under `storage_key(file_id)`."""
-        record = self.new_record(owner, file_id, filename, purpose, size, head, expires_after)
+        record = self.new_record(owner, file_id, filename, purpose, size, head, expires_after, checked)
         self.catalog.insert_file(record)
         return record
 
@@ -56,9 +64,11 @@ class FileService:
         size: int,
         head: bytes,
         expires_after: tuple[str, int] | None,
+        checked: CheckedUpload | None = None,
     ) -> FileRecord:
         """Check an upload whose bytes are stored under `storage_key(file_id)` and make its record
-        (not yet in the catalog); an upload that fails the checks is deleted and InvalidRequest raised."""
+        (not yet in the catalog); an upload that fails the checks is deleted and InvalidRequest raised.
+        `checked`: what validation on upload found, kept with a batch input."""
         key = self.storage_key(file_id)
         try:
             check_upload_params(purpose, expires_after)
@@ -74,7 +84,8 @@ class FileService:
             expires_at = now + C.BATCH_FILE_DEFAULT_TTL
         else:
             expires_at = None
-        return FileRecord(file_id, owner, purpose, clean_filename(filename), size, now, expires_at, key)
+        upload_check = checked.to_json() if checked is not None and purpose == "batch" else None
+        return FileRecord(file_id, owner, purpose, clean_filename(filename), size, now, expires_at, key, upload_check)
 
     def new_upload_id(self) -> str:
         return new_file_id()

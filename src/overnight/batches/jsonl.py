@@ -22,11 +22,28 @@ class Line:
 
 def iter_lines(chunks: Iterable[bytes], max_line_bytes: int) -> Iterator[Line]:
     """Yield every non-blank line. Memory: one chunk plus at most `max_line_bytes` of one line."""
-    number = 0
-    offset = 0  # file offset where the current line starts
-    pending = bytearray()  # the current line's bytes so far, while it is within the limit
-    seen = 0  # bytes of the current line so far, kept or not
+    splitter = LineSplitter(max_line_bytes)
     for chunk in chunks:
+        yield from splitter.feed(chunk)
+    yield from splitter.end()
+
+
+class LineSplitter:
+    """`iter_lines` for bytes that are pushed rather than pulled (an upload as it arrives): feed
+    every chunk in order, then `end()`. Each call's lines must be consumed before the next call."""
+
+    def __init__(self, max_line_bytes: int) -> None:
+        self.max_line_bytes = max_line_bytes
+        self.number = 0
+        self.offset = 0  # file offset where the current line starts
+        self.pending = bytearray()  # the current line's bytes so far, while it is within the limit
+        self.seen = 0  # bytes of the current line so far, kept or not
+
+    def feed(self, chunk: bytes) -> Iterator[Line]:
+        # State in locals for the loop (the per-line cost matters), stored back at the end.
+        max_line_bytes, number, offset, pending, seen = (
+            self.max_line_bytes, self.number, self.offset, self.pending, self.seen
+        )
         start = 0
         while True:
             end = chunk.find(b"\n", start)
@@ -57,8 +74,12 @@ def iter_lines(chunks: Iterable[bytes], max_line_bytes: int) -> Iterator[Line]:
             pending.clear()
             seen = 0
             start = end + 1
-    if seen:
-        yield from _finish(number + 1, offset, seen, pending, max_line_bytes)
+        self.number, self.offset, self.seen = number, offset, seen
+
+    def end(self) -> Iterator[Line]:
+        """The last line, when the input does not end with a newline."""
+        if self.seen:
+            yield from _finish(self.number + 1, self.offset, self.seen, self.pending, self.max_line_bytes)
 
 
 def _finish(number: int, offset: int, length: int, pending: bytearray, limit: int) -> Iterator[Line]:

@@ -10,16 +10,13 @@ from typing import Any
 from overnight import constants as C
 from overnight.batches.finalize import finalize_batch
 from overnight.batches.ports import BatchPhases
-from overnight.batches.validation import validate_input
+from overnight.batches.validation import ShardLinesFor, validate_input
 from overnight.batches.webhooks import WebhookRoutes
 from overnight.files.port import FileStore
 from overnight.settings import Limits
 from overnight.store.records import BatchTask
 
 __all__ = ["finalize_batch", "validate_batch"]
-
-# model, endpoint -> the serving engine's shard size, or None when no engine serves the model
-ShardLinesFor = Callable[[str, str], "int | None"]
 
 
 def validate_batch(

@@ -42,7 +42,8 @@ class FileCatalog(Protocol):
 class BatchCatalog(Protocol):
     """Batches as the API creates, reads and cancels them."""
 
-    def insert_batch(self, record: BatchRecord) -> None: ...
+    def insert_batch(self, record: BatchRecord, plans: Sequence[ShardPlan] = ()) -> None:
+        """`plans`: the shards of a batch created in_progress, in the same transaction."""
 
     def get_batch(self, owner: str | None, batch_id: str) -> BatchRecord | None: ...
 

@@ -1,5 +1,6 @@
-"""Batches as the API sees them: create (checks the parameters, answers `validating` at once),
-retrieve, list, cancel. The work itself is done by the worker."""
+"""Batches as the API sees them: create (checks the parameters, answers `validating` at once, or
+`in_progress` with its shards planned when the input was validated on upload), retrieve, list,
+cancel. The work itself is done by the worker."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from overnight import constants as C
 from overnight.batches.errors import Conflict, InvalidRequest, NotFound
 from overnight.batches.ports import BatchCatalog, FileCatalog, ProgressReader
 from overnight.batches.progress import WINDOW_SECONDS, estimate
+from overnight.batches.upload_check import UploadChecks
 from overnight.ids import new_batch_id
 from overnight.store.records import BatchRecord
 
@@ -26,6 +28,7 @@ class BatchService:
         clock: Callable[[], float] = time.time,
         on_change: Callable[[str], None] = lambda change: None,
         progress: ProgressReader | None = None,
+        upload_checks: UploadChecks | None = None,
     ) -> None:
         self.batches = batches
         self.files = files
@@ -34,6 +37,7 @@ class BatchService:
         self.clock = clock
         self.on_change = on_change  # wakes the worker(s) with C.CHANGE_CREATED or C.CHANGE_CANCELLED
         self.progress = progress  # None: batches carry no throughput or ETA
+        self.upload_checks = upload_checks  # None: every batch is validated by a worker
 
     def create(
         self,
@@ -72,21 +76,24 @@ class BatchService:
                 param="input_file_id",
                 code="invalid_value",
             )
+        checked = self.upload_checks.plan_for(input_file.upload_check, endpoint) if self.upload_checks else None
         record = BatchRecord(
             id=new_batch_id(),
             owner=owner,
             endpoint=endpoint,
             input_file_id=input_file_id,
             completion_window=completion_window,
-            status=C.VALIDATING,
+            status=C.VALIDATING if checked is None else C.IN_PROGRESS,
             created_at=now,
+            in_progress_at=None if checked is None else now,
+            request_total=0 if checked is None else checked.total,
             expires_at=now + self.windows[completion_window],
             metadata=metadata,
             output_expires_after=output_ttl,
             retry_of=retry_of,
             request_id=request_id,
         )
-        self.batches.insert_batch(record)
+        self.batches.insert_batch(record, checked.plans if checked is not None else ())
         self.on_change(C.CHANGE_CREATED)
         return record
 

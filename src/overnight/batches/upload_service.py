@@ -16,6 +16,7 @@ from overnight import constants as C
 from overnight.batches.errors import InvalidRequest, NotFound
 from overnight.batches.file_service import HEAD_BYTES, FileService, check_upload_params, clean_filename
 from overnight.batches.ports import UploadCatalog
+from overnight.batches.upload_check import UploadValidator
 from overnight.files.layout import upload_part_key
 from overnight.ids import new_part_id, new_upload_id
 from overnight.store.records import FileRecord, UploadPartRecord, UploadRecord
@@ -126,10 +127,12 @@ class UploadService:
                 param="part_ids",
             )
         file_id = self.file_service.new_upload_id()
-        head = self._assemble(upload, parts, self.file_service.storage_key(file_id), md5)
+        validator = self.file_service.upload_validator() if upload.purpose == "batch" else None
+        head = self._assemble(upload, parts, self.file_service.storage_key(file_id), md5, validator)
         expires_after = ("created_at", upload.file_expires_after) if upload.file_expires_after is not None else None
         record = self.file_service.new_record(
-            owner, file_id, upload.filename, upload.purpose, total, head, expires_after
+            owner, file_id, upload.filename, upload.purpose, total, head, expires_after,
+            validator.result() if validator is not None else None,
         )
         keys = self.catalog.complete_upload(owner, upload.id, record, self.now())
         if keys is None:  # cancelled, completed or expired while it was being assembled
@@ -160,9 +163,10 @@ class UploadService:
                                  code="invalid_value")
         return [found[pid] for pid in part_ids]
 
-    def _assemble(self, upload: UploadRecord, parts: list[UploadPartRecord], key: str, md5: str | None) -> bytes:
-        """Copy the parts into one blob under `key`, a chunk at a time; the file's first
-        HEAD_BYTES for the upload check. Nothing is published when the MD5 does not match."""
+    def _assemble(self, upload: UploadRecord, parts: list[UploadPartRecord], key: str, md5: str | None,
+                  validator: UploadValidator | None) -> bytes:
+        """Copy the parts into one blob under `key`, a chunk at a time (each also fed to `validator`);
+        the file's first HEAD_BYTES for the upload check. Nothing is published when the MD5 does not match."""
         digest = hashlib.md5(usedforsecurity=False)
         head = bytearray()
         with self.files.writer(key) as writer:
@@ -173,6 +177,8 @@ class UploadService:
                         if len(head) < HEAD_BYTES:
                             head += chunk[: HEAD_BYTES - len(head)]
                         writer.write(chunk)
+                        if validator is not None:
+                            validator.feed(chunk)
                 except FileNotFoundError:  # housekeeping expired the upload under us
                     raise self._refusal(upload.id, "complete", C.UPLOAD_EXPIRED) from None
             if md5 is not None and md5.strip().lower() != digest.hexdigest():

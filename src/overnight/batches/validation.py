@@ -15,7 +15,7 @@ import orjson
 
 from overnight import constants as C
 from overnight.batches.endpoints import ENDPOINT_LABELS, REQUIRED_BODY_FIELDS, model_required, routing_model
-from overnight.batches.jsonl import iter_lines
+from overnight.batches.jsonl import Line, iter_lines
 from overnight.settings import Limits
 from overnight.store.records import ShardPlan
 
@@ -42,6 +42,9 @@ class _Collector:
         if len(self.report.errors) < self.cap:
             self.report.errors.append({"code": code, "message": message, "param": param, "line": line})
 
+
+# model, endpoint -> the serving engine's shard size, or None when no engine serves the model
+ShardLinesFor = Callable[[str, str], "int | None"]
 
 DEFAULT_SHARD_LINES = 256
 # Distinct model names whose routing one validation remembers; past this the router's own
@@ -87,47 +90,14 @@ def validate_input(
 ) -> ValidationReport:
     """`chunks()` opens a fresh stream over the file (called twice only if custom_id hashes collide).
     `shard_lines_for(model)` is None when no engine serves the model, else that engine's shard size."""
-    report = ValidationReport()
-    errors = _Collector(report, limits.max_reported_errors)
-    planner = _ShardPlanner(limits)
-    seen: set[int] = set()
-    collisions: set[int] = set()
-    required = REQUIRED_BODY_FIELDS.get(endpoint, ())
-    served = _ModelRouting(shard_lines_for)
+    checks = LineChecks(endpoint, shard_lines_for, limits)
     for line in iter_lines(chunks(), limits.shard_max_bytes):
-        if report.total >= limits.max_requests_per_batch:
-            errors.add(
-                "too_many_tasks",
-                f"The input file has more than {limits.max_requests_per_batch:,} requests, the most one batch "
-                f"may hold. Split it into several batches.",
-                None,
-                None,
-            )
+        if not checks.add(line):
             break
-        planner.add(report.total, line.offset, line.length)
-        report.total += 1
-        if line.data is None:
-            errors.add(
-                "line_too_long",
-                f"This line is longer than {limits.shard_max_bytes:,} bytes, the most one request may be.",
-                None,
-                line.number,
-            )
-            continue
-        custom_id = _check_line(line.data, line.number, endpoint, required, served, errors)
-        if planner.max_lines is None:
-            planner.max_lines = served.first_shard_lines
-        if custom_id is not None:
-            h = hash(custom_id)
-            if h in seen:
-                collisions.add(h)
-            else:
-                seen.add(h)
-    planner.flush()
-    if report.total == 0:
-        errors.add("empty_file", "The input file contains no requests. Add one JSON request per line.", None, None)
-    if collisions:
-        _report_duplicates(chunks, collisions, limits, errors)
+    checks.finish()
+    report = checks.report
+    if checks.collisions:
+        _report_duplicates(chunks, checks.collisions, limits, checks.errors)
     report.errors.sort(key=lambda e: (e["line"] is None, e["line"] or 0))
     if report.error_count > len(report.errors):
         report.errors.append(
@@ -139,8 +109,65 @@ def validate_input(
                 "line": None,
             }
         )
-    report.plans = planner.plans
     return report
+
+
+class LineChecks:
+    """The checks of one file, a line at a time (pulled from storage by `validate_input`, or pushed
+    as an upload arrives by `UploadValidator`): errors, the shard plan, custom_id hashes whose
+    collisions a second pass must look at."""
+
+    def __init__(self, endpoint: str, shard_lines_for: Callable[[str], int | None], limits: Limits) -> None:
+        self.endpoint = endpoint
+        self.limits = limits
+        self.report = ValidationReport()
+        self.errors = _Collector(self.report, limits.max_reported_errors)
+        self.planner = _ShardPlanner(limits)
+        self.seen: set[int] = set()
+        self.collisions: set[int] = set()
+        self.required = REQUIRED_BODY_FIELDS.get(endpoint, ())
+        self.served = _ModelRouting(shard_lines_for)
+
+    def add(self, line: Line) -> bool:
+        """Check one line; False when the file holds more requests than a batch may (stop reading)."""
+        report, limits = self.report, self.limits
+        if report.total >= limits.max_requests_per_batch:
+            self.errors.add(
+                "too_many_tasks",
+                f"The input file has more than {limits.max_requests_per_batch:,} requests, the most one batch "
+                f"may hold. Split it into several batches.",
+                None,
+                None,
+            )
+            return False
+        planner = self.planner
+        planner.add(report.total, line.offset, line.length)
+        report.total += 1
+        if line.data is None:
+            self.errors.add(
+                "line_too_long",
+                f"This line is longer than {limits.shard_max_bytes:,} bytes, the most one request may be.",
+                None,
+                line.number,
+            )
+            return True
+        custom_id = _check_line(line.data, line.number, self.endpoint, self.required, self.served, self.errors)
+        if planner.max_lines is None:
+            planner.max_lines = self.served.first_shard_lines
+        if custom_id is not None:
+            h = hash(custom_id)
+            if h in self.seen:
+                self.collisions.add(h)
+            else:
+                self.seen.add(h)
+        return True
+
+    def finish(self) -> None:
+        self.planner.flush()
+        self.report.plans = self.planner.plans
+        if self.report.total == 0:
+            self.errors.add("empty_file", "The input file contains no requests. Add one JSON request per line.",
+                            None, None)
 
 
 def _check_line(

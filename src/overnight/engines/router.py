@@ -53,6 +53,11 @@ class Router:
             resolved = self._cache[key] = self._resolve(model, endpoint)
             return resolved
 
+    def shard_lines(self, model: str, endpoint: str) -> int | None:
+        """The shard size of the engine that serves `model` on `endpoint`; None when none does."""
+        resolved = self.resolve(model, endpoint)
+        return resolved.engine.shard_lines if resolved is not None else None
+
     def _resolve(self, model: str, endpoint: str) -> Resolved | None:
         target = self.aliases.get(model, model)
         exact = [r for r in self.routes if r.pattern == target and r.matches(target, endpoint)]

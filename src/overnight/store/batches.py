@@ -3,6 +3,7 @@ list newest first, and the cancel request (the worker finishes the cancel)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 from sqlalchemy import Connection, and_, bindparam, func, insert, select, update
@@ -11,8 +12,8 @@ from overnight import constants as C
 from overnight.store import schema as T
 from overnight.store.database import Database
 from overnight.store.notify import notify_batches_changed
-from overnight.store.records import BatchRecord
-from overnight.store.rows import batch_record, batch_values, owned, storable
+from overnight.store.records import BatchRecord, ShardPlan
+from overnight.store.rows import batch_record, batch_values, insert_shards, owned, storable
 
 _b, _s = T.batches, T.shards
 _INSERT_BATCH = insert(_b)
@@ -34,9 +35,12 @@ class SqlBatchCatalog:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def insert_batch(self, record: BatchRecord) -> None:
+    def insert_batch(self, record: BatchRecord, plans: Sequence[ShardPlan] = ()) -> None:
+        """A new batch; one created `in_progress` (its input validated on upload) with its shards."""
         with self.db.write() as conn:
             conn.execute(_INSERT_BATCH, batch_values(record))
+            if plans:
+                insert_shards(conn, record.id, plans)
             notify_batches_changed(conn, C.CHANGE_CREATED)
 
     def get_batch(self, owner: str | None, batch_id: str) -> BatchRecord | None:

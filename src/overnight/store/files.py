@@ -13,6 +13,8 @@ from overnight.store.records import FileRecord
 from overnight.store.rows import INSERT_FILE, VISIBLE_FILE, file_record, file_values, owned, storable
 
 _f = T.files
+# A page of files leaves out what validation on upload stored (up to tens of KB a file).
+_LISTED = [c for c in _f.c if c.name != "upload_check"]
 # Scoped to an owner, and the admin view of every owner.
 _GET_FILE = {
     True: select(_f).where(_f.c.id == bindparam("p_file"), _f.c.owner == bindparam("p_owner"), VISIBLE_FILE),
@@ -46,7 +48,7 @@ class SqlFileCatalog:
         if not storable(purpose):
             return [], False
         descending = order == "desc"
-        query = select(_f).where(owned(_f, owner), VISIBLE_FILE)
+        query = select(*_LISTED).where(owned(_f, owner), VISIBLE_FILE)
         if purpose:
             query = query.where(_f.c.purpose == purpose)
         with self.db.read() as conn:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import orjson
-from sqlalchemy import Boolean, and_, bindparam, case, exists, func, insert, or_, select, text, update
+from sqlalchemy import Boolean, and_, bindparam, case, exists, func, or_, select, update
 
 from overnight import constants as C
 from overnight.store import schema as T
@@ -36,7 +36,7 @@ from overnight.store.records import (
     ShardResult,
     WebhookEvent,
 )
-from overnight.store.rows import INSERT_FILE, batch_record, file_values
+from overnight.store.rows import INSERT_FILE, batch_record, file_values, insert_shards
 from overnight.store.webhooks import insert_webhook_events
 
 # -- statements, built once ------------------------------------------------------------------
@@ -243,9 +243,6 @@ _START_BATCH = (
     .values(status=C.IN_PROGRESS, in_progress_at=bindparam("p_now_int"), request_total=bindparam("p_total"),
             lease_token=None, lease_expires_at=None)
 )
-_INSERT_SHARDS = insert(_s)
-_ANALYZE_SHARDS = text("ANALYZE shards")
-_ANALYZE_AFTER_SHARDS = 1000  # a batch this large refreshes the planner's statistics (PostgreSQL)
 _FINISH_BATCH = {
     final: update(_b)
     .where(_b.c.id == bindparam("p_batch"), _b.c.lease_token == bindparam("p_token"))
@@ -329,26 +326,7 @@ class SqlWorkQueue:
             )
             if not moved.rowcount:
                 return False
-            rows = [
-                {
-                    "batch_id": batch_id,
-                    "shard_index": p.shard_index,
-                    "first_request": p.first_request,
-                    "request_count": p.request_count,
-                    "byte_offset": p.byte_offset,
-                    "byte_length": p.byte_length,
-                    "status": C.SHARD_PENDING,
-                    "attempt": 0,
-                }
-                for p in plans
-            ]
-            for start in range(0, len(rows), 500):
-                conn.execute(_INSERT_SHARDS, rows[start : start + 500])
-            if len(rows) >= _ANALYZE_AFTER_SHARDS and not self.db.is_sqlite:
-                # Fresh statistics, or PostgreSQL takes the shards table for a small one (until
-                # autovacuum catches up) and plans the claim as "read and sort every pending
-                # shard": 11 ms a claim at 20,000 pending, 3 ms once analyzed.
-                conn.execute(_ANALYZE_SHARDS)
+            insert_shards(conn, batch_id, plans)
             return True
 
     def fail_batch(

@@ -16,6 +16,8 @@ class FileRecord:
     created_at: int
     expires_at: int | None
     storage_key: str
+    # What validation on upload found (batches/upload_check.py, as JSON); only read by batches.create.
+    upload_check: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,9 @@ files = Table(
     Column("storage_key", Text, nullable=False),
     # Deleted files disappear from the API at once; their bytes go when no active batch reads them.
     Column("deleted_at", BigInteger, nullable=True),
+    # A clean batch input's validation on upload (batches/upload_check.py), read by batches.create
+    # only: lists leave it out.
+    Column("upload_check", Text, nullable=True),
     Index("ix_files_owner_seq", "owner", "seq"),
 )
 

@@ -14,6 +14,7 @@ from overnight.batches.file_service import FileService
 from overnight.batches.live_results import LiveResults
 from overnight.batches.retry import BatchRetries
 from overnight.batches.service import BatchService
+from overnight.batches.upload_check import UploadChecks
 from overnight.batches.upload_service import UploadService
 from overnight.engines.router import Router
 from overnight.settings import HttpSettings, Settings
@@ -29,10 +30,11 @@ def build_api(
     settings = core.settings
     check_http_settings(settings.http)
     check_windows(settings.limits.windows())
-    files = FileService(core.store.files, core.files)
+    upload_checks = UploadChecks(router.shard_lines, settings.limits) if settings.limits.validate_on_upload else None
+    files = FileService(core.store.files, core.files, upload_checks=upload_checks)
     batches = BatchService(
         core.store.batches, core.store.files, windows=settings.limits.windows(), on_change=on_change,
-        progress=core.store.progress,
+        progress=core.store.progress, upload_checks=upload_checks,
     )
     return Services(
         auth=load_authenticator(settings, core.store.keys, announce),

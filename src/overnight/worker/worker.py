@@ -272,7 +272,7 @@ class Worker:
                 started = time.monotonic()
                 if task.kind == "validate":
                     entered = await asyncio.to_thread(validate_batch, task, self.files, self.phases,
-                                                      self._shard_lines_for, self.limits, self.clock,
+                                                      self.router.shard_lines, self.limits, self.clock,
                                                       self._webhook_routes)
                     self._batch_due = True  # a failed or cancelled validation is finalized next
                     self.metrics.validation.observe(time.monotonic() - started)
@@ -296,10 +296,6 @@ class Worker:
     @property
     def _webhook_routes(self) -> WebhookRoutes | None:
         return self.webhooks.routes if self.webhooks is not None else None
-
-    def _shard_lines_for(self, model: str, endpoint: str) -> int | None:
-        resolved = self.router.resolve(model, endpoint)
-        return resolved.engine.shard_lines if resolved is not None else None
 
     @contextlib.asynccontextmanager
     async def _batch_lease(self, batch_id: str, token: str) -> AsyncIterator[None]:
