@@ -105,8 +105,8 @@ def orchestration() -> str:
         def phase(key: str) -> str:
             return n(sorted(p[key] for p in phases)[len(phases) // 2], 2)
 
-        lines += ["", f"Where a {n(sizes[0])}-line batch's time goes (medians): upload {phase('upload_s')} s, "
-                      f"validate + run + finalize {phase('run_s')} s, download {phase('download_s')} s."]
+        lines += ["", f"Where a {n(sizes[0])}-line batch's time goes (medians): upload, validated as it arrives, "
+                      f"{phase('upload_s')} s, run + finalize {phase('run_s')} s, download {phase('download_s')} s."]
     if "cpu" in d:
         lines += ["", orchestration_cpu(d["cpu"], sizes[0]), "", orchestration_wall(d, sizes[0])]
     return "\n".join(lines)
