@@ -57,6 +57,8 @@ async def create_file(request: Request, caller: Caller) -> Response:
     services = _services(request)
     file_id = services.files.new_upload_id()
     key = services.files.storage_key(file_id)
+    # Every upload is fed to the validator: `purpose` may come after the file in the form. One that
+    # is not a batch input stops it at its first line; only a batch file keeps the result.
     validator = services.files.upload_validator()
     try:
         upload = await receive_upload(request, services.files.files, key, services.limits.max_file_bytes,
