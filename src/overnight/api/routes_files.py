@@ -58,7 +58,7 @@ async def create_file(request: Request, caller: Caller) -> Response:
     file_id = services.files.new_upload_id()
     key = services.files.storage_key(file_id)
     # Every upload is fed to the validator: `purpose` may come after the file in the form. One that
-    # is not a batch input stops it at its first line; only a batch file keeps the result.
+    # is not a batch input stops it at its first line; only a batch file's record keeps the result.
     validator = services.files.upload_validator()
     try:
         upload = await receive_upload(request, services.files.files, key, services.limits.max_file_bytes,
@@ -80,7 +80,7 @@ async def create_file(request: Request, caller: Caller) -> Response:
         upload.size,
         upload.head,
         expires_after,
-        validator.result() if validator is not None and purpose == "batch" else None,
+        validator.result() if validator is not None else None,
     )
     return json_response(with_owner(file_object(record), record.owner, caller))
 
