@@ -26,8 +26,11 @@ COMPLETED: Final = "completed"
 EXPIRED: Final = "expired"
 CANCELLING: Final = "cancelling"
 CANCELLED: Final = "cancelled"
-# What a wake-up says changed (workers start a created batch; they stop a cancelled one's shards).
+# What a wake-up says changed: a batch was created `validating` (a worker claims its validation),
+# created `in_progress` with its shards (input validated on upload: only shards to claim), or
+# cancelled (workers stop its shards).
 CHANGE_CREATED: Final = "created"
+CHANGE_STARTED: Final = "started"
 CHANGE_CANCELLED: Final = "cancelled"
 TERMINAL_STATES: Final = frozenset({FAILED, COMPLETED, EXPIRED, CANCELLED})
 ACTIVE_STATES: Final = frozenset({VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING})

@@ -9,7 +9,7 @@ import pytest
 
 from overnight import constants as C
 from overnight.store.notify import BatchChangeListener
-from overnight.store.records import BatchRecord, FileRecord
+from overnight.store.records import BatchRecord, FileRecord, ShardPlan
 from overnight.store.sql import SqlStore
 
 pytestmark = pytest.mark.postgres
@@ -37,6 +37,12 @@ def test_create_and_cancel_wake_a_listener_on_commit(postgres_clean_url: str) ->
                                                C.VALIDATING, NOW, NOW + 86400))
         assert woken.acquire(timeout=2)
         assert changes[-1] == C.CHANGE_CREATED
+        # Created in_progress with its shards (validated on upload): only shards to claim.
+        store.batches.insert_batch(BatchRecord("batch_b", "o", C.CHAT_COMPLETIONS, "file-in", "24h",
+                                               C.IN_PROGRESS, NOW, NOW + 86400, request_total=1),
+                                   [ShardPlan(0, 0, 1, 0, 10)])
+        assert woken.acquire(timeout=2)
+        assert changes[-1] == C.CHANGE_STARTED
         store.batches.request_cancel("o", "batch_a", NOW)
         assert woken.acquire(timeout=2)
         assert changes[-1] == C.CHANGE_CANCELLED  # workers heartbeat at once: their shards stop

@@ -313,6 +313,28 @@ def test_a_nudge_for_batch_work_outlives_full_batch_task_slots(setup: Any) -> No
     assert worker._batch_due  # still due: claimed as soon as the slot frees
 
 
+@pytest.mark.parametrize(("change", "batch_work"), [
+    (C.CHANGE_CREATED, True), (C.CHANGE_CANCELLED, True), (C.CHANGE_STARTED, False),
+])
+def test_a_batch_created_in_progress_wakes_shard_claims_only(setup: Any, change: str, batch_work: bool) -> None:
+    """A batch created `in_progress` (validated on upload) has shards to claim and no batch-level
+    task: its wake-up must not cost a batch-task claim (a write transaction that finds nothing).
+    One created `validating`, or a cancel, needs the batch-level claim."""
+    store, files = setup
+    worker = Worker(store.queue, store.queue, store.housekeeping, files, Router([Route("*", ScriptedEngine())]),
+                    WorkerSettings(), Limits())
+    worker._batch_due = False
+
+    async def scenario() -> None:
+        worker._loop = asyncio.get_running_loop()
+        worker.wake(change)
+        await asyncio.sleep(0)  # the nudge runs on the loop (call_soon_threadsafe)
+
+    asyncio.run(scenario())
+    assert worker._wake.is_set()
+    assert worker._batch_due is batch_work
+
+
 def test_a_finished_attempt_leaves_a_newer_attempt_of_its_shard_held(setup: Any) -> None:
     """An attempt whose lease was lost ends after the same worker claimed its shard again: it must
     not drop the new attempt from the shards the heartbeat keeps alive."""

@@ -5,6 +5,7 @@ are exclusive and leased; settling is fenced by the lease token)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import random
@@ -24,8 +25,12 @@ from overnight.batches.webhooks import (
     sign,
     signing_key,
 )
+from overnight.engines.router import Router
+from overnight.files.memory import MemoryFileStore
+from overnight.settings import Limits, WorkerSettings
 from overnight.store.records import BatchRecord, ClaimedDelivery, FileRecord, WebhookEvent
 from overnight.store.sql import SqlStore
+from overnight.worker.worker import Worker
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 NOW = 1_000_000
@@ -146,6 +151,56 @@ def test_sender_gives_up_on_an_endpoint_no_longer_configured() -> None:
     sender, outbox, sent = _sender([200])
     assert not sender.deliver(_claimed(1, endpoint_id="we_gone"))
     assert sent == [] and outbox.settled == [("give_up", 1, "endpoint no longer configured")]
+
+
+class QueuedOutbox(MemoryOutbox):
+    """Hands out the deliveries put in `due`, and counts the claims."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.due: list[ClaimedDelivery] = []
+        self.claims = 0
+
+    def claim_deliveries(self, limit: int, lease_seconds: float, token: str, now: float | None = None) -> list[Any]:
+        self.claims += 1
+        claimed, self.due = self.due[:limit], self.due[limit:]
+        return claimed
+
+
+@pytest.mark.parametrize(("answer", "claims_after"), [(204, 1), (500, 2)])
+def test_the_sender_loop_looks_again_after_a_failed_attempt_not_a_delivered_one(
+    store: SqlStore, answer: int, claims_after: int
+) -> None:
+    """A batch's end makes the loop claim its deliveries; a delivered attempt needs no second look
+    (it cost a claim transaction per batch that found nothing), a failed one does (its retry may be
+    due soon)."""
+    outbox, sent = QueuedOutbox(), []
+
+    def transport(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> int:
+        sent.append(url)
+        return answer
+
+    sender = WebhookSender(outbox, WebhookRoutes([_endpoint()]), RetryPolicy((60.0,), jitter=0.0), 5.0,
+                           transport=transport)
+    worker = Worker(store.queue, store.queue, store.housekeeping, MemoryFileStore(), Router([]), WorkerSettings(),
+                    Limits(), webhooks=sender, webhook_poll_seconds=3600)
+    outbox.due = [_claimed(1)]
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.create_task(worker._webhook_loop(sender, stop))
+        for _ in range(200):  # the claim at start, then the attempt in its thread
+            await asyncio.sleep(0.01)
+            if outbox.settled:
+                break
+        await asyncio.sleep(0.2)  # time for a second look, if one is coming
+        stop.set()
+        worker._webhooks_due.set()
+        await loop
+
+    asyncio.run(scenario())
+    assert sent and outbox.settled
+    assert outbox.claims == claims_after
 
 
 # -- the outbox in the store -----------------------------------------------------------------

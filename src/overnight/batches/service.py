@@ -35,7 +35,7 @@ class BatchService:
         self.endpoints = endpoints
         self.windows = dict(C.COMPLETION_WINDOWS) if windows is None else windows  # name -> seconds
         self.clock = clock
-        self.on_change = on_change  # wakes the worker(s) with C.CHANGE_CREATED or C.CHANGE_CANCELLED
+        self.on_change = on_change  # wakes the worker(s) with a C.CHANGE_*
         self.progress = progress  # None: batches carry no throughput or ETA
         self.upload_checks = upload_checks  # None: every batch is validated by a worker
 
@@ -94,7 +94,7 @@ class BatchService:
             request_id=request_id,
         )
         self.batches.insert_batch(record, checked.plans if checked is not None else ())
-        self.on_change(C.CHANGE_CREATED)
+        self.on_change(C.CHANGE_CREATED if checked is None else C.CHANGE_STARTED)
         return record
 
     def get(self, owner: str | None, batch_id: str) -> BatchRecord:

@@ -41,7 +41,7 @@ class SqlBatchCatalog:
             conn.execute(_INSERT_BATCH, batch_values(record))
             if plans:
                 insert_shards(conn, record.id, plans)
-            notify_batches_changed(conn, C.CHANGE_CREATED)
+            notify_batches_changed(conn, C.CHANGE_STARTED if plans else C.CHANGE_CREATED)
 
     def get_batch(self, owner: str | None, batch_id: str) -> BatchRecord | None:
         if not storable(batch_id):

@@ -33,9 +33,11 @@ log = logging.getLogger("overnight.workers")
 _PR_SET_PDEATHSIG = 1
 # What a worker that only feeds HTTP upstreams adds to its niceness unless `[worker] nice` says.
 FEEDER_NICE = 10
-# What the parent writes down a worker's wake pipe: a batch was created, or cancelled.
+# What the parent writes down a worker's wake pipe: which C.CHANGE_* happened.
 _CREATED = b"!"
+_STARTED = b"+"
 _CANCELLED = b"x"
+_MESSAGES = {C.CHANGE_CREATED: _CREATED, C.CHANGE_STARTED: _STARTED, C.CHANGE_CANCELLED: _CANCELLED}
 RELAY_DIR_PREFIX = "overnight-relay-"
 
 
@@ -88,7 +90,7 @@ class WorkerProcesses:
         return all(child.ready.is_set() for child in self._workers)
 
     def notify(self, change: str) -> None:
-        message = _CANCELLED if change == C.CHANGE_CANCELLED else _CREATED
+        message = _MESSAGES.get(change, _CREATED)
         for child in self._workers:
             with contextlib.suppress(OSError, ValueError):
                 child.wake.send_bytes(message)
@@ -265,7 +267,10 @@ async def run_worker(
             loop.remove_reader(wake.fileno())
             stop.set()
             return
-        worker.wake(C.CHANGE_CANCELLED if _CANCELLED in messages else C.CHANGE_CREATED)
+        for message, change in ((_CANCELLED, C.CHANGE_CANCELLED), (_CREATED, C.CHANGE_CREATED),
+                                (_STARTED, C.CHANGE_STARTED)):
+            if message in messages:
+                worker.wake(change)
 
     if wake is not None:
         loop.add_reader(wake.fileno(), drain)

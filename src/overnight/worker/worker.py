@@ -97,12 +97,15 @@ class Worker:
 
     def wake(self, change: str = C.CHANGE_CREATED) -> None:
         """Thread-safe nudge: new work may be claimable (a batch was created or cancelled). A
-        cancel also brings the next heartbeat forward: it is what tells running shards to stop."""
+        cancel also brings the next heartbeat forward: it is what tells running shards to stop.
+        A batch created `in_progress` (C.CHANGE_STARTED) has only shards to claim: a batch-level
+        claim for it would find nothing (one write transaction per batch for nothing)."""
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._nudge, change)
 
     def _nudge(self, change: str) -> None:
-        self._batch_due = True
+        if change != C.CHANGE_STARTED:
+            self._batch_due = True
         self._wake.set()
         if change == C.CHANGE_CANCELLED:
             self._heartbeat_due.set()
@@ -391,17 +394,23 @@ class Worker:
     async def _webhook_loop(self, sender: WebhookSender, stop: asyncio.Event) -> None:
         """Deliver due webhook events, at most `webhook_slots` at a time, each on a thread of the
         loop's own pool (a receiver that hangs until the timeout must not hold the shared pool
-        that file reads and writes use). Looks again when a batch ends, when an attempt ends
-        (a retry may be due soon), or every `webhook_poll_seconds`."""
+        that file reads and writes use). Looks again when a batch ends, when an attempt fails (a
+        retry may be due soon) or frees a slot of a full set, or every `webhook_poll_seconds`.
+        (Looking after every delivered attempt too cost a claim transaction per batch that found
+        nothing.)"""
         pool = ThreadPoolExecutor(self.webhook_slots, thread_name_prefix="overnight-webhooks")
         loop = asyncio.get_running_loop()
         sending: set[asyncio.Future[bool]] = set()
 
         def attempt_done(future: asyncio.Future[bool]) -> None:
+            slots_were_full = len(sending) >= self.webhook_slots
             sending.discard(future)
-            self._webhooks_due.set()
-            if not future.cancelled() and future.exception() is not None:
+            if future.cancelled():
+                return
+            if future.exception() is not None:
                 log.error("webhook delivery failed", exc_info=future.exception())
+            if slots_were_full or future.exception() is not None or not future.result():
+                self._webhooks_due.set()
 
         try:
             while not stop.is_set():
