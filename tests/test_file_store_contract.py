@@ -5,6 +5,7 @@ is a three-part multipart upload there."""
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -83,6 +84,28 @@ def test_delete(store: Any) -> None:
     assert not store.exists("results/b1/0000000.1.jsonl")
     assert store.exists("results/b1/0000001.1.jsonl")
     store.delete("results/b1/0000000.1.jsonl")  # again: still fine
+
+
+def _age(store: Any, key: str, seconds: float) -> None:
+    then = time.time() - seconds
+    if isinstance(store, LocalFileStore):
+        os.utime(store.root / "blobs" / key, (then, then))
+    elif isinstance(store, MemoryFileStore):
+        store.blobs[key] = (store.blobs[key][0], then)
+
+
+def test_a_copy_is_published_whole_and_outlives_its_source(store: Any) -> None:
+    data = b"".join(b'{"line": %d}\n' % i for i in range(1000))
+    put(store, "results/b/0000000.1.jsonl", data, piece=4096)
+    _age(store, "results/b/0000000.1.jsonl", 7200)  # committed long ago (S3 objects cannot be aged)
+    store.copy("results/b/0000000.1.jsonl", "files/out")
+    # As just written: housekeeping must not take it for an hour-old orphan before its row commits.
+    assert list(store.list_keys("files/", time.time() - 60)) == []
+    store.delete("results/b/0000000.1.jsonl")
+    assert b"".join(store.iter_chunks("files/out")) == data
+    assert not store.exists("results/b/0000000.1.jsonl")
+    with pytest.raises(FileNotFoundError):
+        store.copy("results/b/0000000.1.jsonl", "files/other")  # a missing source
 
 
 def test_list_keys_by_prefix_and_age(store: Any) -> None:

@@ -228,16 +228,54 @@ def test_the_last_commit_leases_the_batch_to_its_worker_for_finalizing(setup: An
 
 
 class CountingFiles(MemoryFileStore):
-    """Records every blob a writer was opened for."""
+    """Records every blob a writer was opened for, and every blob read whole."""
 
     def __init__(self, inner: MemoryFileStore) -> None:
         super().__init__()
         self.blobs = inner.blobs
         self.opened: list[str] = []
+        self.read: list[str] = []
 
     def writer(self, key: str) -> Any:
         self.opened.append(key)
         return super().writer(key)
+
+    def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Any:
+        self.read.append(key)
+        return super().iter_chunks(key, chunk_size)
+
+
+@pytest.mark.parametrize("errors", [0, 3])
+def test_a_one_shard_batch_without_errors_publishes_its_results_object_as_the_output(
+    setup: Any, errors: int
+) -> None:
+    """The store copies the results object of a one-shard batch without error lines to the output
+    file (a link on a local directory): finalize neither reads nor rewrites it. With error lines,
+    the sections are split into the two files as before."""
+    store, files = setup
+    claim = store.queue.claim_shard(NOW, 30, "t1")
+    assert claim is not None
+    output = b"".join(b'{"id":"batch_req_%d"}\n' % i for i in range(LINES - errors))
+    error_lines = b"".join(b'{"id":"batch_req_e%d"}\n' % i for i in range(errors))
+    result = ShardResult(result_key="results/batch_x/0", completed=LINES - errors, failed=errors,
+                         output_bytes=len(output))
+    with files.writer(result.result_key) as out:
+        out.write(output + error_lines)
+    task = store.queue.commit_shard(claim.shard_id, "t1", "batch_x", result, int(NOW), finalize_lease=("f1", 30.0))
+    assert isinstance(task, BatchTask)
+    counting = CountingFiles(files)
+    assert finalize_batch(task, counting, store.queue, int(NOW))
+    batch = store.batches.get_batch(None, "batch_x")
+    assert batch is not None and batch.output_file_id is not None
+    assert (batch.request_completed, batch.request_failed) == (LINES - errors, errors)
+    output_file = store.files.get_file(None, batch.output_file_id, int(NOW))
+    assert output_file is not None and output_file.bytes == len(output)
+    assert files.blobs[output_file.storage_key][0] == output
+    assert result.result_key not in files.blobs  # the results object is gone, the output stays
+    if errors:
+        assert counting.read == [result.result_key] and batch.error_file_id is not None
+    else:
+        assert counting.read == [] and counting.opened == [] and batch.error_file_id is None
 
 
 def test_finalize_opens_no_blob_for_a_file_it_would_leave_empty(setup: Any) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from overnight.files.port import CHUNK_SIZE, StorageFullError
+from overnight.files.port import CHUNK_SIZE, StorageFullError, stream_copy
 from overnight.files.private import create_private, make_private_dirs
 
 
@@ -85,6 +85,27 @@ class LocalFileStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def copy(self, source: str, key: str) -> None:
+        """A hard link: the objects are never rewritten, so two names can share the bytes. The
+        source's modification time is renewed first, so the new name is never an hour-old orphan
+        to housekeeping before the row naming it commits."""
+        src, final = self._path(source), self._path(key)
+        os.utime(src)
+        for attempt in (1, 2):  # as in `_publish`: a `delete` may take the directory made here
+            try:
+                make_private_dirs(final.parent)
+                os.link(src, final)
+                break
+            except FileNotFoundError:
+                if attempt == 2 or not src.exists():
+                    raise
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EXDEV, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                stream_copy(self, source, key)  # a file system without hard links
+                return
+        _fsync_dir(final.parent)
 
     def delete(self, key: str) -> None:
         path = self._path(key)

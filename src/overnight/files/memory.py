@@ -45,6 +45,9 @@ class MemoryFileStore:
     def exists(self, key: str) -> bool:
         return key in self.blobs
 
+    def copy(self, source: str, key: str) -> None:
+        self.blobs[key] = (self._get(source), time.time())
+
     def delete(self, key: str) -> None:
         self.blobs.pop(key, None)
 

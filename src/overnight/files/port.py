@@ -26,6 +26,13 @@ class BlobWriter(Protocol):
     def bytes_written(self) -> int: ...
 
 
+def stream_copy(store: FileStore, source: str, key: str) -> None:
+    """`FileStore.copy` through the store's own reader and writer."""
+    with store.writer(key) as out:
+        for chunk in store.iter_chunks(source):
+            out.write(chunk)
+
+
 class FileStore(Protocol):
     def writer(self, key: str) -> AbstractContextManager[BlobWriter]:
         """Write a blob; it appears under `key` atomically when the block exits without error,
@@ -39,6 +46,12 @@ class FileStore(Protocol):
     def iter_chunks(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]: ...
 
     def exists(self, key: str) -> bool: ...
+
+    def copy(self, source: str, key: str) -> None:
+        """Publish the bytes of `source` under `key` as a writer would (atomically, durably, and
+        as just written: orphan housekeeping gives it its full age). A local directory links the
+        file, so no bytes move; another store may stream them (`stream_copy`)."""
+        ...
 
     def delete(self, key: str) -> None:
         """Remove a blob; a missing one is not an error. A store with directories also removes

@@ -137,6 +137,8 @@ _SETTLED_SHARDS = (
         _s.c.expired,
         _s.c.last_error,
         _s.c.error_codes,
+        _s.c.completed,
+        _s.c.failed,
     )
     .where(_s.c.batch_id == bindparam("p_batch"))
     .order_by(_s.c.shard_index)

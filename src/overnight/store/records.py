@@ -155,6 +155,8 @@ class SettledShard:
     expired: int = 0  # lines the shard reported as not run before the deadline
     last_error: str | None = None  # for a `failed` shard: what its lines are reported with
     error_codes: str | None = None  # JSON {code: count} of its error lines (None: committed before 0008)
+    completed: int = 0  # of a committed shard: its output lines
+    failed: int = 0  # and its error lines
 
 
 @dataclass(frozen=True, slots=True)
