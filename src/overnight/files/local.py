@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -60,18 +60,8 @@ class LocalFileStore:
             raise
 
     def _publish(self, tmp: Path, final: Path) -> None:
-        """Rename a finished temp file into place. `delete` removes a directory with its last
-        object, so the directory made here can vanish before the rename: make it again, once (a
-        second loss in a row would need another object deleted from an empty directory)."""
-        for attempt in (1, 2):
-            try:
-                make_private_dirs(final.parent)
-                os.replace(tmp, final)
-                break
-            except FileNotFoundError:
-                if attempt == 2 or not tmp.exists():
-                    raise
-        _fsync_dir(final.parent)
+        """Rename a finished temp file into place."""
+        _place(tmp, final, os.replace)
 
     def read_range(self, key: str, offset: int, length: int) -> bytes:
         with open(self._path(key), "rb") as fh:
@@ -90,22 +80,14 @@ class LocalFileStore:
         """A hard link: the objects are never rewritten, so two names can share the bytes. The
         source's modification time is renewed first, so the new name is never an hour-old orphan
         to housekeeping before the row naming it commits."""
-        src, final = self._path(source), self._path(key)
+        src = self._path(source)
         os.utime(src)
-        for attempt in (1, 2):  # as in `_publish`: a `delete` may take the directory made here
-            try:
-                make_private_dirs(final.parent)
-                os.link(src, final)
-                break
-            except FileNotFoundError:
-                if attempt == 2 or not src.exists():
-                    raise
-            except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.EXDEV, errno.EOPNOTSUPP, errno.EMLINK):
-                    raise
-                stream_copy(self, source, key)  # a file system without hard links
-                return
-        _fsync_dir(final.parent)
+        try:
+            _place(src, self._path(key), os.link)
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError) or exc.errno not in _NO_LINKS:
+                raise
+            stream_copy(self, source, key)  # a file system without hard links
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -159,6 +141,26 @@ class LocalFileStore:
             except FileNotFoundError:  # published or removed meanwhile
                 continue
         return removed
+
+
+# What `link` raises on a file system that has no hard links (or not between these directories).
+_NO_LINKS = (errno.EPERM, errno.EXDEV, errno.EOPNOTSUPP, errno.EMLINK)
+
+
+def _place(source: Path, final: Path, put: Callable[[Path, Path], None]) -> None:
+    """`put(source, final)` (a rename or a link) into a directory made for it, then make that
+    durable. `delete` removes a directory with its last object, so the directory made here can
+    vanish before the `put`: make it again, once (a second loss in a row would need another object
+    deleted from an empty directory)."""
+    for attempt in (1, 2):
+        try:
+            make_private_dirs(final.parent)
+            put(source, final)
+            break
+        except FileNotFoundError:
+            if attempt == 2 or not source.exists():
+                raise
+    _fsync_dir(final.parent)
 
 
 def _fsync_dir(path: Path) -> None:
