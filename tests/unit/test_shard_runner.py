@@ -227,6 +227,44 @@ def test_the_last_commit_leases_the_batch_to_its_worker_for_finalizing(setup: An
     assert batch is not None and batch.status == C.COMPLETED and batch.request_completed == LINES
 
 
+def _answer_all(count: int = LINES, before_last: Any = None) -> Any:
+    async def script(engine: ScriptedEngine, state: ShardState) -> None:
+        for _ in range(count - 1):
+            engine.gate.release()
+        await _until_seen(engine, count - 1)
+        if before_last is not None:
+            before_last()
+        engine.gate.release()
+
+    return script
+
+
+def test_a_batchs_only_shard_without_error_lines_completes_it_in_its_commit(setup: Any) -> None:
+    """No finalize step: the commit publishes a copy of the results object as the output file and
+    completes the batch; the results object is deleted, no other blob is left."""
+    store, files = setup
+    assert _run(store, files, ScriptedEngine(), _answer_all()) == "finished"
+    batch = store.batches.get_batch(None, "batch_x")
+    assert batch is not None and batch.status == C.COMPLETED and batch.output_file_id is not None
+    assert (batch.request_completed, batch.request_failed, batch.error_file_id) == (LINES, 0, None)
+    output = store.files.get_file(None, batch.output_file_id, int(NOW))
+    assert output is not None and set(files.blobs) == {"files/in", output.storage_key}
+    lines = [orjson.loads(line) for line in files.blobs[output.storage_key][0].splitlines()]
+    assert [obj["custom_id"] for obj in lines] == [f"c{i}" for i in range(LINES)] and output.bytes == sum(
+        len(line) + 1 for line in files.blobs[output.storage_key][0].splitlines())
+    assert store.queue.claim_batch_task(NOW + 100, 30, "late") is None
+
+
+def test_a_whole_batch_shard_whose_lease_was_taken_leaves_no_copy(setup: Any) -> None:
+    store, files = setup
+    thief: list[Any] = []
+    steal = lambda: thief.append(store.queue.claim_shard(NOW + 31, 30, "thief"))  # noqa: E731 (the lease ran out)
+    assert _run(store, files, ScriptedEngine(), _answer_all(before_last=steal)) == "lost"
+    assert thief[0] is not None and set(files.blobs) == {"files/in"}  # neither the results nor the copy
+    batch = store.batches.get_batch(None, "batch_x")
+    assert batch is not None and batch.status == C.IN_PROGRESS and batch.output_file_id is None
+
+
 class CountingFiles(MemoryFileStore):
     """Records every blob a writer was opened for, and every blob read whole."""
 

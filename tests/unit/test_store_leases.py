@@ -11,7 +11,17 @@ from sqlalchemy import select
 
 from overnight import constants as C
 from overnight.store import schema
-from overnight.store.records import BatchRecord, FileRecord, ShardPlan, ShardProgress, ShardResult
+from overnight.store.records import (
+    BatchRecord,
+    BatchTask,
+    DeliveryLease,
+    FileRecord,
+    ShardPlan,
+    ShardProgress,
+    ShardResult,
+    WebhookEvent,
+    WholeOutput,
+)
 from overnight.store.sql import SqlStore
 
 NOW = 1_000_000
@@ -200,3 +210,63 @@ def test_a_read_sees_one_snapshot_for_all_its_statements(store: SqlStore) -> Non
             "batch_ready")
         after = conn.execute(select(schema.shards.c.status)).scalar_one()
     assert before == after == C.SHARD_RUNNING
+
+
+def _output(lines: int, size: int = 123) -> WholeOutput:
+    record = FileRecord("file-out", "owner", C.BATCH_OUTPUT_PURPOSE, "batch_a_output.jsonl", size, NOW, None,
+                        "files/file-out")
+    event = WebhookEvent("evt_1", "batch.completed", "owner", "batch_a", "ep1", "http://127.0.0.1:1/h", "{}", NOW)
+    return WholeOutput(record, lines, [event], DeliveryLease("send", 30, limit=8))
+
+
+def test_a_batchs_only_shard_completes_it_in_its_commit(store: SqlStore) -> None:
+    """One transaction commits the shard, publishes its output file, completes the batch and
+    leases its webhook events to the committer: no finalize claim, no finish, no webhook claim."""
+    _batch_in_progress(store, shards=1)
+    claim = store.queue.claim_shard(NOW, 30, "t1")
+    assert claim is not None and claim.whole_batch and claim.owner == "owner" and claim.batch_created_at == NOW
+    publish = _output(10)
+    result = ShardResult("r1", completed=10, output_bytes=123, input_tokens=7)
+    assert store.queue.commit_shard(claim.shard_id, "t1", "batch_a", result, NOW, ("fin", 30), publish) == "finished"
+    batch = store.batches.get_batch(None, "batch_a")
+    assert batch is not None and batch.status == C.COMPLETED and batch.output_file_id == "file-out"
+    assert (batch.request_completed, batch.request_failed, batch.input_tokens, batch.error_file_id) == (10, 0, 7, None)
+    assert batch.completed_at == NOW and batch.lease_token is None
+    output = store.files.get_file("owner", "file-out", NOW)
+    assert output is not None and output.bytes == 123
+    assert publish.deliveries is not None and [d.event_id for d in publish.deliveries.claimed] == ["evt_1"]
+    assert store.queue.claim_batch_task(NOW + 100, 30, "late") is None  # nothing left to finalize
+
+
+def test_a_shard_that_is_not_the_whole_batch_does_not_publish(store: SqlStore) -> None:
+    _batch_in_progress(store, shards=2)
+    first, second = store.queue.claim_shard(NOW, 30, "t1"), store.queue.claim_shard(NOW, 30, "t2")
+    assert first is not None and second is not None and not first.whole_batch
+    assert store.queue.commit_shard(first.shard_id, "t1", "batch_a", ShardResult("r1", completed=10, output_bytes=5),
+                                    NOW, ("f1", 30), _output(10)) == "committed"
+    # the last shard of two: the batch is ready, and the output needs both shards' lines
+    task = store.queue.commit_shard(second.shard_id, "t2", "batch_a", ShardResult("r2", completed=10, output_bytes=5),
+                                    NOW, ("f2", 30), _output(10))
+    assert isinstance(task, BatchTask) and task.kind == "finalize" and len(task.shards) == 2
+    assert store.files.get_file("owner", "file-out", NOW) is None
+
+
+def test_a_whole_batch_shard_with_error_lines_does_not_publish(store: SqlStore) -> None:
+    _batch_in_progress(store, shards=1)
+    claim = store.queue.claim_shard(NOW, 30, "t1")
+    assert claim is not None
+    failed = ShardResult("r1", completed=9, failed=1, output_bytes=100)
+    task = store.queue.commit_shard(claim.shard_id, "t1", "batch_a", failed, NOW, ("fin", 30), _output(10))
+    assert isinstance(task, BatchTask)  # finalize splits the error lines out
+    assert store.files.get_file("owner", "file-out", NOW) is None
+
+
+def test_a_cancelled_batchs_only_shard_does_not_publish(store: SqlStore) -> None:
+    _batch_in_progress(store, shards=1)
+    claim = store.queue.claim_shard(NOW, 30, "t2")
+    assert claim is not None and claim.whole_batch
+    assert store.batches.request_cancel(None, "batch_a", NOW) is not None
+    outcome = store.queue.commit_shard(claim.shard_id, "t2", "batch_a", ShardResult("r2", completed=10, output_bytes=9),
+                                       NOW, ("fin2", 30), _output(10))
+    assert outcome == "committed"  # cancelling: the cancel's finalize reports the batch
+    assert store.files.get_file("owner", "file-out", NOW) is None

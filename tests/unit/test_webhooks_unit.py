@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import random
 import time
@@ -28,7 +29,7 @@ from overnight.batches.webhooks import (
 from overnight.engines.router import Router
 from overnight.files.memory import MemoryFileStore
 from overnight.settings import Limits, WorkerSettings
-from overnight.store.records import BatchRecord, ClaimedDelivery, FileRecord, WebhookEvent
+from overnight.store.records import BatchRecord, ClaimedDelivery, DeliveryLease, FileRecord, WebhookEvent
 from overnight.store.sql import SqlStore
 from overnight.worker.worker import Worker
 
@@ -203,6 +204,49 @@ def test_the_sender_loop_looks_again_after_a_failed_attempt_not_a_delivered_one(
     assert outbox.claims == claims_after
 
 
+@pytest.mark.parametrize(("left_due", "claims_after"), [(0, 1), (1, 2)])
+def test_deliveries_handed_over_by_a_batchs_end_are_sent_without_a_claim(
+    store: SqlStore, left_due: int, claims_after: int
+) -> None:
+    """The transaction that ended a batch leased its events to this worker: the loop sends them
+    at once and claims only when some were left due (more events than free slots)."""
+    outbox, sent = QueuedOutbox(), []
+
+    def transport(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> int:
+        sent.append(url)
+        return 204
+
+    sender = WebhookSender(outbox, WebhookRoutes([_endpoint()]), RetryPolicy((60.0,), jitter=0.0), 5.0,
+                           transport=transport)
+    worker = Worker(store.queue, store.queue, store.housekeeping, MemoryFileStore(), Router([]), WorkerSettings(),
+                    Limits(), webhooks=sender, webhook_poll_seconds=3600)
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.create_task(worker._webhook_loop(sender, stop))
+        for _ in range(100):  # the look at start (deliveries left by a previous run)
+            await asyncio.sleep(0.01)
+            if outbox.claims:
+                break
+        lease = worker._delivery_lease()
+        assert lease is not None and lease.limit == worker.webhook_slots
+        lease.claimed.append(_claimed(1))
+        lease.left_due = left_due
+        worker._send_now(lease)
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if outbox.settled:
+                break
+        await asyncio.sleep(0.2)  # time for a look, if one is coming
+        stop.set()
+        worker._webhooks_due.set()
+        await loop
+
+    asyncio.run(scenario())
+    assert sent == ["http://127.0.0.1:1/a"] and outbox.settled == [("delivered", 1, None)]
+    assert outbox.claims == claims_after
+
+
 # -- the outbox in the store -----------------------------------------------------------------
 
 
@@ -281,3 +325,27 @@ def test_settled_deliveries_are_pruned_pending_ones_kept(store: SqlStore) -> Non
     assert store.webhooks.prune_settled(NOW + 1) == 1  # the delivered one; the pending one stays
     [left] = store.webhooks.claim_deliveries(10, 30, "t2", now=time.time() + 1)
     assert left.id == second.id
+
+
+def test_events_leased_with_the_terminal_state_are_not_claimable_until_their_lease_runs_out(store: SqlStore) -> None:
+    """A worker with free sender slots takes a batch's events in the transaction that ends it (no
+    claim transaction); the rest are due for any sender. Dead holder: due again after the lease."""
+    batch_id = _batch_finalizing(store)
+    lease = DeliveryLease("held", 30, limit=1)
+    assert store.queue.finish_batch(batch_id, "fin", C.CANCELLED, None, None, 0, 0, NOW,
+                                    events=_events(batch_id, C.CANCELLED), deliveries=lease)
+    [mine] = lease.claimed
+    assert lease.left_due == 1 and mine.attempts == 1 and mine.lease_token == "held"
+    [other] = store.webhooks.claim_deliveries(10, 30, "t1")  # only the one not leased
+    assert other.id != mine.id and other.url != mine.url
+    assert store.webhooks.mark_delivered(mine.id, "held")  # settled under the lease it was given
+    assert store.webhooks.claim_deliveries(10, 30, "t2", now=time.time() + 31) == [
+        dataclasses.replace(other, attempts=2, lease_token="t2")]  # t1 died: its one is due again
+
+
+def test_a_lost_lease_leases_no_events(store: SqlStore) -> None:
+    batch_id = _batch_finalizing(store)
+    lease = DeliveryLease("held", 30, limit=8)
+    assert not store.queue.finish_batch(batch_id, "lost-lease", C.CANCELLED, None, None, 0, 0, NOW,
+                                        events=_events(batch_id, C.CANCELLED), deliveries=lease)
+    assert lease.claimed == [] and store.webhooks.claim_deliveries(10, 30, "c0", now=time.time() + 31) == []

@@ -22,17 +22,27 @@ from overnight.batches.webhooks import WebhookRoutes
 from overnight.files.layout import file_key
 from overnight.files.port import BlobWriter, FileStore
 from overnight.ids import line_id, new_file_id
-from overnight.store.records import BatchTask, FileRecord, SettledShard
+from overnight.store.records import (
+    BatchTask,
+    ClaimedShard,
+    DeliveryLease,
+    FileRecord,
+    SettledShard,
+    ShardResult,
+    WholeOutput,
+)
 
 _UNLIMITED = 1 << 62
 _SKIPPED_CODE = {C.CANCELLED: C.BATCH_CANCELLED, C.EXPIRED: C.BATCH_EXPIRED}
 
 
 def finalize_batch(
-    task: BatchTask, files: FileStore, phases: BatchPhases, now: int, webhooks: WebhookRoutes | None = None
+    task: BatchTask, files: FileStore, phases: BatchPhases, now: int, webhooks: WebhookRoutes | None = None,
+    deliveries: DeliveryLease | None = None,
 ) -> bool:
     """Write the output and error files and publish them, with the webhook events the terminal
-    state causes. False if the lease was lost meanwhile."""
+    state causes (leased to this process's sender with `deliveries`). False if the lease was
+    lost meanwhile."""
     batch = task.batch
     assert task.final_status is not None
     out_record = _new_output_record(batch.id, batch.owner, "output", batch.output_expires_after, now)
@@ -76,7 +86,8 @@ def finalize_batch(
     outcome = {"completed": completed, "failed": failed, "errors_by_code": dict(codes.most_common())}
     events = webhooks.events_for(batch.owner, batch.id, task.final_status, now) if webhooks else []
     published = phases.finish_batch(
-        batch.id, task.lease_token, task.final_status, output, error, completed, failed, now, outcome, events
+        batch.id, task.lease_token, task.final_status, output, error, completed, failed, now, outcome, events,
+        deliveries,
     )
     if not published:
         for unpublished in (output, error):
@@ -87,6 +98,24 @@ def finalize_batch(
         if shard.result_key:
             files.delete(shard.result_key)
     return True
+
+
+def whole_output(
+    shard: ClaimedShard, result: ShardResult, files: FileStore, now: int, webhooks: WebhookRoutes | None,
+    deliveries: DeliveryLease | None,
+) -> WholeOutput | None:
+    """For a shard that holds all of its batch's lines and wrote only output lines: its results
+    object copied to a new output file (a link on a local directory), to be published by the
+    commit itself (see `WorkQueue.commit_shard`). None when the batch needs a finalize step. If
+    the commit does not publish it, the copy is the caller's to delete."""
+    if not (shard.whole_batch and result.completed == shard.request_count and result.output_bytes):
+        return None
+    record = _new_output_record(shard.batch_id, shard.owner, "output", shard.output_expires_after, now)
+    files.copy(result.result_key, record.storage_key)
+    events = webhooks.events_for(shard.owner, shard.batch_id, C.COMPLETED, now) if webhooks else []
+    output = _sized(record, result.output_bytes)
+    assert output is not None
+    return WholeOutput(output, result.completed, events, deliveries)
 
 
 class _OpenedOnFirstWrite:

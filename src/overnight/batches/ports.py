@@ -9,6 +9,7 @@ from typing import Any, Protocol
 from overnight.store.records import (
     BatchRecord,
     ClaimedDelivery,
+    DeliveryLease,
     FileRecord,
     ModelQueue,
     SettledShard,
@@ -86,9 +87,11 @@ class BatchPhases(Protocol):
         self, batch_id: str, token: str, final_status: str, output_file: FileRecord | None,
         error_file: FileRecord | None, completed: int, failed: int, now: int,
         outcome: dict[str, Any] | None = None, events: Sequence[WebhookEvent] = (),
+        deliveries: DeliveryLease | None = None,
     ) -> bool:
         """Publish the output and error files, enter the terminal state and queue the webhook
-        `events` it causes, in one transaction."""
+        `events` it causes, in one transaction (leasing them to this process's sender as they are
+        queued, with `deliveries`)."""
         ...
 
     def release_batch_lease(self, batch_id: str, token: str) -> None: ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +129,15 @@ class ClaimedShard:
     input_storage_key: str
     last_error: str | None = None  # why the previous attempt failed, if it did
     request_id: str | None = None  # of the API call that created its batch (for logs)
+    # Of its batch, for publishing the output file with the commit when this is its only shard:
+    owner: str = ""
+    batch_requests: int = 0
+    output_expires_after: int | None = None
+    batch_created_at: int = 0
+
+    @property
+    def whole_batch(self) -> bool:
+        return self.first_request == 0 and self.request_count == self.batch_requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +232,32 @@ class ClaimedDelivery:
     payload: str
     attempts: int  # including this one
     lease_token: str
+
+
+@dataclass(slots=True)
+class DeliveryLease:
+    """Asks the transaction that queues a batch's webhook events to lease up to `limit` of them to
+    `token` as it inserts them, for a sender with that many free slots in this process: the
+    claim transaction that would otherwise find them is saved. The leased ones are appended to
+    `claimed` once the transaction commits; the rest are due for any sender as usual."""
+
+    token: str
+    seconds: float
+    limit: int
+    claimed: list[ClaimedDelivery] = field(default_factory=list)
+    left_due: int = 0  # events queued but not leased here
+
+
+@dataclass(frozen=True, slots=True)
+class WholeOutput:
+    """A batch's only shard publishing its results object as the output file (already copied to
+    `output_file`) in the transaction that commits the shard: the batch completes there, without
+    a finalize step. Only for a shard whose lines are all output lines; `lines` of them."""
+
+    output_file: FileRecord
+    lines: int
+    events: Sequence[WebhookEvent]
+    deliveries: DeliveryLease | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,12 +19,18 @@ from sqlalchemy import Connection, bindparam, delete, insert, select, update
 from overnight.store import schema as T
 from overnight.store.clock import LEASE_NOW, database_now
 from overnight.store.database import Database
-from overnight.store.records import ClaimedDelivery, WebhookEvent
+from overnight.store.records import ClaimedDelivery, DeliveryLease, WebhookEvent
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 
 _w = T.webhook_deliveries
 _INSERT = insert(_w).values(next_attempt_at=database_now())  # due at once
+# Leased as it is inserted (see DeliveryLease): due again only if its sender dies holding it.
+_INSERT_LEASED = (
+    insert(_w)
+    .values(next_attempt_at=LEASE_NOW + bindparam("p_lease_seconds"), lease_token=bindparam("p_token"), attempts=1)
+    .returning(_w.c.id)
+)
 
 
 def _claim_statement() -> Any:
@@ -61,18 +67,33 @@ _GIVE_UP = update(_w).where(*_fenced).values(status=FAILED, lease_token=None, la
 _PRUNE = delete(_w).where(_w.c.status != PENDING, _w.c.created_at < bindparam("p_before"))
 
 
-def insert_webhook_events(conn: Connection, events: Sequence[WebhookEvent]) -> None:
-    """Part of the caller's transaction: the events become due at once."""
+def insert_webhook_events(conn: Connection, events: Sequence[WebhookEvent], lease: DeliveryLease | None = None) -> None:
+    """Part of the caller's transaction: the events become due at once, or the first
+    `lease.limit` of them are leased to `lease.token` (and appended to `lease.claimed`, which the
+    caller reads only once the transaction has committed)."""
     if not events:
         return
-    conn.execute(_INSERT, [
-        {
-            "event_id": e.event_id, "event_type": e.event_type, "owner": e.owner, "batch_id": e.batch_id,
-            "endpoint_id": e.endpoint_id, "url": e.url, "payload": e.payload, "created_at": e.created_at,
-            "status": PENDING, "attempts": 0,
-        }
-        for e in events
-    ])
+    leased = min(len(events), lease.limit) if lease is not None else 0
+    for event in events[:leased]:
+        assert lease is not None
+        delivery_id = conn.execute(_INSERT_LEASED, {
+            **_values(event), "p_token": lease.token, "p_lease_seconds": lease.seconds, "p_now": None,
+        }).scalar_one()
+        lease.claimed.append(ClaimedDelivery(
+            delivery_id, event.event_id, event.endpoint_id, event.url, event.payload, 1, lease.token
+        ))
+    if lease is not None:
+        lease.left_due = len(events) - leased
+    if len(events) > leased:
+        conn.execute(_INSERT, [{**_values(e), "attempts": 0} for e in events[leased:]])
+
+
+def _values(e: WebhookEvent) -> dict[str, Any]:
+    return {
+        "event_id": e.event_id, "event_type": e.event_type, "owner": e.owner, "batch_id": e.batch_id,
+        "endpoint_id": e.endpoint_id, "url": e.url, "payload": e.payload, "created_at": e.created_at,
+        "status": PENDING,
+    }
 
 
 class SqlWebhookOutbox:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Literal, Protocol
 
 from overnight import constants as C
-from overnight.store.records import BatchTask, ClaimedShard, ShardProgress, ShardResult
+from overnight.store.records import BatchTask, ClaimedShard, ShardProgress, ShardResult, WholeOutput
 
 
 class WorkQueue(Protocol):
@@ -41,10 +41,11 @@ class WorkQueue(Protocol):
 
     def commit_shard(
         self, shard_id: int, token: str, batch_id: str, result: ShardResult, now: int,
-        finalize_lease: tuple[str, float] | None = None,
-    ) -> Literal["lost", "committed", "batch_ready"] | BatchTask:
+        finalize_lease: tuple[str, float] | None = None, publish: WholeOutput | None = None,
+    ) -> Literal["lost", "committed", "batch_ready", "finished"] | BatchTask:
         """Commit a shard under its lease; with `finalize_lease` (token, seconds), a batch this made
-        ready comes back as its finalize task, leased to that token in the same transaction."""
+        ready comes back as its finalize task, leased to that token in the same transaction, or,
+        with `publish` for a shard holding all its batch's lines, completes there (`finished`)."""
         ...
 
     def fail_shard(

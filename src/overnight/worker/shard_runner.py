@@ -12,21 +12,24 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import orjson
 
 from overnight import constants as C
 from overnight.batches.endpoints import routing_model
+from overnight.batches.finalize import whole_output
 from overnight.batches.jsonl import split_requests
 from overnight.batches.request_line import parse_request_line, with_model
 from overnight.batches.results import error_line, response_error_code, response_line
+from overnight.batches.webhooks import WebhookRoutes
 from overnight.engines.port import Engine, EngineRequest, EngineResponse, RawBodyEngine
 from overnight.engines.router import Resolved, Router
 from overnight.files.layout import results_key
 from overnight.files.port import FileStore
 from overnight.ids import line_id_prefix, line_request_id_prefix, new_lease_token
 from overnight.observability.metrics import WorkerMetrics
-from overnight.store.records import BatchTask, ClaimedShard, ShardResult
+from overnight.store.records import BatchTask, ClaimedShard, DeliveryLease, ShardResult
 from overnight.worker.lanes import EngineLane, Lanes
 from overnight.worker.ports import WorkQueue
 
@@ -42,6 +45,7 @@ class ShardState:
     result: ShardResult | None = None
     queued: bool = False  # its lines are in the lanes' queues
     finalize: BatchTask | None = None  # the commit made the batch ready and leased it to us
+    deliveries: DeliveryLease | None = None  # the commit completed the batch and leased us its webhooks
 
     def stopped(self) -> bool:
         """Whether to send no more of its lines (asked again by an engine after a long wait)."""
@@ -58,8 +62,12 @@ class ShardRunner:
         clock: Callable[[], float] = time.time,
         metrics: WorkerMetrics | None = None,
         finalize_lease_seconds: float = 30.0,
+        webhooks: WebhookRoutes | None = None,
+        delivery_lease: Callable[[], DeliveryLease | None] = lambda: None,
     ) -> None:
         self.queue = queue
+        self.webhooks = webhooks
+        self.delivery_lease = delivery_lease  # asked on the event loop, before a commit that may publish
         self.finalize_lease_seconds = finalize_lease_seconds
         self.metrics = metrics or WorkerMetrics()
         self.files = files
@@ -69,7 +77,8 @@ class ShardRunner:
         self._raw_body_engines: dict[int, bool] = {}  # id(engine) -> sends_raw_body (a few engines)
 
     async def run(self, claim: ClaimedShard, state: ShardState) -> str:
-        """Run and commit the shard: `committed`, `batch_ready` (its batch can finalize) or `lost`."""
+        """Run and commit the shard: `committed`, `batch_ready` (its batch can finalize), `finished`
+        (the commit completed the batch: see `whole_output`) or `lost`."""
         data = await asyncio.to_thread(
             self.files.read_range, claim.input_storage_key, claim.byte_offset, claim.byte_length
         )
@@ -93,11 +102,8 @@ class ShardRunner:
         if state.lease_lost:
             log.warning("shard %s of %s: lease lost while running; not committed", claim.shard_index, claim.batch_id)
             return "lost"
-        await asyncio.to_thread(self._write_results, run)
-        outcome = await asyncio.to_thread(
-            self.queue.commit_shard, claim.shard_id, claim.lease_token, claim.batch_id, run.result, int(self.clock()),
-            (new_lease_token(), self.finalize_lease_seconds),
-        )
+        deliveries = self.delivery_lease() if claim.whole_batch and not run.failed_at else None
+        outcome = await asyncio.to_thread(self._write_and_commit, run, deliveries)
         if isinstance(outcome, BatchTask):
             state.finalize = outcome
             outcome = "batch_ready"
@@ -105,9 +111,29 @@ class ShardRunner:
             log.warning("shard %s of %s: commit refused, the lease was taken over", claim.shard_index,
                         claim.batch_id)
             self.metrics.leases_lost.inc()
-            await asyncio.to_thread(self.files.delete, run.result.result_key)
         else:  # lines are counted once, when they are committed (one call per shard, not per line)
             self.metrics.shard_committed(claim.endpoint, run.result.completed, run.failures)
+        if outcome == "finished":
+            state.deliveries = deliveries
+            self.metrics.batch_ended(C.COMPLETED, claim.batch_created_at, self.clock())
+            log.info("batch %s finalized: completed (published by its only shard's commit)", claim.batch_id)
+        return outcome
+
+    def _write_and_commit(
+        self, run: _ShardRun, deliveries: DeliveryLease | None
+    ) -> Literal["lost", "committed", "batch_ready", "finished"] | BatchTask:
+        """On a thread: write the results object and commit it. A shard holding its whole batch
+        without error lines also publishes the output file in the commit (see `whole_output`)."""
+        self._write_results(run)
+        claim, result = run.claim, run.result
+        now = int(self.clock())
+        publish = whole_output(claim, result, self.files, now, self.webhooks, deliveries) if claim.whole_batch else None
+        outcome = self.queue.commit_shard(claim.shard_id, claim.lease_token, claim.batch_id, result, now,
+                                          (new_lease_token(), self.finalize_lease_seconds), publish)
+        if outcome == "lost":
+            self.files.delete(result.result_key)
+        if publish is not None:  # the results object (published), or the unpublished copy, is garbage
+            self.files.delete(result.result_key if outcome == "finished" else publish.output_file.storage_key)
         return outcome
 
     def sends_raw_body(self, engine: Engine) -> bool:

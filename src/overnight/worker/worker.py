@@ -10,7 +10,8 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -27,7 +28,7 @@ from overnight.ids import new_lease_token
 from overnight.observability.logs import bind
 from overnight.observability.metrics import WorkerMetrics
 from overnight.settings import Limits, WorkerSettings
-from overnight.store.records import BatchTask, ClaimedShard, ShardProgress
+from overnight.store.records import BatchTask, ClaimedDelivery, ClaimedShard, DeliveryLease, ShardProgress
 from overnight.worker.budget import apply_shares
 from overnight.worker.lanes import Lanes
 from overnight.worker.ports import Membership, WakeSource, WorkQueue
@@ -76,7 +77,13 @@ class Worker:
         self.metrics = metrics or WorkerMetrics()
         self.worker_id = new_lease_token()
         self.lanes = Lanes(on_low=self._nudge_shards)
-        self.runner = ShardRunner(queue, files, router, self.lanes, clock, self.metrics, settings.lease_seconds)
+        self.runner = ShardRunner(queue, files, router, self.lanes, clock, self.metrics, settings.lease_seconds,
+                                  webhooks.routes if webhooks is not None else None, self._delivery_lease)
+        # Webhook deliveries leased to this worker by the transaction that ended their batch, and
+        # the attempts in flight (the webhook loop's): together at most `webhook_slots`.
+        self._handed: deque[ClaimedDelivery] = deque()
+        self._delivering = 0
+        self._claim_webhooks = True  # the webhook loop's next turn looks for due deliveries
         self._running: set[asyncio.Task[None]] = set()  # shard and batch tasks, cancelled at stop
         self._wake = asyncio.Event()
         self._heartbeat_due = asyncio.Event()  # set by a cancel: heartbeat now, not at the next tick
@@ -233,11 +240,15 @@ class Worker:
                 error = (f"gave up after {shard.attempt - 1} attempts: the worker running this shard "
                          f"stopped each time (last error: {shard.last_error or 'none recorded'})")
                 await self._fail_shard(shard, error, give_up=True)
-            elif await self.runner.run(shard, state) == "batch_ready":
-                if state.finalize is not None:  # leased to us with the commit: finalize now
-                    self._spawn(self._running, self._run_batch_task(state.finalize))
-                else:
-                    self._batch_due = True
+            else:
+                outcome = await self.runner.run(shard, state)
+                if outcome == "finished":
+                    self._send_now(state.deliveries)
+                elif outcome == "batch_ready":
+                    if state.finalize is not None:  # leased to us with the commit: finalize now
+                        self._spawn(self._running, self._run_batch_task(state.finalize))
+                    else:
+                        self._batch_due = True
         except (StorageUnavailableError, DBAPIError) as exc:
             # An outage of the file store or the database, not something wrong with the shard:
             # hand it back (it does not count as a failure) and let the outage pass.
@@ -270,6 +281,7 @@ class Worker:
         self._batch_tasks += 1
         self._batch_leases[task.batch.id] = task.lease_token
         bind(request_id=task.batch.request_id, batch_id=task.batch.id)
+        handed = False  # a finalize hands its webhook events to the loop itself
         try:
             async with self._batch_lease(task.batch.id, task.lease_token):
                 started = time.monotonic()
@@ -281,9 +293,13 @@ class Worker:
                     self.metrics.validation.observe(time.monotonic() - started)
                     log.info("batch %s validated: %s", task.batch.id, entered or "moved on meanwhile")
                 else:
+                    deliveries = self._delivery_lease()
                     entered = task.final_status if await asyncio.to_thread(
                         finalize_batch, task, self.files, self.phases, int(self.clock()),
-                        self._webhook_routes) else None
+                        self._webhook_routes, deliveries) else None
+                    if entered is not None:
+                        self._send_now(deliveries)
+                        handed = True
                     self.metrics.finalize.observe(time.monotonic() - started)
                     log.info("batch %s finalized: %s", task.batch.id, entered or "lease lost")
                 if entered is not None and entered in C.TERMINAL_STATES:
@@ -294,7 +310,31 @@ class Worker:
             self._batch_tasks -= 1
             self._batch_leases.pop(task.batch.id, None)
             self._wake.set()
-            self._webhooks_due.set()  # a batch may have ended: its events are due now
+            if not handed:
+                self._look_for_webhooks()  # a batch may have ended: its events are due now
+
+    def _delivery_lease(self) -> DeliveryLease | None:
+        """A lease for the webhook events of a batch about to end, on as many as this worker's
+        sender has free slots for (see DeliveryLease), or None."""
+        if self.webhooks is None:
+            return None
+        room = self.webhook_slots - self._delivering - len(self._handed)
+        return DeliveryLease(new_lease_token(), self.webhooks.lease_seconds, room) if room > 0 else None
+
+    def _send_now(self, deliveries: DeliveryLease | None) -> None:
+        """Hand the deliveries a finished batch's transaction leased to us to the webhook loop;
+        events it left due are looked for as usual."""
+        if deliveries is None:
+            self._look_for_webhooks()
+            return
+        self._handed.extend(deliveries.claimed)
+        if deliveries.left_due:
+            self._claim_webhooks = True
+        self._webhooks_due.set()
+
+    def _look_for_webhooks(self) -> None:
+        self._claim_webhooks = True
+        self._webhooks_due.set()
 
     @property
     def _webhook_routes(self) -> WebhookRoutes | None:
@@ -394,42 +434,55 @@ class Worker:
     async def _webhook_loop(self, sender: WebhookSender, stop: asyncio.Event) -> None:
         """Deliver due webhook events, at most `webhook_slots` at a time, each on a thread of the
         loop's own pool (a receiver that hangs until the timeout must not hold the shared pool
-        that file reads and writes use). Looks again when a batch ends, when an attempt fails (a
-        retry may be due soon) or frees a slot of a full set, or every `webhook_poll_seconds`.
-        (Looking after every delivered attempt too cost a claim transaction per batch that found
-        nothing.)"""
+        that file reads and writes use). A batch that ends in this worker leases its events to it
+        in the transaction that ends it (`_send_now`): they are sent without a claim. Looks for
+        due ones when a batch ended without handing them all over, when an attempt fails (a retry
+        may be due soon) or frees a slot of a full set, or every `webhook_poll_seconds`. (Looking
+        after every delivered attempt too cost a claim transaction per batch that found nothing.)"""
         pool = ThreadPoolExecutor(self.webhook_slots, thread_name_prefix="overnight-webhooks")
         loop = asyncio.get_running_loop()
         sending: set[asyncio.Future[bool]] = set()
 
         def attempt_done(future: asyncio.Future[bool]) -> None:
-            slots_were_full = len(sending) >= self.webhook_slots
+            slots_were_full = len(sending) + len(self._handed) >= self.webhook_slots
             sending.discard(future)
+            self._delivering = len(sending)
             if future.cancelled():
                 return
             if future.exception() is not None:
                 log.error("webhook delivery failed", exc_info=future.exception())
             if slots_were_full or future.exception() is not None or not future.result():
-                self._webhooks_due.set()
+                self._look_for_webhooks()
+
+        def send(deliveries: Iterable[ClaimedDelivery]) -> None:
+            for delivery in deliveries:
+                future = loop.run_in_executor(pool, sender.deliver, delivery)
+                sending.add(future)
+                future.add_done_callback(attempt_done)
+            self._delivering = len(sending)
 
         try:
             while not stop.is_set():
                 self._webhooks_due.clear()
+                handed, self._handed = self._handed, deque()
+                send(handed)  # leased to us by the transaction that ended their batch
                 free = self.webhook_slots - len(sending)
                 claimed = []
-                if free > 0:
+                if free > 0 and self._claim_webhooks:
+                    self._claim_webhooks = False
                     try:
                         claimed = await asyncio.to_thread(sender.claim, free)
                     except Exception:
+                        self._claim_webhooks = True
                         log.exception("claiming webhook deliveries failed; trying again")
-                for delivery in claimed:
-                    future = loop.run_in_executor(pool, sender.deliver, delivery)
-                    sending.add(future)
-                    future.add_done_callback(attempt_done)
+                send(claimed)
                 if claimed and len(claimed) == free:
+                    self._claim_webhooks = True
                     continue  # there may be more due
-                with contextlib.suppress(TimeoutError):
+                try:
                     await asyncio.wait_for(self._webhooks_due.wait(), self.webhook_poll_seconds)
+                except TimeoutError:
+                    self._claim_webhooks = True  # retries come due with time
         finally:
             # Attempts in flight finish in their threads; one cut short is due again after its lease.
             pool.shutdown(wait=False, cancel_futures=True)
