@@ -89,7 +89,7 @@ def setup(request: pytest.FixtureRequest, database_url: str) -> Iterator[tuple[S
 
 def _results(store: SqlStore, files: MemoryFileStore) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The committed results object's output section and error section, parsed."""
-    keys = [k for k in files.blobs if k.startswith("results/")]
+    keys = [k for k in files.blobs if k != "files/in"]  # (a batch's only shard writes under files/)
     assert len(keys) == 1
     with store.db.engine.connect() as conn:
         output_bytes = conn.execute(select(shards.c.result_output_bytes)).scalar_one()
@@ -157,7 +157,7 @@ def test_a_shard_whose_lease_was_lost_is_not_committed(setup: Any) -> None:
     store, files = setup
 
     assert _run(store, files, ScriptedEngine(), _raise_after(3, "lease_lost")) == "lost"
-    assert not [k for k in files.blobs if k.startswith("results/")]
+    assert set(files.blobs) == {"files/in"}
     batch = store.batches.get_batch(None, "batch_x")
     assert batch is not None and batch.request_completed == 0 and batch.status == C.IN_PROGRESS
 
@@ -240,8 +240,8 @@ def _answer_all(count: int = LINES, before_last: Any = None) -> Any:
 
 
 def test_a_batchs_only_shard_without_error_lines_completes_it_in_its_commit(setup: Any) -> None:
-    """No finalize step: the commit publishes a copy of the results object as the output file and
-    completes the batch; the results object is deleted, no other blob is left."""
+    """No finalize step: the shard writes its results where the output file's bytes live and the
+    commit publishes them as that file (no copy) and completes the batch; no other blob is written."""
     store, files = setup
     assert _run(store, files, ScriptedEngine(), _answer_all()) == "finished"
     batch = store.batches.get_batch(None, "batch_x")
@@ -249,18 +249,19 @@ def test_a_batchs_only_shard_without_error_lines_completes_it_in_its_commit(setu
     assert (batch.request_completed, batch.request_failed, batch.error_file_id) == (LINES, 0, None)
     output = store.files.get_file(None, batch.output_file_id, int(NOW))
     assert output is not None and set(files.blobs) == {"files/in", output.storage_key}
+    assert output.storage_key == f"files/{output.id}"
     lines = [orjson.loads(line) for line in files.blobs[output.storage_key][0].splitlines()]
     assert [obj["custom_id"] for obj in lines] == [f"c{i}" for i in range(LINES)] and output.bytes == sum(
         len(line) + 1 for line in files.blobs[output.storage_key][0].splitlines())
     assert store.queue.claim_batch_task(NOW + 100, 30, "late") is None
 
 
-def test_a_whole_batch_shard_whose_lease_was_taken_leaves_no_copy(setup: Any) -> None:
+def test_a_whole_batch_shard_whose_lease_was_taken_leaves_nothing(setup: Any) -> None:
     store, files = setup
     thief: list[Any] = []
     steal = lambda: thief.append(store.queue.claim_shard(NOW + 31, 30, "thief"))  # noqa: E731 (the lease ran out)
     assert _run(store, files, ScriptedEngine(), _answer_all(before_last=steal)) == "lost"
-    assert thief[0] is not None and set(files.blobs) == {"files/in"}  # neither the results nor the copy
+    assert thief[0] is not None and set(files.blobs) == {"files/in"}  # its results object is deleted
     batch = store.batches.get_batch(None, "batch_x")
     assert batch is not None and batch.status == C.IN_PROGRESS and batch.output_file_id is None
 

@@ -4,8 +4,10 @@ and lines of shards that were given up (`failed`) `shard_failed` ones.
 Publishing the files and the terminal state is one transaction fenced by the batch lease.
 
 Each results object is an output section then an error section, so this is a copy of byte
-ranges in large chunks, not a loop over lines; a batch of one shard without errors publishes its
-results object as the output file through the store (a hard link on a local directory)."""
+ranges in large chunks, not a loop over lines. Most small batches never get here: a batch of one
+shard without error lines is completed by that shard's commit, its results object (written where
+the output file's bytes live) published as it is (`publish_with_commit`); one that does (cancelled
+as its shard committed) has that object copied by the store (a hard link on a local directory)."""
 
 from __future__ import annotations
 
@@ -100,18 +102,19 @@ def finalize_batch(
     return True
 
 
-def whole_output(
-    shard: ClaimedShard, result: ShardResult, files: FileStore, now: int, webhooks: WebhookRoutes | None,
+def publish_with_commit(
+    shard: ClaimedShard, result: ShardResult, output_file_id: str, now: int, webhooks: WebhookRoutes | None,
     deliveries: DeliveryLease | None,
 ) -> WholeOutput | None:
-    """For a shard that holds all of its batch's lines and wrote only output lines: its results
-    object copied to a new output file (a link on a local directory), to be published by the
-    commit itself (see `WorkQueue.commit_shard`). None when the batch needs a finalize step. If
-    the commit does not publish it, the copy is the caller's to delete."""
-    if not (shard.whole_batch and result.completed == shard.request_count and result.output_bytes):
+    """For a shard that holds all of its batch's lines and wrote only output lines, its results
+    object written at `file_key(output_file_id)`: that object is the output file byte for byte,
+    published as it is (no copy, on any store) by the commit itself (see
+    `WorkQueue.commit_shard`). None when the batch needs a finalize step."""
+    if not (shard.whole_batch and result.completed == shard.request_count and result.output_bytes
+            and result.result_key == file_key(output_file_id)):
         return None
-    record = _new_output_record(shard.batch_id, shard.owner, "output", shard.output_expires_after, now)
-    files.copy(result.result_key, record.storage_key)
+    record = _new_output_record(shard.batch_id, shard.owner, "output", shard.output_expires_after, now,
+                                output_file_id)
     events = webhooks.events_for(shard.owner, shard.batch_id, C.COMPLETED, now) if webhooks else []
     output = _sized(record, result.output_bytes)
     assert output is not None
@@ -193,8 +196,10 @@ def _copy_tagged_lines(files: FileStore, key: str, out: BlobWriter, err: BlobWri
     return lines_out, lines_err
 
 
-def _new_output_record(batch_id: str, owner: str, kind: str, ttl: int | None, now: int) -> FileRecord:
-    file_id = new_file_id()
+def _new_output_record(
+    batch_id: str, owner: str, kind: str, ttl: int | None, now: int, file_id: str | None = None
+) -> FileRecord:
+    file_id = file_id or new_file_id()
     return FileRecord(
         id=file_id,
         owner=owner,

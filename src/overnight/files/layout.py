@@ -1,6 +1,8 @@
 """Where objects live in the file store: the one place that knows the key layout.
 
-    files/<file_id>                                   a file's bytes (uploads, output and error files)
+    files/<file_id>                                   a file's bytes (uploads, output and error files;
+                                                      the results of a batch's only shard are
+                                                      written here, to be published as its output)
     results/<batch_id>/<shard_index>.<attempt>.jsonl  one attempt's results of one shard
     uploads/<upload_id>/<part_id>                     one part of an upload in progress
 """

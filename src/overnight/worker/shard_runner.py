@@ -18,16 +18,16 @@ import orjson
 
 from overnight import constants as C
 from overnight.batches.endpoints import routing_model
-from overnight.batches.finalize import whole_output
+from overnight.batches.finalize import publish_with_commit
 from overnight.batches.jsonl import split_requests
 from overnight.batches.request_line import parse_request_line, with_model
 from overnight.batches.results import error_line, response_error_code, response_line
 from overnight.batches.webhooks import WebhookRoutes
 from overnight.engines.port import Engine, EngineRequest, EngineResponse, RawBodyEngine
 from overnight.engines.router import Resolved, Router
-from overnight.files.layout import results_key
+from overnight.files.layout import file_key, results_key
 from overnight.files.port import FileStore
-from overnight.ids import line_id_prefix, line_request_id_prefix, new_lease_token
+from overnight.ids import line_id_prefix, line_request_id_prefix, new_file_id, new_lease_token
 from overnight.observability.metrics import WorkerMetrics
 from overnight.store.records import BatchTask, ClaimedShard, DeliveryLease, ShardResult
 from overnight.worker.lanes import EngineLane, Lanes
@@ -78,7 +78,7 @@ class ShardRunner:
 
     async def run(self, claim: ClaimedShard, state: ShardState) -> str:
         """Run and commit the shard: `committed`, `batch_ready` (its batch can finalize), `finished`
-        (the commit completed the batch: see `whole_output`) or `lost`."""
+        (the commit completed the batch: see `publish_with_commit`) or `lost`."""
         data = await asyncio.to_thread(
             self.files.read_range, claim.input_storage_key, claim.byte_offset, claim.byte_length
         )
@@ -123,17 +123,16 @@ class ShardRunner:
         self, run: _ShardRun, deliveries: DeliveryLease | None
     ) -> Literal["lost", "committed", "batch_ready", "finished"] | BatchTask:
         """On a thread: write the results object and commit it. A shard holding its whole batch
-        without error lines also publishes the output file in the commit (see `whole_output`)."""
+        without error lines also publishes the output file in the commit (see `publish_with_commit`)."""
         self._write_results(run)
         claim, result = run.claim, run.result
         now = int(self.clock())
-        publish = whole_output(claim, result, self.files, now, self.webhooks, deliveries) if claim.whole_batch else None
+        publish = publish_with_commit(claim, result, run.output_file_id, now, self.webhooks, deliveries) \
+            if run.output_file_id else None
         outcome = self.queue.commit_shard(claim.shard_id, claim.lease_token, claim.batch_id, result, now,
                                           (new_lease_token(), self.finalize_lease_seconds), publish)
         if outcome == "lost":
             self.files.delete(result.result_key)
-        if publish is not None:  # the results object (published), or the unpublished copy, is garbage
-            self.files.delete(result.result_key if outcome == "finished" else publish.output_file.storage_key)
         return outcome
 
     def sends_raw_body(self, engine: Engine) -> bool:
@@ -178,8 +177,12 @@ class _ShardRun:
         self.failed_at: list[int] = []  # indexes of lines that go to the error file
         self.id_prefix = line_id_prefix(claim.batch_id)
         self.request_id_prefix = line_request_id_prefix(claim.batch_id)
+        # A shard holding its whole batch writes its results where the batch's output file will
+        # live: without error lines, its commit publishes them as that file (no copy).
+        self.output_file_id = new_file_id() if claim.whole_batch else ""
         self.result = state.result = ShardResult(
-            result_key=results_key(claim.batch_id, claim.shard_index, claim.attempt)
+            result_key=file_key(self.output_file_id) if self.output_file_id
+            else results_key(claim.batch_id, claim.shard_index, claim.attempt)
         )
         self.deadline = float(claim.expires_at) if claim.expires_at is not None else float("inf")
         self.remaining = len(requests)
