@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -16,6 +17,7 @@ from sqlalchemy import select
 
 from overnight import constants as C
 from overnight.batches.finalize import finalize_batch
+from overnight.batches.webhooks import RetryPolicy, WebhookEndpoint, WebhookRoutes, WebhookSender
 from overnight.engines.port import EngineRequest, EngineResponse
 from overnight.engines.router import Route, Router
 from overnight.files.memory import MemoryFileStore
@@ -477,3 +479,65 @@ def test_a_cancel_wake_brings_the_heartbeat_forward(setup: Any) -> None:
 
     after_create, after_cancel = asyncio.run(scenario())
     assert not after_create and after_cancel
+
+
+class InstantEngine(ScriptedEngine):
+    async def execute(self, request: EngineRequest) -> EngineResponse:
+        await asyncio.sleep(0)
+        return EngineResponse(200, {"model": "m", "usage": {"prompt_tokens": 1, "completion_tokens": 2}})
+
+
+def test_a_one_shard_batch_costs_the_worker_three_write_transactions(store: SqlStore) -> None:
+    """What a small batch costs the store's single writer, from its shard's claim to its webhook
+    delivered: claim the shard; commit it, publishing the output, completing the batch and leasing
+    its webhook to this worker; settle the delivery. (Five before: a finish transaction after the
+    commit, and a claim of the delivery after the finish.)"""
+    files, now = MemoryFileStore(), int(time.time())  # the worker runs on the database's clock
+    data = b"".join(orjson.dumps({"custom_id": f"c{i}", "method": "POST", "url": C.CHAT_COMPLETIONS, "body": {
+        "model": "m", "messages": [{"role": "user", "content": f"q{i}"}]}}) + b"\n" for i in range(LINES))
+    with files.writer("files/in") as out:
+        out.write(data)
+    store.files.insert_file(FileRecord("file-in", "o", "batch", "in", len(data), now, None, "files/in"))
+    store.batches.insert_batch(BatchRecord("batch_x", "o", C.CHAT_COMPLETIONS, "file-in", "24h", C.IN_PROGRESS, now,
+                                           now + 86400, request_total=LINES),
+                               [ShardPlan(0, 0, LINES, 0, len(data))])
+    did: list[str] = []
+
+    def counted(owner: Any, name: str, found: Any) -> None:
+        method = getattr(owner, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = method(*args, **kwargs)
+            if found(result):
+                did.append(name)
+            return result
+
+        setattr(owner, name, call)
+
+    for name in ("commit_shard", "finish_batch", "mark_delivered", "fail_shard"):
+        counted(store.queue if hasattr(store.queue, name) else store.webhooks, name, lambda _: True)
+    for name in ("claim_shard", "claim_batch_task"):
+        counted(store.queue, name, lambda result: result is not None)
+    counted(store.webhooks, "claim_deliveries", bool)
+    delivered: list[bytes] = []
+    sender = WebhookSender(store.webhooks, WebhookRoutes([WebhookEndpoint("o", "http://127.0.0.1:1/h", b"k")]),
+                           RetryPolicy((60.0,)), 5.0, transport=lambda url, body, headers, timeout: (
+                               delivered.append(body), 204)[1])
+    worker = Worker(store.queue, store.queue, store.housekeeping, files, Router([Route("*", InstantEngine())]),
+                    WorkerSettings(), Limits(), webhooks=sender, webhook_poll_seconds=3600)
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        for _ in range(500):  # bounded: 5 s
+            await asyncio.sleep(0.01)
+            if "mark_delivered" in did:
+                break
+        await asyncio.sleep(0.2)  # anything else the batch would cause
+        stop.set()
+        await task
+
+    asyncio.run(scenario())
+    batch = store.batches.get_batch(None, "batch_x")
+    assert batch is not None and batch.status == C.COMPLETED and len(delivered) == 1
+    assert did == ["claim_shard", "commit_shard", "mark_delivered"]
