@@ -230,6 +230,7 @@ def test_deliveries_handed_over_by_a_batchs_end_are_sent_without_a_claim(
                 break
         lease = worker._delivery_lease()
         assert lease is not None and lease.limit == worker.webhook_slots
+        assert lease.seconds == sender.lease_seconds + sender.timeout_seconds  # may wait for a slot first
         lease.claimed.append(_claimed(1))
         lease.left_due = left_due
         worker._send_now(lease)

@@ -319,7 +319,10 @@ class Worker:
         if self.webhooks is None:
             return None
         room = self.webhook_slots - self._delivering - len(self._handed)
-        return DeliveryLease(new_lease_token(), self.webhooks.lease_seconds, room) if room > 0 else None
+        # Batches ending at once may each be offered the same free slots: a handed delivery can
+        # wait in the pool for one attempt to end before its own starts; its lease covers both.
+        seconds = self.webhooks.lease_seconds + self.webhooks.timeout_seconds
+        return DeliveryLease(new_lease_token(), seconds, room) if room > 0 else None
 
     def _send_now(self, deliveries: DeliveryLease | None) -> None:
         """Hand the deliveries a finished batch's transaction leased to us to the webhook loop;
@@ -444,7 +447,7 @@ class Worker:
         sending: set[asyncio.Future[bool]] = set()
 
         def attempt_done(future: asyncio.Future[bool]) -> None:
-            slots_were_full = len(sending) + len(self._handed) >= self.webhook_slots
+            slots_were_full = len(sending) >= self.webhook_slots
             sending.discard(future)
             self._delivering = len(sending)
             if future.cancelled():
@@ -465,7 +468,8 @@ class Worker:
             while not stop.is_set():
                 self._webhooks_due.clear()
                 handed, self._handed = self._handed, deque()
-                send(handed)  # leased to us by the transaction that ended their batch
+                send(handed)  # leased to us by the transaction that ended their batch (beyond the
+                # free slots only when batches ended at once: the pool has `webhook_slots` threads)
                 free = self.webhook_slots - len(sending)
                 claimed = []
                 if free > 0 and self._claim_webhooks:
