@@ -250,9 +250,9 @@ class DeliveryLease:
 
 @dataclass(frozen=True, slots=True)
 class WholeOutput:
-    """A batch's only shard publishing its results object as the output file (already copied to
-    `output_file`) in the transaction that commits the shard: the batch completes there, without
-    a finalize step. Only for a shard whose lines are all output lines; `lines` of them."""
+    """A batch's only shard publishing its results object (written where `output_file`'s bytes
+    live) as the output file in the transaction that commits the shard: the batch completes there,
+    without a finalize step. Only for a shard whose lines are all output lines; `lines` of them."""
 
     output_file: FileRecord
     lines: int
