@@ -13,14 +13,17 @@ from pathlib import Path
 import pytest
 
 from conftest import serve_refused, until
+from overnight import constants as C
 from overnight.settings import EmbeddedSettings, Settings, WorkerSettings
 from overnight.worker.processes import (
     FEEDER_NICE,
     RELAY_DIR_PREFIX,
     RELAY_LOCK,
     WorkerProcesses,
+    changes_in,
     hold_relay_lock,
     remove_stale_relay_dirs,
+    wake_message,
     worker_niceness,
 )
 
@@ -140,3 +143,16 @@ def test_a_bad_worker_niceness_stops_the_server_with_what_to_fix(tmp_path: Path,
     config.write_text(f"[worker]\nnice = {value}\n")
     stderr = serve_refused("--data-dir", str(tmp_path / "data"), "--no-embedded", "--config", str(config))
     assert "[worker] nice = " in stderr and "use a whole number from 0 to 19" in stderr
+
+
+def test_every_wake_kind_crosses_the_pipe_as_itself() -> None:
+    """What the API process writes down a worker's wake pipe reads back as the same change; several
+    at once wake for each once, a cancel first. (A wrong byte would cost a poll interval: a batch
+    created in progress woken as `created` claims batch-level work for nothing, one as `started`
+    after a cancel would not bring the heartbeat forward.)"""
+    kinds = (C.CHANGE_CREATED, C.CHANGE_STARTED, C.CHANGE_CANCELLED)
+    assert len({wake_message(kind) for kind in kinds}) == len(kinds)
+    for kind in kinds:
+        assert changes_in({wake_message(kind)}) == [kind]
+    assert changes_in({wake_message(kind) for kind in kinds})[0] == C.CHANGE_CANCELLED
+    assert changes_in({wake_message("something new")}) == [C.CHANGE_CREATED]  # an unknown kind: look for all work

@@ -38,6 +38,18 @@ _CREATED = b"!"
 _STARTED = b"+"
 _CANCELLED = b"x"
 _MESSAGES = {C.CHANGE_CREATED: _CREATED, C.CHANGE_STARTED: _STARTED, C.CHANGE_CANCELLED: _CANCELLED}
+# A cancel first: it also brings the heartbeat forward, which tells running shards to stop.
+_WAKE_ORDER = (C.CHANGE_CANCELLED, C.CHANGE_CREATED, C.CHANGE_STARTED)
+
+
+def wake_message(change: str) -> bytes:
+    """The byte the parent writes down a worker's wake pipe for a C.CHANGE_* (unknown: created)."""
+    return _MESSAGES.get(change, _CREATED)
+
+
+def changes_in(messages: set[bytes]) -> list[str]:
+    """The C.CHANGE_* kinds a worker read from its wake pipe (each once), in the order to wake for."""
+    return [change for change in _WAKE_ORDER if _MESSAGES[change] in messages]
 RELAY_DIR_PREFIX = "overnight-relay-"
 
 
@@ -90,7 +102,7 @@ class WorkerProcesses:
         return all(child.ready.is_set() for child in self._workers)
 
     def notify(self, change: str) -> None:
-        message = _MESSAGES.get(change, _CREATED)
+        message = wake_message(change)
         for child in self._workers:
             with contextlib.suppress(OSError, ValueError):
                 child.wake.send_bytes(message)
@@ -267,10 +279,8 @@ async def run_worker(
             loop.remove_reader(wake.fileno())
             stop.set()
             return
-        for message, change in ((_CANCELLED, C.CHANGE_CANCELLED), (_CREATED, C.CHANGE_CREATED),
-                                (_STARTED, C.CHANGE_STARTED)):
-            if message in messages:
-                worker.wake(change)
+        for change in changes_in(messages):
+            worker.wake(change)
 
     if wake is not None:
         loop.add_reader(wake.fileno(), drain)
