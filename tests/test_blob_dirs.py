@@ -3,6 +3,7 @@ cleanup removes the empty ones earlier versions left behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -35,6 +36,29 @@ def test_no_empty_directories_remain_after_batches(make_server: Any) -> None:
     # finalize deletes the results objects just after it publishes the batch
     until(lambda: _dirs_below_namespaces(blobs) == [], timeout=10)
     assert not [p for p in (blobs / "results").rglob("*")]
+
+
+def test_a_one_shard_batchs_output_is_its_results_object_under_files(make_server: Any) -> None:
+    """A batch of one shard is completed by that shard's commit: its output file's bytes are the
+    object the shard wrote under files/ (nothing under results/, no copy), served through the SDK
+    in input order, and deleting the file removes them like any file's."""
+    srv = make_server()
+    client = srv.client()
+    batch = run_batch(client, [chat_line(i) for i in range(7)])
+    assert batch.status == "completed" and batch.error_file_id is None
+    lines = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+    assert [obj["custom_id"] for obj in lines] == [f"req-{i}" for i in range(7)]
+    blobs = srv.data_dir / "blobs"
+    output = blobs / "files" / batch.output_file_id
+    assert output.is_file() and output.stat().st_size == client.files.retrieve(batch.output_file_id).bytes
+    assert not [p for p in (blobs / "results").rglob("*")]
+    assert client.files.delete(batch.output_file_id).deleted is True
+    srv.stop()
+    subprocess.run(
+        [sys.executable, "-m", "overnight", "cleanup", "--data-dir", str(srv.data_dir), "--no-embedded"],
+        check=True, capture_output=True, timeout=60,
+    )
+    assert not output.exists()
 
 
 def test_cleanup_removes_empty_directories_of_older_versions(tmp_path: Path) -> None:
