@@ -3,6 +3,8 @@ compact, and is serialized again when it is not; usage in either shape adds up."
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 import pytest
 
@@ -53,6 +55,16 @@ def test_usage_of_either_shape_adds_up() -> None:
         20, 6, 4, 3,
     )
 
+
+
+@pytest.mark.parametrize("bad", ["1.5", "", [1], {"n": 1}, True, float("nan"), float("inf"), 2.5, "\u00b2"])
+def test_a_usage_value_that_is_not_a_count_counts_zero(bad: Any) -> None:
+    """An upstream's usage is summed where it holds counts and ignored where it does not: it never
+    raises (a raise made the line an engine_error though the upstream had answered)."""
+    result = ShardResult("k")
+    result.add_usage({"prompt_tokens": bad, "completion_tokens": 4.0, "prompt_tokens_details": {"cached_tokens": bad},
+                      "completion_tokens_details": {"reasoning_tokens": bad}})
+    assert (result.input_tokens, result.output_tokens, result.cached_tokens, result.reasoning_tokens) == (0, 4, 0, 0)
 
 @pytest.mark.parametrize("custom_id", ["c1", 'quote " and \\ backslash', "caf\u00e9 \u2028 line sep \u2029", "\x00\x1f"])
 def test_a_joined_line_is_the_serialized_line_byte_for_byte(custom_id: str) -> None:

@@ -46,9 +46,10 @@ class ScriptedEngine:
     shard_lines = LINES
     owned_by = "test"
 
-    def __init__(self, fail_at: int | None = None) -> None:
+    def __init__(self, fail_at: int | None = None, usage_at: dict[int, Any] | None = None) -> None:
         self.seen: list[str] = []
         self.fail_at = fail_at
+        self.usage_at = usage_at or {}  # the usage of the n-th answer (1-based), where not the usual
         self.gate = asyncio.Semaphore(0)
 
     async def start(self) -> None: ...
@@ -64,7 +65,8 @@ class ScriptedEngine:
         self.seen.append(text)
         if self.fail_at is not None and len(self.seen) == self.fail_at:
             raise RuntimeError("engine bug")
-        return EngineResponse(200, {"model": "m", "usage": {"prompt_tokens": 1, "completion_tokens": 2}})
+        usage = self.usage_at.get(len(self.seen), {"prompt_tokens": 1, "completion_tokens": 2})
+        return EngineResponse(200, {"model": "m", "usage": usage})
 
 
 @pytest.fixture
@@ -180,6 +182,28 @@ def test_a_line_that_raises_is_that_lines_error_and_the_shard_still_commits(setu
     assert sorted(obj["custom_id"] for obj in ran + failed) == sorted(f"c{i}" for i in range(LINES))
     batch = store.batches.get_batch(None, "batch_x")
     assert batch is not None and (batch.request_completed, batch.request_failed) == (LINES - 1, 1)
+
+
+def test_an_answer_whose_usage_holds_no_counts_is_still_that_lines_answer(setup: Any) -> None:
+    """The upstream answered: its body is the line's result as sent, whatever its `usage` holds
+    (only counts are summed). Before, a usage like {"prompt_tokens": "1.5"} raised while the line
+    was counted completed, and the line became an engine_error counted as failed too."""
+    store, files = setup
+    odd = {"prompt_tokens": "1.5", "completion_tokens": [2], "prompt_tokens_details": {"cached_tokens": {}}}
+
+    async def script(engine: ScriptedEngine, state: ShardState) -> None:
+        for _ in range(LINES):
+            engine.gate.release()
+
+    assert _run(store, files, ScriptedEngine(usage_at={5: odd}), script) == "finished"
+    batch = store.batches.get_batch(None, "batch_x")
+    assert batch is not None and batch.status == C.COMPLETED
+    assert (batch.request_completed, batch.request_failed, batch.error_file_id) == (LINES, 0, None)
+    assert (batch.input_tokens, batch.output_tokens, batch.cached_tokens) == (LINES - 1, 2 * (LINES - 1), 0)
+    output = store.files.get_file(None, batch.output_file_id or "", int(NOW))
+    assert output is not None
+    usages = [orjson.loads(line)["response"]["body"]["usage"] for line in files.blobs[output.storage_key][0].splitlines()]
+    assert usages.count(odd) == 1 and len(usages) == LINES
 
 
 def test_a_shard_that_fails_the_same_way_twice_is_settled_and_its_lines_reported(setup: Any) -> None:

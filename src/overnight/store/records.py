@@ -110,7 +110,15 @@ class ShardResult:
 
 
 def _count(value: Any) -> int:
-    return value if type(value) is int else int(value or 0)
+    """A token count as an upstream wrote it. What is not a whole number counts 0: the answer is
+    the line's result as sent, and a malformed `usage` must not turn it into an error line."""
+    if type(value) is int:
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.isdecimal():  # what int() reads without raising
+        return int(value)
+    return 0
 
 
 @dataclass(frozen=True, slots=True)
