@@ -230,7 +230,7 @@ def test_deliveries_handed_over_by_a_batchs_end_are_sent_without_a_claim(
                 break
         lease = worker._delivery_lease()
         assert lease is not None and lease.limit == worker.webhook_slots
-        assert lease.seconds == sender.lease_seconds + sender.timeout_seconds  # may wait for a slot first
+        assert lease.seconds == sender.lease_seconds  # one attempt: its slot is reserved for it
         lease.claimed.append(_claimed(1))
         lease.left_due = left_due
         worker._send_now(lease)
@@ -246,6 +246,57 @@ def test_deliveries_handed_over_by_a_batchs_end_are_sent_without_a_claim(
     asyncio.run(scenario())
     assert sent == ["http://127.0.0.1:1/a"] and outbox.settled == [("delivered", 1, None)]
     assert outbox.claims == claims_after
+
+
+def test_slots_offered_to_a_batchs_end_are_offered_once_and_not_claimed_into(store: SqlStore) -> None:
+    """Batches ending at once: the sender slots offered to one ending transaction are not offered
+    to the next until it returns, nor claimed into by the loop, so a handed delivery starts at once
+    and a claim's lease (one attempt) covers it. Before, every batch ending at once was offered
+    every free slot, and handed deliveries queued in the pool behind each other past their lease
+    (sent again by whoever claimed them then)."""
+    outbox, sent = QueuedOutbox(), []
+
+    def transport(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> int:
+        sent.append(url)
+        return 204
+
+    sender = WebhookSender(outbox, WebhookRoutes([_endpoint()]), RetryPolicy((60.0,), jitter=0.0), 5.0,
+                           transport=transport)
+    worker = Worker(store.queue, store.queue, store.housekeeping, MemoryFileStore(), Router([]), WorkerSettings(),
+                    Limits(), webhooks=sender, webhook_poll_seconds=3600)
+    first = worker._delivery_lease()
+    assert first is not None and first.limit == worker.webhook_slots and first.seconds == sender.lease_seconds
+    assert worker._delivery_lease() is None  # every slot is offered to the first
+    worker._withdraw(first)  # its transaction did not end the batch
+    second = worker._delivery_lease()
+    assert second is not None and second.limit == worker.webhook_slots
+    second.claimed.append(_claimed(1))
+    worker._send_now(second)  # it ended the batch: one delivery handed, the rest of the offer back
+    third = worker._delivery_lease()
+    assert third is not None and third.limit == worker.webhook_slots - 1
+    outbox.due = [_claimed(2)]
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.create_task(worker._webhook_loop(sender, stop))
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if outbox.settled:
+                break
+        await asyncio.sleep(0.1)
+        assert outbox.claims == 0 and sent == ["http://127.0.0.1:1/a"]  # no slot free to claim into
+        worker._withdraw(third)
+        worker._look_for_webhooks()
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if len(outbox.settled) == 2:
+                break
+        stop.set()
+        worker._webhooks_due.set()
+        await loop
+
+    asyncio.run(scenario())
+    assert outbox.claims == 1 and len(sent) == 2 and [s[0] for s in outbox.settled] == ["delivered"] * 2
 
 
 # -- the outbox in the store -----------------------------------------------------------------

@@ -45,7 +45,9 @@ class ShardState:
     result: ShardResult | None = None
     queued: bool = False  # its lines are in the lanes' queues
     finalize: BatchTask | None = None  # the commit made the batch ready and leased it to us
-    deliveries: DeliveryLease | None = None  # the commit completed the batch and leased us its webhooks
+    # Sender slots offered to the commit for its batch's webhooks (the worker settles the offer
+    # whatever the outcome); when it completed the batch, `claimed` holds the deliveries leased to us.
+    deliveries: DeliveryLease | None = None
 
     def stopped(self) -> bool:
         """Whether to send no more of its lines (asked again by an engine after a long wait)."""
@@ -103,6 +105,7 @@ class ShardRunner:
             log.warning("shard %s of %s: lease lost while running; not committed", claim.shard_index, claim.batch_id)
             return "lost"
         deliveries = self.delivery_lease() if claim.whole_batch and not run.failed_at else None
+        state.deliveries = deliveries
         outcome = await asyncio.to_thread(self._write_and_commit, run, deliveries)
         if isinstance(outcome, BatchTask):
             state.finalize = outcome
@@ -114,7 +117,6 @@ class ShardRunner:
         else:  # lines are counted once, when they are committed (one call per shard, not per line)
             self.metrics.shard_committed(claim.endpoint, run.result.completed, run.failures)
         if outcome == "finished":
-            state.deliveries = deliveries
             self.metrics.batch_ended(C.COMPLETED, claim.batch_created_at, self.clock())
             log.info("batch %s finalized: completed (published by its only shard's commit)", claim.batch_id)
         return outcome

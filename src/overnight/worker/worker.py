@@ -79,10 +79,12 @@ class Worker:
         self.lanes = Lanes(on_low=self._nudge_shards)
         self.runner = ShardRunner(queue, files, router, self.lanes, clock, self.metrics, settings.lease_seconds,
                                   webhooks.routes if webhooks is not None else None, self._delivery_lease)
-        # Webhook deliveries leased to this worker by the transaction that ended their batch, and
-        # the attempts in flight (the webhook loop's): together at most `webhook_slots`.
+        # Webhook deliveries leased to this worker by the transaction that ended their batch, the
+        # attempts in flight (the webhook loop's) and the slots offered to transactions that may end a
+        # batch (`_delivery_lease`): together at most `webhook_slots`.
         self._handed: deque[ClaimedDelivery] = deque()
         self._delivering = 0
+        self._offered = 0
         self._claim_webhooks = True  # the webhook loop's next turn looks for due deliveries
         self._running: set[asyncio.Task[None]] = set()  # shard and batch tasks, cancelled at stop
         self._wake = asyncio.Event()
@@ -244,6 +246,7 @@ class Worker:
                 outcome = await self.runner.run(shard, state)
                 if outcome == "finished":
                     self._send_now(state.deliveries)
+                    state.deliveries = None
                 elif outcome == "batch_ready":
                     if state.finalize is not None:  # leased to us with the commit: finalize now
                         self._spawn(self._running, self._run_batch_task(state.finalize))
@@ -261,6 +264,7 @@ class Worker:
             with contextlib.suppress(Exception):
                 await self._fail_shard(shard, f"{type(exc).__name__}: {str(exc)[:500]}", give_up=False)
         finally:
+            self._withdraw(state.deliveries)  # offered, but the commit did not end the batch
             # Only our own entry: a shard whose lease we lost may already be claimed again (by this
             # worker too) and entered under the same id; dropping that entry would stop its heartbeat.
             if (entry := self._shards.get(shard.shard_id)) is not None and entry[1] is state:
@@ -282,6 +286,7 @@ class Worker:
         self._batch_leases[task.batch.id] = task.lease_token
         bind(request_id=task.batch.request_id, batch_id=task.batch.id)
         handed = False  # a finalize hands its webhook events to the loop itself
+        deliveries: DeliveryLease | None = None
         try:
             async with self._batch_lease(task.batch.id, task.lease_token):
                 started = time.monotonic()
@@ -299,7 +304,7 @@ class Worker:
                         self._webhook_routes, deliveries) else None
                     if entered is not None:
                         self._send_now(deliveries)
-                        handed = True
+                        deliveries, handed = None, True
                     self.metrics.finalize.observe(time.monotonic() - started)
                     log.info("batch %s finalized: %s", task.batch.id, entered or "lease lost")
                 if entered is not None and entered in C.TERMINAL_STATES:
@@ -307,6 +312,7 @@ class Worker:
         except Exception:
             log.exception("%s of batch %s failed; it will be retried", task.kind, task.batch.id)
         finally:
+            self._withdraw(deliveries)
             self._batch_tasks -= 1
             self._batch_leases.pop(task.batch.id, None)
             self._wake.set()
@@ -315,25 +321,36 @@ class Worker:
 
     def _delivery_lease(self) -> DeliveryLease | None:
         """A lease for the webhook events of a batch about to end, on as many as this worker's
-        sender has free slots for (see DeliveryLease), or None."""
+        sender has free slots for (see DeliveryLease), or None. The slots stay offered until the
+        transaction returns (`_send_now`, `_withdraw`): batches ending at once are not offered the
+        same ones, so a handed delivery starts at once and its lease is a claim's, one attempt."""
         if self.webhooks is None:
             return None
-        room = self.webhook_slots - self._delivering - len(self._handed)
-        # Batches ending at once may each be offered the same free slots: a handed delivery can
-        # wait in the pool for one attempt to end before its own starts; its lease covers both.
-        seconds = self.webhooks.lease_seconds + self.webhooks.timeout_seconds
-        return DeliveryLease(new_lease_token(), seconds, room) if room > 0 else None
+        room = self._free_webhook_slots()
+        if room <= 0:
+            return None
+        self._offered += room
+        return DeliveryLease(new_lease_token(), self.webhooks.lease_seconds, room)
+
+    def _free_webhook_slots(self) -> int:
+        return self.webhook_slots - self._delivering - len(self._handed) - self._offered
 
     def _send_now(self, deliveries: DeliveryLease | None) -> None:
-        """Hand the deliveries a finished batch's transaction leased to us to the webhook loop;
-        events it left due are looked for as usual."""
+        """Hand the deliveries a finished batch's transaction leased to us to the webhook loop (they
+        take the slots offered for them); events it left due are looked for as usual."""
         if deliveries is None:
             self._look_for_webhooks()
             return
+        self._offered -= deliveries.limit
         self._handed.extend(deliveries.claimed)
         if deliveries.left_due:
             self._claim_webhooks = True
         self._webhooks_due.set()
+
+    def _withdraw(self, deliveries: DeliveryLease | None) -> None:
+        """Give back the slots offered to a transaction that did not end its batch (or failed)."""
+        if deliveries is not None:
+            self._offered -= deliveries.limit
 
     def _look_for_webhooks(self) -> None:
         self._claim_webhooks = True
@@ -468,9 +485,8 @@ class Worker:
             while not stop.is_set():
                 self._webhooks_due.clear()
                 handed, self._handed = self._handed, deque()
-                send(handed)  # leased to us by the transaction that ended their batch (beyond the
-                # free slots only when batches ended at once: the pool has `webhook_slots` threads)
-                free = self.webhook_slots - len(sending)
+                send(handed)  # leased to us by the transaction that ended their batch
+                free = self._free_webhook_slots()
                 claimed = []
                 if free > 0 and self._claim_webhooks:
                     self._claim_webhooks = False
