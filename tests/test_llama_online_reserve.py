@@ -51,3 +51,22 @@ def test_the_reserve_outlasts_online_requests_for_a_while() -> None:
     s.last_online = time.monotonic() - ONLINE_RESERVE_SECONDS - 1
     s.queue.append(batch := job())
     assert s._next_job() is batch  # after a quiet spell the batch takes every slot again
+
+
+@pytest.mark.parametrize("n_seq_max", [1, 2])
+def test_online_traffic_slows_the_batch_but_never_stops_it(n_seq_max: int) -> None:
+    """The batch keeps one slot whatever the reserve. Before, one slot and a recent online request
+    held every batch line back for ONLINE_RESERVE_SECONDS while the engine idled (the decode thread
+    spinning: work queued, none admitted), and on two slots an active online job stopped the batch."""
+    s = scheduler(n_seq_max, batch_active=0)
+    s.last_online = time.monotonic()
+    s.queue.append(batch := job())
+    assert s._next_job() is batch
+    s = scheduler(n_seq_max, batch_active=0)
+    s.slots[0].job = job(online=True)
+    s.last_online = time.monotonic()
+    s.queue.append(batch := job())
+    assert s._next_job() is batch
+    s.slots[-1].job = batch
+    s.queue.append(job())
+    assert s._next_job() is None  # it keeps one slot, not more

@@ -39,6 +39,13 @@ def make_sampler(sampling: Sampling, max_new: int) -> Any:
     llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
     if sampling.top_p < 1.0:
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
-    seed = llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed & 0xFFFFFFFF
+    seed = llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else _native_seed(sampling.seed)
     llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
     return chain
+
+
+def _native_seed(seed: int) -> int:
+    """OpenAI's seed is any integer; llama.cpp's is 32 bits, and its all-ones value means "draw a
+    random seed". A request's seed is always a fixed one: -1 (all ones in 32 bits) samples as 0 does."""
+    native = seed & 0xFFFFFFFF
+    return 0 if native == llama_cpp.LLAMA_DEFAULT_SEED else native

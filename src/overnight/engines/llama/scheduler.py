@@ -50,9 +50,9 @@ computing the same tokens in parallel. Reused tokens are reported as
 
 Priority. A job is online (someone waits for it interactively) or batch. Pending online jobs are
 admitted before any pending batch job (two queues). While any online job is pending or active, batch
-jobs are admitted only while fewer than `n_seq_max - reserve` slots hold batch jobs, where `reserve` is
-the number of online jobs pending or active plus one: the next online request then finds a free slot
-instead of waiting for a batch line to finish. The reserve of one slot also holds for
+jobs are admitted only while fewer than `max(1, n_seq_max - reserve)` slots hold batch jobs, where
+`reserve` is the number of online jobs pending or active plus one: the next online request then finds
+a free slot instead of waiting for a batch line to finish, and the batch never stops altogether. The reserve of one slot also holds for
 `ONLINE_RESERVE_SECONDS` after the last online request arrived: interactive users send a request,
 read, and send the next one, and without it each of their requests would find every slot taken by
 the batch again. Running batch lines are never evicted, so an online request that arrives while
@@ -408,7 +408,9 @@ class Scheduler:
         # No online job is pending here (they went first), so the reserve counts the active ones.
         online = sum(1 for s in active if s.job is not None and s.job.online)
         recent = time.monotonic() - self.last_online < ONLINE_RESERVE_SECONDS
-        if (online or recent) and len(active) - online >= self.n_seq_max - (online + 1):
+        # The batch keeps one slot whatever the reserve: online traffic slows it, never stops it (and
+        # an engine of one slot does not idle while batch lines wait).
+        if (online or recent) and len(active) - online >= max(1, self.n_seq_max - (online + 1)):
             return None
         return self.queue.popleft()
 
