@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 from typing import Any
 
@@ -143,7 +144,13 @@ def test_create_missing_field_and_bad_json(server: Server) -> None:
     error = json.loads(raw)["error"]
     assert status == 400 and error["param"] == "input_file_id" and error["code"] == "missing_required_parameter"
     status, _, raw = raw_request("POST", f"{server.base_url}/batches", headers, b"{nope")
-    assert status == 400 and set(json.loads(raw)["error"]) == {"message", "type", "param", "code"}
+    error = json.loads(raw)["error"]
+    assert status == 400 and set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == "invalid_json" and error["param"] is None  # was the byte offset of the fault
+    for body in (b"[]", b"null", b'"x"', b""):  # JSON, but not an object: was "Invalid value for 'None'"
+        status, _, raw = raw_request("POST", f"{server.base_url}/batches", headers, body)
+        error = json.loads(raw)["error"]
+        assert status == 400 and error["param"] is None and error["message"] == "The request body must be a JSON object."
 
 
 def test_create_with_missing_or_foreign_file_is_404(server: Server) -> None:
@@ -349,3 +356,14 @@ def test_rate_limit_per_key_and_body_size_limit(make_server: Any, tmp_path: Any)
     )
     assert status == 413 and json.loads(raw)["error"]["type"] == "invalid_request_error"
     assert headers["x-request-id"].startswith("req_")
+    # The same body sent chunked (no length to check up front): a 413 too, not FastAPI's 400
+    # "There was an error parsing the body".
+    body = json.dumps({"input_file_id": "f", "metadata": {"k": "v" * 4000}}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    conn.request("POST", "/v1/batches", body=iter([body[:1000], body[1000:]]), encode_chunked=True,
+                 headers={"Authorization": f"Bearer {OTHER_KEY}", "Content-Type": "application/json"})
+    answer = conn.getresponse()
+    error = json.loads(answer.read())["error"]
+    conn.close()
+    assert answer.status == 413 and "larger than 2,048 bytes" in error["message"]
+    assert answer.getheader("x-request-id", "").startswith("req_")

@@ -195,3 +195,34 @@ def test_a_worker_on_its_own_serves_its_metrics(make_server: Any, upstream: Any,
     finally:
         worker.terminate()
         worker.wait(20)
+
+
+def test_an_unexpected_error_is_a_500_envelope_with_its_request_id_in_the_log(make_server: Any) -> None:
+    """A failure no handler expects (here the database loses a table under the server) answers the
+    OpenAI envelope with an x-request-id, as every response does, and the log line says which
+    request it was. The 500 used to come from Starlette's outermost middleware, outside the one
+    that adds the id (and after the id was unbound from the log)."""
+    import openai
+    import sqlalchemy as sa
+
+    srv = make_server("--log-format", "json")
+    url = srv.args[srv.args.index("--database-url") + 1] if "--database-url" in srv.args else \
+        f"sqlite:///{srv.data_dir / 'overnight.db'}"
+    engine = sa.create_engine(url)
+    client = srv.client(max_retries=0)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE batches RENAME TO batches_away"))
+        with pytest.raises(openai.InternalServerError) as exc:
+            client.batches.list()
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE batches_away RENAME TO batches"))
+        engine.dispose()
+    request_id = exc.value.request_id
+    assert request_id is not None and request_id.startswith("req_")
+    assert exc.value.body["type"] == "server_error" and "check the server log" in exc.value.message
+    client.batches.list()  # the server carries on
+    srv.stop()
+    logged = [json.loads(line) for line in srv.log.read_text().splitlines() if line.strip()]
+    assert any(e["message"].startswith("unhandled error") and e.get("request_id") == request_id for e in logged)

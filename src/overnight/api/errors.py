@@ -60,13 +60,16 @@ _VALIDATION_CODES = {"missing": "missing_required_parameter", "json_invalid": "i
 async def _validation_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
-    param = ".".join(loc) or None
     kind = str(first.get("type", ""))
-    if kind == "missing":
-        message = f"Missing required parameter: '{param}'."
-    elif kind == "json_invalid":
+    # For invalid JSON the location is the byte offset of the fault, not a parameter.
+    loc = [] if kind == "json_invalid" else [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    param = ".".join(loc) or None
+    if kind == "json_invalid":
         message = "We could not parse the JSON body of your request. Send a valid JSON object."
+    elif param is None:  # the body itself: empty, or JSON that is not an object
+        message = "The request body must be a JSON object."
+    elif kind == "missing":
+        message = f"Missing required parameter: '{param}'."
     else:
         message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}."
     code = _VALIDATION_CODES.get(kind, "invalid_type" if kind.endswith("_type") else "invalid_value")
@@ -84,7 +87,7 @@ async def _storage_full(_request: Request, exc: Exception) -> Response:
     )
 
 
-async def _unexpected_error(_request: Request, exc: Exception) -> Response:
+def _unexpected_error(exc: Exception) -> Response:
     log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
     return error_response(
         500,
@@ -94,11 +97,13 @@ async def _unexpected_error(_request: Request, exc: Exception) -> Response:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """Errors the routes raise on purpose. Anything else is answered by RequestIdMiddleware: a
+    handler for `Exception` runs in Starlette's outermost middleware, outside the one that gives
+    every response its x-request-id (and after the request id is unbound from the log)."""
     app.add_exception_handler(OvernightError, _overnight_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StorageFullError, _storage_full)
-    app.add_exception_handler(Exception, _unexpected_error)
 
 
 class RequestIdMiddleware:
@@ -117,14 +122,22 @@ class RequestIdMiddleware:
         scope.setdefault("state", {})["request_id"] = text_id
         token = bind_request_id(text_id)
 
+        started = False
+
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id)]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            if started:  # the answer is on its way: the server can only close the connection
+                raise
+            await _unexpected_error(exc)(scope, receive, send_with_id)  # logged with its request id
         finally:
             unbind(token)
 
@@ -161,12 +174,16 @@ class BodySizeLimitMiddleware:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise OvernightError(f"The request body is larger than {self.max_bytes:,} bytes.")
+                # An HTTPException: FastAPI turns anything else raised while it reads the body into
+                # a 400 "There was an error parsing the body" (a chunked body has no length to check first).
+                raise StarletteHTTPException(413, self._too_large)
             return message
 
         await self.app(scope, counting_receive, send)
 
+    @property
+    def _too_large(self) -> str:
+        return f"The request body is larger than {self.max_bytes:,} bytes, the most this endpoint accepts."
+
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(413, f"The request body is larger than {self.max_bytes:,} bytes, the most "
-                                       "this endpoint accepts.")
-        await response(scope, receive, send)
+        await error_response(413, self._too_large)(scope, receive, send)
