@@ -228,8 +228,8 @@ def test_deliveries_handed_over_by_a_batchs_end_are_sent_without_a_claim(
             await asyncio.sleep(0.01)
             if outbox.claims:
                 break
-        lease = worker._delivery_lease()
-        assert lease is not None and lease.limit == worker.webhook_slots
+        lease = worker._delivery_lease("key_alice", C.COMPLETED)
+        assert lease is not None and lease.limit == 1  # the batch's events: one endpoint
         assert lease.seconds == sender.lease_seconds  # one attempt: its slot is reserved for it
         lease.claimed.append(_claimed(1))
         lease.left_due = left_due
@@ -249,31 +249,35 @@ def test_deliveries_handed_over_by_a_batchs_end_are_sent_without_a_claim(
 
 
 def test_slots_offered_to_a_batchs_end_are_offered_once_and_not_claimed_into(store: SqlStore) -> None:
-    """Batches ending at once: the sender slots offered to one ending transaction are not offered
-    to the next until it returns, nor claimed into by the loop, so a handed delivery starts at once
-    and a claim's lease (one attempt) covers it. Before, every batch ending at once was offered
-    every free slot, and handed deliveries queued in the pool behind each other past their lease
-    (sent again by whoever claimed them then)."""
+    """Batches ending at once: the sender slots offered to one ending transaction (as many as its
+    events, as far as slots are free) are not offered to the next until it returns, nor claimed
+    into by the loop, so a handed delivery starts at once and a claim's lease (one attempt) covers
+    it. Before, every batch ending at once was offered every free slot, and handed deliveries
+    queued in the pool behind each other past their lease (sent again by whoever claimed them)."""
     outbox, sent = QueuedOutbox(), []
 
     def transport(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> int:
         sent.append(url)
         return 204
 
-    sender = WebhookSender(outbox, WebhookRoutes([_endpoint()]), RetryPolicy((60.0,), jitter=0.0), 5.0,
-                           transport=transport)
+    routes = WebhookRoutes([*(_endpoint("key_alice", f"http://127.0.0.1:1/{x}") for x in "abc"),
+                            _endpoint("key_bob", "http://127.0.0.1:1/bob")])
+    sender = WebhookSender(outbox, routes, RetryPolicy((60.0,), jitter=0.0), 5.0, transport=transport)
     worker = Worker(store.queue, store.queue, store.housekeeping, MemoryFileStore(), Router([]), WorkerSettings(),
-                    Limits(), webhooks=sender, webhook_poll_seconds=3600)
-    first = worker._delivery_lease()
-    assert first is not None and first.limit == worker.webhook_slots and first.seconds == sender.lease_seconds
-    assert worker._delivery_lease() is None  # every slot is offered to the first
+                    Limits(), webhooks=sender, webhook_poll_seconds=3600, webhook_slots=4)
+    first = worker._delivery_lease("key_alice", C.COMPLETED)
+    assert first is not None and first.limit == 3 and first.seconds == sender.lease_seconds
+    bobs = worker._delivery_lease("key_bob", C.COMPLETED)
+    assert bobs is not None and bobs.limit == 1  # the slot left
+    assert worker._delivery_lease("key_alice", C.COMPLETED) is None  # every slot is offered
+    assert worker._delivery_lease("key_carol", C.COMPLETED) is None  # no endpoints: nothing to offer
     worker._withdraw(first)  # its transaction did not end the batch
-    second = worker._delivery_lease()
-    assert second is not None and second.limit == worker.webhook_slots
+    second = worker._delivery_lease("key_alice", C.COMPLETED)
+    assert second is not None and second.limit == 3
     second.claimed.append(_claimed(1))
     worker._send_now(second)  # it ended the batch: one delivery handed, the rest of the offer back
-    third = worker._delivery_lease()
-    assert third is not None and third.limit == worker.webhook_slots - 1
+    third = worker._delivery_lease("key_alice", C.COMPLETED)
+    assert third is not None and third.limit == 2  # 4 slots: one handed, one offered to bob's batch
     outbox.due = [_claimed(2)]
 
     async def scenario() -> None:
@@ -286,6 +290,7 @@ def test_slots_offered_to_a_batchs_end_are_offered_once_and_not_claimed_into(sto
         await asyncio.sleep(0.1)
         assert outbox.claims == 0 and sent == ["http://127.0.0.1:1/a"]  # no slot free to claim into
         worker._withdraw(third)
+        worker._withdraw(bobs)
         worker._look_for_webhooks()
         for _ in range(200):
             await asyncio.sleep(0.01)

@@ -95,10 +95,17 @@ class WebhookRoutes:
     def endpoint(self, endpoint_id: str) -> WebhookEndpoint | None:
         return self._by_id.get(endpoint_id)
 
+    def _receivers(self, owner: str, event_type: str | None) -> list[WebhookEndpoint]:
+        return [e for e in self._by_owner.get(owner, ()) if event_type in e.events] if event_type else []
+
+    def receivers(self, owner: str, status: str | None) -> int:
+        """How many events `events_for` makes for this owner and terminal state."""
+        return len(self._receivers(owner, EVENT_FOR_STATUS.get(status) if status else None))
+
     def events_for(self, owner: str, batch_id: str, status: str, now: int) -> list[WebhookEvent]:
         """One event (one id, one body) for each of the owner's endpoints that wants it."""
         event_type = EVENT_FOR_STATUS.get(status)
-        endpoints = [e for e in self._by_owner.get(owner, ()) if event_type in e.events]
+        endpoints = self._receivers(owner, event_type)
         if event_type is None or not endpoints:
             return []
         event_id = new_event_id()

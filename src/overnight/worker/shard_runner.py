@@ -65,7 +65,7 @@ class ShardRunner:
         metrics: WorkerMetrics | None = None,
         finalize_lease_seconds: float = 30.0,
         webhooks: WebhookRoutes | None = None,
-        delivery_lease: Callable[[], DeliveryLease | None] = lambda: None,
+        delivery_lease: Callable[[str, str | None], DeliveryLease | None] = lambda owner, status: None,
     ) -> None:
         self.queue = queue
         self.webhooks = webhooks
@@ -104,7 +104,8 @@ class ShardRunner:
         if state.lease_lost:
             log.warning("shard %s of %s: lease lost while running; not committed", claim.shard_index, claim.batch_id)
             return "lost"
-        deliveries = self.delivery_lease() if claim.whole_batch and not run.failed_at else None
+        whole = claim.whole_batch and not run.failed_at  # the commit may complete the batch
+        deliveries = self.delivery_lease(claim.owner, C.COMPLETED) if whole else None
         state.deliveries = deliveries
         outcome = await asyncio.to_thread(self._write_and_commit, run, deliveries)
         if isinstance(outcome, BatchTask):

@@ -298,7 +298,7 @@ class Worker:
                     self.metrics.validation.observe(time.monotonic() - started)
                     log.info("batch %s validated: %s", task.batch.id, entered or "moved on meanwhile")
                 else:
-                    deliveries = self._delivery_lease()
+                    deliveries = self._delivery_lease(task.batch.owner, task.final_status)
                     entered = task.final_status if await asyncio.to_thread(
                         finalize_batch, task, self.files, self.phases, int(self.clock()),
                         self._webhook_routes, deliveries) else None
@@ -319,14 +319,15 @@ class Worker:
             if not handed:
                 self._look_for_webhooks()  # a batch may have ended: its events are due now
 
-    def _delivery_lease(self) -> DeliveryLease | None:
-        """A lease for the webhook events of a batch about to end, on as many as this worker's
-        sender has free slots for (see DeliveryLease), or None. The slots stay offered until the
-        transaction returns (`_send_now`, `_withdraw`): batches ending at once are not offered the
-        same ones, so a handed delivery starts at once and its lease is a claim's, one attempt."""
+    def _delivery_lease(self, owner: str, status: str | None) -> DeliveryLease | None:
+        """A lease for the webhook events of `owner`'s batch about to end in `status`, on as many as
+        this worker's sender has free slots for (see DeliveryLease), or None. The slots stay offered
+        until the transaction returns (`_send_now`, `_withdraw`): batches ending at once are not
+        offered the same ones, so a handed delivery starts at once and its lease is a claim's, one
+        attempt. Only as many as the batch has events: the others stay free for the next batch."""
         if self.webhooks is None:
             return None
-        room = self._free_webhook_slots()
+        room = min(self._free_webhook_slots(), self.webhooks.routes.receivers(owner, status))
         if room <= 0:
             return None
         self._offered += room
