@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 import random
@@ -406,3 +407,39 @@ def test_a_lost_lease_leases_no_events(store: SqlStore) -> None:
     assert not store.queue.finish_batch(batch_id, "lost-lease", C.CANCELLED, None, None, 0, 0, NOW,
                                         events=_events(batch_id, C.CANCELLED), deliveries=lease)
     assert lease.claimed == [] and store.webhooks.claim_deliveries(10, 30, "c0", now=time.time() + 31) == []
+
+
+def test_a_receiver_that_drips_its_answer_is_cut_off_at_the_timeout() -> None:
+    """A socket timeout bounds each read only: a receiver sending its answer a byte at a time held
+    the attempt (and a sender slot) for as long as it liked, past the delivery's lease."""
+    import socket
+    import threading
+    import time
+
+    from overnight.batches.webhooks import post_json
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def drip() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 1000:
+                if stop.is_set():
+                    return
+                with contextlib.suppress(OSError):
+                    conn.sendall(bytes([byte]))
+                time.sleep(0.05)  # well inside the 1 s socket timeout
+
+    server = threading.Thread(target=drip, daemon=True)
+    server.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError, match="did not answer within 1 s"):
+            post_json(f"http://127.0.0.1:{listener.getsockname()[1]}/hook", b"{}", {}, 1.0)
+        assert time.monotonic() - started < 3
+    finally:
+        stop.set()
+        server.join(5)
+        listener.close()

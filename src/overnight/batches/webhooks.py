@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import http.client
 import logging
 import random
+import socket
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -205,15 +208,34 @@ class WebhookSender:
 
 def post_json(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> int:
     """POST with the standard library: deliveries are few, and a thread per attempt is cheap.
-    Redirects are not followed: a webhook answered with one was not acknowledged."""
+    Redirects are not followed: a webhook answered with one was not acknowledged. The whole
+    attempt ends within `timeout` (a socket timeout bounds each read only: a receiver that drips
+    its answer would hold a sender slot for ever, past the delivery's lease)."""
     parts = urlsplit(url)
     connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     connection = connection_type(parts.hostname or "", parts.port, timeout=timeout)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    expired = threading.Event()
+
+    def cut_off() -> None:  # a blocked read returns at once once the socket is shut down
+        expired.set()
+        if connection.sock is not None:
+            with contextlib.suppress(OSError):
+                connection.sock.shutdown(socket.SHUT_RDWR)
+
+    watchdog = threading.Timer(timeout, cut_off)
+    watchdog.start()
     try:
         connection.request("POST", path, body=body, headers=dict(headers))
         response = connection.getresponse()
         response.read(_MAX_RESPONSE_BYTES)
+        if expired.is_set():  # cut short, the answer may look whole (headers end at EOF): not acknowledged
+            raise TimeoutError(f"the receiver did not answer within {timeout:g} s")
         return response.status
+    except (OSError, http.client.HTTPException) as exc:
+        if expired.is_set():
+            raise TimeoutError(f"the receiver did not answer within {timeout:g} s") from exc
+        raise
     finally:
+        watchdog.cancel()
         connection.close()
