@@ -13,7 +13,7 @@ def test_permanent_statuses_are_not_retried() -> None:
     policy = RetryPolicy()
     for status in (400, 401, 403, 404, 422):
         assert not policy.decide(1, status, None, 0, 100).retry
-    for status in (None, 408, 429, 500, 502, 503, 504):
+    for status in (None, 408, 409, 429, 500, 502, 503, 504, 520, 524, 529):  # every 5xx, as the SDK
         assert policy.decide(1, status, None, 0, 100).retry
 
 
@@ -34,7 +34,10 @@ def test_backoff_is_jittered_and_bounded() -> None:
 def test_parse_retry_after() -> None:
     assert parse_retry_after({"retry-after-ms": "250"}) == 0.25
     assert parse_retry_after({"retry-after": "3"}) == 3.0
-    assert parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) is None
+    # an HTTP-date (RFC 9110): the time until then (it was ignored, and the retry came at once)
+    assert parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, now=1445412475.0) == 5.0
+    assert parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, now=1445412490.0) == 0.0
+    assert parse_retry_after({"retry-after": "soon"}) is None
     assert parse_retry_after({}) is None
 
 

@@ -74,3 +74,16 @@ def test_a_joined_line_is_the_serialized_line_byte_for_byte(custom_id: str) -> N
     serialized = response_line("batch_req_1", custom_id, 404, "req_\u2028", BODY)
     assert joined == serialized
     assert b"\xe2\x80\xa8" not in joined and orjson.loads(joined)["custom_id"] == custom_id
+
+
+def test_an_answer_is_its_body_as_sent_when_it_is_a_json_object() -> None:
+    """Valid JSON that orjson refuses (a lone surrogate escape, a number beyond a double) passes
+    through as sent; a 2xx whose body is no JSON object (cut off, NaN, a page) is a failure to
+    retry, not an answer: it was counted completed with an error wrapper as its body."""
+    for raw in (b'{"a": "ab\\ud83d"}', b'{"n": 1e400, "usage": {"prompt_tokens": 3}}'):
+        response = _response(200, raw, "req_1")
+        assert response.ok and response.raw == raw and isinstance(response.body, dict)
+    for raw in (b'{"id": "chatcmpl-cut", "object": "chat.comp', b'{"x": NaN}', b"<html>login</html>", b"[1]"):
+        response = _response(200, raw, "req_1")
+        assert not response.ok and response.status_code is None
+        assert response.error_code == "upstream_invalid_response"

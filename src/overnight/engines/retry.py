@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 
-# Transient: the same request may well succeed later. Everything else (400, 401, 404, 422 ...) is
-# the request's own fault and is reported once, with the upstream's status and body.
-RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+# Transient: the same request may well succeed later - these and every 5xx (a proxy's 520-524 as
+# much as 500-504), as the OpenAI SDK retries them. Everything else (400, 401, 404, 422 ...) is the
+# request's own fault and is reported once, with the upstream's status and body.
+RETRYABLE_STATUS = frozenset({408, 409, 429})
 # Signals that the upstream is overloaded: the adaptive limiter backs off on these.
 OVERLOAD_STATUS = frozenset({429, 503, 504})
 
@@ -35,7 +38,7 @@ class RetryPolicy:
     ) -> RetryDecision:
         """`attempt` is the 1-based attempt that just failed; `status` None means no response
         (connection error, reset, timeout), which is always transient."""
-        if status is not None and status not in RETRYABLE_STATUS:
+        if status is not None and status < 500 and status not in RETRYABLE_STATUS:
             return RetryDecision(False)
         if attempt >= self.max_attempts:
             return RetryDecision(False)
@@ -48,8 +51,8 @@ class RetryPolicy:
         return RetryDecision(True, delay)
 
 
-def parse_retry_after(headers: dict[str, str] | object) -> float | None:
-    """`retry-after-ms` (OpenAI's) or `Retry-After` in seconds; HTTP-dates are ignored."""
+def parse_retry_after(headers: dict[str, str] | object, now: float | None = None) -> float | None:
+    """`retry-after-ms` (OpenAI's) or `Retry-After`, in seconds or as an HTTP-date (RFC 9110)."""
     get = getattr(headers, "get", None)
     if get is None:
         return None
@@ -59,5 +62,11 @@ def parse_retry_after(headers: dict[str, str] | object) -> float | None:
             try:
                 return float(value) * scale
             except ValueError:
-                continue
+                pass
+            if scale == 1.0:
+                try:
+                    when = parsedate_to_datetime(value).timestamp()
+                except (TypeError, ValueError, IndexError, OverflowError):
+                    continue
+                return max(0.0, when - (time.time() if now is None else now))
     return None

@@ -9,10 +9,12 @@ CPU per request, where aiohttp sustained ~11,500 at ~80 us and httpx ~400.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import orjson
 from pyreqwest.client import Client, ClientBuilder
@@ -109,8 +111,7 @@ class UpstreamEngine:
             if not decision.retry:
                 return response
             self.stats.retries += 1
-            await asyncio.sleep(decision.delay)
-            if request.stopped is not None and request.stopped():
+            if await _wait_unless_stopped(decision.delay, request.stopped):
                 return EngineResponse.failure(C.BATCH_CANCELLED, _CANCELLED_MESSAGE)
 
     async def send_online(self, request: EngineRequest) -> OnlineReply:
@@ -221,11 +222,22 @@ class UpstreamEngine:
         return _response(status, raw, request_id), retry_after
 
 
+async def _wait_unless_stopped(delay: float, stopped: Callable[[], bool] | None) -> bool:
+    """Wait out a retry's back-off, looking every second whether the line's batch stopped (cancelled,
+    its lease lost): a cancel does not wait for a long Retry-After to pass. True if it stopped."""
+    end = time.monotonic() + delay
+    while (left := end - time.monotonic()) > 0:
+        await asyncio.sleep(min(left, 1.0))
+        if stopped is not None and stopped():
+            return True
+    return stopped is not None and stopped()
+
+
 def _response(status: int, raw: bytes, request_id: str | None) -> EngineResponse:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        body = None
+        body = _stdlib_json(raw)
     if isinstance(body, dict):
         # An output line must be one line. In JSON that parsed, CR and LF can only be white space
         # between tokens (inside strings they are escaped), so dropping them keeps every value.
@@ -234,9 +246,25 @@ def _response(status: int, raw: bytes, request_id: str | None) -> EngineResponse
             raw = raw.replace(b"\r", b"").replace(b"\n", b"")
         return EngineResponse(status, body, request_id, raw=raw)
     text = raw[:2000].decode("utf-8", "replace")
+    if status < 300:  # no answer to pass on (cut off, a proxy's page): transient, retried
+        return EngineResponse.failure(
+            "upstream_invalid_response", f"The upstream answered {status} with a body that is not a JSON object: {text}")
     error = {"error": {"message": f"Upstream answered {status} with a non-JSON body: {text}",
                        "type": "upstream_error", "param": None, "code": None}}
     return EngineResponse(status, error, request_id)
+
+
+def _stdlib_json(raw: bytes) -> Any:
+    """JSON that orjson refuses but is valid (a lone surrogate escape, a number beyond a double):
+    the body is passed through as sent, only its usage is read from this parse."""
+    try:
+        return json.loads(raw, parse_constant=_not_json)  # NaN and Infinity are not JSON
+    except ValueError:
+        return None
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(constant)
 
 
 def _describe(exc: RequestError) -> str:

@@ -14,6 +14,8 @@ through unchanged:
     "x_fault": "400" / "404" / "422"   a permanent error, every time
     "x_fault": "400:1"       a permanent error the first time per key (across batches), then answer
     "x_fault": "slow:200"    answer after 200 ms
+    "x_fault": "truncated:1" answer 200 with a body cut off mid-JSON, once
+    "x_retry_after": "120"   with a 429 fault: this Retry-After (seconds or an HTTP-date) instead of 50 ms
 
 Two more fields check that bodies pass through exactly: `"x_echo_raw": true` puts the request body,
 byte for byte as received, in the answer as `x_request`; `"x_extras": true` adds values that a
@@ -304,7 +306,13 @@ async def _fault(state: UpstreamState, request: web.Request, body: dict[str, Any
         if request.transport is not None:
             request.transport.abort()
         raise asyncio.CancelledError
-    return _error(int(kind), f"injected transient error {kind}")
+    if kind == "truncated":
+        return web.Response(body=b'{"id": "chatcmpl-cut", "object": "chat.comp', content_type="application/json")
+    response = _error(int(kind), f"injected transient error {kind}")
+    if kind == "429" and isinstance(body.get("x_retry_after"), str):
+        del response.headers["retry-after-ms"]
+        response.headers["retry-after"] = body["x_retry_after"]
+    return response
 
 
 def make_app(state: UpstreamState) -> web.Application:
