@@ -82,6 +82,17 @@ def test_bom_crlf_and_missing_final_newline(client: openai.OpenAI) -> None:
     done = wait_terminal(client, client.batches.create(
         input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h").id)
     assert done.status == "completed" and done.request_counts.completed == 5
+    # a BOM is not content: before a blank first line, or alone in a file (it was a bad first line)
+    file_id = upload(client, b"\xef\xbb\xbf\n" + jsonl([chat_line(1)]))
+    done = wait_terminal(client, client.batches.create(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h").id)
+    assert done.status == "completed" and (done.request_counts.total, done.request_counts.completed) == (1, 1)
+    refused = []
+    for data in (b"\r\n", b"\xef\xbb\xbf\r\n"):  # blank, and blank after a BOM: the same answer
+        with pytest.raises(openai.BadRequestError) as exc:
+            upload(client, data)
+        refused.append((exc.value.code, exc.value.message))
+    assert refused[0] == refused[1]
 
 
 def test_too_many_requests(make_server: Any, tmp_path: Any) -> None:

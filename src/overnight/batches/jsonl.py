@@ -53,10 +53,10 @@ class LineSplitter:
                 length = end - start + 1
                 if length - 1 > max_line_bytes:
                     yield Line(number, offset, length, None)
+                elif not offset:
+                    yield from _content(number, offset, length, line)
                 elif line and not line.isspace():
-                    if line.endswith(b"\r"):
-                        line = line[:-1]
-                    yield Line(number, offset, length, line) if offset else _line(number, offset, length, line)
+                    yield Line(number, offset, length, line[:-1] if line.endswith(b"\r") else line)
                 offset += length
                 start = end + 1
                 continue
@@ -85,15 +85,17 @@ class LineSplitter:
 def _finish(number: int, offset: int, length: int, pending: bytearray, limit: int) -> Iterator[Line]:
     if len(pending) < length - 1 or len(pending) > limit:
         yield Line(number, offset, length, None)
-    elif pending and not pending.isspace():
-        data = bytes(pending)
-        yield _line(number, offset, length, data[:-1] if data.endswith(b"\r") else data)
+        return
+    yield from _content(number, offset, length, bytes(pending))
 
 
-def _line(number: int, offset: int, length: int, data: bytes) -> Line:
-    if offset == 0 and data.startswith(BOM):  # a BOM is not part of the first request
-        return Line(number, len(BOM), length - len(BOM), data[len(BOM) :])
-    return Line(number, offset, length, data)
+def _content(number: int, offset: int, length: int, data: bytes) -> Iterator[Line]:
+    """The line, unless it is blank. A BOM starting the file is part of neither the first request
+    nor the test for a blank line."""
+    if offset == 0 and data.startswith(BOM):
+        data, offset, length = data[len(BOM):], len(BOM), length - len(BOM)
+    if data and not data.isspace():
+        yield Line(number, offset, length, data[:-1] if data.endswith(b"\r") else data)
 
 
 def split_requests(data: bytes) -> list[bytes]:
