@@ -120,6 +120,21 @@ def test_list_keys_by_prefix_and_age(store: Any) -> None:
     assert list(store.list_keys("files/", later)) == ["files/f2"]
 
 
+def test_a_listing_goes_on_while_what_it_lists_is_deleted(store: Any) -> None:
+    """Housekeeping deletes as it lists, and batches finish meanwhile: objects (and their
+    directories) that go away under a listing are skipped. On the local store a vanished
+    directory or file ended the whole listing with FileNotFoundError (rglob, then stat)."""
+    keys = [f"results/b{i}/0000000.1.jsonl" for i in range(5)]
+    for key in keys:
+        put(store, key, b"x\n")
+    listing = store.list_keys("results/", time.time() + 2)
+    first = next(listing)
+    for key in keys:
+        store.delete(key)
+    store.remove_empty_dirs(time.time() + 2)
+    assert {first, *listing} <= set(keys)
+
+
 def test_nothing_is_published_when_the_block_raises(store: Any) -> None:
     with pytest.raises(RuntimeError), store.writer("files/half") as out:
         out.write(b"a" * 1000)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+from itertools import islice
 
 from overnight import constants as C
 from overnight.batches.ports import StorageCatalog
@@ -34,9 +35,10 @@ def collect_garbage(catalog: StorageCatalog, files: FileStore, now: float,
         files.delete(key)
         removed += 1
     for prefix in PREFIXES:
-        old = list(files.list_keys(prefix, now - orphan_age))
-        for start in range(0, len(old), 500):
-            chunk = old[start : start + 500]
+        # Checked and deleted 500 at a time as the listing streams (past the orphan age every
+        # file is listed: held in one list, a store's every key was in memory each pass).
+        old = files.list_keys(prefix, now - orphan_age)
+        while chunk := list(islice(old, 500)):
             live = catalog.live_storage_keys(chunk)
             for key in chunk:
                 if key not in live and not _belongs_to_active_batch(catalog, key):

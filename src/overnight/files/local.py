@@ -124,9 +124,18 @@ class LocalFileStore:
         base = self._path(prefix) if prefix else self._blobs
         if not base.exists():
             return
-        for path in base.rglob("*"):
-            if path.is_file() and path.stat().st_mtime < older_than:
-                yield path.relative_to(self._blobs).as_posix()
+        # os.walk, not rglob: a directory or file that goes away meanwhile (a batch finishing, a
+        # delete) is skipped, not an error that ends the whole listing. It reads one directory's
+        # names at a time: memory stays bounded by the largest directory.
+        for dirpath, _, names in os.walk(base):
+            for name in names:
+                path = Path(dirpath, name)
+                try:
+                    modified = path.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                if modified < older_than:
+                    yield path.relative_to(self._blobs).as_posix()
 
 
     def abort_stale_uploads(self, older_than: float) -> int:
