@@ -135,6 +135,22 @@ def test_an_unreachable_endpoint_says_so_after_retrying() -> None:
     assert time.monotonic() - started < 6
 
 
+def test_parts_grow_so_an_object_of_any_size_fits_the_part_limit(seaweedfs: SeaweedFS,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3 takes at most 10,000 parts: at a fixed 8 MiB, an output file over 78 GiB could never be
+    written (finalize failed at part 10,001, again on every retry). Parts double in size after each
+    tenth of the limit; with a limit of 3, parts of 5, 10 and 20 MiB hold 30 MiB."""
+    monkeypatch.setattr("overnight.files.s3.MAX_PARTS", 3)
+    store = s3_file_store(seaweedfs, part_size=PART)
+    block = bytes(range(256)) * 4096  # 1 MiB
+    with store.writer("files/big") as out:
+        for _ in range(30):
+            out.write(block)
+    head = store.client.head_object(Bucket=store.bucket, Key=store.prefix + "files/big")
+    assert head["ContentLength"] == 30 * MiB and head["ETag"].strip('"').endswith("-3")
+    assert b"".join(store.iter_chunks("files/big")) == block * 30
+
+
 def test_abandoned_uploads_are_aborted_under_the_prefix_only(seaweedfs: SeaweedFS) -> None:
     store = s3_file_store(seaweedfs, part_size=PART)
     neighbour = s3_file_store(seaweedfs, part_size=PART)

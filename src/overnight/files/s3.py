@@ -44,6 +44,7 @@ MiB = 1024 * 1024
 MIN_PART_SIZE = 5 * MiB  # S3's minimum for every part but the last (EntityTooSmall otherwise)
 DEFAULT_PART_SIZE = 8 * MiB
 MAX_PARTS = 10_000
+MAX_PART_SIZE = 5 * 1024 * MiB  # S3's maximum part size
 _MAX_RESUMES = 20  # a read that breaks more often than this fails
 _T = TypeVar("_T")
 _TRANSIENT_CODES = frozenset({"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling",
@@ -88,14 +89,22 @@ class _S3Writer:
     def write(self, data: bytes | memoryview) -> None:
         self.bytes_written += len(data)
         view = memoryview(data)
-        size = self._store.part_size
         while view:
-            if len(self._buffer) == size:  # full, and more follows: a multipart upload
+            size = self._part_size()
+            if len(self._buffer) >= size:  # full, and more follows: a multipart upload
                 self._send_part(self._buffer)
                 self._buffer = bytearray()
+                continue
             room = size - len(self._buffer)
             self._buffer += view[:room]
             view = view[room:]
+
+    def _part_size(self) -> int:
+        """The next part's size: the store's, doubled after each tenth of MAX_PARTS parts (S3 takes
+        parts of different sizes), so an object of any size fits in MAX_PARTS parts (8 MiB parts
+        alone stop at 78 GiB); the buffer grows with the object only past 8 GB."""
+        doublings = len(self._parts) // max(1, MAX_PARTS // 10)
+        return int(min(self._store.part_size << doublings, MAX_PART_SIZE))
 
     def _send_part(self, data: bytearray) -> None:
         """Send a part; a bytearray goes out as it is (botocore copies a `bytes` body)."""
@@ -105,7 +114,7 @@ class _S3Writer:
                 Bucket=store.bucket, Key=self._key)["UploadId"]))
         number = len(self._parts) + 1
         if number > MAX_PARTS:
-            raise S3StorageError(errno.EFBIG, f"{self._key}: more than {MAX_PARTS} parts; raise the part size")
+            raise S3StorageError(errno.EFBIG, f"{self._key}: more than {MAX_PARTS} parts (S3's limit)")
         upload_id = self._upload_id
         etag = store._call("upload a part", self._key, lambda: str(store.client.upload_part(
             Bucket=store.bucket, Key=self._key, UploadId=upload_id, PartNumber=number, Body=data)["ETag"]))
