@@ -164,6 +164,16 @@ def test_abandoned_uploads_are_aborted_under_the_prefix_only(seaweedfs: SeaweedF
     assert open_uploads(store) == []
     assert len(open_uploads(neighbour)) == 1  # another prefix: not ours to touch
     assert neighbour.abort_stale_uploads(time.time() + 5) == 1
+    # Without a prefix, only overnight's namespaces are ours: another application's upload in the
+    # same bucket is left alone (all the bucket's stale uploads were aborted).
+    foreign = store.client.create_multipart_upload(Bucket=store.bucket, Key="other-app/x")["UploadId"]
+    bare = s3_file_store(seaweedfs, prefix="")
+    try:
+        assert bare.abort_stale_uploads(time.time() + 5) == 0
+        uploads = store.client.list_multipart_uploads(Bucket=store.bucket, Prefix="other-app/").get("Uploads", [])
+        assert [u["UploadId"] for u in uploads] == [foreign]
+    finally:
+        store.client.abort_multipart_upload(Bucket=store.bucket, Key="other-app/x", UploadId=foreign)
 
 
 def test_keys_live_under_the_prefix(seaweedfs: SeaweedFS) -> None:

@@ -36,6 +36,7 @@ import boto3
 import botocore.exceptions as bx
 from botocore.config import Config
 
+from overnight.files.layout import PREFIXES
 from overnight.files.port import CHUNK_SIZE, StorageUnavailableError, stream_copy
 
 log = logging.getLogger("overnight.files")
@@ -307,14 +308,18 @@ class S3FileStore:
                 return
 
     def abort_stale_uploads(self, older_than: float) -> int:
-        """Abort multipart uploads under the prefix started before `older_than` (their writer
-        died before it could abort them); returns how many. Their parts are otherwise kept, and
-        billed, for ever."""
+        """Abort multipart uploads of ours (under the prefix, in overnight's namespaces: a bucket
+        without a prefix may hold others' uploads) started before `older_than` (their writer died
+        before it could abort them); returns how many. Their parts are otherwise kept, and billed,
+        for ever."""
+        return sum(self._abort_stale_uploads(self.prefix + namespace, older_than) for namespace in PREFIXES)
+
+    def _abort_stale_uploads(self, prefix: str, older_than: float) -> int:
         aborted = 0
         markers: dict[str, str] = {}
         while True:
-            args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix, **markers}
-            page = self._call("list uploads", self.prefix, partial(self.client.list_multipart_uploads, **args))
+            args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, **markers}
+            page = self._call("list uploads", prefix, partial(self.client.list_multipart_uploads, **args))
             for upload in page.get("Uploads", ()):
                 key, upload_id = str(upload["Key"]), str(upload["UploadId"])
                 if upload["Initiated"].timestamp() < older_than and self._idle_since(key, upload_id, older_than):
