@@ -72,6 +72,23 @@ def test_slow_start_then_additive_increase_multiplicative_decrease() -> None:
     assert limiter.limit == 12
 
 
+def test_the_limit_grows_to_this_processs_share_not_past_it() -> None:
+    """Grown to the maximum while `allowed` stays at the share, an overload halved a limit nobody
+    used: with a share of 8 of 64, three overloads in a row left `allowed` at 8."""
+    limiter = AdaptiveLimiter(initial=16, minimum=1, maximum=64)
+    limiter.set_ceiling(8)
+    assert limiter.limit == 8  # lowered with the share
+    for _ in range(100):
+        limiter.on_success()
+    assert limiter.limit == 8 and limiter.allowed == 8
+    limiter.on_overload(limiter.epoch)
+    assert limiter.allowed == 4  # the first overload is felt
+    limiter.set_ceiling(64)  # a larger share: the limit grows again from where it is
+    for _ in range(200):
+        limiter.on_success()
+    assert 4 < limiter.limit <= 64
+
+
 def test_limiter_never_admits_more_than_the_limit() -> None:
     async def scenario() -> int:
         limiter = AdaptiveLimiter(initial=3, minimum=1, maximum=3)

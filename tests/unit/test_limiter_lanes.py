@@ -36,22 +36,32 @@ def test_online_requests_go_ahead_of_queued_batch_requests() -> None:
     assert asyncio.run(scenario()) == ["online", "batch0"]
 
 
-def test_batch_allowance_shrinks_per_online_request_but_never_below_one() -> None:
+def test_batch_allowance_shrinks_per_online_request_but_never_below_one_and_within_the_limit() -> None:
+    """The batch's last slot is within the limit: online requests that find no batch work take
+    every slot, a batch request then waits for the first to end, and while it runs the online lane
+    leaves it that one. (It used to take a slot above the limit: an upstream admitting exactly
+    `max_concurrency` answered 429.)"""
     async def scenario() -> None:
         limiter = AdaptiveLimiter(initial=4, minimum=1, maximum=4)
         assert limiter.batch_allowed == 4
-        for expected in (3, 2, 1, 1, 1):  # a fifth online request waits; the batch keeps one slot
-            if limiter.in_flight < limiter.allowed:
-                await limiter.acquire(online=True)
+        for expected in (3, 2, 1, 1):
+            await limiter.acquire(online=True)
             assert limiter.batch_allowed == expected
         assert limiter.online_in_flight == 4
-        await limiter.acquire()  # the batch's one slot, above the limit of 4
-        assert limiter.in_flight == 5
+        batch = asyncio.create_task(limiter.acquire())
+        online = asyncio.create_task(limiter.acquire(online=True))
+        await asyncio.sleep(0)
+        assert not batch.done() and not online.done() and limiter.in_flight == 4
+        limiter.release(online=True)  # the freed slot is the batch's one, not the waiting user's
+        await asyncio.sleep(0)
+        assert batch.done() and not online.done() and limiter.in_flight == 4 and limiter.peak_in_flight == 4
         limiter.release(online=True)
-        assert limiter.batch_allowed == 1  # 4 - 3
+        await asyncio.sleep(0)
+        assert online.done() and limiter.online_in_flight == 3 and limiter.in_flight == 4
         for _ in range(3):
             limiter.release(online=True)
-        assert limiter.batch_allowed == 4 and limiter.online_in_flight == 0
+        limiter.release()
+        assert limiter.batch_allowed == 4 and limiter.in_flight == 0
 
     asyncio.run(scenario())
 

@@ -7,6 +7,8 @@ Two lanes share the limit. Online requests (someone is waiting for the answer) t
 of waiting batch requests, and each online request in flight shrinks the batch lane's allowance
 by one, down to one: a running batch then gives way to interactive users within one batch
 request's time instead of keeping every slot, and still makes progress while they are there.
+That one slot is within the limit: while batch requests run or wait, online requests take at most
+all slots but one (with a limit of 1 the lanes take turns).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class AdaptiveLimiter:
     async def acquire(self, online: bool = False) -> int:
         """Wait for a slot in the lane; returns the epoch to pass to `on_overload`."""
         if online:
-            if self.in_flight < self._online_allowed and not self._online_waiters:
+            if self._online_may_start() and not self._online_waiters:
                 self._take(True)
                 return self.epoch
             return await self._wait(self._online_waiters, True)
@@ -81,9 +83,10 @@ class AdaptiveLimiter:
 
     def _wake(self) -> None:
         # Online first: a batch request never takes a slot an online request is waiting for.
-        while self._online_waiters and self.in_flight < self._online_allowed:
+        while self._online_waiters and self._online_may_start():
             self._hand_slot(self._online_waiters.popleft(), True)
-        while self._waiters and not self._online_waiters and self._batch_may_start():
+        # Online waiters left now cannot take a slot (the batch's last one is not theirs).
+        while self._waiters and self._batch_may_start():
             self._hand_slot(self._waiters.popleft(), False)
 
     def _hand_slot(self, future: asyncio.Future[None], online: bool) -> None:
@@ -103,20 +106,32 @@ class AdaptiveLimiter:
         allowed = self.allowed
         return max(min(allowed, 1), allowed - self.online_in_flight)
 
-    @property
-    def _online_allowed(self) -> int:
-        # An online request is let through even where this process's share is 0 (other workers
-        # hold the whole budget for batches): someone is waiting for it.
-        return max(self.allowed, 1)
+    def _online_may_start(self) -> bool:
+        allowed = self.allowed
+        if allowed == 0:  # this process's share is 0 (other workers hold the whole budget for
+            return self.in_flight == 0  # batches): an online request still goes, someone waits for it
+        if self.in_flight >= allowed:
+            return False
+        # While batch requests run or wait, online ones leave them one slot (module doc).
+        batch_waits = bool(self._waiters) or self.in_flight > self.online_in_flight
+        return allowed < 2 or not batch_waits or self.online_in_flight < allowed - 1
 
-    def _batch_may_start(self) -> bool:
-        return self.in_flight - self.online_in_flight < self.batch_allowed
+    def _batch_may_start(self) -> bool:  # once per line: `allowed` and `batch_allowed` inlined
+        allowed, online, in_flight = min(int(self.limit), self.ceiling), self.online_in_flight, self.in_flight
+        return in_flight < allowed and in_flight - online < max(min(allowed, 1), allowed - online)
 
     def set_ceiling(self, ceiling: int) -> None:
         """Cap concurrency at this process's share. Requests in flight above a lowered ceiling
-        finish; no new one starts until the count is below it."""
+        finish; no new one starts until the count is below it. The limit does not stay above the
+        share: an overload would otherwise halve a limit that `allowed` does not use."""
         self.ceiling = max(0, min(ceiling, self.maximum))
+        self.limit = min(self.limit, float(self._cap))
         self._wake()
+
+    @property
+    def _cap(self) -> int:
+        """How high the limit may grow: the maximum, or this process's share of it."""
+        return max(self.minimum, min(self.ceiling, self.maximum))
 
     def on_success(self) -> None:
         # Until the upstream first signals overload, +1 per success: the limit doubles every round
@@ -124,9 +139,9 @@ class AdaptiveLimiter:
         # so a fresh server's first batches ran at a quarter of the concurrency it was allowed (a
         # 1,000-line batch in ~150 ms instead of ~90; on a provider 200 ms away, ~10 s of ramp).
         # After an overload, +1 per `limit` successes: one step per round trip of the window.
-        if self.limit < self.maximum:
+        if self.limit < self._cap:
             step = 1.0 if self.epoch == 0 else 1.0 / self.limit
-            self.limit = min(self.maximum, self.limit + step)
+            self.limit = min(self._cap, self.limit + step)
             self._wake()
 
     def on_overload(self, started_epoch: int) -> None:
