@@ -95,6 +95,16 @@ def test_bom_crlf_and_missing_final_newline(client: openai.OpenAI) -> None:
     assert refused[0] == refused[1]
 
 
+def test_numbers_beyond_a_double_are_valid_input(client: openai.OpenAI) -> None:
+    """`1e400` is valid JSON that orjson refuses: the line was invalid_json_line and the batch
+    failed. Now it is sent as written (this test upstream parses with orjson and refuses it: a
+    400 from the upstream, reported as that line's answer)."""
+    line = json.dumps(chat_line(1)).encode()[:-2] + b', "x_huge": 1e400}}\n'
+    done = run_batch(client, line + jsonl([chat_line(2)]))  # type: ignore[arg-type]
+    assert done.status == "completed" and done.request_counts.total == 2
+    assert done.request_counts.completed + done.request_counts.failed == 2
+
+
 def test_too_many_requests(make_server: Any, tmp_path: Any) -> None:
     config = tmp_path / "limits.toml"
     config.write_text("[limits]\nmax_requests_per_batch = 10\n")

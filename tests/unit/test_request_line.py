@@ -22,6 +22,18 @@ def test_numbers_and_strings_keep_their_spelling() -> None:
     assert obj["custom_id"] == "a" and obj["body"]["model"] == "m"
 
 
+def test_numbers_beyond_a_double_are_valid_json_and_keep_their_spelling() -> None:
+    """orjson refuses them ("number is infinity"): the line was an invalid_json_line and the batch failed."""
+    body = b'{"model": "m", "big": 1' + b"0" * 400 + b', "e": 1e400, "n": -1E+999}'
+    for line in (b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": ' + body + b"}",
+                 b'{"body": ' + body + b', "custom_id": "a", "method": "POST", "url": "/v1/chat/completions"}'):
+        obj, raw = parse_request_line(line)
+        assert raw == body and obj["custom_id"] == "a" and obj["body"]["big"] == 10**400
+    for bad in (b'{"custom_id": "a", "body": {"x": NaN}}', b'{"custom_id": "a", "e": 1e400, "body": {"x": Infinity}}'):
+        with pytest.raises(RequestLineError):
+            parse_request_line(bad)
+
+
 @pytest.mark.parametrize(
     "line",
     [

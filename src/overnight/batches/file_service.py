@@ -5,11 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
-import orjson
-
 from overnight import constants as C
 from overnight.batches.errors import InvalidRequest, NotFound
 from overnight.batches.ports import FileCatalog
+from overnight.batches.request_line import RequestLineError, loads_line
 from overnight.batches.upload_check import CheckedUpload, UploadChecks, UploadValidator
 from overnight.files.layout import file_key
 from overnight.files.port import FileStore
@@ -154,8 +153,8 @@ def check_jsonl_head(head: bytes, size: int) -> None:
         return  # the first line is longer than we looked at; batch validation will judge it
     first = text if end < 0 else text[:end]
     try:
-        parsed = orjson.loads(first)
-    except orjson.JSONDecodeError:
+        parsed = loads_line(first)
+    except RequestLineError:
         raise bad from None
     if not isinstance(parsed, dict):
         raise bad

@@ -14,6 +14,7 @@ unparseable) and BODY is exactly its value. Other key orders take a slower exact
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -40,13 +41,29 @@ def parse_request_line(data: bytes) -> tuple[dict[str, Any], bytes | None]:
         parsed = _split_at_last_body(data, end)
         if parsed is not None:
             return parsed
-    try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise RequestLineError(str(exc)) from None
+    obj = loads_line(data)
     if not isinstance(obj, dict) or "body" not in obj:
         return obj, None
     return obj, _scan_body_value(data)
+
+
+def loads_line(data: bytes) -> Any:
+    """JSON text as every check of an input line reads it: orjson, but for valid JSON numbers beyond
+    a double (`1e400`, 400 digits), which it refuses and the standard library reads (the body goes
+    upstream as written either way). Raises RequestLineError."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        if not str(exc).startswith("number is infinity"):
+            raise RequestLineError(str(exc)) from None
+        try:
+            return json.loads(data, parse_constant=_not_json)
+        except ValueError:
+            raise RequestLineError(str(exc)) from None
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
 
 
 def _split_at_last_body(data: bytes, end: int) -> tuple[dict[str, Any], bytes] | None:
@@ -60,8 +77,8 @@ def _split_at_last_body(data: bytes, end: int) -> tuple[dict[str, Any], bytes] |
             try:
                 head = orjson.loads(data[:start] + b"null}")
                 body_bytes = data[start:end].rstrip(_JSON_SPACE)
-                body = orjson.loads(body_bytes)
-            except orjson.JSONDecodeError:
+                body = loads_line(body_bytes)
+            except (orjson.JSONDecodeError, RequestLineError):
                 pass
             else:
                 if isinstance(head, dict):

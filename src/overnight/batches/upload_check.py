@@ -19,6 +19,7 @@ import orjson
 
 from overnight import constants as C
 from overnight.batches.jsonl import Line, LineSplitter
+from overnight.batches.request_line import RequestLineError, loads_line
 from overnight.batches.validation import LineChecks, ShardLinesFor
 from overnight.settings import Limits
 from overnight.store.records import ShardPlan
@@ -154,7 +155,7 @@ def _endpoint_of(line: Line) -> str | None:
     if line.data is None:
         return None
     try:
-        url = orjson.loads(line.data).get("url")
-    except (orjson.JSONDecodeError, AttributeError):
+        url = loads_line(line.data).get("url")
+    except (RequestLineError, AttributeError):
         return None
     return url if url in C.SUPPORTED_ENDPOINTS else None

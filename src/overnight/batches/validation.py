@@ -11,11 +11,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from overnight import constants as C
 from overnight.batches.endpoints import ENDPOINT_LABELS, REQUIRED_BODY_FIELDS, model_required, routing_model
 from overnight.batches.jsonl import Line, iter_lines
+from overnight.batches.request_line import RequestLineError, loads_line
 from overnight.settings import Limits
 from overnight.store.records import ShardPlan
 
@@ -182,8 +181,8 @@ def _check_line(
     # One plain parse: whatever parses here, the worker's `parse_request_line` parses too (its
     # fast split falls back to this same parse), so the body's bytes need not be found now.
     try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError:
+        obj = loads_line(data)
+    except RequestLineError:
         errors.add("invalid_json_line", "This line is not parseable as valid JSON (UTF-8).", None, number)
         return None
     custom_id = _well_formed(obj, endpoint, required, served)
@@ -351,8 +350,8 @@ def _report_duplicates(
         if line.data is None:
             continue
         try:
-            custom_id = orjson.loads(line.data).get("custom_id")
-        except (orjson.JSONDecodeError, AttributeError):
+            custom_id = loads_line(line.data).get("custom_id")
+        except (RequestLineError, AttributeError):
             continue
         if not isinstance(custom_id, str) or hash(custom_id) not in collisions:
             continue
