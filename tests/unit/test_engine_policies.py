@@ -124,3 +124,40 @@ def test_cancelled_waiters_leave_the_limiter_consistent() -> None:
         assert limiter.in_flight == 1 and not limiter._waiters
 
     asyncio.run(scenario())
+
+
+def test_a_connect_timeout_with_the_window_open_is_the_upstreams_not_the_batchs() -> None:
+    """Within `timeout_seconds` of the deadline a request's timeout is cut to the deadline, and its
+    timeout meant the window had closed; but a connect timeout (10 s) fires first, with the window
+    still open: that line was reported batch_expired minutes early, not retried. (A client double:
+    a connect that hangs cannot be made on loopback in test time.)"""
+    import time
+
+    from pyreqwest.exceptions import ConnectTimeoutError
+
+    from overnight import constants as C
+    from overnight.engines.port import EngineRequest
+    from overnight.engines.upstream import UpstreamEngine
+    from overnight.settings import UpstreamSettings
+
+    class ConnectHangs:
+        def post(self, url: str) -> ConnectHangs:
+            return self
+
+        def body_bytes(self, body: bytes) -> ConnectHangs:
+            return self
+
+        def timeout(self, value: object) -> ConnectHangs:
+            return self
+
+        def build(self) -> ConnectHangs:
+            return self
+
+        async def send(self) -> None:
+            raise ConnectTimeoutError("connect timed out", {"causes": None})
+
+    engine = UpstreamEngine(UpstreamSettings("http://127.0.0.1:9/v1"), RetryPolicy(max_attempts=1))
+    engine._client = ConnectHangs()  # type: ignore[assignment]
+    deadline = time.time() + 60  # well inside the 600 s request timeout: the request's timeout is capped
+    response = asyncio.run(engine.execute(EngineRequest(C.CHAT_COMPLETIONS, {}, deadline, b"{}")))
+    assert response.error_code == "upstream_timeout"

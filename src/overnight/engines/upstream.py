@@ -197,7 +197,9 @@ class UpstreamEngine:
             request_id = resp.get_header("x-request-id")
             retry_after = parse_retry_after(resp.headers) if status >= 400 else None
         except RequestTimeoutError:
-            if capped_by_deadline:  # the completion window closed while the request was in flight
+            # The completion window closed while the request was in flight; not a connect (or pool)
+            # timeout with the window still open: that one is the upstream's, retried.
+            if capped_by_deadline and time.time() >= deadline - 1.0:
                 return EngineResponse.failure(C.BATCH_EXPIRED, _EXPIRED_MESSAGE), None
             self.limiter.on_overload(epoch)
             stats.error("timeout")
