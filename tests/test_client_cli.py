@@ -37,7 +37,7 @@ def batch_cli(server: Server, *args: str, key: str | None = API_KEY, timeout: fl
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+    return [json.loads(x) for x in path.read_bytes().split(b"\n") if x.strip()]  # not splitlines: U+2028
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -110,6 +110,23 @@ def test_failed_lines_are_counted_and_joined_with_their_errors(server: Server, t
     rows = read_csv(out / "results.csv")
     assert [(r["custom_id"], r["status"], r["error_code"]) for r in rows] == [
         (r["custom_id"], r["status"], r["error_code"] or "") for r in results]
+
+
+def test_answers_holding_line_separators_are_read_whole(server: Server, tmp_path: Path) -> None:
+    """JSON strings may hold U+2028, U+0085 and the like unescaped (overnight writes them so): the
+    client split a file's lines as str.splitlines does, cut such a line in two and stopped with a
+    JSONDecodeError traceback (exit 1, as for failed lines) instead of its summary."""
+    ids = ["plain", "line\u2028separator", "next\x85line"]
+    lines = [{"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+              "body": {**CHAT_TEMPLATE, "messages": [{"role": "user", "content": "hi"}], "x_fault": "400"}}
+             for cid in ids]
+    (tmp_path / "batch.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines),
+                                          encoding="utf-8")
+    submitted = batch_cli(server, "submit", str(tmp_path / "batch.jsonl"), "--wait", "--poll-seconds", "0.2",
+                          "-o", str(tmp_path / "out"))
+    assert submitted.returncode == 1 and "Traceback" not in submitted.stderr, submitted.stderr
+    assert "0 of 3 succeeded, 3 failed (invalid_value: 3)" in submitted.stderr
+    assert sorted(x["custom_id"] for x in read_lines(tmp_path / "out" / "errors.jsonl")) == sorted(ids)
 
 
 def test_cancel_download_and_not_finished_exit_codes(make_server: Any, tmp_path: Path) -> None:

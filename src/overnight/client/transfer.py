@@ -18,11 +18,24 @@ def download_file(client: OpenAI, file_id: str, path: Path) -> None:
 
 
 def iter_file_lines(client: OpenAI, file_id: str) -> Iterator[dict[str, Any]]:
-    """The JSON objects of a JSONL file on the server, one at a time."""
+    """The JSON objects of a JSONL file on the server, one at a time. Split on newline bytes only:
+    `iter_lines` splits text as `str.splitlines` does, also at U+2028, U+0085 and others, which
+    JSON strings may hold unescaped (one answer became two broken lines)."""
     with client.files.with_streaming_response.content(file_id) as response:
-        for line in response.iter_lines():
-            if line.strip():
-                yield json.loads(line)
+        pending = bytearray()  # the line in progress
+        for chunk in response.iter_bytes(1024 * 1024):
+            end = chunk.find(b"\n")
+            if end < 0:
+                pending += chunk
+                continue
+            pending += chunk[:end]
+            lines = chunk[end + 1:].split(b"\n")
+            for line in (bytes(pending), *lines[:-1]):
+                if line.strip():
+                    yield json.loads(line)
+            pending = bytearray(lines[-1])
+        if pending.strip():
+            yield json.loads(pending)
 
 
 def iter_local_lines(path: Path) -> Iterator[dict[str, Any]]:
