@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from conftest import (
+    ADMIN_KEY,
     API_KEY,
     Server,
     chat_line,
@@ -124,6 +125,21 @@ def test_retry_runs_failed_lines_again_and_joined_takes_the_latest(client: opena
     assert all(by_id[f"req-{i}"]["response"]["status_code"] == 200 for i in range(11))
     assert by_id["req-11"]["response"]["status_code"] == 404
     assert by_id["req-5"]["id"].startswith("batch_req_" + retry.id.removeprefix("batch_"))  # the retry's line
+
+    # The same batch retried once more (a sibling of the first retry): joined takes every finished
+    # attempt, the newest line per custom_id (it followed one chain: the newest retry and its own)
+    status, body = _post(server, f"/batches/{first.id}/retry")
+    assert status == 200, body
+    again = wait_terminal(client, body["id"])
+    status, headers, joined = raw_request("GET", f"{server.base_url}/batches/{first.id}/joined", AUTH)
+    assert status == 200 and headers["x-overnight-attempts"] == "3"
+    by_id = {r["custom_id"]: r for r in (json.loads(x) for x in joined.splitlines())}
+    assert len(by_id) == 12 and by_id["req-5"]["id"].startswith("batch_req_" + again.id.removeprefix("batch_"))
+    # an admin may read any key's batch but not retry it: a retry creates a batch in the owner's name
+    status, _, raw = raw_request("POST", f"{server.base_url}/batches/{first.id}/retry",
+                                 {"Authorization": f"Bearer {ADMIN_KEY}"}, b"")
+    assert status == 404, raw
+    assert [b.id for b in client.batches.list(limit=3)][:2] == [again.id, retry.id]
 
 
 def test_retry_refuses_unfinished_batches_and_batches_without_failures(client: openai.OpenAI, server: Server) -> None:

@@ -64,8 +64,9 @@ class ResultsCatalog(Protocol):
         """The batch's shards holding lines at input index `after` or later, in input order."""
         ...
 
-    def latest_retry(self, owner: str, batch_id: str) -> BatchRecord | None:
-        """The newest batch created by retrying `batch_id`."""
+    def retries_of(self, owner: str, batch_id: str) -> list[tuple[int, BatchRecord]]:
+        """The batches created by retrying `batch_id` (at most MAX_RETRIES_LISTED), newest first,
+        each with its place in the order all batches were created."""
         ...
 
 

@@ -25,7 +25,7 @@ from overnight.store.records import BatchRecord, FileRecord
 RETRYABLE_STATUSES = (C.COMPLETED, C.CANCELLED, C.EXPIRED)
 _KIND_OF_CODE = {C.BATCH_CANCELLED: "cancelled", C.BATCH_EXPIRED: "expired"}
 _UNLIMITED = 1 << 62  # input lines were validated (each within the shard byte limit)
-MAX_RETRY_CHAIN = 100  # joined results follow at most this many retries
+MAX_RETRY_CHAIN = 100  # joined results take at most this many retries
 
 
 class BatchRetries:
@@ -36,9 +36,10 @@ class BatchRetries:
         self.file_catalog = file_catalog
         self.files = files
 
-    def retry(self, owner: str | None, batch_id: str, include: list[str]) -> BatchRecord:
-        """A new batch of the parent's error lines of the kinds in `include` (failed, cancelled,
-        expired), with metadata {"overnight_retry_of": parent}."""
+    def retry(self, owner: str, batch_id: str, include: list[str]) -> BatchRecord:
+        """A new batch of `owner`'s batch's error lines of the kinds in `include` (failed,
+        cancelled, expired), with metadata {"overnight_retry_of": parent}. The owner's own batches
+        only, admins' too: a retry creates a batch, and batches are created from one's own files."""
         parent = self.batches.get(owner, batch_id)
         if parent.status not in RETRYABLE_STATUSES:
             raise Conflict(f"Cannot retry a batch with status '{parent.status}'; only a finished batch "
@@ -75,15 +76,21 @@ class BatchRetries:
 
     def joined(self, owner: str | None, batch_id: str) -> tuple[int, Iterator[bytes]]:
         """How many finished attempts are joined, and for each custom_id the latest attempt's
-        result line: the newest finished retry's lines, then each older attempt's lines whose
-        custom_id no newer attempt has (memory: the custom_ids seen, at most one batch's lines)."""
-        chain = [self.batches.get(owner, batch_id)]
-        while len(chain) <= MAX_RETRY_CHAIN:
-            child = self.results.latest_retry(chain[-1].owner, chain[-1].id)
-            if child is None or child.status not in (*RETRYABLE_STATUSES, C.FAILED):
-                break
-            chain.append(child)
-        return len(chain), self._join(list(reversed(chain)))
+        result line. The attempts are the batch and every finished retry of it, of its retries and
+        so on (a batch may be retried more than once, e.g. its failed lines and its cancelled ones
+        apart); newest first, each attempt gives the lines whose custom_id no newer one has
+        (memory: the custom_ids seen, at most the batch's lines)."""
+        root = self.batches.get(owner, batch_id)
+        attempts: list[tuple[int, BatchRecord]] = []
+        parents = [root]
+        while parents and len(attempts) < MAX_RETRY_CHAIN:
+            parent = parents.pop()
+            for seq, child in self.results.retries_of(parent.owner, parent.id):
+                if child.status in (*RETRYABLE_STATUSES, C.FAILED):  # finished; a running one is skipped
+                    attempts.append((seq, child))
+                    parents.append(child)
+        newest_first = [batch for _, batch in sorted(attempts[:MAX_RETRY_CHAIN], key=lambda a: -a[0])]
+        return len(newest_first) + 1, self._join([*newest_first, root])
 
     def _join(self, newest_first: list[BatchRecord]) -> Iterator[bytes]:
         seen: set[str] = set()

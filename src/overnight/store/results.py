@@ -22,11 +22,12 @@ _SHARDS_AFTER = (
     .order_by(_s.c.shard_index)
 )
 # The newest retry of a batch (ix_batches_retry_of); retries are the parent's owner's.
-_LATEST_RETRY = (
+MAX_RETRIES_LISTED = 100
+_RETRIES = (
     select(_b)
     .where(_b.c.retry_of == bindparam("p_batch"), _b.c.owner == bindparam("p_owner"))
     .order_by(_b.c.seq.desc())
-    .limit(1)
+    .limit(MAX_RETRIES_LISTED)
 )
 
 
@@ -40,9 +41,9 @@ class SqlResultsCatalog:
             rows = conn.execute(_SHARDS_AFTER, {"p_batch": batch_id, "p_after": after}).all()
         return [SettledShard(**r._mapping) for r in rows]
 
-    def latest_retry(self, owner: str, batch_id: str) -> BatchRecord | None:
+    def retries_of(self, owner: str, batch_id: str) -> list[tuple[int, BatchRecord]]:
         if not storable(batch_id):
-            return None
+            return []
         with self.db.read() as conn:
-            row = conn.execute(_LATEST_RETRY, {"p_batch": batch_id, "p_owner": owner}).first()
-        return batch_record(row) if row else None
+            rows = conn.execute(_RETRIES, {"p_batch": batch_id, "p_owner": owner}).all()
+        return [(row.seq, batch_record(row)) for row in rows]
