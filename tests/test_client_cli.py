@@ -198,6 +198,22 @@ def test_exit_codes_for_api_errors_usage_errors_and_rejected_batches(server: Ser
     assert conflict.returncode == 4 and "409" in conflict.stderr and "completed" in conflict.stderr
 
 
+def test_a_download_cut_short_leaves_no_results_file_that_looks_complete(server: Server, tmp_path: Path) -> None:
+    """Files were written under their final names as they went: a join that failed part way (here
+    an input file that cannot be read) left results.csv with its header and no rows, which a
+    script that checks for the file took for the results. They are written aside and renamed."""
+    client = server.client()
+    done = batches.wait(client, batches.submit(client, _one_line(tmp_path)).id, poll_seconds=0.2)
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError):
+        batches.download(client, done, out, input_path=tmp_path / "missing.jsonl")
+    assert not (out / "results.csv").exists() and not (out / "results.jsonl").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["errors.jsonl", "output.jsonl"]  # whole, as served
+    batches.download(client, done, out)
+    assert len(read_csv(out / "results.csv")) == 1 and sorted(p.name for p in out.iterdir()) == [
+        "errors.jsonl", "output.jsonl", "results.csv", "results.jsonl"]
+
+
 def _one_line(tmp_path: Path) -> Path:
     path = tmp_path / "one.jsonl"
     batches.write_batch_file(path, ["hello"], CHAT_TEMPLATE)

@@ -23,7 +23,7 @@ from openai.types import Batch
 from overnight.client.answers import CSV_FIELDS, ResultRecord, input_of, result_of
 from overnight.client.errors import NotFinished
 from overnight.client.outcome import TERMINAL
-from overnight.client.transfer import download_file, iter_local_lines
+from overnight.client.transfer import download_file, iter_local_lines, replaced_on_success
 
 OUTPUT_NAME = "output.jsonl"
 ERRORS_NAME = "errors.jsonl"
@@ -77,9 +77,11 @@ def download(
     _fetch_results(client, batch, output, errors)
     statuses: Counter[str] = Counter()
     with (
+        replaced_on_success(results_jsonl) as jsonl_part,
+        replaced_on_success(results_csv) as csv_part,
         tempfile.TemporaryDirectory(prefix="overnight-results-") as tmp,
-        results_jsonl.open("w", encoding="utf-8", newline="\n") as jsonl,
-        results_csv.open("w", encoding="utf-8", newline="") as table,
+        jsonl_part.open("w", encoding="utf-8", newline="\n") as jsonl,
+        csv_part.open("w", encoding="utf-8", newline="") as table,
     ):
         writer = csv.DictWriter(table, fieldnames=CSV_FIELDS)
         writer.writeheader()

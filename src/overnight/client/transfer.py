@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from openai import OpenAI
 
 
+@contextmanager
+def replaced_on_success(path: Path) -> Iterator[Path]:
+    """A temporary sibling of `path` to write, which becomes `path` when the block ends without an
+    error: an interrupted download leaves no file that looks complete."""
+    part = path.with_name(f".{path.name}.part")
+    try:
+        yield part
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
+
+
 def download_file(client: OpenAI, file_id: str, path: Path) -> None:
     """Write a file's content to `path`, chunk by chunk."""
-    with client.files.with_streaming_response.content(file_id) as response, path.open("wb") as out:
+    with (replaced_on_success(path) as part, client.files.with_streaming_response.content(file_id) as response,
+          part.open("wb") as out):
         for chunk in response.iter_bytes(1024 * 1024):
             out.write(chunk)
 
