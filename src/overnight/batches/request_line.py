@@ -14,11 +14,12 @@ unparseable) and BODY is exactly its value. Other key orders take a slower exact
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 import orjson
+
+from overnight.json_text import loads_standard
 
 _BODY_KEY = b'"body"'
 _MODEL_KEY = b'"model"'
@@ -57,13 +58,9 @@ def loads_line(data: bytes) -> Any:
         if not str(exc).startswith("number is infinity"):
             raise RequestLineError(str(exc)) from None
         try:
-            return json.loads(data, parse_constant=_not_json)
+            return loads_standard(data)
         except ValueError:
             raise RequestLineError(str(exc)) from None
-
-
-def _not_json(constant: str) -> Any:
-    raise ValueError(f"{constant} is not JSON")
 
 
 def _split_at_last_body(data: bytes, end: int) -> tuple[dict[str, Any], bytes] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,24 +34,13 @@ def download_file(client: OpenAI, file_id: str, path: Path) -> None:
 
 
 def iter_file_lines(client: OpenAI, file_id: str) -> Iterator[dict[str, Any]]:
-    """The JSON objects of a JSONL file on the server, one at a time. Split on newline bytes only:
-    `iter_lines` splits text as `str.splitlines` does, also at U+2028, U+0085 and others, which
-    JSON strings may hold unescaped (one answer became two broken lines)."""
-    with client.files.with_streaming_response.content(file_id) as response:
-        pending = bytearray()  # the line in progress
-        for chunk in response.iter_bytes(1024 * 1024):
-            end = chunk.find(b"\n")
-            if end < 0:
-                pending += chunk
-                continue
-            pending += chunk[:end]
-            lines = chunk[end + 1:].split(b"\n")
-            for line in (bytes(pending), *lines[:-1]):
-                if line.strip():
-                    yield json.loads(line)
-            pending = bytearray(lines[-1])
-        if pending.strip():
-            yield json.loads(pending)
+    """The JSON objects of a JSONL file on the server, one at a time, read from a local copy split at
+    newline bytes only (the response's `iter_lines` splits as `str.splitlines` does, also at U+2028
+    and U+0085, which JSON strings hold unescaped: one answer became two broken lines)."""
+    with tempfile.TemporaryDirectory(prefix="overnight-file-") as tmp:
+        path = Path(tmp, "file.jsonl")
+        download_file(client, file_id, path)
+        yield from iter_local_lines(path)
 
 
 def iter_local_lines(path: Path) -> Iterator[dict[str, Any]]:

@@ -116,9 +116,8 @@ class AdaptiveLimiter:
         batch_waits = bool(self._waiters) or self.in_flight > self.online_in_flight
         return allowed < 2 or not batch_waits or self.online_in_flight < allowed - 1
 
-    def _batch_may_start(self) -> bool:  # once per line: `allowed` and `batch_allowed` inlined
-        allowed, online, in_flight = min(int(self.limit), self.ceiling), self.online_in_flight, self.in_flight
-        return in_flight < allowed and in_flight - online < max(min(allowed, 1), allowed - online)
+    def _batch_may_start(self) -> bool:
+        return self.in_flight < self.allowed and self.in_flight - self.online_in_flight < self.batch_allowed
 
     def set_ceiling(self, ceiling: int) -> None:
         """Cap concurrency at this process's share. Requests in flight above a lowered ceiling

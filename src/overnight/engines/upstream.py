@@ -9,7 +9,6 @@ CPU per request, where aiohttp sustained ~11,500 at ~80 us and httpx ~400.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
@@ -26,6 +25,7 @@ from overnight.engines.online import EVENT_STREAM, JSON, OnlineReply
 from overnight.engines.port import EngineRequest, EngineResponse
 from overnight.engines.retry import OVERLOAD_STATUS, RetryPolicy, parse_retry_after
 from overnight.engines.stats import UpstreamStats
+from overnight.json_text import loads_standard
 from overnight.settings import UpstreamSettings
 
 _EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
@@ -260,13 +260,9 @@ def _stdlib_json(raw: bytes) -> Any:
     """JSON that orjson refuses but is valid (a lone surrogate escape, a number beyond a double):
     the body is passed through as sent, only its usage is read from this parse."""
     try:
-        return json.loads(raw, parse_constant=_not_json)  # NaN and Infinity are not JSON
+        return loads_standard(raw)
     except ValueError:
         return None
-
-
-def _not_json(constant: str) -> Any:
-    raise ValueError(constant)
 
 
 def _describe(exc: RequestError) -> str:
