@@ -206,6 +206,33 @@ def test_an_answer_whose_usage_holds_no_counts_is_still_that_lines_answer(setup:
     assert usages.count(odd) == 1 and len(usages) == LINES
 
 
+def test_a_finalize_lease_taken_while_the_worker_stops_is_handed_back(setup: Any) -> None:
+    """The commit of a batch's last shard leases its finalize step to the committing worker. When
+    that worker is stopping (SIGTERM while the commit ran), nobody there will finalize: the lease
+    is released in the commit's thread, and a restarted worker finalizes at once instead of after
+    the lease (a CI run saw a batch sit in finalizing past the test's 40 s)."""
+    store, files = setup
+
+    async def scenario() -> Any:
+        lanes, engine = Lanes(), ScriptedEngine(fail_at=5)
+        runner = ShardRunner(store.queue, files, Router([Route("*", engine)]), lanes, clock=lambda: NOW)
+        claim = store.queue.claim_shard(NOW, 30, "lease")
+        assert claim is not None
+        state = ShardState(worker_stopping=True)
+        task = asyncio.create_task(runner.run(claim, state))
+        for _ in range(LINES):
+            engine.gate.release()
+        try:
+            return await asyncio.wait_for(task, 5), state
+        finally:
+            await lanes.close()
+
+    outcome, state = asyncio.run(scenario())
+    assert outcome == "batch_ready" and state.finalize is None
+    task = store.queue.claim_batch_task(NOW, 30, "restarted")  # at once, not after the lease
+    assert task is not None and task.kind == "finalize"
+
+
 def test_a_shard_that_fails_the_same_way_twice_is_settled_and_its_lines_reported(setup: Any) -> None:
     store, files = setup
     first = store.queue.claim_shard(NOW, 30, "t1")

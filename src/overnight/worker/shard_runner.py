@@ -48,6 +48,10 @@ class ShardState:
     # Sender slots offered to the commit for its batch's webhooks (the worker settles the offer
     # whatever the outcome); when it completed the batch, `claimed` holds the deliveries leased to us.
     deliveries: DeliveryLease | None = None
+    # The token of the finalize lease its commit may take, and whether the worker is stopping: a
+    # lease taken while it stops is handed back (the commit's thread, or the worker's stop, does).
+    finalize_token: str | None = None
+    worker_stopping: bool = False
 
     def stopped(self) -> bool:
         """Whether to send no more of its lines (asked again by an engine after a long wait)."""
@@ -107,7 +111,8 @@ class ShardRunner:
         whole = claim.whole_batch and not run.failed_at  # the commit may complete the batch
         deliveries = self.delivery_lease(claim.owner, C.COMPLETED) if whole else None
         state.deliveries = deliveries
-        outcome = await asyncio.to_thread(self._write_and_commit, run, deliveries)
+        state.finalize_token = new_lease_token()
+        outcome = await asyncio.to_thread(self._write_and_commit, run, deliveries, state)
         if isinstance(outcome, BatchTask):
             state.finalize = outcome
             outcome = "batch_ready"
@@ -123,7 +128,7 @@ class ShardRunner:
         return outcome
 
     def _write_and_commit(
-        self, run: _ShardRun, deliveries: DeliveryLease | None
+        self, run: _ShardRun, deliveries: DeliveryLease | None, state: ShardState
     ) -> Literal["lost", "committed", "batch_ready", "finished"] | BatchTask:
         """On a thread: write the results object and commit it. A shard holding its whole batch
         without error lines also publishes the output file in the commit (see `publish_with_commit`)."""
@@ -132,10 +137,15 @@ class ShardRunner:
         now = int(self.clock())
         publish = publish_with_commit(claim, result, run.output_file_id, now, self.webhooks, deliveries) \
             if run.output_file_id else None
+        token = state.finalize_token
+        assert token is not None
         outcome = self.queue.commit_shard(claim.shard_id, claim.lease_token, claim.batch_id, result, now,
-                                          (new_lease_token(), self.finalize_lease_seconds), publish)
+                                          (token, self.finalize_lease_seconds), publish)
         if outcome == "lost":
             self.files.delete(result.result_key)
+        if isinstance(outcome, BatchTask) and state.worker_stopping:  # nobody here will finalize it
+            self.queue.release_batch_lease(claim.batch_id, token)
+            return "batch_ready"
         return outcome
 
     def sends_raw_body(self, engine: Engine) -> bool:

@@ -140,8 +140,13 @@ class Worker:
         try:
             await stop.wait()
         finally:
+            for _, state in self._shards.values():
+                state.worker_stopping = True  # a commit still running hands its finalize lease back
             held = [(shard_id, claim.lease_token) for shard_id, (claim, _) in self._shards.items()]
-            batch_leases = list(self._batch_leases.items())
+            # and so does the stop, for a commit done whose task did not take its outcome in
+            batch_leases = list(self._batch_leases.items()) + [
+                (claim.batch_id, state.finalize_token) for claim, state in self._shards.values()
+                if state.finalize_token is not None]
             for task in loops:
                 task.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
@@ -249,6 +254,8 @@ class Worker:
                     state.deliveries = None
                 elif outcome == "batch_ready":
                     if state.finalize is not None:  # leased to us with the commit: finalize now
+                        # held from here, not from the task's start: a stop may cancel it first
+                        self._batch_leases[state.finalize.batch.id] = state.finalize.lease_token
                         self._spawn(self._running, self._run_batch_task(state.finalize))
                     else:
                         self._batch_due = True
