@@ -160,3 +160,13 @@ def test_two_processes_migrate_an_empty_database_at_once(empty_url: str) -> None
     finally:
         first.close()
         second.close()
+
+
+def test_a_shard_settled_failed_counts_its_lines_failed_while_the_batch_runs(store: SqlStore) -> None:
+    _batch_in_progress(store, shards=2)
+    shard = store.queue.claim_shard(NOW, 30, "w")
+    assert shard is not None
+    assert store.queue.fail_shard(shard.shard_id, "w", "batch_a", "OSError: disk on fire", True, NOW) == "failed"
+    record = store.batches.get_batch("owner", "batch_a")
+    assert record is not None and record.status == C.IN_PROGRESS
+    assert (record.request_completed, record.request_failed) == (0, 10)

@@ -209,7 +209,7 @@ _FAIL_SHARD = (
         completed=0,
         failed=0,
     )
-    .returning(_s.c.status)
+    .returning(_s.c.status, _s.c.request_count)
 )
 _ADD_SHARD_TO_BATCH = (
     update(_b)
@@ -224,6 +224,8 @@ _ADD_SHARD_TO_BATCH = (
         model=func.coalesce(_b.c.model, bindparam("p_model")),
     )
 )
+_NO_COUNTS = {"p_completed": 0, "p_failed": 0, "p_input_tokens": 0, "p_cached_tokens": 0, "p_output_tokens": 0,
+              "p_reasoning_tokens": 0, "p_model": None}
 _FINALIZE_IF_LAST = (
     update(_b)
     .where(
@@ -479,13 +481,16 @@ class SqlWorkQueue:
         failed (`failed`, or `batch_ready` when that was the batch's last open shard)."""
         with self.db.write() as conn:
             conn.execute(_LOCK_BATCH, {"p_batch": batch_id})
-            status = conn.execute(_FAIL_SHARD, {
+            row = conn.execute(_FAIL_SHARD, {
                 "p_shard": shard_id, "p_token": token, "p_error": error.replace("\x00", ""), "p_give_up": give_up,
-            }).scalar()
-            if status is None:
+            }).first()
+            if row is None:
                 return "lost"
-            if status == C.SHARD_PENDING:
+            if row.status == C.SHARD_PENDING:
                 return "retry"
+            # Its lines are failed from now on (finalize reports them): counted at once, so that a
+            # running batch's request_counts and deadline warning see them.
+            conn.execute(_ADD_SHARD_TO_BATCH, {"p_batch": batch_id, **_NO_COUNTS, "p_failed": row.request_count})
             ready = conn.execute(_FINALIZE_IF_LAST, {"p_batch": batch_id, "p_now_int": now})
             return "batch_ready" if ready.rowcount else "failed"
 
