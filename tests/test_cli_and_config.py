@@ -28,7 +28,7 @@ from overnight.cli import _parser, settings_from
 from overnight.settings import HttpSettings
 
 
-def test_generated_key_is_printed_once_and_stored_hashed(tmp_path: Path, upstream: Upstream) -> None:
+def test_generated_key_is_printed_once_stored_hashed_and_revoked_by_configured_keys(tmp_path: Path, upstream: Upstream) -> None:
     srv = Server(tmp_path / "data", ["--upstream", f"*={upstream.base_url}", "--no-embedded"]).start()
     try:
         key = re.search(r"sk-overnight-[\w-]+", srv.log.read_text())
@@ -42,6 +42,14 @@ def test_generated_key_is_printed_once_and_stored_hashed(tmp_path: Path, upstrea
             srv.client("sk-overnight-guess").batches.list()
         stored = b"".join(p.read_bytes() for p in (tmp_path / "data").glob("overnight.db*"))
         assert key.group(0).encode() not in stored  # only its hash is kept
+        # Configuring keys revokes the created one: it was a stand-in until then.
+        srv.stop()
+        srv.args = [*srv.args, "--api-key", "sk-mine"]
+        srv.start()
+        with pytest.raises(openai.AuthenticationError):
+            srv.client(key.group(0)).batches.list()
+        assert srv.client("sk-mine").batches.list().data == []
+        assert "created on first start is no longer accepted" in srv.log.read_text()
     finally:
         srv.stop()
 

@@ -61,12 +61,20 @@ def build_api(
 def load_authenticator(
     settings: Settings, store: SqlKeyStore, announce: Callable[[str], None] | None
 ) -> Authenticator:
-    """Configured keys, plus keys created earlier. With none at all and someone to tell (`announce`),
-    create one and print it once."""
+    """The configured keys; with none configured, the key created on a first start (and with none
+    created yet and someone to tell, `announce`, create one and print it once). A created key is a
+    stand-in until keys are configured, not one of them: configuring keys is how it is revoked."""
     if any(len(key) > MAX_KEY_CHARS for key in (*settings.api_keys, *settings.admin_keys)):
         raise ConfigurationError(f"A configured API key is longer than {MAX_KEY_CHARS} characters, more than the "
                                  "server accepts from a client; use a shorter one.")
-    hashes = store.stored_key_hashes()
+    created = store.stored_key_hashes()
+    if not (settings.api_keys or settings.admin_keys):
+        hashes = created
+    else:
+        hashes = {}
+        if created and announce is not None:
+            announce("The API key created on first start is no longer accepted: keys are configured "
+                     "(--api-key/--admin-key). Its files and batches stay readable with an --admin-key.")
     for key in settings.api_keys:
         h = hash_key(key)
         hashes[h] = (owner_of(h), False)
