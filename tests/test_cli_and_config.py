@@ -4,9 +4,11 @@ aliases and upstream API keys from a config file."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -183,3 +185,21 @@ def test_http_limits_from_flags_and_the_config_file(tmp_path: Path) -> None:
     assert "header_timeout_seconds and body_idle_timeout_seconds must be above 0" in stderr
     stderr = serve_refused("--data-dir", str(tmp_path / "data"), "--no-embedded", "--api-key", "k" * 1025)
     assert "longer than 1024 characters" in stderr
+
+
+def test_cleanup_with_an_orphan_age_deletes_what_two_looks_find_unnamed(tmp_path: Path) -> None:
+    """`overnight cleanup` beside a running server: an old object no row names is an orphan only if
+    a second look (after the commit that would name it) still finds it unnamed."""
+    from overnight.files.local import LocalFileStore
+
+    data = tmp_path / "data"
+    files = LocalFileStore(data)
+    with files.writer("files/file-orphan") as writer:
+        writer.write(b"left by a crash\n")
+    then = time.time() - 7200
+    os.utime(data / "blobs" / "files" / "file-orphan", (then, then))
+    done = subprocess.run([sys.executable, "-m", "overnight", "cleanup", "--data-dir", str(data)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "removed 1 objects" in done.stderr
+    assert not files.exists("files/file-orphan")

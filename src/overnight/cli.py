@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from overnight.wiring import Components
 
 log = logging.getLogger("overnight")
+# `cleanup` with an orphan age looks twice this far apart: an object its writer is about to name
+# (a commit follows the write within moments) is named by the second look.
+CLEANUP_RECHECK_SECONDS = 10.0
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -289,12 +292,18 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> None:
         yield_cpu(settings)
         run_on_fastest_loop(run_worker(settings, metrics_address=metrics))
     elif args.command == "cleanup":
-        from overnight.batches.housekeeping import collect_garbage
+        from overnight.batches.housekeeping import OrphanSightings, collect_garbage
         from overnight.wiring import build_core
 
         core = build_core(settings)  # no engines, no worker, no authenticator: only what cleanup reads
         try:
-            removed = collect_garbage(core.store.housekeeping, core.files, time.time(), args.orphan_age_seconds)
+            age = args.orphan_age_seconds
+            # With an orphan age, a server may be writing: an orphan is one two passes find unnamed.
+            sightings = OrphanSightings() if age > 0 else None
+            removed = collect_garbage(core.store.housekeeping, core.files, time.time(), age, sightings)
+            if sightings is not None and sightings.keys:
+                time.sleep(CLEANUP_RECHECK_SECONDS)
+                removed += collect_garbage(core.store.housekeeping, core.files, time.time(), age, sightings)
         finally:
             core.close()
         print(f"removed {removed} objects", file=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from overnight.batches.housekeeping import collect_garbage
+from overnight.batches.housekeeping import OrphanSightings, collect_garbage
 from overnight.files.memory import MemoryFileStore
 
 
@@ -47,3 +47,43 @@ def test_a_pass_checks_and_deletes_500_keys_at_a_time_as_they_are_listed() -> No
     catalog, files = Catalog(listed), Listing(listed, 1_200)
     assert collect_garbage(catalog, files, now=1e10) == 1_200  # type: ignore[arg-type]
     assert catalog.checked_at == [500, 1_000, 1_200] and files.deleted == 1_200
+
+
+class Naming(Catalog):
+    """Rows name exactly the keys in `named`."""
+
+    def __init__(self) -> None:
+        super().__init__([0])
+        self.named: set[str] = set()
+
+    def live_storage_keys(self, keys: list[str]) -> set[str]:
+        return self.named & set(keys)
+
+
+def test_an_orphan_is_one_that_two_passes_find_unnamed() -> None:
+    """On AWS a multipart object's LastModified is its upload's start: one written over more than
+    the orphan age looks old before the commit that names it. A pass between the write and the
+    commit must not delete it; the next pass deletes what is still unnamed."""
+    catalog, files = Naming(), MemoryFileStore()
+    for key in ("files/file-published", "files/file-orphan"):
+        with files.writer(key) as writer:
+            writer.write(b"x")
+    sightings = OrphanSightings()
+    assert collect_garbage(catalog, files, now=1e10, sightings=sightings) == 0  # type: ignore[arg-type]
+    assert sightings.keys == {"files/file-published", "files/file-orphan"}
+    catalog.named.add("files/file-published")  # its row commits
+    assert collect_garbage(catalog, files, now=1e10, sightings=sightings) == 1  # type: ignore[arg-type]
+    assert files.exists("files/file-published") and not files.exists("files/file-orphan")
+    assert sightings.keys == set()
+
+
+def test_orphan_sightings_are_bounded() -> None:
+    catalog, files = Naming(), MemoryFileStore()
+    for i in range(30):
+        with files.writer(f"files/file-{i}") as writer:
+            writer.write(b"x")
+    sightings = OrphanSightings(bound=10)
+    assert collect_garbage(catalog, files, now=1e10, sightings=sightings) == 0  # type: ignore[arg-type]
+    assert len(sightings.keys) == 10
+    assert collect_garbage(catalog, files, now=1e10, sightings=sightings) == 10  # type: ignore[arg-type]
+    assert len(sightings.keys) == 10  # the next ten, deleted by the pass after

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from sqlalchemy.exc import DBAPIError
 
 from overnight import constants as C
-from overnight.batches.housekeeping import ORPHAN_AGE_SECONDS, collect_garbage
+from overnight.batches.housekeeping import ORPHAN_AGE_SECONDS, OrphanSightings, collect_garbage
 from overnight.batches.lifecycle import finalize_batch, validate_batch
 from overnight.batches.ports import BatchPhases, StorageCatalog
 from overnight.batches.webhooks import WebhookRoutes, WebhookSender
@@ -69,6 +69,7 @@ class Worker:
         self.limits = limits
         self.clock = clock
         self.janitor_seconds = janitor_seconds
+        self._orphan_sightings = OrphanSightings()
         self.membership = membership
         self.webhooks = webhooks
         self.webhook_slots = webhook_slots
@@ -516,5 +517,6 @@ class Worker:
             pool.shutdown(wait=False, cancel_futures=True)
 
     def collect_garbage(self, orphan_age: float = ORPHAN_AGE_SECONDS) -> int:
-        """Remove bytes nothing needs any more (batches/housekeeping.py says what)."""
-        return collect_garbage(self.catalog, self.files, self.clock(), orphan_age)
+        """Remove bytes nothing needs any more (batches/housekeeping.py says what); an orphan goes
+        once two passes a janitor interval apart found it unnamed."""
+        return collect_garbage(self.catalog, self.files, self.clock(), orphan_age, self._orphan_sightings)
