@@ -100,11 +100,20 @@ def test_a_restart_keeps_objects_ports_and_credentials(tmp_path: Path) -> None:
     assert not s3.running
 
 
+def _grpc_sockets(s3: SeaweedFS) -> list[Path]:
+    """The unix sockets weed makes in /tmp for its gRPC ports."""
+    paths = (Path(f"/tmp/seaweedfs-{name.removesuffix('.port.grpc')}-grpc-{port}.sock")
+             for name, port in s3.ports.items() if name.endswith(".port.grpc"))
+    return [p for p in paths if p.exists()]
+
+
 def test_two_at_once_do_not_collide() -> None:
     with SeaweedFS() as one, SeaweedFS() as two:
         assert not set(one.ports.values()) & set(two.ports.values())
         assert one.endpoint_url != two.endpoint_url
+        assert _grpc_sockets(one) and _grpc_sockets(two)
     assert not one.workdir.exists() and not two.workdir.exists()
+    assert _grpc_sockets(one) == [] and _grpc_sockets(two) == []  # weed leaves them; the launcher does not
 
 
 @pytest.mark.parametrize("ending", ["exit", "sigkill"])
@@ -116,12 +125,15 @@ def test_no_server_outlives_its_parent(ending: str, tmp_path: Path) -> None:
         from overnight.testing.seaweedfs import SeaweedFS
         s3 = SeaweedFS(Path({str(tmp_path / "sw")!r})).start()  # in tmp_path: a killed parent cannot remove it
         print(s3.proc.pid, flush=True)
+        print(" ".join(f"{{name}}={{port}}" for name, port in s3.ports.items()), flush=True)
         if {ending!r} == "sigkill":
             time.sleep(60)
     """)
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert child.stdout is not None
     weed_pid = int(child.stdout.readline())
+    launched = SeaweedFS(tmp_path / "unused")
+    launched.ports = {name: int(port) for name, port in (x.split("=") for x in child.stdout.readline().split())}
     if ending == "sigkill":
         child.send_signal(signal.SIGKILL)
     child.wait(30)
@@ -129,6 +141,10 @@ def test_no_server_outlives_its_parent(ending: str, tmp_path: Path) -> None:
     while _alive(weed_pid):
         assert time.monotonic() < deadline, f"weed {weed_pid} outlived its parent ({ending})"
         time.sleep(0.05)
+    if ending == "exit":
+        assert _grpc_sockets(launched) == []  # atexit closed it
+    else:
+        launched._remove_grpc_sockets()  # nothing could: the launcher was killed
 
 
 def _alive(pid: int) -> bool:

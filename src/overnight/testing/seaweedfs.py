@@ -202,6 +202,15 @@ class SeaweedFS:
             else:
                 proc.kill()
         proc.wait()
+        self._remove_grpc_sockets()
+
+    def _remove_grpc_sockets(self) -> None:
+        """`weed mini` makes a unix socket per gRPC port at a path of its own in /tmp and leaves it
+        behind: hundreds a test run, never reused (the ports are chosen free each time)."""
+        for name, port in self.ports.items():
+            if name.endswith(".port.grpc"):
+                with contextlib.suppress(OSError):
+                    os.unlink(f"/tmp/seaweedfs-{name.removesuffix('.port.grpc')}-grpc-{port}.sock")
 
     def close(self) -> None:
         """Stop, and remove the directory if this object made it."""
