@@ -19,6 +19,7 @@ import atexit
 import contextlib
 import hashlib
 import hmac
+import json
 import os
 import random
 import secrets
@@ -259,13 +260,28 @@ class SeaweedFS:
             if self.proc.poll() is not None:
                 raise SeaweedFSError(f"weed mini exited with {self.proc.returncode}:\n{self.log_tail()}")
             status = self._request("HEAD", bucket_url)
-            if status == 200:
+            if status == 200 and self._volumes_known():
                 return
             if status == 404:  # S3 answers; the bucket is not there yet (first start)
                 self._request("PUT", bucket_url)
             time.sleep(0.1)
         raise SeaweedFSError(f"SeaweedFS S3 at {self.endpoint_url} not ready after {self.startup_timeout}s:\n"
                              f"{self.log_tail()}")
+
+    def _volumes_known(self) -> bool:
+        """Whether the master knows every volume on disk. After a restart S3 answers before the
+        volume server's first heartbeat: a read then fails with 'volume 1 not found' (500)."""
+        on_disk = sum(1 for _ in self.data_dir.rglob("*.dat"))
+        if not on_disk:
+            return True
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['master.port']}/dir/status", timeout=5) as resp:
+                topology = json.load(resp)["Topology"]
+        except (OSError, ValueError, KeyError):
+            return False
+        known = sum(int(node.get("Volumes", 0)) for dc in topology.get("DataCenters") or []
+                    for rack in dc.get("Racks") or [] for node in rack.get("DataNodes") or [])
+        return known >= on_disk
 
     def _request(self, method: str, url: str) -> int:
         headers = _sign(method, url, self.access_key, self.secret_key, self.region)
