@@ -187,6 +187,25 @@ def test_http_limits_from_flags_and_the_config_file(tmp_path: Path) -> None:
     assert "longer than 1024 characters" in stderr
 
 
+def test_settings_that_cannot_work_are_refused_at_start(tmp_path: Path) -> None:
+    """Exit status 2 and a message naming the setting, no traceback (serve_refused checks both)."""
+    config = tmp_path / "bad.toml"
+    config.write_text('api_keys = "sk-team-a"\n')
+    data = ["--data-dir", str(tmp_path / "data"), "--no-embedded"]
+    assert "api_keys must be a list" in serve_refused(*data, "--config", str(config))
+    broken = _written(tmp_path / "broken.toml", "[limits\n")
+    assert "is not valid TOML" in serve_refused(*data, "--config", str(broken))
+    # no worker at all, while /health said 200 and batches sat in validating
+    assert "--workers: expected 0 or more, not -1" in serve_refused(*data, "--workers", "-1")
+    # a refill rate of 0 turned the throttle off instead of never refilling it
+    assert "auth_failures_per_second must be above 0" in serve_refused(*data, "--auth-failures-per-second", "0")
+
+
+def _written(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
 def test_cleanup_with_an_orphan_age_deletes_what_two_looks_find_unnamed(tmp_path: Path) -> None:
     """`overnight cleanup` beside a running server: an old object no row names is an orphan only if
     a second look (after the commit that would name it) still finds it unnamed."""

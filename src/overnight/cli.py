@@ -110,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="a key that reads every owner's objects and may cancel any batch "
                        "(it deletes only its own files)")
     serve.add_argument("--no-worker", action="store_true", help="serve the API only (run `overnight worker` apart)")
-    serve.add_argument("--workers", type=int, default=None,
+    serve.add_argument("--workers", type=_count, default=None,
                        help="worker processes beside the API (default 1; 0 runs the worker in the API process)")
     serve.add_argument("--header-timeout", type=float, default=None, metavar="SECONDS",
                        help="close connections whose request headers take longer than this (default 10)")
@@ -214,6 +214,17 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
     )
 
 
+def _count(text: str) -> int:
+    """A whole number of at least 0 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, not {value}")
+    return value
+
+
 def _int_or(value: int | None, default: int) -> int:
     return value if value is not None else default
 
@@ -242,7 +253,11 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["batch"]:
         sys.exit(_batch(argv[1:]))
     args = _parser().parse_args(argv)
-    settings = settings_from(args, dict(os.environ))
+    try:
+        settings = settings_from(args, dict(os.environ))
+    except ValueError as exc:  # a config file or a value that cannot work, named in the message
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     from overnight.observability.logs import configure_logging
 
     configure_logging(settings.log_format, process="worker" if args.command == "worker" else "api")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
+from types import UnionType
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 from urllib.parse import unquote, urlsplit
 
 GiB = 1024**3
+_T = TypeVar("_T")
 MiB = 1024**2
 
 
@@ -305,46 +308,120 @@ def parse_upstream_flag(value: str) -> UpstreamSettings:
 
 
 def load_config_file(path: Path, base: Settings) -> Settings:
-    """Merge a TOML config file into `base`. See README 'Configuration' for the format."""
-    with path.open("rb") as fh:
-        raw = tomllib.load(fh)
+    """Merge a TOML config file into `base`. See README 'Configuration' for the format. Every key is
+    checked against the setting it names, so a typo or a value of the wrong type is a ValueError
+    naming it, never a traceback (or worse, a string taken as a list of one-character API keys)."""
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except OSError as exc:
+        raise ValueError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(raw) - set(_TOP_LEVEL))
+    if unknown:
+        raise ValueError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(_TOP_LEVEL)})")
     upstreams = list(base.upstreams)
-    for item in raw.get("upstreams", []):
-        retry = RetrySettings(**item.pop("retry", {}))
-        models = item.pop("models", ["*"])
-        if isinstance(models, str):
-            models = [models]
-        upstreams.append(UpstreamSettings(models=tuple(models), retry=retry, **item))
-    aliases = {**base.aliases, **raw.get("aliases", {})}
-    changes: dict[str, object] = {"upstreams": tuple(upstreams), "aliases": aliases}
-    if "limits" in raw:
-        changes["limits"] = replace(base.limits, **raw["limits"])
-    if "http" in raw:
-        changes["http"] = replace(base.http, **raw["http"])
-    if "worker" in raw:
-        changes["worker"] = replace(base.worker, **raw["worker"])
-    if "embedded" in raw:
-        changes["embedded"] = replace(base.embedded, **raw["embedded"])
+    for i, item in enumerate(_list(raw.get("upstreams", []), "upstreams")):
+        item = dict(_table(item, f"upstreams[{i}]"))
+        if isinstance(item.get("models"), str):
+            item["models"] = [item["models"]]
+        item.setdefault("models", ["*"])
+        upstreams.append(_build(UpstreamSettings, item, f"upstreams[{i}]"))
+    changes: dict[str, object] = {"upstreams": tuple(upstreams)}
+    if "aliases" in raw:
+        changes["aliases"] = {**base.aliases, **_value(dict[str, str], raw["aliases"], "aliases")}
+    for section in ("limits", "http", "worker", "embedded", "webhook_delivery"):
+        if section in raw:
+            current = getattr(base, section)
+            changes[section] = replace(current, **_fields(type(current), raw[section], section))
     if "fallback_to_default" in raw:
-        changes["fallback_to_default"] = bool(raw["fallback_to_default"])
-    if "api_keys" in raw:
-        changes["api_keys"] = base.api_keys + tuple(raw["api_keys"])
+        changes["fallback_to_default"] = _value(bool, raw["fallback_to_default"], "fallback_to_default")
+    for keys in ("api_keys", "admin_keys"):
+        if keys in raw:
+            given = _value(tuple[str, ...], raw[keys], keys)
+            if not all(given):
+                raise ValueError(f"{keys}: an API key cannot be empty")
+            changes[keys] = getattr(base, keys) + given
     if "storage_url" in raw:
-        changes["storage_url"] = str(raw["storage_url"])
-    if "admin_keys" in raw:
-        changes["admin_keys"] = base.admin_keys + tuple(raw["admin_keys"])
+        changes["storage_url"] = _value(str, raw["storage_url"], "storage_url")
     if "webhooks" in raw:
-        changes["webhooks"] = base.webhooks + tuple(_webhook(item) for item in raw["webhooks"])
-    if "webhook_delivery" in raw:
-        delivery = dict(raw["webhook_delivery"])
-        if "retry_delays" in delivery:
-            delivery["retry_delays"] = tuple(float(d) for d in delivery["retry_delays"])
-        changes["webhook_delivery"] = replace(base.webhook_delivery, **delivery)
+        changes["webhooks"] = base.webhooks + tuple(
+            _webhook(dict(_table(item, f"webhooks[{i}]")), f"webhooks[{i}]")
+            for i, item in enumerate(_list(raw["webhooks"], "webhooks")))
     return replace(base, **changes)  # type: ignore[arg-type]
 
 
-def _webhook(item: dict[str, object]) -> WebhookSettings:
-    events = item.pop("events", BATCH_WEBHOOK_EVENTS)
-    if isinstance(events, str):
-        events = [events]
-    return WebhookSettings(events=tuple(events), **item)  # type: ignore[arg-type]
+_TOP_LEVEL = ("upstreams", "aliases", "limits", "http", "worker", "embedded", "fallback_to_default", "api_keys",
+              "admin_keys", "storage_url", "webhooks", "webhook_delivery")
+
+
+def _webhook(item: dict[str, object], where: str) -> WebhookSettings:
+    if isinstance(item.get("events"), str):
+        item["events"] = [item["events"]]
+    item.setdefault("events", list(BATCH_WEBHOOK_EVENTS))
+    return _build(WebhookSettings, item, where)
+
+
+def _build(cls: type[_T], table: object, where: str) -> _T:
+    """A `cls` from a TOML table, every key checked; a required key missing is named."""
+    kwargs = _fields(cls, table, where)
+    missing = [f.name for f in fields(cls)  # type: ignore[arg-type]
+               if f.name not in kwargs and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise ValueError(f"{where}: {missing[0]!r} is required")
+    return cls(**kwargs)
+
+
+def _fields(cls: type, table: object, where: str) -> dict[str, object]:
+    """A TOML table as keyword arguments of dataclass `cls`: known names, values of their types."""
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    out: dict[str, object] = {}
+    for key, value in _table(table, where).items():
+        if key not in names:
+            raise ValueError(f"{where}: unknown key {key!r} (known: {', '.join(names)})")
+        out[key] = _value(hints[key], value, f"{where}.{key}")
+    return out
+
+
+def _value(hint: object, value: object, where: str) -> Any:
+    """`value` as the type `hint` names (TOML gives int, float, bool, str, lists and tables)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, UnionType):  # X | None: TOML has no null, so the value is an X
+        return _value(next(a for a in args if a is not type(None)), value, where)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where} must be true or false, not {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{where} must be a whole number, not {value!r}")
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{where} must be a number, not {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{where} must be a string, not {value!r}")
+    if origin is tuple:
+        return tuple(_value(args[0], item, f"{where}[{i}]") for i, item in enumerate(_list(value, where)))
+    if origin is dict:
+        return {key: _value(args[1], item, f"{where}.{key}") for key, item in _table(value, where).items()}
+    if isinstance(hint, type) and is_dataclass(hint):
+        return _build(hint, value, where)
+    raise TypeError(f"no TOML reading for {hint!r} ({where})")  # a setting added without one: a bug here
+
+
+def _table(value: object, where: str) -> dict[str, object]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a table ({where} = {{...}} or [{where}]), not {value!r}")
+    return value
+
+
+def _list(value: object, where: str) -> list[object]:
+    if not isinstance(value, list):
+        raise ValueError(f"{where} must be a list ([...]), not {value!r}")
+    return value

@@ -112,3 +112,7 @@ def check_http_settings(http: HttpSettings) -> None:
     if http.auth_failure_burst < 0 or http.auth_failures_per_second < 0 or http.auth_failure_addresses < 1:
         raise ConfigurationError("auth_failure_burst and auth_failures_per_second cannot be negative, and "
                                  "auth_failure_addresses must be at least 1.")
+    if http.auth_failure_burst > 0 and http.auth_failures_per_second == 0:
+        # The throttle's rate 0 would mean "off", not "never refills": say so instead of guessing.
+        raise ConfigurationError("auth_failures_per_second must be above 0; to turn the throttle of failed "
+                                 "authentications off, set auth_failure_burst to 0.")
