@@ -66,6 +66,22 @@ def test_chat_stream_with_usage(online: Server) -> None:
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
 
 
+def test_a_stream_broken_mid_answer_is_an_error_not_an_end(online: Server) -> None:
+    """The upstream's connection breaks after 2 events: the client must not take the events so far
+    for the whole answer (relayed from the worker process, it ended like a finished stream)."""
+    stream = online.client(max_retries=0).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "one two three four"}], stream=True,
+        extra_body={"x_cut_after": 2})
+    got = []
+    with pytest.raises(Exception) as broken:  # the SDK's HTTP library's own error
+        got.extend(stream)
+    assert type(broken.value).__name__ in ("RemoteProtocolError", "APIConnectionError"), broken.value
+    assert 0 < len(got) <= 2
+    # the same request unbroken ends normally (the cut is the test's, not the relay's)
+    assert len(list(online.client().chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "one two three four"}], stream=True))) == 7
+
+
 def test_stream_is_relayed_as_it_arrives(online: Server) -> None:
     """The first event reaches the client while the upstream is still writing the rest."""
     started = time.monotonic()

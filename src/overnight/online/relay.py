@@ -7,7 +7,8 @@ request's bytes to a worker and relays the answer's bytes back as they arrive.
 
 Frames, both ways: 1 byte kind + 4 bytes big-endian length + payload.
     request:  b"Q" {"endpoint": ...} then b"B" body
-    answer:   b"H" {"status": ..., "media_type": ...}, b"D" chunk (any number), b"E" end
+    answer:   b"H" {"status": ..., "media_type": ...}, b"D" chunk (any number), b"E" end (an answer
+              that ends without it broke off: the API aborts its response)
 A connection carries one request. The socket lives in a directory only this user can open (the
 worker trusts whoever connects: the API process already checked the key). A client that goes away
 closes the connection; the worker then stops relaying and frees what the answer held.
@@ -154,14 +155,22 @@ class RelayClient:
         return OnlineReply.error(503, _UNAVAILABLE, "server_error", code="engine_unavailable")
 
 
+class AnswerBroken(ConnectionError):
+    """The worker's answer stopped before its end frame (its engine's connection broke, or the
+    worker died). Raised into the HTTP response, which is then aborted: ended normally, a client
+    would take the events so far for the whole answer, and half a JSON body for a whole one."""
+
+
 async def _chunks(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
     while True:
         try:
             kind, payload = await _read_frame(reader)
-        except asyncio.IncompleteReadError:
-            return  # the worker went away mid-answer: the answer ends where it stopped
-        if kind != b"D":
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
+            raise AnswerBroken("the worker process's answer broke off before its end") from exc
+        if kind == b"E":
             return
+        if kind != b"D":
+            raise AnswerBroken(f"the worker process sent a {kind!r} frame inside an answer")
         yield payload
 
 

@@ -24,7 +24,8 @@ and answers indented JSON over several lines, as some servers do.
 
 `"stream": true` on chat, completions and responses answers with server-sent events in OpenAI's
 formats (the echo one word per event; `stream_options.include_usage` honoured for chat and
-completions), `"x_chunk_delay_ms": N` waiting N ms between events. `"x_tag": "name"` counts the
+completions), `"x_chunk_delay_ms": N` waiting N ms between events, `"x_cut_after": N` breaking the
+connection after N events. `"x_tag": "name"` counts the
 request in and out of that tag's in-flight count and peak (GET /stats `tags`), so a test can see
 how many of one kind of request ran at once.
 
@@ -260,10 +261,16 @@ async def _stream(request: web.Request, endpoint: str, body: dict[str, Any]) -> 
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     delay = float(body.get("x_chunk_delay_ms") or 0) / 1000
+    cut = body.get("x_cut_after")
     try:
         for n, event in enumerate(_stream_events(endpoint, body)):
             if n and delay:
                 await asyncio.sleep(delay)
+            if n == cut:
+                await asyncio.sleep(0.05)  # the events so far are on their way
+                assert request.transport is not None
+                request.transport.abort()  # the connection breaks mid-answer
+                return response
             await response.write(event)
         await response.write_eof()
     except ConnectionResetError:
