@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,30 @@ def test_invalid_purpose_and_missing_fields(client: openai.OpenAI, server: Serve
     status, _, body = raw_request("POST", f"{server.base_url}/files",
                                   {**auth, "Content-Type": f"multipart/form-data; boundary={boundary}"}, no_file)
     assert status == 400 and json.loads(body)["error"]["param"] == "file"
+
+
+def test_a_refused_upload_stores_nothing(client: openai.OpenAI, server: Server) -> None:
+    """A body cut off before its closing boundary is not a whole file (it was stored and served as
+    one), and a field refused after the bytes arrived leaves no bytes behind (they were left to the
+    orphan sweep)."""
+    auth = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "multipart/form-data; boundary=XyZ"}
+    stored_before = set(server.file_store().list_keys("files/", time.time() + 60))
+    cut = (b'--XyZ\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nuser_data\r\n'
+           b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.bin"\r\n\r\n'
+           b"first half of the file, then the body ends")
+    status, _, body = raw_request("POST", f"{server.base_url}/files", auth, cut)
+    assert status == 400 and "closing boundary" in json.loads(body)["error"]["message"]
+    bad_expiry = (b'--XyZ\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nuser_data\r\n'
+                  b'--XyZ\r\nContent-Disposition: form-data; name="expires_after[anchor]"\r\n\r\ncreated_at\r\n'
+                  b'--XyZ\r\nContent-Disposition: form-data; name="expires_after[seconds]"\r\n\r\n1h\r\n'
+                  b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.bin"\r\n\r\n'
+                  + b"x" * 1000 + b"\r\n--XyZ--\r\n")
+    status, _, body = raw_request("POST", f"{server.base_url}/files", auth, bad_expiry)
+    assert status == 400 and json.loads(body)["error"]["param"] == "expires_after.seconds"
+    assert set(server.file_store().list_keys("files/", time.time() + 60)) == stored_before
+    whole = bad_expiry.replace(b"1h", b"7200")  # the same body, well-formed, is stored
+    status, _, body = raw_request("POST", f"{server.base_url}/files", auth, whole)
+    assert status == 200 and client.files.content(json.loads(body)["id"]).content == b"x" * 1000
 
 
 def test_filename_is_sanitised(client: openai.OpenAI, server: Server) -> None:

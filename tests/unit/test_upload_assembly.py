@@ -133,3 +133,28 @@ def test_housekeeping_removes_parts_of_expired_uploads_and_orphans(setup: Any) -
     with pytest.raises(InvalidRequest, match="expired"):
         service.new_part("alice", expiring.id)
     assert service.new_part("alice", live.id)[2] == 64 * MiB - 10
+
+
+@pytest.mark.parametrize(("meanwhile", "says"), [("cancel", "it was cancelled"),
+                                                 ("complete", "it is already completed")])
+def test_a_complete_that_loses_a_race_says_why(setup: Any, meanwhile: str, says: str) -> None:
+    """A cancel or another complete (an SDK retrying one whose answer was lost) commits while this
+    complete reads the parts, and deletes them: the refusal said 'it has expired'."""
+    service, files, _store, _clock = setup
+    upload = service.create("alice", "blob.bin", "user_data", 20, "application/octet-stream", None)
+    part_ids = [put_part(service, files, upload.id, b"x" * 10) for _ in range(2)]
+    second = next(p for p in service.catalog.parts(upload.id, part_ids) if p.id == part_ids[1])
+    reads = files.iter_chunks
+
+    def read_racing(key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        if key == second.storage_key:
+            files.iter_chunks = reads  # type: ignore[method-assign]
+            if meanwhile == "cancel":
+                service.cancel("alice", upload.id)
+            else:
+                service.complete("alice", upload.id, part_ids, None)
+        return reads(key, chunk_size)
+
+    files.iter_chunks = read_racing  # type: ignore[method-assign]
+    with pytest.raises(InvalidRequest, match=says):
+        service.complete("alice", upload.id, part_ids, None)

@@ -65,13 +65,18 @@ async def create_file(request: Request, caller: Caller) -> Response:
                                       inspect=validator.feed if validator is not None else None)
     except FormParserError:
         raise InvalidRequest("The multipart/form-data body is malformed.", param="file") from None
-    purpose = upload.fields.get("purpose")
-    if purpose is None:
+    try:
+        purpose = upload.fields.get("purpose")
+        if purpose is None:
+            raise InvalidRequest("Missing required parameter: 'purpose'.", param="purpose",
+                                 code="missing_required_parameter")
+        expires_after = _expires_after(upload.fields)
+    except InvalidRequest:
+        # Its bytes are stored, and refused, no row will name them (left, the orphan sweep would
+        # take them after an hour, and only while a worker runs).
         await asyncio.to_thread(services.files.files.delete, key)
-        raise InvalidRequest("Missing required parameter: 'purpose'.", param="purpose",
-                             code="missing_required_parameter")
-    expires_after = _expires_after(upload.fields)
-    record = await asyncio.to_thread(
+        raise
+    record = await asyncio.to_thread(  # refused by its checks, the bytes are deleted there
         services.files.register_upload,
         caller.owner,
         file_id,

@@ -44,6 +44,7 @@ class _PartCollector:
         self._is_file = False
         self._field = bytearray()
         self._head = bytearray()
+        self.ended = False  # the closing boundary arrived (python-multipart's finalize() checks nothing)
 
     def on_part_begin(self) -> None:
         self._disposition, self._name, self._is_file = b"", "", False
@@ -91,6 +92,9 @@ class _PartCollector:
         elif self._name:
             self.upload.fields[self._name] = self._field.decode("utf-8", "replace")
 
+    def on_end(self) -> None:
+        self.ended = True
+
     def pop_chunks(self) -> bytes:
         data = b"".join(self.to_write)
         self.to_write.clear()
@@ -126,6 +130,7 @@ async def receive_upload(
             "on_header_value": collector.on_header_value,
             "on_header_end": collector.on_header_end,
             "on_headers_finished": collector.on_headers_finished,
+            "on_end": collector.on_end,
         },
     )
     context = files.writer(key)
@@ -138,6 +143,9 @@ async def receive_upload(
             if buffered >= _FLUSH_BYTES:
                 await asyncio.to_thread(_write, writer, collector.pop_chunks(), inspect)
         parser.finalize()
+        if not collector.ended:  # a body cut off mid-part must not be stored as the whole file
+            raise InvalidRequest("The multipart/form-data body ended before its closing boundary (the upload "
+                                 "was cut off). Send the file again.", param=file_field)
         if collector.to_write:
             await asyncio.to_thread(_write, writer, collector.pop_chunks(), inspect)
     except BaseException:

@@ -179,7 +179,10 @@ class UploadService:
                         writer.write(chunk)
                         if validator is not None:
                             validator.feed(chunk)
-                except FileNotFoundError:  # housekeeping expired the upload under us
+                except FileNotFoundError:
+                    # A cancel or another complete committed under us (they delete the parts), or
+                    # housekeeping expired the upload: the refusal says which.
+                    self._pending(upload.owner, upload.id, "complete")
                     raise self._refusal(upload.id, "complete", C.UPLOAD_EXPIRED) from None
             if md5 is not None and md5.strip().lower() != digest.hexdigest():
                 raise InvalidRequest(
