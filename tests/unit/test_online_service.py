@@ -4,10 +4,13 @@ an engine that fails mid-stream, and the checks made before any engine is asked.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
+import pytest
 
 from overnight.engines.online import OnlineReply
 from overnight.engines.port import EngineRequest, EngineResponse
@@ -99,3 +102,55 @@ def test_bad_bodies_never_reach_the_engine() -> None:
     assert _answer(engine, {"model": 7, "messages": []}).status == 400
     assert _answer(engine, {"model": "m"}).status == 400
     assert engine.requests == []
+
+
+class SlowAnswers(WholeAnswers):
+    """Takes `seconds` to answer; records whether it was cancelled first."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.cancelled = threading.Event()
+        self.finished = threading.Event()
+
+    async def execute(self, request: EngineRequest) -> EngineResponse:
+        try:
+            await asyncio.sleep(self.seconds)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        self.finished.set()
+        return await super().execute(request)
+
+
+def test_a_client_that_leaves_before_the_answer_cancels_it() -> None:
+    """The online route on a real uvicorn server on loopback, the SDK timing out after 0.5 s: the
+    engine's work is cancelled then (uvicorn cancels no handler; it ran to its end beside the SDK's
+    retries, holding an engine slot each)."""
+    import openai
+    import uvicorn
+    from fastapi import FastAPI
+
+    from conftest import free_port, until
+    from overnight.api import routes_online
+    from overnight.api.auth import Principal, principal
+
+    engine = SlowAnswers(seconds=5.0)
+    app = FastAPI()
+    app.include_router(routes_online.router)
+    app.dependency_overrides[principal] = lambda: Principal(owner="alice")
+    app.state.services = SimpleNamespace(online=OnlineService(Router([Route("*", engine)])))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        until(lambda: server.started, timeout=10)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=0.5)
+        with pytest.raises(openai.APITimeoutError):
+            client.chat.completions.create(model="double", messages=[{"role": "user", "content": "hi"}])
+        assert engine.cancelled.wait(2.0), "the abandoned request went on"
+        assert not engine.finished.is_set()
+    finally:
+        server.should_exit = True
+        thread.join(10)

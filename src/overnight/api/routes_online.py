@@ -9,7 +9,8 @@ reference is theirs.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -22,6 +23,7 @@ from overnight.api.services import Services
 from overnight.engines.online import EVENT_STREAM, OnlineReply
 
 router = APIRouter(prefix="/v1", include_in_schema=False)
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client left before the answer
 Caller = Annotated[Principal, Depends(principal)]
 
 
@@ -49,7 +51,9 @@ async def _answer(request: Request, endpoint: str) -> Response:
     services: Services = request.app.state.services
     if services.online is None:
         return error_response(503, "This server process answers no online requests.", "server_error")
-    reply = await services.online.answer(endpoint, await request.body())
+    reply = await _unless_the_client_leaves(request, services.online.answer(endpoint, await request.body()))
+    if reply is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; the access log shows why
     headers = {}
     if 400 <= reply.status < 500 and reply.status not in (408, 429):
         headers["x-should-retry"] = "false"  # as for the API's own errors: the answer will not change
@@ -59,6 +63,35 @@ async def _answer(request: Request, endpoint: str) -> Response:
     if reply.media_type.startswith(EVENT_STREAM):
         headers["cache-control"] = "no-cache"
     return StreamingResponse(_relay(reply), status_code=reply.status, media_type=reply.media_type, headers=headers)
+
+
+async def _unless_the_client_leaves(request: Request, answer: Awaitable[OnlineReply]) -> OnlineReply | None:
+    """The answer, or None once the client has gone away before it came: the work is cancelled
+    then (freeing its engine slot or upstream connection). uvicorn cancels no handler when its
+    client leaves: an SDK's timed-out request ran to its end while the SDK's retries ran beside it."""
+    work = asyncio.ensure_future(answer)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        work.cancel()
+        raise
+    finally:
+        gone.cancel()  # before any response: a streamed one listens for the disconnect itself
+        await asyncio.gather(gone, return_exceptions=True)
+    if gone.cancelled():  # the client is still there, and the answer came
+        return work.result()
+    work.cancel()
+    for outcome in await asyncio.gather(work, return_exceptions=True):
+        if isinstance(outcome, OnlineReply):
+            await outcome.aclose()  # it came just as the client left
+    return None
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client has gone away (its body is read: nothing else can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _relay(reply: OnlineReply) -> AsyncIterator[bytes]:
