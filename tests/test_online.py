@@ -242,6 +242,29 @@ def test_a_client_that_goes_away_frees_the_upstream_request(online: Server, upst
     until(lambda: upstream.stats()["tags"]["dropped"]["in_flight"] == 0, timeout=5)
 
 
+def test_a_stream_longer_than_the_upstream_timeout_is_bounded_by_silence_only(
+        tmp_path: Path, upstream: Upstream) -> None:
+    """`timeout_seconds` bounds each wait for the upstream (its headers, the next event), not a
+    streamed answer's whole length: with 1 s, a 2.4 s stream of an event every 0.4 s was cut off
+    after 1 s; one that goes silent for 1.5 s is still cut off."""
+    config = tmp_path / "overnight.toml"
+    config.write_text(f'[[upstreams]]\nbase_url = "{upstream.base_url}"\ntimeout_seconds = 1\n')
+    server = Server(tmp_path / "data", ["--config", str(config), "--api-key", API_KEY, "--no-embedded"]).start()
+    try:
+        client = server.client(max_retries=0)
+        chunks = list(client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "a b c d e"}], stream=True,
+            extra_body={"x_chunk_delay_ms": 400}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "echo: a b c d e"
+        with pytest.raises(Exception) as cut:  # the SDK's HTTP library's own error
+            list(client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "a b"}], stream=True,
+                extra_body={"x_chunk_delay_ms": 1500}))
+        assert type(cut.value).__name__ in ("RemoteProtocolError", "APIConnectionError"), cut.value
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("placement", [("--workers", "0"), ("--workers", "2"), ("--no-worker",)],
                          ids=["worker-in-api-process", "two-worker-processes", "no-worker"])
 def test_online_requests_wherever_the_engines_run(tmp_path: Path, upstream: Upstream, placement: tuple[str, ...]) -> None:

@@ -28,6 +28,9 @@ from overnight.engines.stats import UpstreamStats
 from overnight.json_text import loads_standard
 from overnight.settings import UpstreamSettings
 
+# An online answer's whole time (a stream lasts as long as the answer is long); what bounds it is
+# the read timeout between the upstream's bytes.
+ONLINE_TOTAL_TIMEOUT = timedelta(hours=24)
 _EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
 _CANCELLED_MESSAGE = "This request was not executed because the batch was cancelled."
 
@@ -65,6 +68,9 @@ class UpstreamEngine:
                 .default_headers(self._headers)
                 .connect_timeout(timedelta(seconds=10))
                 .timeout(timedelta(seconds=self.settings.timeout_seconds))
+                # Bounds each wait for bytes, the headers included: what bounds an online stream,
+                # whose total time is the answer's length (see send_online).
+                .read_timeout(timedelta(seconds=self.settings.timeout_seconds))
                 .pool_idle_timeout(timedelta(seconds=60))
                 .no_proxy()  # proxy variables are not read: upstreams are named explicitly
             )
@@ -128,6 +134,9 @@ class UpstreamEngine:
         # No read-ahead buffer: with one, pyreqwest holds the answer back until the buffer (64 KiB by
         # default) is full or the body ends, and a stream's events would arrive all at once.
         builder = self._client.post(self.url_for(request.endpoint)).body_bytes(payload)
+        # A long answer streamed as it is generated may take longer than `timeout_seconds` in all,
+        # and is cut off only if the upstream goes silent that long (the client's read timeout).
+        builder = builder.timeout(ONLINE_TOTAL_TIMEOUT)
         stream = builder.streamed_read_buffer_limit(0).build_streamed()
         try:
             resp = await stream.__aenter__()
