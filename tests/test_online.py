@@ -167,6 +167,26 @@ def test_upstream_errors_pass_through(online: Server) -> None:
                                  "param": None, "code": "invalid_value"}
 
 
+def test_an_upstreams_retry_headers_reach_the_client(online: Server) -> None:
+    """The SDK times its retries by retry-after(-ms): an upstream's 429 asking for 7 s reached it
+    without the header, and the SDK came back after its own half second."""
+    client = online.client(max_retries=0)
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"x_fault": "429:1", "x_fault_key": "retry-7", "x_retry_after": "7"})
+    assert caught.value.response.headers["retry-after"] == "7"
+    assert "x-should-retry" not in caught.value.response.headers  # a 429 is worth retrying
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"x_fault": "429:1", "x_fault_key": "retry-ms"})
+    assert caught.value.response.headers["retry-after-ms"] == "50"
+    with pytest.raises(openai.UnprocessableEntityError) as permanent:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"x_fault": "422"})
+    assert permanent.value.response.headers["x-should-retry"] == "false"
+    assert "retry-after" not in permanent.value.response.headers
+
+
 def test_batch_lane_shrinks_while_online_requests_are_in_flight(tmp_path: Path) -> None:
     """An upstream allows 4 requests at once. A batch fills all 4; three slow online requests then
     start within a batch request's time (ahead of the batch lines queued for a slot), and while

@@ -1,7 +1,8 @@
 """A batch line that waited inside the upstream engine (for a concurrency slot, or a retry's back-off)
 is not sent once its batch was cancelled meanwhile: with several workers each holds only its share
 of the upstream's slots, so lines wait there, and without this check they went out seconds after a
-cancel. Against the fake upstream, a real process on loopback."""
+cancel. Against the fake upstream, a real process on loopback. And an online request's overload
+shrinks the limit the batch lane shares."""
 
 from __future__ import annotations
 
@@ -78,3 +79,21 @@ def test_without_a_stop_the_same_line_is_retried_until_it_succeeds(upstream: Ups
     before = upstream.stats()["requests"]
     assert asyncio.run(scenario()).status_code == 200
     assert upstream.stats()["requests"] == before + 4
+
+
+def test_an_online_requests_overload_shrinks_the_upstreams_concurrency(upstream: Upstream) -> None:
+    """A 429 (or a timeout) answered to an online request is the upstream saying it is overloaded,
+    as for a batch line: the adaptive limit that both lanes share is halved (it was left as it was,
+    and the batch lane went on at full width)."""
+    engine = UpstreamEngine(UpstreamSettings(upstream.base_url, max_concurrency=64, initial_concurrency=32))
+
+    async def scenario() -> int:
+        try:
+            reply = await engine.send_online(_request([False], "429:1"))
+            await reply.aclose()
+            return reply.status
+        finally:
+            await engine.close()
+
+    assert asyncio.run(scenario()) == 429
+    assert engine.limiter.limit == 16

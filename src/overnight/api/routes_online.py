@@ -54,9 +54,9 @@ async def _answer(request: Request, endpoint: str) -> Response:
     reply = await _unless_the_client_leaves(request, services.online.answer(endpoint, await request.body()))
     if reply is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; the access log shows why
-    headers = {}
+    headers = dict(reply.headers)  # an upstream's retry-after, x-should-retry, x-ratelimit-*
     if 400 <= reply.status < 500 and reply.status not in (408, 429):
-        headers["x-should-retry"] = "false"  # as for the API's own errors: the answer will not change
+        headers.setdefault("x-should-retry", "false")  # as for the API's own errors: it will not change
     if reply.body is not None:
         await reply.aclose()
         return Response(reply.body, status_code=reply.status, media_type=reply.media_type, headers=headers)

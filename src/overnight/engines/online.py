@@ -5,7 +5,7 @@ HTTP server's own bytes."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -15,6 +15,16 @@ from overnight.engines.port import EngineRequest
 
 JSON = "application/json"
 EVENT_STREAM = "text/event-stream"
+# An upstream's answer headers that reach the client: the OpenAI SDK times its retries by
+# retry-after(-ms) and follows x-should-retry; x-ratelimit-* tell a client its budget.
+RELAYED_HEADERS = ("retry-after", "retry-after-ms", "x-should-retry")
+RELAYED_HEADER_PREFIX = "x-ratelimit-"
+
+
+def relayed_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers of an upstream's answer that a client of overnight gets as they are."""
+    return {name.lower(): value for name, value in headers.items()
+            if name.lower() in RELAYED_HEADERS or name.lower().startswith(RELAYED_HEADER_PREFIX)}
 
 
 async def _no_chunks() -> AsyncIterator[bytes]:
@@ -36,6 +46,8 @@ class OnlineReply:
     media_type: str = JSON
     body: bytes | None = None
     chunks: AsyncIterator[bytes] = field(default_factory=_no_chunks)
+    # The upstream's headers that tell a client when and whether to retry (see RELAYED_HEADERS).
+    headers: dict[str, str] = field(default_factory=dict)
     on_close: Callable[[], Awaitable[None]] = _nothing
     _closed: bool = False
 

@@ -21,7 +21,7 @@ from pyreqwest.exceptions import RequestError, RequestTimeoutError
 
 from overnight import constants as C
 from overnight.engines.limiter import AdaptiveLimiter
-from overnight.engines.online import EVENT_STREAM, JSON, OnlineReply
+from overnight.engines.online import EVENT_STREAM, JSON, OnlineReply, relayed_headers
 from overnight.engines.port import EngineRequest, EngineResponse
 from overnight.engines.retry import OVERLOAD_STATUS, RetryPolicy, parse_retry_after
 from overnight.engines.stats import UpstreamStats
@@ -129,7 +129,7 @@ class UpstreamEngine:
             await self.start()
         assert self._client is not None
         payload = request.raw_body if request.raw_body is not None else orjson.dumps(request.body)
-        await self.limiter.acquire(online=True)
+        epoch = await self.limiter.acquire(online=True)
         started = time.perf_counter()
         # No read-ahead buffer: with one, pyreqwest holds the answer back until the buffer (64 KiB by
         # default) is full or the body ends, and a stream's events would arrive all at once.
@@ -141,6 +141,7 @@ class UpstreamEngine:
         try:
             resp = await stream.__aenter__()
         except RequestTimeoutError:
+            self.limiter.on_overload(epoch)
             self._end_online(started, "timeout")
             return OnlineReply.error(504, f"The upstream {self.name} did not answer within the timeout.",
                                      "server_error", code="upstream_timeout")
@@ -154,6 +155,8 @@ class UpstreamEngine:
         status = resp.status
         if status >= 400:
             self.stats.error(f"http_{status}")
+        if status in OVERLOAD_STATUS:
+            self.limiter.on_overload(epoch)  # online traffic's overloads shrink the batch lane too
         media_type = resp.get_header("content-type") or (EVENT_STREAM if status < 300 else JSON)
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -167,7 +170,7 @@ class UpstreamEngine:
             finally:
                 self._end_online(started, None)
 
-        return OnlineReply(status, media_type, chunks=chunks(), on_close=close)
+        return OnlineReply(status, media_type, chunks=chunks(), on_close=close, headers=relayed_headers(resp.headers))
 
     def _end_online(self, started: float, error: str | None) -> None:
         self.limiter.release(online=True)

@@ -7,7 +7,7 @@ request's bytes to a worker and relays the answer's bytes back as they arrive.
 
 Frames, both ways: 1 byte kind + 4 bytes big-endian length + payload.
     request:  b"Q" {"endpoint": ...} then b"B" body
-    answer:   b"H" {"status": ..., "media_type": ...}, b"D" chunk (any number), b"E" end (an answer
+    answer:   b"H" {"status": ..., "media_type": ..., "headers": {...}}, b"D" chunk (any number), b"E" end (an answer
               that ends without it broke off: the API aborts its response)
 A connection carries one request. The socket lives in a directory only this user can open (the
 worker trusts whoever connects: the API process already checked the key). A client that goes away
@@ -112,7 +112,8 @@ class RelayServer:
 
 
 async def _relay(reply: OnlineReply, writer: asyncio.StreamWriter) -> None:
-    await _write_frame(writer, b"H", orjson.dumps({"status": reply.status, "media_type": reply.media_type}))
+    await _write_frame(writer, b"H", orjson.dumps({"status": reply.status, "media_type": reply.media_type,
+                                                   "headers": reply.headers}))
     if reply.body is not None:
         await _write_frame(writer, b"D", reply.body)
     else:
@@ -151,7 +152,7 @@ class RelayClient:
                 return OnlineReply.error(502, "The worker process sent an unexpected answer.", "server_error")
             meta = orjson.loads(head)
             return OnlineReply(int(meta["status"]), str(meta["media_type"]), chunks=_chunks(reader),
-                               on_close=_closer(writer))
+                               on_close=_closer(writer), headers=dict(meta.get("headers") or {}))
         return OnlineReply.error(503, _UNAVAILABLE, "server_error", code="engine_unavailable")
 
 
