@@ -80,7 +80,8 @@ def test_metrics_count_a_batch_run_by_two_worker_processes(make_server: Any) -> 
     # Both worker processes write to the registry: each holds live gauges of its own (published at
     # its heartbeats; on SQLite a heartbeat can wait a while for the write lock).
     def gauge_pids() -> set[str]:
-        files = (srv.data_dir / "metrics" / str(srv.proc.pid)).iterdir()
+        (ours,) = (srv.data_dir / "metrics").glob(f"{srv.proc.pid}-*")
+        files = ours.iterdir()
         return {m.group(1) for f in files if (m := re.match(r"gauge_livesum_(\d+)\.db", f.name))}
 
     until(lambda: len(gauge_pids()) == 2, timeout=15)

@@ -14,14 +14,13 @@ import pytest
 
 from conftest import serve_refused, until
 from overnight import constants as C
+from overnight.files.owned_dirs import OWNER_LOCK, hold_ownership
 from overnight.settings import EmbeddedSettings, Settings, WorkerSettings
 from overnight.worker.processes import (
     FEEDER_NICE,
     RELAY_DIR_PREFIX,
-    RELAY_LOCK,
     WorkerProcesses,
     changes_in,
-    hold_relay_lock,
     remove_stale_relay_dirs,
     wake_message,
     worker_niceness,
@@ -39,6 +38,22 @@ def test_a_worker_process_reports_ready_once_started_and_stops_cleanly(tmp_path:
     finally:
         workers.stop()
     assert [process.exitcode for process in processes] == [0]  # SIGTERM: a graceful stop
+
+
+def test_a_dead_worker_process_is_not_ready(tmp_path: Path) -> None:
+    """Between a worker's death and its restart (the supervisor looks every 2 s), /health said 200:
+    its `ready` event stays set after it dies."""
+    settings = Settings(data_dir=tmp_path / "data", embedded=EmbeddedSettings(enabled=False))
+    workers = WorkerProcesses(settings, 1)
+    workers.start()
+    try:
+        until(workers.ready, timeout=60)
+        process = workers._workers[0].process
+        process.kill()
+        process.join(10)
+        assert not workers.ready()
+    finally:
+        workers.stop()
 
 
 def test_a_killed_servers_relay_directory_is_removed_by_the_next_start(tmp_path: Path) -> None:
@@ -66,14 +81,14 @@ def test_a_relay_directory_goes_by_its_lock_not_by_the_pid_in_its_name(tmp_path:
     held.mkdir()
     released = tmp_path / f"{RELAY_DIR_PREFIX}{os.getpid()}-released"  # its owner was killed
     released.mkdir()
-    os.close(hold_relay_lock(str(released)))  # the lock file stays, unlocked, as a SIGKILL leaves it
+    os.close(hold_ownership(str(released)))  # the lock file stays, unlocked, as a SIGKILL leaves it
     owner = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from overnight.worker.processes import hold_relay_lock; "
-         f"hold_relay_lock({str(held)!r}); print('locked', flush=True); time.sleep(60)"],
+        [sys.executable, "-c", "import sys, time; from overnight.files.owned_dirs import hold_ownership; "
+         f"hold_ownership({str(held)!r}); print('locked', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True)
     try:
         assert owner.stdout is not None and owner.stdout.readline() == "locked\n"
-        assert sorted(p.name for p in held.iterdir()) == [RELAY_LOCK]
+        assert sorted(p.name for p in held.iterdir()) == [OWNER_LOCK]
         assert remove_stale_relay_dirs(str(tmp_path)) == [str(released)]
         assert held.is_dir() and not released.exists()
     finally:
@@ -137,12 +152,14 @@ def test_a_standalone_worker_yields_the_cpu_too(tmp_path: Path) -> None:
         proc.wait(timeout=30)
 
 
-@pytest.mark.parametrize("value", ["25", "-1", '"low"', "true"])
-def test_a_bad_worker_niceness_stops_the_server_with_what_to_fix(tmp_path: Path, value: str) -> None:
+@pytest.mark.parametrize(("value", "says"), [
+    ("25", "use a whole number from 0 to 19"), ("-1", "use a whole number from 0 to 19"),
+    ('"low"', "worker.nice must be a whole number, not 'low'"), ("true", "worker.nice must be a whole number")])
+def test_a_bad_worker_niceness_stops_the_server_with_what_to_fix(tmp_path: Path, value: str, says: str) -> None:
     config = tmp_path / "config.toml"
     config.write_text(f"[worker]\nnice = {value}\n")
     stderr = serve_refused("--data-dir", str(tmp_path / "data"), "--no-embedded", "--config", str(config))
-    assert "[worker] nice = " in stderr and "use a whole number from 0 to 19" in stderr
+    assert "nice" in stderr and says in stderr
 
 
 def test_every_wake_kind_crosses_the_pipe_as_itself() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -26,6 +27,16 @@ from overnight.api.services import Services
 from overnight.runtime import freeze_startup_objects
 from overnight.settings import HttpSettings
 
+log = logging.getLogger("overnight")
+
+
+def _report_stopped(task: asyncio.Task[None], stop: asyncio.Event) -> None:
+    if stop.is_set() or task.cancelled():
+        return
+    error = task.exception()
+    log.error("the worker stopped%s; /health answers 503 until the server is restarted",
+              f": {error!r}" if error is not None else "", exc_info=error)
+
 
 def create_app(
     services: Services,
@@ -43,6 +54,11 @@ def create_app(
             await on_startup()
         freeze_startup_objects()
         task = asyncio.create_task(background(stop)) if background is not None else None
+        if task is not None:
+            # The in-process worker: a worker that ended (an error before its loops ran, say a
+            # database it could not join) is reported, in the log and by /health, not left silent.
+            task.add_done_callback(lambda ended: _report_stopped(ended, stop))
+            services.workers_ready = lambda: not task.done()
         services.ready = True
         try:
             yield

@@ -23,7 +23,8 @@ def health(request: Request) -> Response:
     if not services.ready:
         return error_response(503, "Starting up.", error_type="server_error")
     if not services.workers_ready():
-        return error_response(503, "Starting up: the worker process is loading.", error_type="server_error")
+        return error_response(503, "The worker is not ready: it is starting up, or it stopped (see the server's "
+                              "log).", error_type="server_error")
     return json_response({"status": "ok"})
 
 

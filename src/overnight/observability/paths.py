@@ -3,36 +3,34 @@ calls this before anything imports prometheus_client, which reads the directory 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
+from overnight.files.owned_dirs import abandoned, hold_ownership
 from overnight.files.private import make_private_dirs
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def prepare_metrics_dir(data_dir: Path, pid: int | None = None) -> Path:
-    """`DATA_DIR/metrics/PID` for this server (its worker processes write there too), new and
-    empty. Directories of servers that are gone are removed: their values must not add to ours.
-    Per server, not one shared directory, because servers may share a data directory (an API-only
-    replica beside another): one starting must not wipe the files another is writing."""
-    pid = os.getpid() if pid is None else pid
+def prepare_metrics_dir(data_dir: Path) -> Path:
+    """A new, empty directory under `DATA_DIR/metrics/` for this server (its worker processes write
+    there too), owned by this process while it lives (files/owned_dirs.py). Directories nobody
+    owns any more are removed: their values must not add to ours. Per server, not one shared
+    directory, because servers may share a data directory (an API-only replica beside another,
+    workers on other hosts over a shared filesystem): one starting must not wipe the files another
+    is writing. Its name is unique, not the pid: two servers in containers share pid 1."""
     root = data_dir / "metrics"
     make_private_dirs(root)  # 0700 whatever the umask (they name models and volumes)
-    for old in root.iterdir():
-        if not old.name.isdigit() or int(old.name) == pid or not _alive(int(old.name)):
-            shutil.rmtree(old, ignore_errors=True)
-    path = root / str(pid)
-    path.mkdir(mode=0o700)
-    return path
+    with os.scandir(root) as entries:
+        for old in entries:
+            if old.is_dir(follow_symlinks=False) and abandoned(old.path, old.name.partition("-")[0]):
+                shutil.rmtree(old.path, ignore_errors=True)
+    path = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root)  # 0700
+    global _OWNERSHIP
+    _OWNERSHIP = hold_ownership(path)  # held until this process ends
+    return Path(path)
 
 
-def _alive(pid: int) -> bool:
-    with contextlib.suppress(PermissionError):  # it exists, under another user
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-    return True
+_OWNERSHIP = -1

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import fcntl
 import logging
 import multiprocessing
 import os
@@ -25,6 +24,7 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
 
 from overnight import constants as C
+from overnight.files.owned_dirs import abandoned, hold_ownership
 from overnight.runtime import exit_now, freeze_startup_objects, run_on_fastest_loop
 from overnight.settings import Settings
 
@@ -78,7 +78,7 @@ class WorkerProcesses:
         # lock file this process keeps locked while it lives (remove_stale_relay_dirs).
         remove_stale_relay_dirs()
         self._relay_dir = tempfile.mkdtemp(prefix=f"{RELAY_DIR_PREFIX}{os.getpid()}-")
-        self._relay_lock = hold_relay_lock(self._relay_dir)
+        self._relay_lock = hold_ownership(self._relay_dir)
         self.relay_paths = [os.path.join(self._relay_dir, f"worker-{i}.sock") for i in range(count)]
 
     def start(self) -> None:
@@ -98,8 +98,9 @@ class WorkerProcesses:
 
     def ready(self) -> bool:
         """Whether every worker process has started (its engines loaded) and can claim work: until
-        then /health answers 503, so whoever waits for it does not time the workers' start-up."""
-        return all(child.ready.is_set() for child in self._workers)
+        then /health answers 503, so whoever waits for it does not time the workers' start-up, and
+        again while a dead one waits for its restart (its `ready` event stays set)."""
+        return all(child.ready.is_set() and child.process.is_alive() for child in self._workers)
 
     def notify(self, change: str) -> None:
         message = wake_message(change)
@@ -146,27 +147,10 @@ class WorkerProcesses:
             forget_process(child.process.pid, self.settings.metrics_dir)
 
 
-RELAY_LOCK = "owner.lock"
-
-
-def hold_relay_lock(directory: str) -> int:
-    """Lock `directory`'s lock file for as long as the returned descriptor stays open (the kernel
-    drops the lock when the process dies, however it dies). Locked under a temporary name, then
-    renamed: a sweep never sees the lock file unlocked while its owner lives."""
-    partial = os.path.join(directory, f".{RELAY_LOCK}")
-    fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    os.rename(partial, os.path.join(directory, RELAY_LOCK))
-    return fd
-
-
 def remove_stale_relay_dirs(parent: str | None = None) -> list[str]:
     """Remove the relay directories (under `parent`, the temporary directory by default) that this
-    user's servers left when they were killed: those whose lock file no process holds. A flock is
-    seen across PID namespaces, so servers in containers sharing one /tmp keep each other's live
-    directories (a pid in the name says nothing there). A directory without a lock file (made by
-    an earlier version, or by a server between mkdtemp and its lock) goes by its pid: kept while a
-    process with that pid runs. Returns what was removed."""
+    user's servers left when they were killed: those no process owns (files/owned_dirs.py).
+    Returns what was removed."""
     parent = parent or tempfile.gettempdir()
     removed = []
     with contextlib.suppress(OSError), os.scandir(parent) as entries:
@@ -176,34 +160,10 @@ def remove_stale_relay_dirs(parent: str | None = None) -> list[str]:
             with contextlib.suppress(OSError):
                 if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
                     continue
-                if _abandoned(entry.path, entry.name.removeprefix(RELAY_DIR_PREFIX).partition("-")[0]):
+                if abandoned(entry.path, entry.name.removeprefix(RELAY_DIR_PREFIX).partition("-")[0]):
                     shutil.rmtree(entry.path)
                     removed.append(entry.path)
     return removed
-
-
-def _abandoned(directory: str, pid: str) -> bool:
-    try:
-        fd = os.open(os.path.join(directory, RELAY_LOCK), os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return pid.isdigit() and not _running(int(pid))
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False  # its server holds the lock: alive
-    finally:
-        os.close(fd)  # (closing also drops a lock just taken: the removal follows at once)
-    return True
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def worker_main(settings: Settings, wake: Connection, parent_pid: int, ready: Event | None = None,
