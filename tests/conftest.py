@@ -3,6 +3,7 @@ official openai SDK."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -283,6 +284,21 @@ def jsonl(lines: list[Any]) -> bytes:
 def upload(client: openai.OpenAI, lines: list[Any] | bytes, name: str = "input.jsonl") -> str:
     data = lines if isinstance(lines, bytes) else jsonl(lines)
     return client.files.create(file=(name, data), purpose="batch").id
+
+
+@contextlib.contextmanager
+def owned_elsewhere(directory: Path) -> Iterator[None]:
+    """`directory` owned (files/owned_dirs.py) by another live process while the block runs."""
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import time; from overnight.files.owned_dirs import hold_ownership; "
+         f"hold_ownership({str(directory)!r}); print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None and owner.stdout.readline() == "locked\n"
+        yield
+    finally:
+        owner.kill()
+        owner.wait()
 
 
 def until(condition: Any, timeout: float = 30.0, interval: float = 0.01) -> None:

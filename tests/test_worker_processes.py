@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import serve_refused, until
+from conftest import owned_elsewhere, serve_refused, until
 from overnight import constants as C
 from overnight.files.owned_dirs import OWNER_LOCK, hold_ownership
 from overnight.settings import EmbeddedSettings, Settings, WorkerSettings
@@ -82,18 +82,10 @@ def test_a_relay_directory_goes_by_its_lock_not_by_the_pid_in_its_name(tmp_path:
     released = tmp_path / f"{RELAY_DIR_PREFIX}{os.getpid()}-released"  # its owner was killed
     released.mkdir()
     os.close(hold_ownership(str(released)))  # the lock file stays, unlocked, as a SIGKILL leaves it
-    owner = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from overnight.files.owned_dirs import hold_ownership; "
-         f"hold_ownership({str(held)!r}); print('locked', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert owner.stdout is not None and owner.stdout.readline() == "locked\n"
+    with owned_elsewhere(held):
         assert sorted(p.name for p in held.iterdir()) == [OWNER_LOCK]
         assert remove_stale_relay_dirs(str(tmp_path)) == [str(released)]
         assert held.is_dir() and not released.exists()
-    finally:
-        owner.kill()
-        owner.wait()
     assert remove_stale_relay_dirs(str(tmp_path)) == [str(held)]  # its owner is gone now
 
 

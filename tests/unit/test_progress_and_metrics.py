@@ -81,6 +81,7 @@ def test_metrics_dirs_of_servers_that_are_gone_are_removed(tmp_path: Any) -> Non
     import subprocess
     import sys
 
+    from conftest import owned_elsewhere
     from overnight.files.owned_dirs import OWNER_LOCK
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -90,20 +91,12 @@ def test_metrics_dirs_of_servers_that_are_gone_are_removed(tmp_path: Any) -> Non
     (tmp_path / "metrics" / str(os.getppid())).mkdir()  # an earlier version's, of a live server here
     elsewhere = tmp_path / "metrics" / f"{dead_pid}-on-another-host"  # its pid says nothing here
     elsewhere.mkdir()
-    owner = subprocess.Popen(
-        [sys.executable, "-c", "import time; from overnight.files.owned_dirs import hold_ownership; "
-         f"hold_ownership({str(elsewhere)!r}); print('locked', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert owner.stdout is not None and owner.stdout.readline() == "locked\n"
+    with owned_elsewhere(elsewhere):
         ours = prepare_metrics_dir(tmp_path)
         again = prepare_metrics_dir(tmp_path)  # another server in this pid (a container's pid 1)
         assert ours.parent == tmp_path / "metrics" and ours.name.startswith(f"{os.getpid()}-") and ours != again
         assert [p.name for p in ours.iterdir()] == [OWNER_LOCK]
         assert not (tmp_path / "metrics" / str(dead_pid)).exists()
         assert (tmp_path / "metrics" / str(os.getppid())).exists() and elsewhere.exists()
-    finally:
-        owner.kill()
-        owner.wait()
     prepare_metrics_dir(tmp_path)
     assert not elsewhere.exists()  # its owner is gone now
