@@ -221,6 +221,67 @@ def test_admin_sees_every_tenants_batches_with_their_owner(server: Server, page_
     assert tenant.locator("#t-workers").count() == 0
 
 
+def test_an_admin_is_offered_only_its_own_files_to_batch_and_delete(server: Server, page_for: Any) -> None:
+    """An admin lists every tenant's files, but creates batches from and deletes its own only: the
+    form offered others' files (a 404 on create) and every row a Delete button (a 404 each)."""
+    alice_file = upload(server.client(API_KEY), [chat_line(1)])
+    own_file = upload(server.client(ADMIN_KEY), [chat_line(2)])
+    page = page_for(server, ADMIN_KEY)
+    page.locator("details.card summary").click()
+    page.locator(f'#create-file option[value="{own_file}"]').wait_for(state="attached")
+    assert page.locator(f'#create-file option[value="{alice_file}"]').count() == 0
+    page.get_by_role("link", name="Files").click()
+    page.locator(f'tr[data-file="{alice_file}"]').wait_for()
+    assert page.locator(f'tr[data-file="{alice_file}"] button', has_text="Delete").count() == 0
+    assert page.locator(f'tr[data-file="{own_file}"] button', has_text="Delete").count() == 1
+
+
+def test_a_batch_page_whose_results_cannot_be_read_says_so_and_a_hidden_tab_polls_nothing(
+        server: Server, page_for: Any) -> None:
+    """A failed read of the result files left 'Reading the result files...' forever (never read
+    again); a tab nobody looks at polled the API every 2 s, against its key's rate limit."""
+    client = server.client(API_KEY)
+    batch = client.batches.create(input_file_id=upload(client, [chat_line(1)]), endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    done = wait_terminal(client, batch.id)
+    assert done.output_file_id is not None
+    client.files.delete(done.output_file_id)
+    page = page_for(server, API_KEY)
+    page.evaluate(f"location.hash = '#/batches/{batch.id}'")
+    page.locator("p.error", has_text="Could not read the result files").wait_for()
+    polls: list[str] = []
+    page.on("request", lambda request: polls.append(request.url) if "/v1/batches" in request.url else None)
+    page.evaluate("Object.defineProperty(document, 'hidden', {value: true, configurable: true}); "
+                  "document.dispatchEvent(new Event('visibilitychange'))")
+    page.wait_for_timeout(2500)  # a tick in flight may still finish (events arrive while Playwright waits)
+    polls.clear()
+    page.wait_for_timeout(4500)  # two polling intervals
+    assert polls == []
+    page.evaluate("Object.defineProperty(document, 'hidden', {value: false, configurable: true}); "
+                  "document.dispatchEvent(new Event('visibilitychange'))")
+    page.wait_for_timeout(1000)
+    assert polls  # shown again: polled at once
+
+
+def test_a_malformed_address_or_a_failing_server_page_does_not_break_the_dashboard(
+        server: Server, page_for: Any) -> None:
+    """'#/batches/%' threw in the router and froze the page; a non-403 error from the admin page
+    at sign-in refused a good key, and any error at a reload (a restart, a 429) erased it."""
+    page = page_for(server, API_KEY)
+    page.get_by_role("link", name="Files").click()
+    page.locator("h1", has_text="Files").wait_for()
+    page.evaluate("location.hash = '#/batches/%'")
+    page.locator("h1", has_text="Batches").wait_for()
+    page.route("**/v1/admin/server", lambda route: route.fulfill(status=500, body="{}"))
+    page.route("**/v1/models", lambda route: route.fulfill(status=502, body="{}"))
+    page.reload()
+    page.locator("#signin-error", has_text="Could not reach the server").wait_for()
+    page.unroute("**/v1/models")
+    page.reload()  # the key was kept: no sign-in needed
+    page.get_by_role("navigation", name="Sections").wait_for()
+    assert page.evaluate("sessionStorage.length") >= 1
+
+
 def test_dashboard_fits_a_phone(make_server: Any, page_for: Any, tmp_path: Path) -> None:
     server = make_server()
     client = server.client(API_KEY)
@@ -266,6 +327,7 @@ def test_admin_server_route_and_owner_field(server: Server) -> None:
     assert body["error"]["message"].startswith("You have insufficient permissions for this operation")
     status, overview = get("/admin/server", ADMIN_KEY)
     assert status == 200 and overview["object"] == "server"
+    assert overview["owner"] == owner_of(hash_key(ADMIN_KEY))  # which files and batches are its own
     assert overview["routes"][0]["pattern"] == "*"
     assert overview["engines"][0]["concurrency"]["maximum"] == 64
     assert overview["workers"] and overview["workers"][0]["seen_seconds_ago"] < 15

@@ -49,6 +49,7 @@ def server_overview(request: Request, caller: Caller) -> Response:
     router_ = services.router
     return json_response({
         "object": "server",
+        "owner": caller.owner,
         "engines": engines_overview(router_),
         "routes": routes_overview(router_),
         "queue": [{"model": q.model, "batches": q.batches, "waiting_requests": q.waiting_requests}

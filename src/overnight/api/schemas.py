@@ -243,6 +243,7 @@ class WorkerInfo(BaseModel):
 
 class ServerOverview(BaseModel):
     object: Literal["server"]
+    owner: str = Field(description="The calling admin key's own owner id (its own files and batches carry it)")
     engines: list[EngineInfo]
     routes: list[RouteInfo]
     queue: list[ModelQueueInfo]

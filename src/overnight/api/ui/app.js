@@ -13,7 +13,7 @@ const sections = {
   server: () => import("./server.js"),
 };
 
-const ctx = { admin: false, navigate: (hash) => { location.hash = hash; } };
+const ctx = { admin: false, owner: null, navigate: (hash) => { location.hash = hash; } };
 const signinSection = document.getElementById("signin"); // kept: route() takes it out of the page
 let current = null;
 let timer = 0;
@@ -22,11 +22,13 @@ let generation = 0;
 async function signIn(key) {
   await api.models(key); // 401 for an unknown key
   try {
-    await api.server(key);
+    ctx.owner = (await api.server(key)).owner;
     ctx.admin = true;
   } catch (err) {
-    if (!(err instanceof ApiError) || err.status !== 403) throw err;
+    // 403: a tenant's key. Anything else (a 500, a restart) must not refuse a good key: the
+    // key is a tenant's until the server page says otherwise.
     ctx.admin = false;
+    if (!(err instanceof ApiError) || err.status !== 403) notify(`Admin rights not checked: ${err.message}`, "error");
   }
   session.key = key;
 }
@@ -58,7 +60,12 @@ function stop() {
 }
 
 function parseHash() {
-  const parts = location.hash.replace(/^#\/?/, "").split("/").filter(Boolean).map(decodeURIComponent);
+  let parts;
+  try {
+    parts = location.hash.replace(/^#\/?/, "").split("/").filter(Boolean).map(decodeURIComponent);
+  } catch {
+    parts = []; // a malformed fragment ("#/batches/%"): the batch list, not a frozen page
+  }
   if (parts[0] === "batches" && parts[1]) return ["batch", parts[1]];
   return [sections[parts[0]] ? parts[0] : "batches", null];
 }
@@ -85,6 +92,7 @@ async function route() {
 
 async function tick(mine) {
   if (mine !== generation || !current) return;
+  if (document.hidden) return; // a tab nobody looks at polls nothing; visibilitychange resumes it
   try {
     await current.refresh();
   } catch (err) {
@@ -118,14 +126,24 @@ document.getElementById("sign-out").addEventListener("click", () => {
 });
 
 window.addEventListener("hashchange", route);
+document.addEventListener("visibilitychange", () => {
+  if (!document.hidden && current) {
+    clearTimeout(timer);
+    tick(generation);
+  }
+});
 
 (async () => {
   if (!session.key) return showSignIn();
   try {
     await signIn(session.key);
-  } catch {
-    session.key = null;
-    return showSignIn();
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 401) {
+      session.key = null; // refused: sign in again
+      return showSignIn();
+    }
+    // the server restarting, a 429: keep the key and try again shortly
+    return showSignIn(`Could not reach the server (${err.message}); reload to try again.`);
   }
   showShell();
   route();

@@ -27,7 +27,12 @@ export function mount(root, ctx) {
     if (TERMINAL.has(batch.status) && filesFor !== key) {
       filesFor = key;
       replace(files, h("p", { class: "muted" }, "Reading the result files…"));
-      replace(files, await fileSections(batch));
+      try {
+        replace(files, await fileSections(batch));
+      } catch (err) {
+        filesFor = null; // read again at the next refresh (a 429, a restart), not never
+        replace(files, h("p", { class: "error", role: "alert" }, `Could not read the result files: ${err.message}`));
+      }
     }
   }
 

@@ -107,7 +107,7 @@ export function mount(root, ctx) {
   replace(root,
     h("div", { class: "heading" }, h("h1", {}, "Batches"),
       h("div", { class: "filter" }, h("label", { for: "status-filter" }, "Status"), filter)),
-    createForm(refresh),
+    createForm(refresh, ctx),
     h("div", { class: "table-wrap" },
       h("table", { class: "batches" },
         h("caption", { class: "sr-only" }, "Batches, newest first"),
@@ -122,7 +122,7 @@ function countsText({ total, completed, failed }) {
   return `${completed + failed} / ${total}` + (failed ? ` · ${failed} failed` : "");
 }
 
-function createForm(onCreated) {
+function createForm(onCreated, ctx) {
   const fileSelect = h("select", { id: "create-file", required: true });
   const endpoint = h("select", { id: "create-endpoint" }, ENDPOINTS.map((e) => h("option", { value: e }, e)));
   const windowSelect = h("select", { id: "create-window" }, h("option", { value: "24h" }, "24h"));
@@ -131,9 +131,11 @@ function createForm(onCreated) {
   const error = h("p", { class: "error", role: "alert" });
 
   async function loadFiles() {
-    const files = await api.files(null, "batch", 200);
-    replace(fileSelect, files.data.length
-      ? files.data.map((f) => h("option", { value: f.id }, `${f.filename} (${f.id})`))
+    const listed = (await api.files(null, "batch", 200)).data;
+    // an admin lists every tenant's files but creates batches from its own only
+    const files = ctx.admin ? listed.filter((f) => f.owner === ctx.owner) : listed;
+    replace(fileSelect, files.length
+      ? files.map((f) => h("option", { value: f.id }, `${f.filename} (${f.id})`))
       : h("option", { value: "" }, "No batch files: upload one on the Files page"));
   }
 

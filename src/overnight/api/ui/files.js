@@ -74,8 +74,10 @@ export function mount(root, ctx) {
       h("td", { "data-label": "Actions", class: "actions" },
         h("button", { type: "button", class: "small", "aria-label": `Download ${file.filename}`,
           onclick: () => download(file.id, file.filename).catch((e) => notify(e.message, "error")) }, "Download"),
-        h("button", { type: "button", class: "small danger", "aria-label": `Delete ${file.filename}`,
-          onclick: () => remove(file) }, "Delete")));
+        // an admin reads every tenant's files but deletes only its own
+        ctx.admin && file.owner !== ctx.owner ? null
+          : h("button", { type: "button", class: "small danger", "aria-label": `Delete ${file.filename}`,
+            onclick: () => remove(file) }, "Delete")));
   }
 
   async function refresh() {
