@@ -94,6 +94,12 @@ def test_live_results_of_unknown_batch_and_bad_cursor(server: Server) -> None:
     batch = run_batch(client, [chat_line(1)])
     status, _, raw = _live(server, batch.id, "errors", -1)
     assert status == 400 and json.loads(raw)["error"]["param"] == "after"
+    running = client.batches.create(input_file_id=upload(client, [chat_line(i, x_fault="slow:300") for i in range(6)]),
+                                    endpoint="/v1/chat/completions", completion_window="24h")
+    wait_status(client, running.id, {"in_progress"})
+    status, headers, raw = _live(server, running.id, "output", 2**63)  # beyond a 64-bit integer: was a 500
+    assert status == 200 and raw == b"" and headers["x-overnight-complete-through"] == "6"
+    client.batches.cancel(running.id)
 
 
 def test_retry_runs_failed_lines_again_and_joined_takes_the_latest(client: openai.OpenAI, server: Server) -> None:
@@ -121,7 +127,7 @@ def test_retry_runs_failed_lines_again_and_joined_takes_the_latest(client: opena
     assert status == 200 and headers["x-overnight-attempts"] == "2"
     rows = [json.loads(x) for x in joined.splitlines()]
     by_id = {r["custom_id"]: r for r in rows}
-    assert len(rows) == len(by_id) == 12
+    assert [r["custom_id"] for r in rows] == [f"req-{i}" for i in range(12)]  # input order, as the files
     assert all(by_id[f"req-{i}"]["response"]["status_code"] == 200 for i in range(11))
     assert by_id["req-11"]["response"]["status_code"] == 404
     assert by_id["req-5"]["id"].startswith("batch_req_" + retry.id.removeprefix("batch_"))  # the retry's line

@@ -46,6 +46,7 @@ class LiveResults:
             return LiveSection(max(batch.request_total, after), True, self._final(batch, kind, after, None))
         if batch.status == C.VALIDATING:
             return LiveSection(after, False, iter(()))
+        after = min(after, batch.request_total)  # past its last line (beyond a 64-bit integer: a 500 in SQL)
         committed: list[SettledShard] = []
         for shard in self.results.shards_after(batch.id, after):
             if shard.status != C.SHARD_DONE or not shard.result_key or shard.result_output_bytes is None:

@@ -3,11 +3,13 @@
 The new input file is built by streaming the parent's error file and its input file side by
 side: an error line's `id` names the input line it answers (ids.py), and both files are in input
 order, so this is a merge of two streams in bounded memory. The joined results of a batch and
-its retries take, for each custom_id, the line of the latest attempt."""
+its retries take, for each input line, the newest attempt that ran it (see `joined`)."""
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import orjson
 
@@ -19,11 +21,12 @@ from overnight.batches.ports import FileCatalog, ResultsCatalog
 from overnight.batches.service import BatchService
 from overnight.files.layout import file_key
 from overnight.files.port import FileStore
-from overnight.ids import new_file_id
+from overnight.ids import line_id_prefix, new_file_id
 from overnight.store.records import BatchRecord, FileRecord
 
 RETRYABLE_STATUSES = (C.COMPLETED, C.CANCELLED, C.EXPIRED)
 _KIND_OF_CODE = {C.BATCH_CANCELLED: "cancelled", C.BATCH_EXPIRED: "expired"}
+_NEVER_RAN = frozenset({C.BATCH_CANCELLED, C.BATCH_EXPIRED, C.SHARD_FAILED_CODE})
 _UNLIMITED = 1 << 62  # input lines were validated (each within the shard byte limit)
 MAX_RETRY_CHAIN = 100  # joined results take at most this many retries
 
@@ -50,6 +53,10 @@ class BatchRetries:
         if input_file is None:
             raise InvalidRequest(f"The input file {parent.input_file_id} of batch {batch_id} no longer exists.",
                                  param="batch_id", code="invalid_value")
+        if parent.error_file_id is not None and error_file is None:  # not "no failed requests": unknown
+            raise InvalidRequest(f"The error file {parent.error_file_id} of batch {batch_id} no longer exists (it "
+                                 "expired or was deleted), so which requests failed is not known.",
+                                 param="batch_id", code="invalid_value")
         kinds = frozenset(include)
         wanted = iter(()) if error_file is None else indexes_where(
             parent.id, self.files.iter_chunks(error_file.storage_key), lambda line: _kind(line) in kinds
@@ -75,41 +82,81 @@ class BatchRetries:
         )
 
     def joined(self, owner: str | None, batch_id: str) -> tuple[int, Iterator[bytes]]:
-        """How many finished attempts are joined, and for each custom_id the latest attempt's
-        result line. The attempts are the batch and every finished retry of it, of its retries and
-        so on (a batch may be retried more than once, e.g. its failed lines and its cancelled ones
-        apart); newest first, each attempt gives the lines whose custom_id no newer one has
-        (memory: the custom_ids seen, at most the batch's lines)."""
+        """How many finished attempts are joined, and the batch's result lines in input order, each
+        the best answer among the batch and every finished retry of it (of its retries and so on: a
+        batch may be retried more than once, e.g. its failed lines and its cancelled ones apart):
+        the newest attempt that ran the line, else the newest (a retry cancelled or expired before
+        it ran a line does not hide an older answer). A retry's input is an ordered subsequence of
+        its parent's, so each attempt's lines overlay its parent's as streams: memory is a line per
+        attempt, whatever the batch's size."""
         root = self.batches.get(owner, batch_id)
-        attempts: list[tuple[int, BatchRecord]] = []
-        parents = [root]
-        while parents and len(attempts) < MAX_RETRY_CHAIN:
+        children: dict[str, list[tuple[int, BatchRecord]]] = {}
+        parents, count = [root], 0
+        while parents and count < MAX_RETRY_CHAIN:
             parent = parents.pop()
             for seq, child in self.results.retries_of(parent.owner, parent.id):
-                if child.status in (*RETRYABLE_STATUSES, C.FAILED):  # finished; a running one is skipped
-                    attempts.append((seq, child))
+                # finished only: a running retry is skipped
+                if child.status in (*RETRYABLE_STATUSES, C.FAILED) and count < MAX_RETRY_CHAIN:
+                    children.setdefault(parent.id, []).append((seq, child))
                     parents.append(child)
-        newest_first = [batch for _, batch in sorted(attempts[:MAX_RETRY_CHAIN], key=lambda a: -a[0])]
-        return len(newest_first) + 1, self._join([*newest_first, root])
-
-    def _join(self, newest_first: list[BatchRecord]) -> Iterator[bytes]:
-        seen: set[str] = set()
+                    count += 1
         now = int(self.batches.clock())
-        for batch in newest_first:
-            ids: list[str] = []
-            for file_id in (batch.output_file_id, batch.error_file_id):
-                record = self._file(file_id, now)
-                if record is None:
-                    continue
-                for line in lines_of(self.files.iter_chunks(record.storage_key)):
-                    custom_id = orjson.loads(line)["custom_id"]
-                    if custom_id not in seen:
-                        ids.append(custom_id)
-                        yield line + b"\n"
-            seen.update(ids)  # after the batch: a custom_id repeated within one attempt is kept
+        return count + 1, (answer.line + b"\n" for answer in self._resolved(root, children, now))
+
+    def _resolved(self, batch: BatchRecord, children: dict[str, list[tuple[int, BatchRecord]]],
+                  now: int) -> Iterator[_Answer]:
+        """`batch`'s answers in its input order, each resolved against its retries' (newest first)."""
+        retries = [_Ahead(self._resolved(child, children, now))
+                   for _, child in sorted(children.get(batch.id, []), key=lambda c: -c[0])]
+        for own in self._answers(batch, now):
+            newer = [retry.take() for retry in retries if retry.head is not None and retry.head.custom_id == own.custom_id]
+            candidates = [*newer, own]
+            yield next((answer for answer in candidates if answer.ran), candidates[0])
+
+    def _answers(self, batch: BatchRecord, now: int) -> Iterator[_Answer]:
+        """The lines of `batch`'s output and error files merged into input order (each file is in
+        input order; a line's id carries its input index)."""
+        prefix = line_id_prefix(batch.id)
+        streams = []
+        for file_id in (batch.output_file_id, batch.error_file_id):
+            record = self._file(file_id, now)
+            if record is not None:
+                streams.append(_Answer.parse(line, prefix) for line in lines_of(self.files.iter_chunks(record.storage_key)))
+        return heapq.merge(*streams, key=lambda answer: answer.index)
 
     def _file(self, file_id: str | None, now: int) -> FileRecord | None:
         return self.file_catalog.get_file(None, file_id, now) if file_id else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    index: int  # the input line's index in its batch
+    custom_id: str
+    ran: bool  # False: the line was never sent (its batch was cancelled or expired first, its shard failed)
+    line: bytes
+
+    @classmethod
+    def parse(cls, line: bytes, prefix: str) -> _Answer:
+        obj = orjson.loads(line)
+        ident = obj["id"]
+        if not isinstance(ident, str) or not ident.startswith(prefix):
+            raise ValueError(f"result line id {ident!r} is not of this batch")
+        error = obj.get("error")
+        code = error.get("code") if isinstance(error, dict) else None
+        return cls(int(ident[len(prefix):], 16), obj["custom_id"], code not in _NEVER_RAN, line)
+
+
+class _Ahead:
+    """An iterator with its next item in view."""
+
+    def __init__(self, items: Iterator[_Answer]) -> None:
+        self._items = items
+        self.head = next(items, None)
+
+    def take(self) -> _Answer:
+        assert self.head is not None
+        taken, self.head = self.head, next(self._items, None)
+        return taken
 
 
 def _kind(error_line: bytes) -> str:
