@@ -52,3 +52,23 @@ def test_a_running_in_process_worker_is_ready(tmp_path: Path) -> None:
             assert client.get("/health").status_code == 200
     finally:
         asyncio.run(parts.close())
+
+
+def test_health_waits_for_worker_processes_beside_their_supervisor(tmp_path: Path) -> None:
+    """With worker processes, the background task is their supervisor: its running says nothing of
+    the processes' readiness (the check of the task replaced theirs, /health said 200 before any
+    worker could answer, and an online request got 503 'No worker process is ready')."""
+    parts = build(Settings(data_dir=tmp_path, embedded=EmbeddedSettings(enabled=False)), announce=None)
+    processes_ready = [False]
+    parts.services.workers_ready = lambda: processes_ready[0]
+
+    async def supervise(stop: asyncio.Event) -> None:
+        await stop.wait()
+
+    try:
+        with TestClient(create_app(parts.services, background=supervise)) as client:
+            assert client.get("/health").status_code == 503
+            processes_ready[0] = True
+            assert client.get("/health").status_code == 200
+    finally:
+        asyncio.run(parts.close())

@@ -55,10 +55,12 @@ def create_app(
         freeze_startup_objects()
         task = asyncio.create_task(background(stop)) if background is not None else None
         if task is not None:
-            # The in-process worker: a worker that ended (an error before its loops ran, say a
-            # database it could not join) is reported, in the log and by /health, not left silent.
+            # The in-process worker (or the worker processes' supervisor): one that ended (an error
+            # before its loops ran, say a database it could not join) is reported, in the log and
+            # by /health, not left silent. Besides the worker processes' own readiness, not instead.
             task.add_done_callback(lambda ended: _report_stopped(ended, stop))
-            services.workers_ready = lambda: not task.done()
+            processes_ready = services.workers_ready
+            services.workers_ready = lambda: processes_ready() and not task.done()
         services.ready = True
         try:
             yield
