@@ -53,7 +53,7 @@ async def _answer(request: Request, endpoint: str) -> Response:
         return error_response(503, "This server process answers no online requests.", "server_error")
     reply = await _unless_the_client_leaves(request, services.online.answer(endpoint, await request.body()))
     if reply is None:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; the access log shows why
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; request metrics count it
     headers = dict(reply.headers)  # an upstream's retry-after, x-should-retry, x-ratelimit-*
     if 400 <= reply.status < 500 and reply.status not in (408, 429):
         headers.setdefault("x-should-retry", "false")  # as for the API's own errors: it will not change
