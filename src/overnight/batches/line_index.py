@@ -16,7 +16,11 @@ _UNLIMITED = 1 << 62  # result lines are our own, written whole
 
 def line_index(line: bytes, prefix: str) -> int:
     """The input line index of a result line of the batch whose line ids start with `prefix`."""
-    ident = orjson.loads(line)["id"]
+    return index_of(orjson.loads(line)["id"], prefix)
+
+
+def index_of(ident: object, prefix: str) -> int:
+    """The input line index that a result line's `id` names (of the batch whose ids start with `prefix`)."""
     if not isinstance(ident, str) or not ident.startswith(prefix):
         raise ValueError(f"result line id {ident!r} is not of this batch")
     return int(ident[len(prefix):], 16)

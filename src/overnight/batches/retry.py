@@ -16,7 +16,7 @@ import orjson
 from overnight import constants as C
 from overnight.batches.errors import Conflict, InvalidRequest
 from overnight.batches.jsonl import iter_lines
-from overnight.batches.line_index import indexes_where, lines_of
+from overnight.batches.line_index import index_of, indexes_where, lines_of
 from overnight.batches.ports import FileCatalog, ResultsCatalog
 from overnight.batches.service import BatchService
 from overnight.files.layout import file_key
@@ -138,12 +138,7 @@ class _Answer:
     @classmethod
     def parse(cls, line: bytes, prefix: str) -> _Answer:
         obj = orjson.loads(line)
-        ident = obj["id"]
-        if not isinstance(ident, str) or not ident.startswith(prefix):
-            raise ValueError(f"result line id {ident!r} is not of this batch")
-        error = obj.get("error")
-        code = error.get("code") if isinstance(error, dict) else None
-        return cls(int(ident[len(prefix):], 16), obj["custom_id"], code not in _NEVER_RAN, line)
+        return cls(index_of(obj["id"], prefix), obj["custom_id"], _error_code(obj) not in _NEVER_RAN, line)
 
 
 class _Ahead:
@@ -161,9 +156,15 @@ class _Ahead:
 
 def _kind(error_line: bytes) -> str:
     """failed, cancelled or expired: what an error-file line counts as for a retry."""
-    error = orjson.loads(error_line).get("error")
+    code = _error_code(orjson.loads(error_line))
+    return _KIND_OF_CODE.get(code, "failed") if code is not None else "failed"
+
+
+def _error_code(result: dict[str, object]) -> str | None:
+    """A result line's `error.code` (None: no error, or one without a string code)."""
+    error = result.get("error")
     code = error.get("code") if isinstance(error, dict) else None
-    return _KIND_OF_CODE.get(code, "failed") if isinstance(code, str) else "failed"
+    return code if isinstance(code, str) else None
 
 
 def _select_lines(chunks: Iterator[bytes], wanted: Iterator[int]) -> Iterator[bytes]:
