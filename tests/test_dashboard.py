@@ -162,6 +162,9 @@ def test_dashboard_uploads_creates_watches_cancels_and_downloads(make_server: An
     saved = tmp_path / "downloaded.jsonl"
     info.value.save_as(saved)
     assert saved.read_bytes() == client.files.content(done.output_file_id).read()
+    # ... by a link the browser streams to disk, not a blob the tab had to hold whole first
+    assert f"/v1/files/{done.output_file_id}/content?ticket=" in info.value.url, info.value.url
+    assert info.value.suggested_filename == f"{watched}_output.jsonl"
 
     # -- the batch page: timeline, errors grouped by code, results joined to their input
     page.get_by_role("link", name=watched).click()

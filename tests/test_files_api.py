@@ -11,7 +11,7 @@ from typing import Any
 import openai
 import pytest
 
-from conftest import API_KEY, Server, chat_line, jsonl, raw_request, upload
+from conftest import ADMIN_KEY, API_KEY, OTHER_KEY, Server, chat_line, jsonl, raw_request, upload
 
 pytestmark = pytest.mark.both_tiers  # SQLite + local directory, and PostgreSQL + S3
 
@@ -232,3 +232,44 @@ def test_download_of_a_filename_with_quotes(client: openai.OpenAI, server: Serve
     )
     assert status == 200, raw
     _check_download(client, server, json.loads(raw)["id"], data, 'say "hi" ü.jsonl', 'say \\"hi\\" u.jsonl')
+
+
+def test_a_download_link_reads_one_file_without_the_key(client: openai.OpenAI, server: Server) -> None:
+    """The dashboard's downloads: a link the browser fetches without an Authorization header, so
+    the file streams to disk instead of into the tab's memory."""
+    data = jsonl([chat_line(i) for i in range(3)])
+    file_id = client.files.create(file=("out.jsonl", data), purpose="batch").id
+    other_id = upload(client, [chat_line(9)])
+    origin = server.base_url.removesuffix("/v1")
+
+    def link(key: str, target: str) -> tuple[int, dict[str, Any]]:
+        status, _, body = raw_request(
+            "POST", f"{server.base_url}/files/{target}/download_link", {"Authorization": f"Bearer {key}"}
+        )
+        return status, json.loads(body)
+
+    status, made = link(API_KEY, file_id)
+    assert status == 200 and made["object"] == "file.download_link" and made["file_id"] == file_id
+    assert 0 < made["expires_at"] - time.time() <= 61
+    status, headers, body = raw_request("GET", origin + made["url"])
+    assert status == 200 and body == data
+    assert headers["content-disposition"].startswith('attachment; filename="out.jsonl"')
+
+    # The link opens only its file; a changed or garbled ticket opens nothing (401, throttled as bad keys)
+    ticket = urllib.parse.parse_qs(urllib.parse.urlsplit(made["url"]).query)["ticket"][0]
+    for path in (
+        f"/v1/files/{other_id}/content?ticket={ticket}",
+        f"/v1/files/{file_id}/content?ticket={ticket[:-1]}{'0' if ticket[-1] != '0' else '1'}",
+        f"/v1/files/{file_id}/content?ticket=x",
+        f"/v1/files/{file_id}/content?ticket=%C3%A9",
+    ):
+        status, _, body = raw_request("GET", origin + path)
+        assert status == 401, path
+        assert json.loads(body)["error"]["code"] == "invalid_download_ticket"
+    # ... and the key is still required without one
+    assert raw_request("GET", f"{origin}/v1/files/{file_id}/content")[0] == 401
+
+    # Another tenant gets no link to it (404, as for any object out of reach); an admin does
+    assert link(OTHER_KEY, file_id)[0] == 404
+    status, made = link(ADMIN_KEY, file_id)
+    assert status == 200 and raw_request("GET", origin + made["url"])[2] == data

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from overnight.api.download_tickets import TICKET_SECONDS, make_ticket, ticket_key
 from overnight.batches.errors import OvernightError
 
 MAX_KEY_CHARS = 1024
@@ -26,6 +27,7 @@ class Unauthorized(OvernightError):
 class Principal:
     owner: str
     is_admin: bool = False
+    key_hash: str = field(default="", repr=False, compare=False)  # signs its download tickets
 
     @property
     def scope(self) -> str | None:
@@ -71,7 +73,25 @@ class Authenticator:
                 "OVERNIGHT_API_KEYS, or the one printed when the server first started.",
                 code="invalid_api_key",
             )
-        return Principal(owner=match[0], is_admin=match[1])
+        return Principal(owner=match[0], is_admin=match[1], key_hash=digest)
+
+    def download_ticket(self, caller: Principal, file_id: str, now: int) -> tuple[str, int]:
+        """A ticket for `file_id` signed by the caller's key, and when it expires."""
+        expires = now + TICKET_SECONDS
+        return make_ticket(caller.key_hash, file_id, expires), expires
+
+    def redeem(self, ticket: str, file_id: str, now: int) -> Principal:
+        """The caller a download ticket stands for, or 401 (forged, expired, another file's, or
+        signed by a key no longer configured)."""
+        key_hash = ticket_key(ticket, file_id, list(self._hashes), now)
+        if key_hash is None:
+            raise Unauthorized(
+                "The download link is invalid or has expired; request a new one "
+                f"(POST /v1/files/{file_id}/download_link with your API key).",
+                code="invalid_download_ticket",
+            )
+        owner, is_admin = self._hashes[key_hash]
+        return Principal(owner=owner, is_admin=is_admin, key_hash=key_hash)
 
 
 def _mask(key: str) -> str:
@@ -88,6 +108,23 @@ async def principal(request: Request) -> Principal:
     services.auth_throttle.check(address)
     try:
         caller: Principal = services.auth.authenticate(request.headers.get("authorization"))
+    except Unauthorized:
+        services.auth_throttle.failed(address)
+        raise
+    services.rate_limiter.check(caller.owner)
+    return caller
+
+
+async def principal_or_ticket(request: Request, ticket: str | None = None) -> Principal:
+    """FastAPI dependency for a file's content: the caller by its key, or (with no Authorization
+    header) by a download ticket for the file in the path, throttled and rate-limited the same."""
+    if ticket is None or "authorization" in request.headers:
+        return await principal(request)
+    services = request.app.state.services
+    address = request.client.host if request.client is not None else ""
+    services.auth_throttle.check(address)
+    try:
+        caller: Principal = services.auth.redeem(ticket, request.path_params["file_id"], int(services.files.clock()))
     except Unauthorized:
         services.auth_throttle.failed(address)
         raise

@@ -11,10 +11,10 @@ from fastapi import APIRouter, Depends, Query, Request
 from python_multipart.exceptions import FormParserError
 from starlette.responses import Response, StreamingResponse
 
-from overnight.api.auth import Principal, principal
+from overnight.api.auth import Principal, principal, principal_or_ticket
 from overnight.api.json import json_response
 from overnight.api.routes_admin import with_owner
-from overnight.api.schemas import ERRORS, FileDeleted, FileList, FileObject
+from overnight.api.schemas import ERRORS, DownloadLink, FileDeleted, FileList, FileObject
 from overnight.api.services import Services
 from overnight.api.upload import receive_upload
 from overnight.batches.errors import InvalidRequest
@@ -22,6 +22,7 @@ from overnight.batches.wire import file_object, list_object
 
 router = APIRouter(prefix="/v1/files", tags=["files"], responses=ERRORS)
 Caller = Annotated[Principal, Depends(principal)]
+CallerOrTicket = Annotated[Principal, Depends(principal_or_ticket)]
 
 _UPLOAD_BODY = {
     "requestBody": {
@@ -137,7 +138,7 @@ def delete_file(request: Request, caller: Caller, file_id: str) -> Response:
     response_class=StreamingResponse,
     responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
 )
-def file_content(request: Request, caller: Caller, file_id: str) -> Response:
+def file_content(request: Request, caller: CallerOrTicket, file_id: str) -> Response:
     record, chunks = _services(request).files.content(caller.scope, file_id)
     return StreamingResponse(
         chunks,  # a sync iterator: Starlette reads each chunk in a worker thread
@@ -147,6 +148,20 @@ def file_content(request: Request, caller: Caller, file_id: str) -> Response:
             "content-disposition": content_disposition(record.filename),
         },
     )
+
+
+@router.post(
+    "/{file_id}/download_link",
+    response_model=DownloadLink,
+    summary="A link that downloads the file's content for a minute without the API key (overnight)",
+)
+def download_link(request: Request, caller: Caller, file_id: str) -> Response:
+    """For browsers: a plain link streams a download to disk, a fetch() with the key must buffer it."""
+    services = _services(request)
+    services.files.get(caller.scope, file_id)  # 404 unless the caller may read it
+    ticket, expires_at = services.auth.download_ticket(caller, file_id, int(services.files.clock()))
+    url = f"/v1/files/{quote(file_id, safe='')}/content?ticket={ticket}"
+    return json_response({"object": "file.download_link", "file_id": file_id, "url": url, "expires_at": expires_at})
 
 
 def content_disposition(filename: str) -> str:

@@ -193,6 +193,13 @@ class BatchList(BaseModel):
     has_more: bool
 
 
+class DownloadLink(BaseModel):
+    object: Literal["file.download_link"]
+    file_id: str
+    url: str  # a path on this server: GET it without an Authorization header before expires_at
+    expires_at: int
+
+
 class ModelObject(BaseModel):
     id: str
     object: Literal["model"]

@@ -55,19 +55,15 @@ export const api = {
   content: (id) => call("GET", `/v1/files/${encodeURIComponent(id)}/content`),
 };
 
-/** Save a file's bytes through the browser's download (the route needs the Authorization header,
- *  so a plain link cannot fetch it). */
-export async function download(fileId, fallbackName) {
-  const response = await api.content(fileId);
-  const disposition = response.headers.get("content-disposition") || "";
-  const match = /filename\*=UTF-8''([^;]+)/.exec(disposition);
-  const name = match ? decodeURIComponent(match[1]) : fallbackName;
-  const url = URL.createObjectURL(await response.blob());
-  const link = Object.assign(document.createElement("a"), { href: url, download: name });
-  document.body.append(link);
-  link.click();
-  link.remove();
-  setTimeout(() => URL.revokeObjectURL(url), 10_000);
+/** Save a file through the browser's own download, streamed to disk: the route needs the
+ *  Authorization header, which a plain link cannot send, so the server first signs a link that
+ *  works without it for a minute. (A fetch() would hold the whole file in the tab first.) */
+export async function download(fileId, name) {
+  const link = await json("POST", `/v1/files/${encodeURIComponent(fileId)}/download_link`);
+  const anchor = Object.assign(document.createElement("a"), { href: link.url, download: name });
+  document.body.append(anchor);
+  anchor.click();
+  anchor.remove();
 }
 
 /** The first `maxLines` JSON lines of a file, streamed: reading stops there (or after `maxBytes`),
