@@ -15,8 +15,11 @@ the bare clients a skeptic would write instead, all against the same fast upstre
   f60c4a8), besides the API's work answering it, slowing the batch it was waiting for.
 
 Every arm runs the same number of rounds, interleaved (the order rotates each round), on the same
-event loop policy (uvloop, as the server), after one warm-up round of every arm. Ratios are taken
-within a round (arms adjacent in time) and reported as the median and min-max over the rounds.
+event loop policy (uvloop, as the server), after one untimed warm-up round of every arm. Each bare
+client opens its pool's connections before its clock starts, as overnight's worker keeps its own
+open between batches. Ratios are taken within a round (each arm's run divided by the other arm's
+run of the same round, not adjacent in time: several arms run between) and reported as the median
+and min-max over the rounds.
 
     ./dev bench bench_orchestration [--sizes 50000,1000] [--rounds 5] [--sdk-lines 5000]
 """
@@ -30,6 +33,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -73,6 +77,8 @@ async def sdk_script(upstream_url: str, lines: int) -> float:
             response = await client.chat.completions.create(**body)
         results.append(response.model_dump_json())
 
+    first = chat_request_line(0)["body"]
+    await asyncio.gather(*(client.chat.completions.create(**first) for _ in range(CONCURRENCY)))  # the pool
     start = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(lines)))
     elapsed = time.perf_counter() - start
@@ -97,6 +103,11 @@ async def raw_aiohttp(upstream_url: str, lines: int) -> float:
                     orjson.loads(await resp.read())
                 done += 1
 
+        async def open_connection() -> None:
+            async with session.post(url, data=bodies[0]) as resp:
+                await resp.read()
+
+        await asyncio.gather(*(open_connection() for _ in range(CONCURRENCY)))  # the pool, untimed
         start = time.perf_counter()
         await asyncio.gather(*(sender() for _ in range(CONCURRENCY)))
         elapsed = time.perf_counter() - start
@@ -120,6 +131,10 @@ async def raw_pyreqwest(upstream_url: str, lines: int) -> float:
                 orjson.loads(bytes(await response.bytes()))
                 done += 1
 
+        async def open_connection() -> None:
+            await (await client.post(url).body_bytes(bodies[0]).build().send()).bytes()
+
+        await asyncio.gather(*(open_connection() for _ in range(CONCURRENCY)))  # the pool, untimed
         start = time.perf_counter()
         await asyncio.gather(*(sender() for _ in range(CONCURRENCY)))
         elapsed = time.perf_counter() - start
@@ -208,20 +223,41 @@ SECRET = "c2VjcmV0LWZvci10aGUtYmVuY2htYXJrLW9ubHk="  # base64, as OpenAI's whsec
 
 def batches_at_once(base_url: str, path: Path, batches: int, lines_each: int, keys: list[str],
                     hooks: CompletionHooks) -> float:
-    """`batches` batches of the file at `path`, created round-robin across `keys` at once. Returns
-    lines/s from the first create to the last `batch.completed` webhook."""
+    """`batches` batches of the file at `path`, from `keys` at once (one thread per key, each
+    uploading a file per batch and creating it, as separate users would), then every output
+    downloaded. Returns lines/s from the first upload to the last download: each batch's own
+    upload, validation, run, finalize and download are timed, as in `overnight_run`."""
     clients = {k: openai.OpenAI(base_url=base_url, api_key=k) for k in keys}
-    file_ids = {k: clients[k].files.create(file=path.open("rb"), purpose="batch").id for k in keys}
-    created: set[str] = set()
-    start = time.perf_counter()
-    for i in range(batches):
-        key = keys[i % len(keys)]
-        created.add(clients[key].batches.create(input_file_id=file_ids[key], endpoint="/v1/chat/completions",
-                                                completion_window="24h").id)
-    finished = hooks.wait(created)
+    share = {k: [i for i in range(batches) if i % len(keys) == j] for j, k in enumerate(keys)}
+
+    def submit(key: str) -> list[str]:
+        created = []
+        for _ in share[key]:
+            with path.open("rb") as fh:
+                file_id = clients[key].files.create(file=fh, purpose="batch").id
+            created.append(clients[key].batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                                       completion_window="24h").id)
+        return created
+
+    def download(key: str, batch_ids: list[str]) -> int:
+        received = 0
+        for batch_id in batch_ids:
+            batch = clients[key].batches.retrieve(batch_id)
+            assert batch.status == "completed" and batch.output_file_id, batch
+            with clients[key].files.with_streaming_response.content(batch.output_file_id) as resp:
+                received += sum(chunk.count(b"\n") for chunk in resp.iter_bytes())
+        return received
+
+    with ThreadPoolExecutor(len(keys)) as pool:
+        start = time.perf_counter()
+        created = dict(zip(keys, pool.map(submit, keys), strict=True))
+        hooks.wait({b for ids in created.values() for b in ids})
+        received = sum(pool.map(download, keys, [created[k] for k in keys]))
+        end = time.perf_counter()
+    assert received == batches * lines_each, received
     for client in clients.values():
         client.close()
-    return batches * lines_each / (finished - start)
+    return batches * lines_each / (end - start)
 
 
 def main() -> None:
@@ -273,14 +309,10 @@ def main() -> None:
                              lambda: batches_at_once(base_url, one_input, 1, total, keys[:1], hooks)))
                 arms.append((f"many_batches@{many_count}x{many_lines}", total,
                              lambda: batches_at_once(base_url, many_input, many_count, many_lines, keys, hooks)))
-            warm_input = write_chat_batch(workdir / "warm-up.jsonl", 2_000)
-            print("warm-up: one round of every arm at 2,000 lines")
-            run_on_fastest_loop(raw_pyreqwest(upstream_url, 2_000))
-            run_on_fastest_loop(raw_aiohttp(upstream_url, 2_000))
-            run_on_fastest_loop(sdk_script(upstream_url, 2_000))
-            overnight_run(base_url, warm_input, 2_000, hooks)
-            if many_count:
-                batches_at_once(base_url, warm_input, len(keys), 2_000, keys, hooks)
+            print("warm-up: one untimed round of every arm")
+            for _name, _lines, arm in arms:
+                arm()
+            phases.clear()
             # Where the CPU goes: this process (the bare clients, or the SDK calls and the webhook
             # receiver of overnight's arms), the fake upstream, overnight's server (API + workers).
             groups = {"client": lambda: own_ticks(os.getpid()), "upstream": lambda: tree_ticks(upstream.pid),

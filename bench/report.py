@@ -63,8 +63,11 @@ def orchestration_headline() -> str:
     d = load("orchestration")
     big = max(int(k.split("@")[1]) for k in d["arms_lines_per_s"] if k.startswith("overnight@"))
     r = d["ratios"]
-    return (f"{n(r[f'overnight_vs_sdk_script@{big}']['median'], 1)}x a plain asyncio script with the SDK, "
-            f"{n(r[f'overnight_vs_raw_pyreqwest@{big}']['median'], 2)} of a bare client on the same HTTP library")
+    sdk = min(big, d["args"]["sdk_lines"])
+    return (f"{med(r[f'overnight_vs_raw_pyreqwest@{big}'], 2)} of a bare client on the same HTTP library and "
+            f"{med(r[f'overnight_vs_raw_aiohttp@{big}'], 2)} of one on aiohttp at {n(big)} lines, "
+            f"{times(r[f'overnight_vs_sdk_script@{big}'])} a plain asyncio script with the SDK "
+            f"(at {n(sdk)} lines)")
 
 
 def orchestration() -> str:
@@ -72,8 +75,10 @@ def orchestration() -> str:
     arms, ratios, args = d["arms_lines_per_s"], d["ratios"], d["args"]
     sizes = sorted((int(k.split("@")[1]) for k in arms if k.startswith("overnight@")), reverse=True)
     lines = [
-        f"{args['rounds']} interleaved rounds of every arm after one warm-up round, uvloop everywhere, medians "
-        f"[min-max]; ratios are taken within each round; {measured_at('orchestration', d)} "
+        f"{args['rounds']} interleaved rounds of every arm after one untimed warm-up round, every bare client's "
+        f"connections opened before its clock starts, uvloop for the server and every bare client (overnight's "
+        f"arms are driven by the synchronous SDK), medians [min-max]; ratios are taken within each round; "
+        f"{measured_at('orchestration', d)} "
         f"(`bench/results/orchestration.json`).",
         "",
         "| lines per batch | arm | lines/s | overnight's ratio to it |",
@@ -96,9 +101,11 @@ def orchestration() -> str:
         one = next(k for k in arms if k.startswith("one_batch_watched@"))
         lines += [
             "",
-            f"**Many batches**: {count} batches of {each} lines created at once from {args['keys']} API keys run at "
+            f"**Many batches**: {count} batches of {each} lines from {args['keys']} API keys at once (a thread per "
+            f"key uploads a file for each of its batches and creates it; then every output is downloaded), timed "
+            f"from the first upload to the last download, run at "
             f"{med(arms[many[0]])} lines/s, **{med(ratios['many_vs_one_batch'], 2)}** of one "
-            f"{n(int(one.split('@')[1]))}-line batch watched the same way ({med(arms[one])} lines/s).",
+            f"{n(int(one.split('@')[1]))}-line batch run the same way ({med(arms[one])} lines/s).",
         ]
     phases = d.get("overnight_phases", {}).get(f"overnight@{sizes[0]}", [])
     if phases:
@@ -147,7 +154,7 @@ def orchestration_wall(d: dict[str, Any], size: int, goal: float = 0.90) -> str:
     others = per_line("overnight", "upstream") + per_line("overnight", "client")
     budget = busy / (goal * rate) * 1e6 - others
     full = d["machine"]["cpus"] / (goal * rate) * 1e6 - others
-    return (f"At {goal:.2f} of the bare client's {n(rate)} lines/s, with the upstream and the SDK client taking "
+    return (f"From the medians above: at {goal:.2f} of the bare client's {n(rate)} lines/s, with the upstream and the SDK client taking "
             f"{n(others, 1)} us per line and the machine as busy as the bare client's arm kept it ({n(busy, 2)} "
             f"cores), overnight could spend **{n(budget, 1)} us per line** ({n(full, 1)} with every core busy all "
             f"the time), against the bare client's {n(per_line('raw_pyreqwest', 'client'), 1)} for its HTTP work "
@@ -188,11 +195,14 @@ def tiers() -> str:
               "pg-2w": "PostgreSQL + SeaweedFS, 2 workers", "pg-4w": "PostgreSQL + SeaweedFS, 4 workers"}
     rows = [f"{d['arguments']['rounds']} interleaved rounds of {n(d['arguments']['lines'])} lines, medians [min-max]; "
             f"{measured_at('tiers', d)} (`bench/results/tiers.json`).", "",
-            "| | lines/s | vs one box (per round) | CPU-s of overnight's processes per 10k lines |", "|---|---|---|---|"]
+            f"Both tiers durable: SQLite `synchronous=FULL` with fsynced files; {d['settings']['postgres']}.", "",
+            "| | lines/s | vs one box (per round) | CPU-s per 10k lines: overnight + its stores "
+            "(+ the fake upstream and the bench's client) |", "|---|---|---|---|"]
     for arm in d["arms"]:
         vs = s[arm].get("vs_one_box", {}).get("per_round")
         rows.append(f"| {labels.get(arm, arm)} | {med(s[arm]['lines_per_s'])} | {med(vs, 2) if vs else '1'} | "
-                    f"{med(s[arm]['cpu_s_per_10k_lines']['all_ours'], 2)} |")
+                    f"{med(s[arm]['cpu_s_per_10k_lines']['server'], 2)} "
+                    f"({med(s[arm]['cpu_s_per_10k_lines']['all_ours'], 2)}) |")
     return "\n".join(rows)
 
 

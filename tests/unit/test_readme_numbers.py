@@ -37,3 +37,16 @@ def test_a_number_changed_by_hand_is_caught() -> None:
     edited = readme.replace(block.group(1), re.sub(r"\d", lambda m: str((int(m.group()) + 1) % 10),
                                                    block.group(1), count=1))
     assert report.render(edited) != edited
+
+
+# A measurement's units: a rate, a speed-up, microseconds. Settings in the README (timeouts in s or
+# ms, sizes in MB) are not measurements and may stand anywhere.
+_MEASURED = re.compile(r"\d[\d,.]*\s*(?:x\b|lines/s|tokens/s|tok/s|us\b)")
+
+
+def test_no_measured_number_stands_outside_a_rendered_block() -> None:
+    readme = (ROOT / "README.md").read_text()
+    outside = re.sub(r"<!-- bench:([a-z_]+) -->.*?<!-- /bench:\1 -->", "", readme, flags=re.DOTALL)
+    found = [m.group() for m in _MEASURED.finditer(outside)]
+    assert found == [], f"numbers no script rendered (put them in a bench block or drop them): {found}"
+    assert _MEASURED.search("the engine ran 2.7x faster at 305 tokens/s, 29.5 us per line")  # the pattern bites
