@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -43,6 +44,24 @@ def test_chat_whole_and_streamed(embedded: Server) -> None:
     usage = chunks[-1].usage
     assert chunks[-1].choices == [] and usage is not None and 0 < usage.completion_tokens <= 8
     assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_penalties_are_applied_while_another_request_decodes(embedded: Server) -> None:
+    """A request with a presence or frequency penalty once failed on the decode thread, taking the
+    request decoding beside it down too ("engine_error" for both)."""
+    client = embedded.client()
+    prompt = "blue, blue, blue, blue, blue, blue, blue, blue,"  # the model goes on repeating it
+    with ThreadPoolExecutor(2) as pool:
+        plain = pool.submit(client.chat.completions.create, model="gpt-4o-mini", messages=QUESTION, max_tokens=8,
+                            temperature=0)
+        penalised = pool.submit(client.completions.create, model="gpt-4o-mini", prompt=prompt, max_tokens=12,
+                                temperature=0, frequency_penalty=2.0, presence_penalty=2.0)
+        unpenalised = client.completions.create(model="gpt-4o-mini", prompt=prompt, max_tokens=12, temperature=0)
+        assert plain.result().choices[0].message.content
+        text = penalised.result().choices[0].text
+    repeated = unpenalised.choices[0].text
+    assert repeated.count("blue") >= 3, repeated
+    assert text.count("blue") < repeated.count("blue"), (text, repeated)  # drawn tokens were penalised
 
 
 def test_completions_streamed(embedded: Server) -> None:

@@ -23,15 +23,16 @@ class Sampling:
 
 
 
-def make_sampler(sampling: Sampling, max_new: int) -> Any:
-    """A native sampler chain, or None for plain greedy (numpy argmax). OpenAI order: penalties,
-    temperature, then nucleus (top_p) over the tempered distribution, then the seeded draw."""
+def make_sampler(sampling: Sampling, max_new: int, n_vocab: int) -> Any:
+    """A native sampler chain, or None for plain greedy (numpy argmax). OpenAI order: penalties
+    (over the tokens generated so far: at most `max_new`), temperature, then nucleus (top_p) over
+    the tempered distribution, then the seeded draw."""
     if sampling.greedy_argmax:
         return None
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     if sampling.presence_penalty or sampling.frequency_penalty:
         penalties = llama_cpp.llama_sampler_init_penalties(
-            max_new, 1.0, sampling.frequency_penalty, sampling.presence_penalty)
+            n_vocab, max_new, 1.0, sampling.frequency_penalty, sampling.presence_penalty)
         llama_cpp.llama_sampler_chain_add(chain, penalties)
     if sampling.temperature == 0:
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())

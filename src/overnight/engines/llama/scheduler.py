@@ -428,7 +428,7 @@ class Scheduler:
         slot.text = bytearray()
         slot.streamed = 0
         slot.decoder = None
-        slot.sampler = make_sampler(job.sampling, job.max_new)
+        slot.sampler = make_sampler(job.sampling, job.max_new, self.native.n_vocab)
         slot.cached = keep
         slot.wait_for = None
         if self.prefix_sharing:
