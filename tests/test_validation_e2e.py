@@ -9,7 +9,7 @@ from typing import Any
 import openai
 import pytest
 
-from conftest import Upstream, chat_line, jsonl, run_batch, upload, wait_terminal
+from conftest import Upstream, chat_line, jsonl, run_batch, upload, wait_status, wait_terminal
 
 pytestmark = pytest.mark.both_tiers  # SQLite + local directory, and PostgreSQL + S3
 
@@ -103,6 +103,37 @@ def test_numbers_beyond_a_double_are_valid_input(client: openai.OpenAI) -> None:
     done = run_batch(client, line + jsonl([chat_line(2)]))  # type: ignore[arg-type]
     assert done.status == "completed" and done.request_counts.total == 2
     assert done.request_counts.completed + done.request_counts.failed == 2
+
+
+def test_numbers_beyond_a_double_pass_an_alias_and_a_cancel(make_server: Any, tmp_path: Any) -> None:
+    """Valid lines with `1e400`: an aliased one was an engine_error (the worker parsed it with
+    orjson to splice the model), and a cancelled batch holding one never finished (finalize read
+    each unrun line's custom_id with orjson, raised, and retried for ever: stuck `cancelling`)."""
+    config = tmp_path / "overnight.toml"
+    config.write_text('[aliases]\n"huge-alias" = "gpt-4o-mini"\n\n[limits]\nshard_max_lines = 1\n\n'
+                      "[worker]\nmax_shards_in_flight = 1\n")
+    client = make_server("--config", str(config)).client()
+    huge = json.dumps({**chat_line(1), "custom_id": "huge"}).encode()[:-2] + b', "x_huge": 1e400}}'
+    aliased = huge.replace(b'"gpt-4o-mini"', b'"huge-alias"')
+    assert aliased != huge
+    done = run_batch(client, aliased + b"\n")  # type: ignore[arg-type]
+    [answer] = [json.loads(line) for line in client.files.content(done.error_file_id or done.output_file_id).read()
+                .splitlines()]
+    assert answer["custom_id"] == "huge" and answer["response"]["status_code"] == 400  # the upstream's own answer
+    assert "overnight could not run" not in json.dumps(answer)
+
+    slow = {**chat_line(0), "custom_id": "slow"}
+    slow["body"]["x_fault"] = "slow:3000"
+    batch = client.batches.create(input_file_id=upload(client, jsonl([slow]) + huge + b"\n" + huge.replace(
+        b'"huge"', b'"huge-2"') + b"\n"), endpoint="/v1/chat/completions", completion_window="24h")  # type: ignore[arg-type]
+    wait_status(client, batch.id, {"in_progress"})
+    client.batches.cancel(batch.id)
+    cancelled = wait_terminal(client, batch.id, 30)
+    assert cancelled.status == "cancelled"
+    errors = {x["custom_id"]: x for x in map(json.loads, client.files.content(cancelled.error_file_id).read()
+                                             .splitlines())}
+    assert {"huge", "huge-2"} <= errors.keys()
+    assert errors["huge"]["error"]["code"] == "batch_cancelled"
 
 
 def test_too_many_requests(make_server: Any, tmp_path: Any) -> None:

@@ -19,6 +19,7 @@ import orjson
 from overnight import constants as C
 from overnight.batches.jsonl import iter_lines, split_requests
 from overnight.batches.ports import BatchPhases
+from overnight.batches.request_line import loads_line
 from overnight.batches.results import error_line
 from overnight.batches.webhooks import WebhookRoutes
 from overnight.files.layout import file_key
@@ -75,7 +76,7 @@ def finalize_batch(
                     code, message = _SKIPPED_CODE.get(task.final_status, C.BATCH_CANCELLED), None
                 raw = files.read_range(task.input_storage_key or "", shard.byte_offset, shard.byte_length)
                 for i, request in enumerate(split_requests(raw)):
-                    custom_id = orjson.loads(request)["custom_id"]
+                    custom_id = loads_line(request)["custom_id"]  # a line may hold 1e400
                     ident = line_id(batch.id, shard.first_request + i)
                     err.write(error_line(ident, custom_id, code, message) + b"\n")
                     failed += 1

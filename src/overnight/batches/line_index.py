@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
-import orjson
-
 from overnight.batches.jsonl import iter_lines
+from overnight.batches.request_line import loads_line
 from overnight.ids import line_id_prefix
 
 _UNLIMITED = 1 << 62  # result lines are our own, written whole
@@ -16,7 +15,7 @@ _UNLIMITED = 1 << 62  # result lines are our own, written whole
 
 def line_index(line: bytes, prefix: str) -> int:
     """The input line index of a result line of the batch whose line ids start with `prefix`."""
-    return index_of(orjson.loads(line)["id"], prefix)
+    return index_of(loads_line(line)["id"], prefix)  # answers may hold 1e400
 
 
 def index_of(ident: object, prefix: str) -> int:

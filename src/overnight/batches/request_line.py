@@ -131,8 +131,8 @@ def with_model(body_bytes: bytes, body: dict[str, Any], model: str) -> bytes:
             if value is not None:
                 spliced = body_bytes[: value.start()] + new_value + body_bytes[value.end() :]
                 try:
-                    check = orjson.loads(spliced)
-                except orjson.JSONDecodeError:
+                    check = loads_line(spliced)
+                except RequestLineError:
                     check = None
                 if isinstance(check, dict) and check.get("model") == model and len(check) == len(body):
                     return spliced

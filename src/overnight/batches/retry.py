@@ -11,13 +11,12 @@ import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import orjson
-
 from overnight import constants as C
 from overnight.batches.errors import Conflict, InvalidRequest
 from overnight.batches.jsonl import iter_lines
 from overnight.batches.line_index import index_of, indexes_where, lines_of
 from overnight.batches.ports import FileCatalog, ResultsCatalog
+from overnight.batches.request_line import loads_line
 from overnight.batches.service import BatchService
 from overnight.files.layout import file_key
 from overnight.files.port import FileStore
@@ -137,7 +136,7 @@ class _Answer:
 
     @classmethod
     def parse(cls, line: bytes, prefix: str) -> _Answer:
-        obj = orjson.loads(line)
+        obj = loads_line(line)  # an answer may hold numbers beyond a double, as the upstream sent them
         return cls(index_of(obj["id"], prefix), obj["custom_id"], _error_code(obj) not in _NEVER_RAN, line)
 
 
@@ -156,7 +155,7 @@ class _Ahead:
 
 def _kind(error_line: bytes) -> str:
     """failed, cancelled or expired: what an error-file line counts as for a retry."""
-    code = _error_code(orjson.loads(error_line))
+    code = _error_code(loads_line(error_line))
     return _KIND_OF_CODE.get(code, "failed") if code is not None else "failed"
 
 

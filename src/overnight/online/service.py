@@ -18,7 +18,7 @@ import orjson
 
 from overnight import constants as C
 from overnight.batches.endpoints import REQUIRED_BODY_FIELDS
-from overnight.batches.request_line import with_model
+from overnight.batches.request_line import RequestLineError, loads_line, with_model
 from overnight.engines.online import EVENT_STREAM, JSON, OnlineReply, PassThroughEngine
 from overnight.engines.port import Engine, EngineRequest, EngineResponse
 from overnight.engines.router import Router
@@ -55,8 +55,8 @@ class OnlineService:
     async def answer(self, endpoint: str, raw: bytes) -> OnlineReply:
         """The answer to `raw`, a request body sent to `endpoint`; never raises for a bad request."""
         try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
+            body = loads_line(raw)  # numbers beyond a double are valid JSON, sent on as written
+        except RequestLineError:
             body = None
         if not isinstance(body, dict):
             return OnlineReply.error(400, _NOT_JSON, code="invalid_json")

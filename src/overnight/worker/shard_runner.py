@@ -20,7 +20,7 @@ from overnight import constants as C
 from overnight.batches.endpoints import routing_model
 from overnight.batches.finalize import publish_with_commit
 from overnight.batches.jsonl import split_requests
-from overnight.batches.request_line import parse_request_line, with_model
+from overnight.batches.request_line import loads_line, parse_request_line, with_model
 from overnight.batches.results import error_line, response_error_code, response_line
 from overnight.batches.webhooks import WebhookRoutes
 from overnight.engines.port import Engine, EngineRequest, EngineResponse, RawBodyEngine
@@ -270,13 +270,13 @@ class _ShardRun:
             engine = resolved.engine
             # Only an alias changes the body; a line without a model (moderations) goes as written.
             if resolved.model != model:
-                body = orjson.loads(body_bytes)
+                body = loads_line(body_bytes)  # as validation read it: 1e400 too
                 body_bytes = with_model(body_bytes, body, resolved.model)
                 body = {**body, "model": resolved.model}
             elif self.runner.sends_raw_body(engine):
                 body = {}  # not read: the engine sends body_bytes
             else:
-                body = orjson.loads(body_bytes)
+                body = loads_line(body_bytes)
             response = await engine.execute(
                 EngineRequest(claim.endpoint, body, self.deadline, body_bytes, stopped=self.stopped)
             )
