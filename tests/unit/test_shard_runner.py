@@ -21,14 +21,14 @@ from overnight.batches.webhooks import RetryPolicy, WebhookEndpoint, WebhookRout
 from overnight.engines.port import EngineRequest, EngineResponse
 from overnight.engines.router import Route, Router
 from overnight.files.memory import MemoryFileStore
-from overnight.files.port import StorageUnavailableError
+from overnight.files.port import StorageFullError, StorageUnavailableError
 from overnight.settings import Limits, WorkerSettings
 from overnight.store.records import BatchRecord, BatchTask, FileRecord, ShardPlan, ShardResult
 from overnight.store.schema import shards
 from overnight.store.sql import SqlStore
 from overnight.worker.lanes import Lanes
 from overnight.worker.shard_runner import ShardRunner, ShardState
-from overnight.worker.worker import Worker
+from overnight.worker.worker import StoragePause, Worker
 from postgres import expect_failures_on_postgres
 
 NOW = 1_000_000.0
@@ -424,6 +424,52 @@ def test_a_storage_outage_hands_the_shard_back_without_counting_a_failure(setup:
         asyncio.run(scenario())
         claim = store.queue.claim_shard(NOW, 30, "t-again")  # at once: it was handed back, not left to expire
         assert claim is not None and claim.last_error is None
+
+
+class FullFiles(MemoryFileStore):
+    """A full disk: reads work, every write is refused."""
+
+    @contextlib.contextmanager
+    def writer(self, key: str) -> Iterator[Any]:
+        raise StorageFullError(28, "No space left on device")
+        yield
+
+
+@pytest.mark.parametrize("failing", [UnavailableFiles, FullFiles])
+def test_a_store_failure_hands_shards_back_for_good_and_pauses_claims(setup: Any, failing: type) -> None:
+    """A full disk failed a shard like a bug: twice the same error, and it was settled `failed`
+    (its lines run twice and thrown away, and the next shard claimed at once to go the same way).
+    And each hand-back of an outage used up one of max_shard_attempts: outages adding up to that
+    many gave the shard up. A hand-back is now no attempt, and the worker stops claiming a while."""
+    store, files = setup
+    broken = failing()
+    broken.blobs = files.blobs
+    clock = [0.0]
+    worker = Worker(store.queue, store.queue, store.housekeeping, broken, Router([Route("*", ScriptedEngine())]),
+                    WorkerSettings(max_shard_attempts=2), Limits())
+    worker._storage_pause = StoragePause(lambda: clock[0])
+
+    async def scenario() -> list[float]:
+        worker._lease_thread = ThreadPoolExecutor(1)
+        worker.lanes = worker.runner.lanes = Lanes()  # on this loop: the lines are sent before the write fails
+        pauses = []
+        try:
+            for round_ in range(5):  # more than max_shard_attempts, and than the same-failure-twice rule
+                claim = store.queue.claim_shard(NOW, 30, f"t{round_}")
+                assert claim is not None and claim.attempt == round_ + 1 and claim.failed_attempts == 0
+                await asyncio.wait_for(worker._run_shard(claim, ShardState()), 10)
+                assert await worker._claim_shards(set()) is False  # paused: claims nothing
+                pauses.append(worker._storage_pause.seconds)
+                clock[0] = worker._storage_pause.until  # the pause passes
+        finally:
+            await worker.lanes.close()
+        return pauses
+
+    assert asyncio.run(scenario()) == [2, 4, 8, 16, 32]
+    row = store.queue.claim_shard(NOW, 30, "last")
+    assert row is not None and row.last_error is None  # never failed, never given up
+    worker._storage_pause.clear()
+    assert not worker._storage_pause.active()
 
 
 def test_a_nudge_for_batch_work_outlives_full_batch_task_slots(setup: Any) -> None:

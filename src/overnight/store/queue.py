@@ -285,7 +285,8 @@ _RELEASE_BATCH_LEASE = (
 _RELEASE_SHARD = (
     update(_s)
     .where(_s.c.id == bindparam("p_shard"), _s.c.lease_token == bindparam("p_token"), _s.c.status == C.SHARD_RUNNING)
-    .values(status=C.SHARD_PENDING, lease_token=None, lease_expires_at=None, completed=0, failed=0)
+    .values(status=C.SHARD_PENDING, lease_token=None, lease_expires_at=None, completed=0, failed=0,
+            handed_back=_s.c.handed_back + 1)
 )
 
 
@@ -377,6 +378,7 @@ class SqlWorkQueue:
             shard_id=row.id,
             lease_token=token,
             attempt=row.attempt,
+            handed_back=row.handed_back,
             batch_id=row.batch_id,
             shard_index=row.shard_index,
             first_request=row.first_request,
@@ -417,8 +419,9 @@ class SqlWorkQueue:
             return lost, set(stopped)
 
     def release_shards(self, leases: Sequence[tuple[int, str]]) -> None:
-        """Hand back shards we hold but will not finish (graceful shutdown): they are pending again
-        at once, instead of after their lease runs out."""
+        """Hand back shards we hold but will not finish (a graceful stop, an outage): they are
+        pending again at once, instead of after their lease runs out, and the claim is not counted
+        against max_shard_attempts."""
         with self.db.write() as conn:
             for shard_id, token in leases:
                 conn.execute(_RELEASE_SHARD, {"p_shard": shard_id, "p_token": token})

@@ -125,7 +125,7 @@ def _count(value: Any) -> int:
 class ClaimedShard:
     shard_id: int
     lease_token: str
-    attempt: int
+    attempt: int  # claims so far, this one included (each writes its own results object)
     batch_id: str
     shard_index: int
     first_request: int
@@ -136,6 +136,12 @@ class ClaimedShard:
     expires_at: int | None
     input_storage_key: str
     last_error: str | None = None  # why the previous attempt failed, if it did
+    handed_back: int = 0  # earlier claims handed back unfinished: not failures
+
+    @property
+    def failed_attempts(self) -> int:
+        """Earlier claims that ended without a commit or a hand-back (their worker died)."""
+        return self.attempt - 1 - self.handed_back
     request_id: str | None = None  # of the API call that created its batch (for logs)
     # Of its batch, for publishing the output file with the commit when this is its only shard:
     owner: str = ""

@@ -110,6 +110,9 @@ shards = Table(
     Column("byte_length", BigInteger, nullable=False),
     Column("status", String(16), nullable=False),
     Column("attempt", Integer, nullable=False, default=0),
+    # Of those claims, the ones handed back unfinished (an outage, a graceful stop): a claim that
+    # dies counts against max_shard_attempts, one handed back does not.
+    Column("handed_back", Integer, nullable=False, default=0, server_default="0"),
     Column("lease_token", String(32)),
     Column("lease_expires_at", Float),
     # Committed results: one object per (shard, attempt), written before the commit that names it.

@@ -23,7 +23,7 @@ from overnight.batches.lifecycle import finalize_batch, validate_batch
 from overnight.batches.ports import BatchPhases, StorageCatalog
 from overnight.batches.webhooks import WebhookRoutes, WebhookSender
 from overnight.engines.router import Router
-from overnight.files.port import FileStore, StorageUnavailableError
+from overnight.files.port import FileStore, StorageFullError, StorageUnavailableError
 from overnight.ids import new_lease_token
 from overnight.observability.logs import bind
 from overnight.observability.metrics import WorkerMetrics
@@ -37,6 +37,30 @@ from overnight.worker.shard_runner import ShardRunner, ShardState
 log = logging.getLogger("overnight.worker")
 _T = TypeVar("_T")
 
+
+
+class StoragePause:
+    """After the file store fails a shard (an outage past the adapter's retries, a full disk), the
+    worker claims no shards for a while: 2 s, doubling with each failure in a row up to 5 minutes,
+    cleared by the next shard that runs to its end."""
+
+    FIRST_SECONDS, LONGEST_SECONDS = 2.0, 300.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.seconds = 0.0
+        self.until = 0.0
+
+    def extend(self) -> float:
+        self.seconds = min(self.LONGEST_SECONDS, self.seconds * 2 or self.FIRST_SECONDS)
+        self.until = self.clock() + self.seconds
+        return self.seconds
+
+    def active(self) -> bool:
+        return self.clock() < self.until
+
+    def clear(self) -> None:
+        self.seconds, self.until = 0.0, 0.0
 
 
 class Worker:
@@ -95,6 +119,7 @@ class Worker:
         self._batch_tasks = 0
         self._batch_leases: dict[str, str] = {}  # batch-level tasks running: batch id -> lease token
         self._batch_due = True  # claim batch-level work at the next turn of the claim loop
+        self._storage_pause = StoragePause()  # no shard claims while the file store is down or full
         self.wake_sources: list[WakeSource] = []
         self._lease_thread = ThreadPoolExecutor(1, thread_name_prefix="overnight-leases")
 
@@ -216,6 +241,8 @@ class Worker:
     async def _claim_shards(self, running: set[asyncio.Task[None]]) -> bool:
         claimed = False
         lease = self.settings.lease_seconds
+        if self._storage_pause.active():
+            return False
         while len(self._shards) < self.settings.max_shards_in_flight and self.lanes.wants_more(self._unqueued()):
             shard = await asyncio.to_thread(
                 self.queue.claim_shard, None, lease, new_lease_token(), self.settings.deadline_horizon_seconds
@@ -244,12 +271,13 @@ class Worker:
         # This task's log lines name the shard, its batch and the call that created the batch.
         bind(request_id=shard.request_id, batch_id=shard.batch_id, shard=shard.shard_index)
         try:
-            if shard.attempt > self.settings.max_shard_attempts:
-                error = (f"gave up after {shard.attempt - 1} attempts: the worker running this shard "
+            if shard.failed_attempts >= self.settings.max_shard_attempts:
+                error = (f"gave up after {shard.failed_attempts} attempts: the worker running this shard "
                          f"stopped each time (last error: {shard.last_error or 'none recorded'})")
                 await self._fail_shard(shard, error, give_up=True)
             else:
                 outcome = await self.runner.run(shard, state)
+                self._storage_pause.clear()
                 if outcome == "finished":
                     self._send_now(state.deliveries)
                     state.deliveries = None
@@ -260,9 +288,13 @@ class Worker:
                         self._spawn(self._running, self._run_batch_task(state.finalize))
                     else:
                         self._batch_due = True
-        except (StorageUnavailableError, DBAPIError) as exc:
-            # An outage of the file store or the database, not something wrong with the shard:
-            # hand it back (it does not count as a failure) and let the outage pass.
+        except (StorageUnavailableError, StorageFullError, DBAPIError) as exc:
+            # An outage of the file store or the database, or a full disk: nothing wrong with the
+            # shard. Hand it back (not counted as an attempt) and let the outage pass; after a store
+            # failure, claim no shard for a while (each claim would run its lines again for nothing).
+            if not isinstance(exc, DBAPIError):
+                pause = self._storage_pause.extend()
+                log.warning("the file store failed (%s); no shards are claimed for %.0f s", exc, pause)
             log.warning("shard %s of %s handed back: %s", shard.shard_index, shard.batch_id, exc)
             with contextlib.suppress(Exception):
                 await self._in_lease_thread(self.queue.release_shards, [(shard.shard_id, shard.lease_token)])
