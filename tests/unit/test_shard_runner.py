@@ -638,3 +638,37 @@ def test_a_one_shard_batch_costs_the_worker_three_write_transactions(store: SqlS
     batch = store.batches.get_batch(None, "batch_x")
     assert batch is not None and batch.status == C.COMPLETED and len(delivered) == 1
     assert did == ["claim_shard", "commit_shard", "mark_delivered"]
+
+
+class FlakyLeases:
+    """The queue, but extending a batch lease fails once (a dropped connection)."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.queue, name)
+
+    def extend_batch_lease(self, batch_id: str, token: str, lease_seconds: float, now: float | None = None) -> bool:
+        self.calls.append("fail" if not self.calls else "ok")
+        if len(self.calls) == 1:
+            raise ConnectionResetError("server closed the connection unexpectedly")
+        return True
+
+
+def test_a_failed_lease_extension_does_not_stop_the_next(setup: Any) -> None:
+    """One database error while extending a batch lease killed the task that extends it: a long
+    finalize then lost its lease and ran twice, and the error surfaced as the finalize failing."""
+    store, files = setup
+    flaky = FlakyLeases(store.queue)
+    worker = Worker(flaky, store.queue, store.housekeeping, files, Router([Route("*", ScriptedEngine())]),
+                    WorkerSettings(lease_seconds=0.15), Limits())
+
+    async def scenario() -> None:
+        worker._lease_thread = ThreadPoolExecutor(1)
+        async with worker._batch_lease("batch_x", "token"):
+            await asyncio.sleep(0.4)  # a long finalize: three extensions due
+
+    asyncio.run(scenario())  # the first extension's error does not end the block
+    assert flaky.calls[:3] == ["fail", "ok", "ok"]

@@ -354,7 +354,8 @@ class Worker:
         finally:
             self._withdraw(deliveries)
             self._batch_tasks -= 1
-            self._batch_leases.pop(task.batch.id, None)
+            if self._batch_leases.get(task.batch.id) == task.lease_token:  # not a later claim's entry
+                del self._batch_leases[task.batch.id]
             self._wake.set()
             if not handed:
                 self._look_for_webhooks()  # a batch may have ended: its events are due now
@@ -408,7 +409,17 @@ class Worker:
         async def keep() -> None:
             while True:
                 await asyncio.sleep(self.settings.lease_seconds / 3)
-                await self._in_lease_thread(self.queue.extend_batch_lease, batch_id, token, self.settings.lease_seconds)
+                try:
+                    held = await self._in_lease_thread(
+                        self.queue.extend_batch_lease, batch_id, token, self.settings.lease_seconds)
+                except Exception:
+                    # A dropped connection, a locked database: the lease has two more tries before
+                    # it runs out. A keeper that died here let every long finalize lose its lease.
+                    log.warning("extending the lease of batch %s failed; trying again", batch_id, exc_info=True)
+                    continue
+                if not held:
+                    log.warning("the lease of batch %s was lost; its task's work will not be kept", batch_id)
+                    return
 
         keeper = asyncio.create_task(keep())
         try:
