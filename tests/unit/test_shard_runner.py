@@ -672,3 +672,36 @@ def test_a_failed_lease_extension_does_not_stop_the_next(setup: Any) -> None:
 
     asyncio.run(scenario())  # the first extension's error does not end the block
     assert flaky.calls[:3] == ["fail", "ok", "ok"]
+
+
+class SurrogateEngine(ScriptedEngine):
+    """An upstream whose answers carry lone surrogates (valid JSON escapes, not UTF-8) in an error
+    code and a model name, and a code far too long to keep."""
+
+    async def execute(self, request: EngineRequest) -> EngineResponse:
+        n = int(request.body["messages"][0]["content"][1:])
+        raw = (b'{"model": "m\\udfff", "usage": {"prompt_tokens": 1, "completion_tokens": 1}}' if n % 2 else
+               b'{"error": {"code": "bad\\ud800"}}' if n % 4 else b'{"error": {"code": "' + b"x" * 100_000 + b'"}}')
+        body = json.loads(raw)  # as the upstream engine reads what orjson refuses
+        return EngineResponse(200 if n % 2 else 400, body, raw=raw)
+
+
+def test_an_upstreams_unstorable_text_does_not_fail_the_shard(setup: Any) -> None:
+    store, files = setup
+
+    async def scenario() -> Any:
+        lanes = Lanes()
+        runner = ShardRunner(store.queue, files, Router([Route("*", SurrogateEngine())]), lanes, clock=lambda: NOW)
+        claim = store.queue.claim_shard(NOW, 30, "lease")
+        assert claim is not None
+        try:
+            return await asyncio.wait_for(runner.run(claim, ShardState()), 10)
+        finally:
+            await lanes.close()
+
+    assert asyncio.run(scenario()) in ("batch_ready", "finished")
+    with store.db.read() as conn:
+        row = conn.execute(select(shards.c.status, shards.c.error_codes, shards.c.model)).one()
+    assert row.status == C.SHARD_DONE
+    assert json.loads(row.error_codes) == {"bad\\ud800": LINES // 4, "x" * 256: LINES // 4}
+    assert row.model == "m\\udfff"

@@ -89,9 +89,15 @@ class ShardResult:
     error_codes: dict[str, int] = field(default_factory=dict)  # the error lines' codes, counted
 
     def add_error(self, code: str) -> None:
-        """Count one line for the error file, by its error code."""
+        """Count one line for the error file, by its error code (an upstream's free text)."""
         self.failed += 1
+        code = storable(code)
         self.error_codes[code] = self.error_codes.get(code, 0) + 1
+
+    def note_model(self, model: str) -> None:
+        """The model that answered, from the first answer that names one (an upstream's text)."""
+        if self.model is None:
+            self.model = storable(model)
 
     def add_usage(self, usage: dict[str, Any]) -> None:
         """Add one response's `usage` to the totals: chat/completions/embeddings shape (`prompt_tokens`,
@@ -107,6 +113,18 @@ class ShardResult:
         details = get("completion_tokens_details") or get("output_tokens_details")
         if isinstance(details, dict):
             self.reasoning_tokens += _count(details.get("reasoning_tokens"))
+
+
+def storable(text: str, limit: int = 256) -> str:
+    """An upstream's text as the database keeps it: at most `limit` characters, and lone
+    surrogates (JSON may escape them, UTF-8 cannot hold them) written as backslash escapes. One
+    `"\ud800"` in an error code failed the commit of its whole shard, twice, and so every line."""
+    text = text[:limit]
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
 
 
 def _count(value: Any) -> int:

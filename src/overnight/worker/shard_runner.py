@@ -295,7 +295,7 @@ class _ShardRun:
             if isinstance(usage, dict):
                 result.add_usage(usage)
             if result.model is None and isinstance(body_out.get("model"), str):
-                result.model = body_out["model"]
+                result.note_model(body_out["model"])
             return line, True
         self._fail(response_error_code(response.status_code, response.body), f"http_{response.status_code}")
         return line, False
