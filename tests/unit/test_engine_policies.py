@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import random
 
+import pytest
+
 from overnight.engines.limiter import AdaptiveLimiter
 from overnight.engines.retry import RetryPolicy, parse_retry_after
+from overnight.engines.upstream import UpstreamEngine
+from overnight.settings import UpstreamSettings
 
 
 def test_permanent_statuses_are_not_retried() -> None:
@@ -161,3 +165,18 @@ def test_a_connect_timeout_with_the_window_open_is_the_upstreams_not_the_batchs(
     deadline = time.time() + 60  # well inside the 600 s request timeout: the request's timeout is capped
     response = asyncio.run(engine.execute(EngineRequest(C.CHAT_COMPLETIONS, {}, deadline, b"{}")))
     assert response.error_code == "upstream_timeout"
+
+
+@pytest.mark.parametrize(("base", "url"), [
+    ("http://h:8001/v1", "http://h:8001/v1/chat/completions"),
+    ("http://h:8001/v1/", "http://h:8001/v1/chat/completions"),
+    ("http://h:8001", "http://h:8001/v1/chat/completions"),  # a server's root: /v1 is added
+    ("http://h:8001/", "http://h:8001/v1/chat/completions"),
+    # roots that are not /v1, as the OpenAI SDK takes them (these got /v1/chat/completions appended)
+    ("https://generativelanguage.googleapis.com/v1beta/openai/",
+     "https://generativelanguage.googleapis.com/v1beta/openai/chat/completions"),
+    ("https://api.deepinfra.com/v1/openai", "https://api.deepinfra.com/v1/openai/chat/completions"),
+    ("https://models.github.ai/inference", "https://models.github.ai/inference/chat/completions"),
+])
+def test_an_upstreams_url_follows_the_sdks_rule(base: str, url: str) -> None:
+    assert UpstreamEngine(UpstreamSettings(base), RetryPolicy(max_attempts=1)).url_for("/v1/chat/completions") == url

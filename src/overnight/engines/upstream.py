@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from pyreqwest.client import Client, ClientBuilder
@@ -91,11 +92,14 @@ class UpstreamEngine:
         self.limiter.set_ceiling(share)
 
     def url_for(self, endpoint: str) -> str:
-        """`/v1/chat/completions` against `http://host:8001/v1` -> `http://host:8001/v1/chat/completions`."""
+        """The OpenAI SDK's rule: the base URL is the API root, the endpoint goes after it without
+        its `/v1` (`http://host:8001/v1` -> `.../v1/chat/completions`, Gemini's `.../v1beta/openai`
+        -> `.../v1beta/openai/chat/completions`). A base with no path at all is a server's root:
+        `/v1` is added (`http://host:8001` -> `http://host:8001/v1/chat/completions`)."""
         url = self._urls.get(endpoint)
         if url is None:
-            path = endpoint.removeprefix("/v1") if self._base.endswith("/v1") else endpoint
-            url = self._urls[endpoint] = self._base + path
+            root_only = urlsplit(self._base).path == ""
+            url = self._urls[endpoint] = self._base + (endpoint if root_only else endpoint.removeprefix("/v1"))
         return url
 
     async def execute(self, request: EngineRequest) -> EngineResponse:
