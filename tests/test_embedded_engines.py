@@ -265,9 +265,22 @@ def test_embeddings_match_sentence_transformers_and_formats() -> None:
 
 
 @needs_embed
-def test_long_inputs_are_truncated_to_256_word_pieces() -> None:
-    r = run_embed(lambda engine: engine.execute(embed("word " * 1000)))
-    assert r.status_code == 200 and r.body["usage"]["prompt_tokens"] == 256
+def test_an_input_over_256_word_pieces_is_refused_as_openai_refuses_one() -> None:
+    """Truncated silently, two long texts differing only after their first 256 pieces got the
+    same vector. OpenAI refuses an input over its model's context; so does the engine."""
+    longest = "word " * 254  # 254 pieces + [CLS] + [SEP]
+    fits, over, huge, listed = run_embed(lambda engine: asyncio.gather(
+        engine.execute(embed(longest)), engine.execute(embed(longest + "more")),
+        engine.execute(embed("word " * 100_000)), engine.execute(embed(["short", longest + "more"]))))
+    assert fits.status_code == 200 and fits.body["usage"]["prompt_tokens"] == 256
+    for r in (over, huge, listed):
+        assert r.status_code == 400 and r.body["error"]["code"] == "context_length_exceeded"
+        assert r.body["error"]["param"] == "input"
+    assert over.body["error"]["message"] == (
+        "This model's maximum context length is 256 tokens, however you requested 257 tokens (257 in your "
+        "prompt; 0 for the completion). Please reduce your prompt; or completion length.")
+    assert "more than 8191 tokens" in huge.body["error"]["message"]
+    assert "(input[1])" in listed.body["error"]["message"]
 
 
 @needs_chat

@@ -1,9 +1,10 @@
 """Embedded /v1/embeddings: all-MiniLM-L6-v2 as a numpy BERT forward pass (no torch).
 
 tokenizers + safetensors + numpy, as sentence-transformers computes it: BERT encoder, mean pooling
-over the attention mask, L2 normalization. Inputs longer than 256 word pieces are truncated (the
-model's `max_seq_length` in sentence_bert_config.json, as sentence-transformers does); usage reports
-the tokens actually embedded.
+over the attention mask, L2 normalization. An input longer than the model's `max_seq_length` (256
+word pieces, sentence_bert_config.json) is refused with OpenAI's context-length error, as OpenAI
+refuses one over its models' limit: sentence-transformers truncates silently, and two long texts
+that differ only after their first 256 pieces got the same vector.
 
 Concurrent `execute` calls are gathered by a worker thread into batches of up to `max_batch` texts,
 sorted by length to keep padding small; the forward pass never runs on the event loop.
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDINGS = "/v1/embeddings"
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
+_COUNTED_TOKENS = 8192  # an input is tokenized this far at most: its length is reported up to here
 
 
 def _layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:
@@ -172,7 +174,9 @@ class MiniLMEmbeddingEngine:
     def _load(self) -> tuple[Tokenizer, _Bert]:
         tokenizer = Tokenizer.from_file(os.path.join(self.model_dir, "tokenizer.json"))
         tokenizer.no_padding()
-        tokenizer.enable_truncation(max_length=self.max_seq_length)
+        # Cut far past the limit: enough to say how long an input is, without holding the word
+        # pieces of a 100 MB string.
+        tokenizer.enable_truncation(max_length=_COUNTED_TOKENS)
         return tokenizer, _Bert(self.model_dir)
 
     async def close(self) -> None:
@@ -196,6 +200,9 @@ class MiniLMEmbeddingEngine:
             return exc.response()
         assert self._tokenizer is not None
         encodings = self._tokenizer.encode_batch(texts)
+        for i, encoding in enumerate(encodings):
+            if len(encoding.ids) > self.max_seq_length:
+                return self._too_long(i if len(texts) > 1 else None, len(encoding.ids)).response()
         loop = asyncio.get_running_loop()
         job = _Job(items=[_Item(ids=e.ids) for e in encodings], loop=loop, future=loop.create_future())
         with self._cond:
@@ -205,6 +212,14 @@ class MiniLMEmbeddingEngine:
         if error is not None:
             return EngineResponse.failure("engine_error", error)
         return EngineResponse(200, self._body(job, base64_out))
+
+    def _too_long(self, index: int | None, tokens: int) -> BadRequest:
+        requested = f"{tokens}" if tokens < _COUNTED_TOKENS else f"more than {_COUNTED_TOKENS - 1}"
+        where = f" (input[{index}])" if index is not None else ""
+        return BadRequest(
+            f"This model's maximum context length is {self.max_seq_length} tokens, however you requested "
+            f"{requested} tokens{where} ({requested} in your prompt; 0 for the completion). Please reduce your "
+            "prompt; or completion length.", "input", code="context_length_exceeded")
 
     def _parse(self, body: dict[str, Any]) -> tuple[list[str], bool]:
         if not isinstance(body, dict):
