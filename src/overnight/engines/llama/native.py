@@ -9,7 +9,9 @@ deterministic mode).
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
+import re
 
 import llama_cpp
 import numpy as np
@@ -111,6 +113,22 @@ class Native:
             buf = (llama_cpp.llama_token * -n)()
             n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, -n, add_special, parse_special)
         return list(buf[:n])
+
+    @functools.cached_property
+    def special_texts(self) -> re.Pattern[str] | None:
+        """What tokenizing with parse_special reads as a special token: the texts of the vocabulary's
+        control, user-defined and unknown tokens (llama.cpp's `cache_special_tokens`), or None."""
+        kinds = (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+                 | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN)
+        texts = set()
+        for token in range(self.n_vocab):
+            if llama_cpp.llama_vocab_get_attr(self.vocab, token) & kinds:
+                text = (llama_cpp.llama_vocab_get_text(self.vocab, token) or b"").decode("utf-8", "replace")
+                if text:
+                    texts.add(text)
+        if not texts:
+            return None
+        return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
 
     def piece(self, token: int, special: bool = False) -> bytes:
         """Decode-thread only (shared buffer)."""

@@ -8,6 +8,7 @@ a plain 'Role: content' fallback.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,12 +189,41 @@ def chat_prompt(native: Native, formatter: Jinja2ChatFormatter | None,
     messages = normalize_messages(body)
     if formatter is None:
         return native.tokenize(fallback_chat_prompt(messages), True, False), FALLBACK_STOPS
+    specials = native.special_texts
+    if specials is not None and any(specials.search(m["content"]) for m in messages):
+        return _prompt_keeping_content_as_text(native, formatter, messages), ()
+    # The template writes any BOS itself (llama-cpp-python: added_special=True).
+    return native.tokenize(_render(formatter, messages), False, True), ()
+
+
+def _render(formatter: Jinja2ChatFormatter, messages: list[dict[str, str]]) -> str:
     try:
-        text = formatter(messages=messages).prompt  # type: ignore[arg-type]
+        return str(formatter(messages=messages).prompt)  # type: ignore[arg-type]
     except Exception as exc:  # the template's raise_exception(), or a template/message mismatch
         raise BadRequest(f"The chat template rejected these messages: {exc}", "messages") from exc
-    # The template writes any BOS itself (llama-cpp-python: added_special=True).
-    return native.tokenize(text, False, True), ()
+
+
+# Stand-ins for message contents while the template renders: private-use characters no template writes.
+_HOLE = re.compile("\ue000(\\d+)\ue001")
+
+
+def _prompt_keeping_content_as_text(native: Native, formatter: Jinja2ChatFormatter,
+                                    messages: list[dict[str, str]]) -> list[int]:
+    """A prompt whose messages contain a special token's text (`<|im_end|>` in a scraped chat log):
+    the template's own markers are special tokens, the contents' are plain text, as OpenAI reads a
+    message. (Tokenized whole, a user message could end its turn and write a system turn.)"""
+    holes = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+    parts = _HOLE.split(_render(formatter, holes))  # template, index, template, index, ..., template
+    if len(parts) != 2 * len(messages) + 1 or [int(p) for p in parts[1::2]] != list(range(len(messages))):
+        # A template that reads or rewrites the content itself: render the real text instead.
+        return native.tokenize(_render(formatter, messages), False, True)
+    tokens = []
+    for i, part in enumerate(parts):
+        if i % 2:
+            tokens += native.tokenize(messages[int(part)]["content"], False, False)
+        elif part:
+            tokens += native.tokenize(part, False, True)
+    return tokens
 
 
 def completion_prompt(native: Native, body: dict[str, Any]) -> list[int]:
