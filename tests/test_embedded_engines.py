@@ -130,7 +130,7 @@ def test_responses_requests_answer_as_the_same_chat_request_would() -> None:
     from openai.types.responses import Response
 
     question = "Write a long story about a dragon."
-    responses_body = {"model": "gpt-4.1-mini", "instructions": "You are terse.", "max_output_tokens": 8,
+    responses_body = {"model": "gpt-4.1-mini", "instructions": "You are terse.", "max_output_tokens": 16,
                       "temperature": 0, "input": [{"role": "user", "content": [{"type": "input_text",
                                                                                  "text": question}]}]}
 
@@ -138,7 +138,7 @@ def test_responses_requests_answer_as_the_same_chat_request_would() -> None:
         deadline = time.time() + 60
         return await asyncio.gather(
             engine.execute(EngineRequest("/v1/responses", responses_body, deadline)),
-            engine.execute(chat(question, system="You are terse.", max_tokens=8)),
+            engine.execute(chat(question, system="You are terse.", max_tokens=16)),
             engine.execute(EngineRequest("/v1/responses", {"model": "m", "input": "Hi", "tools": [
                 {"type": "web_search"}]}, deadline)),
             engine.execute(EngineRequest("/v1/responses", {"model": "m", "input": "word " * 5000}, deadline)),
@@ -150,7 +150,7 @@ def test_responses_requests_answer_as_the_same_chat_request_would() -> None:
     assert response.output_text == content(as_chat) and response.model == "smol"
     assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"  # type: ignore[union-attr]
     assert response.usage.input_tokens == as_chat.body["usage"]["prompt_tokens"]  # type: ignore[union-attr]
-    assert response.usage.output_tokens == 8  # type: ignore[union-attr]
+    assert response.usage.output_tokens == 16  # type: ignore[union-attr]
     assert tools.status_code == 400 and tools.body["error"]["param"] == "tools"
     assert too_long.status_code == 400 and too_long.body["error"]["code"] == "context_length_exceeded"
     assert too_long.body["error"]["param"] == "input" and "in the input" in too_long.body["error"]["message"]

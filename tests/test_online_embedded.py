@@ -74,7 +74,7 @@ def test_completions_streamed(embedded: Server) -> None:
 
 def test_responses_streamed(embedded: Server) -> None:
     events = list(embedded.client().responses.create(model="gpt-4.1-mini", input="Name a fruit.",
-                                                     max_output_tokens=8, temperature=0, stream=True))
+                                                     max_output_tokens=16, temperature=0, stream=True))
     kinds = [e.type for e in events]
     assert kinds[:2] == ["response.created", "response.in_progress"]
     assert "response.output_text.delta" in kinds and "response.output_text.done" in kinds

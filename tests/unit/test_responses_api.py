@@ -12,11 +12,11 @@ from overnight.engines.responses_api import ChatAnswer, UnsupportedRequest, resp
 
 
 def test_string_input_instructions_and_sampling_map_onto_chat() -> None:
-    body = {"model": "m", "input": "Hi there", "instructions": "Be brief.", "max_output_tokens": 8,
+    body = {"model": "m", "input": "Hi there", "instructions": "Be brief.", "max_output_tokens": 16,
             "temperature": 0, "top_p": 0.5, "metadata": {"k": "v"}, "store": True, "user": "u"}
     assert to_chat_body(body) == {
         "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}],
-        "max_completion_tokens": 8, "temperature": 0, "top_p": 0.5,
+        "max_completion_tokens": 16, "temperature": 0, "top_p": 0.5,
     }
 
 
@@ -47,6 +47,11 @@ def test_message_lists_with_text_parts_and_history() -> None:
     ({"text": {"format": {"type": "json_object"}}}, "text.format"),
     ({"truncation": "auto"}, "truncation"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
+    ({"max_output_tokens": 15}, "max_output_tokens"),  # OpenAI's minimum is 16
+    ({"stop": ["x"]}, "stop"),  # chat parameters a Responses request does not have: OpenAI refuses them
+    ({"seed": 7}, "seed"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"max_tokens": 20}, "max_tokens"),
     ({"instructions": ["x"]}, "instructions"),
     ({"input": []}, "input"),
     ({"input": 3}, "input"),

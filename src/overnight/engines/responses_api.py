@@ -32,6 +32,10 @@ _UNSUPPORTED_TRUTHY = {
     "top_logprobs": "top_logprobs are not supported by the embedded engine.",
     "stream": "streaming is not supported in a batch.",
 }
+# Chat completions parameters that a Responses request does not take (OpenAI: "Unknown parameter").
+_CHAT_ONLY = ("messages", "max_tokens", "max_completion_tokens", "stop", "seed", "n", "presence_penalty",
+              "frequency_penalty", "logit_bias", "logprobs", "response_format")
+MIN_OUTPUT_TOKENS = 16  # OpenAI's minimum for max_output_tokens
 # What a chat-side parameter is called in a Responses request, for the messages of chat-side checks.
 RESPONSES_PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens"}
 
@@ -57,8 +61,12 @@ def to_chat_body(body: dict[str, Any]) -> dict[str, Any]:
     chat: dict[str, Any] = {"messages": messages}
     max_output = body.get("max_output_tokens")
     if max_output is not None:
-        if isinstance(max_output, bool) or not isinstance(max_output, int) or max_output < 1:
-            raise UnsupportedRequest("'max_output_tokens' must be a positive integer.", "max_output_tokens")
+        if isinstance(max_output, bool) or not isinstance(max_output, int):
+            raise UnsupportedRequest("'max_output_tokens' must be an integer.", "max_output_tokens", "invalid_type")
+        if max_output < MIN_OUTPUT_TOKENS:
+            raise UnsupportedRequest(
+                f"Invalid 'max_output_tokens': integer below minimum value. Expected a value >= "
+                f"{MIN_OUTPUT_TOKENS}, but got {max_output} instead.", "max_output_tokens", "integer_below_min_value")
         chat["max_completion_tokens"] = max_output
     for name in ("temperature", "top_p"):  # checked by the chat engine, with the same names
         if body.get(name) is not None:
@@ -67,6 +75,9 @@ def to_chat_body(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_unsupported(body: dict[str, Any]) -> None:
+    for name in _CHAT_ONLY:  # chat parameters the Responses API does not have: OpenAI refuses them
+        if name in body:
+            raise UnsupportedRequest(f"Unknown parameter: '{name}'.", name, "unknown_parameter")
     for name, message in _UNSUPPORTED_TRUTHY.items():
         if body.get(name):
             raise UnsupportedRequest(message, name)

@@ -63,7 +63,8 @@ def parse_sampling(body: dict[str, Any]) -> Sampling:
     )
 
 
-def check_unsupported(body: dict[str, Any]) -> None:
+def check_unsupported(body: dict[str, Any], chat: bool = True) -> None:
+    """Refuse what the engine would otherwise ignore where OpenAI would honour or refuse it."""
     if body.get("n") not in (None, 1):
         raise BadRequest("The embedded engine supports only n=1; send one line per completion.", "n")
     best_of = body.get("best_of", 1)
@@ -72,6 +73,19 @@ def check_unsupported(body: dict[str, Any]) -> None:
     for name, message in _UNSUPPORTED_TRUTHY.items():
         if body.get(name):
             raise BadRequest(message, name)
+    if not chat and body.get("logprobs") is not None:  # 0 asks for the chosen tokens' logprobs
+        raise BadRequest(_UNSUPPORTED_TRUTHY["logprobs"], "logprobs")
+    modalities = body.get("modalities")
+    if body.get("audio") is not None or (modalities is not None and modalities != ["text"]):
+        raise BadRequest("Audio output is not supported by the embedded engine's model; it writes text only.",
+                          "audio" if body.get("audio") is not None else "modalities")
+    for name in ("tool_choice", "function_call"):
+        if body.get(name) not in (None, "none", "auto"):
+            raise BadRequest(f"Invalid value for '{name}': '{name}' is only allowed when 'tools' are specified.",
+                              name)
+    if body.get("stream_options") is not None and not body.get("stream"):
+        raise BadRequest("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                          "stream_options")
     response_format = body.get("response_format")
     if response_format and not (isinstance(response_format, dict) and response_format.get("type") == "text"):
         raise BadRequest("Only response_format {'type': 'text'} is supported by the embedded engine.",
@@ -171,7 +185,7 @@ def parse_body(native: Native, formatter: Jinja2ChatFormatter | None, body: dict
                noun: str | None = None) -> ParsedRequest:
     """A chat (`chat`) or completions body. `noun`: what the prompt is called in messages (default:
     messages or prompt)."""
-    check_unsupported(body)
+    check_unsupported(body, chat)
     sampling = parse_sampling(body)
     stops = parse_stops(body)
     if chat:
