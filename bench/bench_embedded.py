@@ -6,10 +6,13 @@ the same file for every arm; tokens/s = completion tokens / wall time:
 (a) llama-server (built from the llama.cpp source llama-cpp-python vendors: bench/build_llama_server.sh)
     at its best configuration on this machine, fed by an asyncio openai SDK script at concurrency = its
     slot count. `--sweep` tries quantization (the packaged Q4_1, Q4_0 and Q8_0 made from it), flash
-    attention on/off and -np 16/32 (-c = np x 1024, 2 threads), one factor at a time around the best
-    configuration the issue measured (`--sweep-full`: all 12), once each on the whole file (a
-    configuration's speed depends on how the lines fill its slots: on the first 32 lines, Q8_0 at
-    -np 32 came out ahead of Q4_0 at -np 16, on all 64 behind it), prints all, and records the best in bench/results/embedded_sweep.json; the rounds use it.
+    attention on/off and -np 16/32/64 (-c = np x 2048, the KV cells per slot overnight's default has;
+    2 threads; llama-server's defaults otherwise: prompt cache on, -b 2048, -ub 512), one factor at a
+    time around the best configuration the issue measured (`--sweep-full`: all 18), `--sweep-reps`
+    times each, interleaved, on the whole file (a configuration's speed depends on how the lines fill
+    its slots: on the first 32 lines, Q8_0 at -np 32 came out ahead of Q4_0 at -np 16, on all 64
+    behind it), prints all, and records the best median in bench/results/embedded_sweep.json; the
+    rounds use it.
 (a') llama-server at its best configuration on the weights overnight serves (Q8_0 made from the
     packaged file): engine against engine on the same arithmetic, when (a)'s best runs other weights.
 (b) overnight end to end: `overnight serve` (embedded default engine, default settings), the SDK
@@ -19,7 +22,10 @@ the same file for every arm; tokens/s = completion tokens / wall time:
     llama-server's fastest on the same arithmetic, for a user who takes that trade.
 (b_det) the same with `--deterministic`: what deterministic mode costs.
 (c) one at a time through the same engine as (b) (LlamaChatEngine.execute, one line after the other)
-    on the first `--one-lines` lines (a rate; the full 64 would take minutes per round).
+    on `--one-lines` lines taken evenly across the file (every 4th of 64: the same mix of questions;
+    a rate, the full 64 would take minutes per round).
+
+The SDK scripts and (c) run on uvloop, as overnight's server does.
 
 Every arm runs the same number of rounds, interleaved (the order rotates each round), after one
 warm-up round. Servers start once and stay up across rounds (idle servers use no CPU). Ratios are
@@ -62,6 +68,7 @@ from overnight.engines.packaged_models import (
     requantize,
 )
 from overnight.engines.port import EngineRequest
+from overnight.runtime import run_on_fastest_loop
 from overnight.settings import EmbeddedSettings
 
 HERE = Path(__file__).parent
@@ -73,7 +80,8 @@ ASKS = ["Write a short story about {}.", "Explain how {} works to a child.", "De
         "Give three facts about {}."]
 MAX_TOKENS = 96
 THREADS = 2
-# KV cells per slot in --levers: the server's default (EmbeddedSettings: n_ctx 65,536 over 32 slots).
+# KV cells per slot, in --levers and for llama-server: the server's default (EmbeddedSettings: n_ctx
+# 65,536 over 32 slots).
 CTX_PER_SLOT = 2048
 # How often (b) asks whether the batch is done: a run takes ~15 s, so the poll adds ~0.05 s on average
 # (at 0.5 s it added ~0.25 s, 1.5% of a run); each retrieve costs the API ~1 ms of CPU.
@@ -111,7 +119,7 @@ def model_file(workdir: Path, ftype: str) -> str:
 def llama_server(bin_dir: Path, model: str, np_: int, fa: bool, workdir: Path) -> Iterator[str]:
     port = free_port()
     args = [str(bin_dir / "llama-server"), "-m", model, "--host", "127.0.0.1", "--port", str(port),
-            "-np", str(np_), "-c", str(np_ * 1024), "-t", str(THREADS), "-tb", str(THREADS),
+            "-np", str(np_), "-c", str(np_ * CTX_PER_SLOT), "-t", str(THREADS), "-tb", str(THREADS),
             "-fa", "on" if fa else "off", "--no-webui", "-a", DEFAULT_CHAT_MODEL_NAME]
     with process(args, f"http://127.0.0.1:{port}/health", workdir / f"llama-server-{port}.log"):
         yield f"http://127.0.0.1:{port}/v1"
@@ -139,27 +147,30 @@ def sweep_configs(full: bool) -> list[tuple[str, bool, int]]:
     """(ftype, flash attention, -np). Short by default: one factor at a time around the best of
     the issue's measurements (Q4_0, fa on, -np 32); `full`: every combination."""
     if full:
-        return [(f, fa, np_) for f in ("Q4_1", "Q4_0", "Q8_0") for fa in (False, True) for np_ in (16, 32)]
+        return [(f, fa, np_) for f in ("Q4_1", "Q4_0", "Q8_0") for fa in (False, True) for np_ in (16, 32, 64)]
     return [("Q4_0", True, 32), ("Q4_0", False, 32), ("Q4_1", True, 32), ("Q8_0", True, 32), ("Q4_0", True, 16),
-            ("Q8_0", True, 16), ("Q4_1", False, 16)]
+            ("Q8_0", True, 16), ("Q4_1", False, 16), ("Q4_0", True, 64), ("Q8_0", True, 64)]
 
 
-def sweep(bin_dir: Path, batch: list[dict[str, Any]], workdir: Path, full: bool) -> dict[str, Any]:
-    runs = []
-    for ftype, fa, np_ in sweep_configs(full):
-        with llama_server(bin_dir, model_file(workdir, ftype), np_, fa, workdir) as url:
-            asyncio.run(sdk_script(url, batch[:4], np_))  # warm-up: page in, first graphs
-            result = asyncio.run(sdk_script(url, batch, np_))
-        runs.append({"ftype": ftype, "flash_attn": fa, "np": np_, **result})
-        print(f"  llama-server {ftype} fa={'on ' if fa else 'off'} -np {np_}: {result['tok_s']:6.1f} tok/s",
-              flush=True)
-    best = max(runs, key=lambda r: r["tok_s"])
+def sweep(bin_dir: Path, batch: list[dict[str, Any]], workdir: Path, full: bool, reps: int) -> dict[str, Any]:
+    runs: dict[tuple[str, bool, int], list[float]] = {}
+    for rep in range(reps):  # interleaved: every configuration once per repetition
+        for ftype, fa, np_ in sweep_configs(full):
+            with llama_server(bin_dir, model_file(workdir, ftype), np_, fa, workdir) as url:
+                run_on_fastest_loop(sdk_script(url, batch[:4], np_))  # warm-up: page in, first graphs
+                result = run_on_fastest_loop(sdk_script(url, batch, np_))
+            runs.setdefault((ftype, fa, np_), []).append(result["tok_s"])
+            print(f"  {rep + 1}/{reps} llama-server {ftype} fa={'on ' if fa else 'off'} -np {np_}: "
+                  f"{result['tok_s']:6.1f} tok/s", flush=True)
+    table = [{"ftype": f, "flash_attn": fa, "np": np_, "tok_s": spread(values, 1)}
+             for (f, fa, np_), values in runs.items()]
+    best = max(table, key=lambda r: r["tok_s"]["median"])
     # The fastest on the weights overnight serves: engine against engine on the same arithmetic (the
     # fastest overall may run weights that change the model's answers; --quality measures by how much).
-    same = max((r for r in runs if r["ftype"] == FAST_FTYPE), key=lambda r: r["tok_s"], default=best)
+    same = max((r for r in table if r["ftype"] == FAST_FTYPE), key=lambda r: r["tok_s"]["median"], default=best)
     keys = ("ftype", "flash_attn", "np")
-    return {"lines": len(batch), "runs": runs, "best": {k: best[k] for k in keys},
-            "best_same_weights": {k: same[k] for k in keys}}
+    return {"lines": len(batch), "reps": reps, "ctx_per_slot": CTX_PER_SLOT, "runs": table,
+            "best": {k: best[k] for k in keys}, "best_same_weights": {k: same[k] for k in keys}}
 
 
 # -- (b) overnight serve, end to end through the SDK --------------------------------------------------
@@ -362,6 +373,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sweep", action="store_true", help="sweep llama-server configurations first")
     parser.add_argument("--sweep-full", action="store_true", help="every combination, not one factor at a time")
+    parser.add_argument("--sweep-reps", type=int, default=2, help="runs of each sweep configuration, interleaved")
     parser.add_argument("--sweep-lines", type=int, default=None,
                         help="lines per sweep run (the first of the file; default: all, as the rounds run)")
     parser.add_argument("--quality", action="store_true", help="compare Q8_0/Q4_0 greedy answers to Q4_1 first")
@@ -379,7 +391,12 @@ def main() -> None:
     path.write_bytes(b"".join(json.dumps(line).encode() + b"\n" for line in batch))
     results: dict[str, Any] = {"git": state, "args": vars(args) | {"llama_bin": str(args.llama_bin)},
                                "lines": len(batch), "max_tokens": MAX_TOKENS, "threads": THREADS,
-                               "llama_cpp_python": llama_cpp.__version__}
+                               "llama_cpp_python": llama_cpp.__version__,
+                               "settings": {"ctx_per_slot": CTX_PER_SLOT, "loop": "uvloop for the SDK scripts, (c) "
+                                            "and overnight's server", "llama_server": "-c np x ctx_per_slot, -t/-tb "
+                                            f"{THREADS}, defaults otherwise (prompt cache on, -b 2048, -ub 512)",
+                                            "overnight": "EmbeddedSettings defaults (a KV stream per slot, prefix "
+                                            "reuse, -b 2048, -ub 512)"}}
     print(f"machine: {machine()}", flush=True)
     try:
         # each mode has a result file of its own (the rounds: embedded.json)
@@ -390,7 +407,7 @@ def main() -> None:
                                      "levers": levers(batch, workdir, args.levers_full)})
         sweep_file = RESULTS / "embedded_sweep.json"
         if args.sweep:
-            found = sweep(args.llama_bin, batch[: args.sweep_lines], workdir, args.sweep_full)
+            found = sweep(args.llama_bin, batch[: args.sweep_lines], workdir, args.sweep_full, args.sweep_reps)
             save("embedded_sweep", {"git": state, **found})
         found_configs = json.loads(sweep_file.read_text()) if sweep_file.is_file() else {}
         if args.server:
@@ -413,7 +430,8 @@ def rounds_(args: argparse.Namespace, batch: list[dict[str, Any]], path: Path, w
             best: dict[str, Any], same: dict[str, Any], results: dict[str, Any]) -> None:
     """(a') is llama-server on overnight's own weights, run only when (a)'s best runs other weights."""
     samples: dict[str, list[float]] = {"a": [], "a_same": [], "b": [], "b_a": [], "b_det": [], "c": []}
-    loop = asyncio.new_event_loop()
+    loop = new_fastest_loop()
+    spaced = batch[:: max(1, len(batch) // args.one_lines)][: args.one_lines]  # (c): the file's mix of questions
     cfg = EmbeddedSettings()  # (b)'s engine: the server's default settings and weights
     engine = LlamaChatEngine(fast_chat_model_path(default_chat_model_path() or "", workdir / "models"),
                              DEFAULT_CHAT_MODEL_NAME, n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq_max, threads=THREADS)
@@ -429,12 +447,12 @@ def rounds_(args: argparse.Namespace, batch: list[dict[str, Any]], path: Path, w
            else contextlib.nullcontext(fast_url)) as fast_a_url,
           overnight_server(workdir, "--deterministic") as det_url):
         arms = {
-            "a": lambda n: asyncio.run(sdk_script(llama_url, batch[:n], best["np"])),
-            "a_same": lambda n: asyncio.run(sdk_script(same_url, batch[:n], same["np"])),
+            "a": lambda n: run_on_fastest_loop(sdk_script(llama_url, batch[:n], best["np"])),
+            "a_same": lambda n: run_on_fastest_loop(sdk_script(same_url, batch[:n], same["np"])),
             "b": lambda n: overnight_batch(fast_url, path if n == len(batch) else _subset(workdir, batch[:n])),
             "b_a": lambda n: overnight_batch(fast_a_url, path if n == len(batch) else _subset(workdir, batch[:n])),
             "b_det": lambda n: overnight_batch(det_url, path if n == len(batch) else _subset(workdir, batch[:n])),
-            "c": lambda n: one_at_a_time(engine, loop, batch[:min(n, args.one_lines)]),
+            "c": lambda n: one_at_a_time(engine, loop, spaced if n == len(batch) else batch[:min(n, args.one_lines)]),
         }
         if not separate:
             del arms["a_same"], samples["a_same"]  # (a) is already on overnight's weights
@@ -469,7 +487,7 @@ def rounds_(args: argparse.Namespace, batch: list[dict[str, Any]], path: Path, w
     labels = {"a": f"llama-server {best}", "a_same": f"llama-server on overnight's weights {same}",
               "b": "overnight batch (default)", "b_a": f"overnight batch --weights {best['ftype']}",
               "b_det": "overnight --deterministic",
-              "c": f"one at a time ({args.one_lines} lines)"}
+              "c": f"one at a time ({len(spaced)} lines across the file)"}
     for name, label in labels.items():
         if name not in results["tok_s"]:
             continue
@@ -482,6 +500,15 @@ def rounds_(args: argparse.Namespace, batch: list[dict[str, Any]], path: Path, w
             continue
         s = results["ratios"][name]
         print(f"{name}: {s['median']:.2f} (min {s['min']:.2f}, max {s['max']:.2f}) goal {goal}")
+
+
+def new_fastest_loop() -> asyncio.AbstractEventLoop:
+    """A loop of the kind `run_on_fastest_loop` runs: uvloop where installed, as the server's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 def _subset(workdir: Path, batch: list[dict[str, Any]]) -> Path:

@@ -229,7 +229,10 @@ def embedded() -> str:
         f"**Embedded engine** (`bench_embedded`): {d['lines']} distinct chat lines (system + user, `max_tokens` "
         f"{d['max_tokens']}, temperature 0), SmolLM2-135M-Instruct, {d['threads']} threads; "
         f"{d['args']['rounds']} interleaved rounds, medians [min-max]; {measured_at('embedded', d)} "
-        "(`bench/results/embedded.json`, the sweep in `embedded_sweep.json`).",
+        "(`bench/results/embedded.json`, the sweep in `embedded_sweep.json`)."
+        + (f" Both servers keep {d['settings']['ctx_per_slot']} KV cells per slot; {d['settings']['loop']}. The "
+           "arms' rates divide different token counts (other weights answer at other lengths)."
+           if "settings" in d else ""),
         "",
         "| what ran the lines | tokens/s | |",
         "|---|---|---|",
@@ -243,7 +246,8 @@ def embedded() -> str:
            f"they cost in quality) | {med(t['b_a'], 1)} | {times(r['b_a_over_a'], 2)} (a), per round |"]
           if "b_a" in t else []),
         f"| (b') the same with `--deterministic` | {med(t['b_det'], 1)} | {med(r['b_det_over_b'], 2)} of (b) |",
-        f"| (c) one line at a time through the same engine (what an online server does) | {med(t['c'], 1)} | "
+        f"| (c) one line at a time through the same engine (what an online server does), "
+        f"{d['args']['one_lines']} lines taken across the file | {med(t['c'], 1)} | "
         f"(b) is {times(r['b_over_c'])} |",
     ]
     levers = load("embedded_levers")
