@@ -158,3 +158,24 @@ def test_a_complete_that_loses_a_race_says_why(setup: Any, meanwhile: str, says:
     files.iter_chunks = read_racing  # type: ignore[method-assign]
     with pytest.raises(InvalidRequest, match=says):
         service.complete("alice", upload.id, part_ids, None)
+
+
+def test_parts_sent_at_once_cannot_overfill_the_file_size_limit(setup: Any) -> None:
+    """Each part's room was reckoned when it started: parts sent in parallel each fit, and
+    together held up to (parts - 1) x 64 MB beyond the limit until the upload ended. Recording a
+    part now checks the parts already recorded, under the upload's lock; the refused part's bytes
+    are deleted at once."""
+    service, files, _store, _clock = setup
+    upload = service.create("alice", "big.bin", "user_data", 64 * MiB, "application/octet-stream", None)
+    started = [service.new_part("alice", upload.id) for _ in range(2)]  # both before either is recorded
+    assert all(room == 64 * MiB for _part, _key, room in started)
+    for _part_id, key, _room in started:
+        with files.writer(key) as writer:
+            writer.write(b"x" * (40 * MiB))
+    first, second = started
+    service.add_part("alice", upload.id, first[0], first[1], 40 * MiB)
+    with pytest.raises(InvalidRequest) as refused:
+        service.add_part("alice", upload.id, second[0], second[1], 40 * MiB)
+    assert "more than 67,108,864 bytes" in str(refused.value)
+    assert files.exists(first[1]) and not files.exists(second[1])
+    assert service.catalog.received_bytes(upload.id) == 40 * MiB

@@ -131,8 +131,9 @@ class UploadCatalog(Protocol):
         """The bytes of the parts recorded so far."""
         ...
 
-    def add_part(self, owner: str, part: UploadPartRecord, now: int) -> UploadRecord | None:
-        """Record `part` if its upload is pending and unexpired; the upload as it was."""
+    def add_part(self, owner: str, part: UploadPartRecord, now: int, max_bytes: int) -> tuple[UploadRecord | None, bool]:
+        """Record `part` if its upload is pending and unexpired and its parts stay within
+        `max_bytes`: the upload as it was, and whether the part was recorded."""
         ...
 
     def parts(self, upload_id: str, part_ids: Sequence[str]) -> list[UploadPartRecord]: ...

@@ -102,13 +102,19 @@ class UploadService:
         completed, cancelled or expired while they arrived."""
         part = UploadPartRecord(part_id, upload_id, size, self.now(), key)
         try:
-            upload = self.catalog.add_part(owner, part, part.created_at)
+            upload, recorded = self.catalog.add_part(owner, part, part.created_at, self.max_file_bytes)
         except BaseException:
             self.files.delete(key)
             raise
-        if upload is None or upload_status(upload, part.created_at) != C.UPLOAD_PENDING:
+        if not recorded:
             self.files.delete(key)
             self._pending(owner, upload_id, "add a part to", upload)
+            # Pending, but parts sent at once filled it while this one arrived: its room was taken.
+            raise InvalidRequest(
+                f"Upload {upload_id} cannot take this part: with it, its parts would hold more than "
+                f"{self.max_file_bytes:,} bytes, the most a file on this server can have.",
+                param="data",
+            )
         return part
 
     # -- complete and cancel ------------------------------------------------------------------

@@ -83,14 +83,19 @@ class SqlUploadStore:
         with self.db.read() as conn:
             return int(conn.execute(_RECEIVED, {"p_upload": upload_id}).scalar() or 0)
 
-    def add_part(self, owner: str, part: UploadPartRecord, now: int) -> UploadRecord | None:
-        """Record `part` if its upload is pending and unexpired at `now`; the upload as it was
-        (None: no such upload of `owner`). Nothing is written unless it was pending."""
+    def add_part(self, owner: str, part: UploadPartRecord, now: int, max_bytes: int) -> tuple[UploadRecord | None, bool]:
+        """Record `part` if its upload is pending and unexpired at `now` and its parts stay within
+        `max_bytes`: the upload as it was (None: no such upload of `owner`), and whether the part
+        was recorded. Under the upload's lock, so parts sent at once cannot all fit together."""
         with self.db.write() as conn:
             upload = _locked(conn, owner, part.upload_id)
-            if upload is not None and _pending(upload, now):
-                conn.execute(_INSERT_PART, _values(part))
-            return upload
+            if upload is None or not _pending(upload, now):
+                return upload, False
+            received = int(conn.execute(_RECEIVED, {"p_upload": part.upload_id}).scalar() or 0)
+            if received + part.bytes > max_bytes:
+                return upload, False
+            conn.execute(_INSERT_PART, _values(part))
+            return upload, True
 
     def parts(self, upload_id: str, part_ids: Sequence[str]) -> list[UploadPartRecord]:
         """The parts of `upload_id` among `part_ids` (in no particular order)."""
