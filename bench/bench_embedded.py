@@ -394,7 +394,8 @@ def main() -> None:
                                "llama_cpp_python": llama_cpp.__version__,
                                "settings": {"ctx_per_slot": CTX_PER_SLOT, "loop": "uvloop for the SDK scripts, (c) "
                                             "and overnight's server", "llama_server": "-c np x ctx_per_slot, -t/-tb "
-                                            f"{THREADS}, defaults otherwise (prompt cache on, -b 2048, -ub 512)",
+                                            f"{THREADS}, defaults otherwise (a KV stream per slot, as -np set "
+                                            "and no --kv-unified give; prompt cache on, -b 2048, -ub 512)",
                                             "overnight": "EmbeddedSettings defaults (a KV stream per slot, prefix "
                                             "reuse, -b 2048, -ub 512)"}}
     print(f"machine: {machine()}", flush=True)
