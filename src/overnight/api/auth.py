@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -104,15 +105,7 @@ async def principal(request: Request) -> Principal:
     `async` although it never waits: it runs on the event loop, not in the thread pool, which
     saves a thread hop per request and keeps the limiters' buckets single-threaded."""
     services = request.app.state.services
-    address = request.client.host if request.client is not None else ""
-    services.auth_throttle.check(address)
-    try:
-        caller: Principal = services.auth.authenticate(request.headers.get("authorization"))
-    except Unauthorized:
-        services.auth_throttle.failed(address)
-        raise
-    services.rate_limiter.check(caller.owner)
-    return caller
+    return _admitted(request, lambda: services.auth.authenticate(request.headers.get("authorization")))
 
 
 async def principal_or_ticket(request: Request, ticket: str | None = None) -> Principal:
@@ -121,10 +114,18 @@ async def principal_or_ticket(request: Request, ticket: str | None = None) -> Pr
     if ticket is None or "authorization" in request.headers:
         return await principal(request)
     services = request.app.state.services
+    file_id = request.path_params["file_id"]
+    return _admitted(request, lambda: services.auth.redeem(ticket, file_id, int(services.files.clock())))
+
+
+def _admitted(request: Request, identify: Callable[[], Principal]) -> Principal:
+    """`identify`'s caller, behind the failed-attempt throttle of the client's address (a failure
+    spends its budget) and the caller's rate limit."""
+    services = request.app.state.services
     address = request.client.host if request.client is not None else ""
     services.auth_throttle.check(address)
     try:
-        caller: Principal = services.auth.redeem(ticket, request.path_params["file_id"], int(services.files.clock()))
+        caller = identify()
     except Unauthorized:
         services.auth_throttle.failed(address)
         raise
