@@ -99,6 +99,13 @@ def test_bad_parameter_is_a_400_from_the_engine(embedded: Server) -> None:
     assert caught.value.param == "n"
 
 
+# Long enough that the 8 lines of a shard take 4 rounds of this many tokens on each of the 2 slots:
+# several seconds, so the lines reported done a heartbeat after the online answer are still fewer
+# than 8 (with 32 tokens a fast machine finished the whole shard in that heartbeat, and the test
+# failed though the online request had been answered at once).
+LINE_TOKENS = 160
+
+
 def test_online_request_goes_ahead_of_queued_batch_lines(embedded: Server) -> None:
     """The worker hands the engine 8 lines (one shard: 4 x its 2 slots) and queues no more until
     some finish. An online request sent then is admitted at the next free slot, ahead of the 6
@@ -106,8 +113,8 @@ def test_online_request_goes_ahead_of_queued_batch_lines(embedded: Server) -> No
     all 8 lines, and their commit would count them done first."""
     client = embedded.client()
     lines = [{"custom_id": f"b{i}", "method": "POST", "url": "/v1/chat/completions",
-              "body": {"model": "gpt-4o-mini", "max_tokens": 32, "temperature": 0,
-                       "messages": [{"role": "user", "content": f"Write a long list of {i + 20} animals."}]}}
+              "body": {"model": "gpt-4o-mini", "max_tokens": LINE_TOKENS, "temperature": 0,
+                       "messages": [{"role": "user", "content": f"Count from {i} to 1000, separated by commas."}]}}
              for i in range(16)]
     batch = client.batches.create(input_file_id=upload(client, lines), endpoint="/v1/chat/completions",
                                   completion_window="24h")
