@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -96,6 +98,137 @@ def test_overnight_run_reports_validation_errors(tmp_path: Path, upstream: Upstr
     assert result.returncode == 1
     assert "line 2: duplicate_custom_id" in result.stderr
     assert (tmp_path / "kept" / "overnight.db").is_file()  # a chosen data dir is kept, not a scratch one
+
+
+def _run(tmp_path: Path, upstream: Upstream, *flags: str, cwd: Path | None = None,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "overnight", "run", "--upstream", f"*={upstream.base_url}", "--no-embedded", *flags],
+        capture_output=True, text=True, timeout=120, cwd=cwd, env=env,
+    )
+
+
+def test_overnight_run_refuses_what_it_cannot_use_before_running(tmp_path: Path, upstream: Upstream) -> None:
+    """A results path that cannot be written is found before the batch runs (it was found after,
+    hours of work thrown away with the scratch directory); a bad input file is one error line, not
+    a traceback; a run without a data dir leaves no ./data behind."""
+    (tmp_path / "in.jsonl").write_bytes(jsonl([chat_line(0)]))
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    kept = tmp_path / "kept"
+    for target in ("missing-dir/out.jsonl", "."):
+        result = _run(tmp_path, upstream, "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / target),
+                      "--data-dir", str(kept))
+        assert result.returncode == 2 and "error: cannot write" in result.stderr, result.stderr[-2000:]
+        assert not (kept / "overnight.db").exists()  # refused before anything was built
+    work = tmp_path / "work"
+    work.mkdir()
+    result = _run(tmp_path, upstream, "-i", str(tmp_path / "empty.jsonl"), "-o", "out.jsonl", cwd=work)
+    assert result.returncode == 2 and "error:" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert list(work.iterdir()) == []  # no ./data, no output file
+    result = _run(tmp_path, upstream, "-i", str(tmp_path / "in.jsonl"), "-o", "out.jsonl", "--database-url",
+                  f"sqlite:///{tmp_path / 'shared.db'}", cwd=work)
+    assert result.returncode == 2 and "own SQLite database" in result.stderr, result.stderr[-2000:]
+
+
+def test_overnight_run_writes_one_file_when_output_and_errors_name_it(tmp_path: Path, upstream: Upstream) -> None:
+    lines = [chat_line(i) for i in range(3)]
+    lines[1]["body"]["x_fault"] = "400"
+    (tmp_path / "in.jsonl").write_bytes(jsonl(lines))
+    result = _run(tmp_path, upstream, "-i", "in.jsonl", "-o", "out.jsonl", "--errors", str(tmp_path / "out.jsonl"),
+                  cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted(r["custom_id"] for r in rows) == ["req-0", "req-1", "req-2"]  # the second open truncated it
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
+def test_overnight_run_that_expires_says_so(tmp_path: Path, upstream: Upstream) -> None:
+    """A configured deadline that passes: the lines that ran and the `batch_expired` ones are
+    written, and the exit status is 1 (it was 0, as if every line had run)."""
+    lines = [chat_line(i, x_fault="slow:1500") for i in range(12)]
+    (tmp_path / "in.jsonl").write_bytes(jsonl(lines))
+    result = _run(tmp_path, upstream, "-i", "in.jsonl", "-o", "out.jsonl", "--errors", "err.jsonl", "--shard-lines",
+                  "3", "--max-shards", "1", "--completion-window-seconds", "2", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "expired" in result.stderr
+    errors = [json.loads(x) for x in (tmp_path / "err.jsonl").read_text().splitlines()]
+    assert errors and {e["error"]["code"] for e in errors} == {"batch_expired"}
+
+
+@pytest.mark.parametrize("kept", [False, True], ids=["scratch", "data-dir"])
+def test_overnight_run_stopped_by_sigterm_leaves_nothing_running_or_half_written(
+    tmp_path: Path, upstream: Upstream, kept: bool
+) -> None:
+    """SIGTERM (a scheduler's timeout) mid-run: no output file, no partial one, the scratch
+    directory removed; in a chosen data dir the batch is cancelled (it ran on in the background of
+    the next run there), and it had no 24-hour deadline."""
+    (tmp_path / "in.jsonl").write_bytes(jsonl([chat_line(i, x_fault="slow:3000") for i in range(40)]))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    data = tmp_path / "kept"
+    flags = ["--data-dir", str(data)] if kept else []
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "overnight", "run", "--upstream", f"*={upstream.base_url}", "--no-embedded",
+         "-i", "in.jsonl", "-o", "out.jsonl", "--shard-lines", "4", "--max-shards", "1", *flags],
+        cwd=tmp_path, env={**os.environ, "TMPDIR": str(scratch)}, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while _run_status(data if kept else next(iter(scratch.glob("overnight-run-*")), scratch)) != "in_progress":
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never started its batch"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and "no results were written" in stderr, stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.jsonl", "tmp", *(["kept"] if kept else [])])
+    assert list(scratch.iterdir()) == []
+    if kept:
+        with sqlite3.connect(data / "overnight.db") as db:
+            status, created, expires = db.execute("SELECT status, created_at, expires_at FROM batches").fetchone()
+        assert status in ("cancelling", "cancelled")
+        assert expires - created > 10 * 365 * 86400  # a one-shot run has no deadline unless one is configured
+
+
+def _run_status(data_dir: Path) -> str | None:
+    if not (data_dir / "overnight.db").exists():
+        return None
+    try:
+        with sqlite3.connect(data_dir / "overnight.db", timeout=0.1) as db:
+            row = db.execute("SELECT status FROM batches").fetchone()
+    except sqlite3.Error:  # not created yet, or busy
+        return None
+    return row[0] if row else None
+
+
+def test_settings_that_would_hang_or_do_nothing_are_refused() -> None:
+    """`--max-shards 0` claimed no shard ever (a run sat at 0 until its deadline); 0 shard lines
+    quietly meant 256."""
+    for flags, named in ((["--max-shards", "0"], "worker.max_shards_in_flight"),
+                         (["--shard-lines", "-1"], "limits.shard_max_lines")):
+        args = _parser().parse_args(["serve", *flags])
+        with pytest.raises(ValueError, match=f"{named} must be at least 1"):
+            settings_from(args, {})
+    assert settings_from(_parser().parse_args(["serve", "--max-shards", "1"]), {}).worker.max_shards_in_flight == 1
+
+
+def test_first_url_of_a_file_that_is_one_huge_line_is_read_within_a_bound(tmp_path: Path) -> None:
+    """A JSON array passed as JSONL is one line: reading it whole for its url took ~12x its size."""
+    import tracemalloc
+
+    from overnight.one_shot import _first_url
+
+    path = tmp_path / "array.json"
+    path.write_bytes(b"[" + b",".join([json.dumps(chat_line(i)).encode() for i in range(40_000)]) + b"]")
+    assert path.stat().st_size > 3_000_000
+    tracemalloc.start()
+    try:
+        assert _first_url(path) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * 1024 * 1024
 
 
 def test_aliases_and_upstream_keys_from_config(tmp_path: Path, workdir: Path, make_server: Any) -> None:

@@ -9,30 +9,24 @@ import argparse
 import asyncio
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
 
 from overnight import __version__
-from overnight import constants as C
 from overnight.engines.packaged_models import WEIGHT_FORMATS
 from overnight.settings import (
     STORAGE_ENV_VARS,
     EmbeddedSettings,
+    Limits,
     Settings,
+    check_ranges,
     load_config_file,
     parse_completion_windows,
     parse_upstream_flag,
 )
-
-if TYPE_CHECKING:
-    from overnight.store.records import BatchRecord
-    from overnight.wiring import Components
 
 log = logging.getLogger("overnight")
 # `cleanup` with an orphan age looks twice this far apart: an object its writer is about to name
@@ -193,7 +187,7 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         embedded = replace(embedded, weights=args.weights)
     if args.no_embedded:
         embedded = EmbeddedSettings(enabled=False)
-    return replace(
+    settings = replace(
         settings,
         database_url=args.database_url or env.get("OVERNIGHT_DATABASE_URL") or settings.database_url,
         host=getattr(args, "host", None) or env.get("OVERNIGHT_HOST", settings.host),
@@ -212,6 +206,8 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         storage_env={name: env[name] for name in STORAGE_ENV_VARS if env.get(name)},
         log_format=args.log_format or env.get("OVERNIGHT_LOG_FORMAT") or settings.log_format,
     )
+    check_ranges(settings)
+    return settings
 
 
 def _count(text: str) -> int:
@@ -265,11 +261,11 @@ def main(argv: list[str] | None = None) -> None:
         # Belt and braces beside the explicit modes: whatever else this process creates (the
         # Gemma model, files a library writes) is private too. `run` keeps the umask for its outputs.
         os.umask(0o077)
-    problem = _data_dir_problem(settings.data_dir)
+    problem = None if _scratch_run(args) else _data_dir_problem(settings.data_dir)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
-    if args.command != "run" or args.data_dir is not None or "OVERNIGHT_DATA_DIR" in os.environ:
+    if not _scratch_run(args):
         from overnight.files.private import tighten_data_dir
 
         tighten_data_dir(settings.data_dir)  # an older version left it 0755, its files 0644
@@ -323,9 +319,23 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> None:
             core.close()
         print(f"removed {removed} objects", file=sys.stderr)
     else:
-        # Without a data dir chosen, the run keeps nothing: it works in a scratch directory.
-        scratch = args.data_dir is None and "OVERNIGHT_DATA_DIR" not in os.environ
-        sys.exit(asyncio.run(run_file(settings, args.input, args.output, args.errors, args.endpoint, scratch)))
+        from overnight.one_shot import NO_DEADLINE_SECONDS, run_file
+
+        if settings.limits.completion_window_seconds == Limits().completion_window_seconds:
+            # Not configured: a one-shot run has no deadline (the 24 hours are a server's promise).
+            settings = replace(settings, limits=replace(settings.limits, completion_window_seconds=NO_DEADLINE_SECONDS))
+        try:
+            code = asyncio.run(run_file(settings, args.input, args.output, args.errors, args.endpoint,
+                                        _scratch_run(args)))
+        except asyncio.CancelledError:  # SIGTERM or SIGHUP
+            print("error: stopped before the batch finished; no results were written", file=sys.stderr)
+            code = 143
+        sys.exit(code)
+
+
+def _scratch_run(args: argparse.Namespace) -> bool:
+    """Without a data dir chosen, `run` keeps nothing: it works in a scratch directory."""
+    return args.command == "run" and args.data_dir is None and "OVERNIGHT_DATA_DIR" not in os.environ
 
 
 def _data_dir_problem(data_dir: Path) -> str | None:
@@ -398,102 +408,6 @@ def _with_metrics_dir(settings: Settings) -> Settings:
     metrics_dir = prepare_metrics_dir(settings.data_dir)
     os.environ[MULTIPROC_ENV] = str(metrics_dir)
     return replace(settings, metrics_dir=metrics_dir)
-
-
-async def run_file(
-    settings: Settings,
-    input_path: Path,
-    output_path: Path,
-    errors_path: Path | None,
-    endpoint: str | None,
-    scratch: bool = False,
-) -> int:
-    """Run one JSONL file as a batch and write its results; the `vllm run-batch` use case."""
-    from tqdm import tqdm
-
-    from overnight.wiring import build
-
-    if not input_path.is_file():
-        print(f"error: no such input file: {input_path}", file=sys.stderr)
-        return 2
-    scratch_dir = tempfile.mkdtemp(prefix="overnight-run-") if scratch else None
-    if scratch_dir is not None:
-        settings = replace(settings, data_dir=Path(scratch_dir))
-    settings = replace(settings, worker=replace(settings.worker, poll_seconds=0.05), api_keys=("local",))
-    parts = build(settings, announce=None)
-    try:
-        endpoint = endpoint or _first_url(input_path) or C.CHAT_COMPLETIONS
-        owner = "local"
-        file_id = parts.services.files.new_upload_id()
-        key = parts.services.files.storage_key(file_id)
-        with parts.core.files.writer(key) as out, input_path.open("rb") as src:
-            head = src.read(1024 * 1024)
-            out.write(head)
-            while chunk := src.read(1024 * 1024):
-                out.write(chunk)
-        parts.services.files.register_upload(
-            owner, file_id, input_path.name, "batch", input_path.stat().st_size, head, None
-        )
-        batch = parts.services.batches.create(owner, file_id, endpoint, "24h")
-        await parts.start_engines()
-        stop = asyncio.Event()
-        worker_task = asyncio.create_task(parts.worker.run(stop))
-        bar = tqdm(total=0, unit="req", file=sys.stderr, desc="validating", disable=None)  # None: off unless a TTY
-        while True:
-            record = parts.services.batches.get(None, batch.id)
-            if record.request_total and bar.total != record.request_total:
-                bar.total = record.request_total
-                bar.set_description(record.status)
-            bar.n = record.request_completed + record.request_failed
-            bar.refresh()
-            if record.status in C.TERMINAL_STATES:
-                break
-            await asyncio.sleep(0.2)
-        bar.close()
-        stop.set()
-        await worker_task
-        return _write_results(parts, record, output_path, errors_path)
-    finally:
-        await parts.close()
-        if scratch_dir is not None:
-            shutil.rmtree(scratch_dir, ignore_errors=True)
-
-
-def _write_results(parts: Components, record: BatchRecord, output_path: Path, errors_path: Path | None) -> int:
-    if record.status == C.FAILED:
-        for error in record.errors or []:
-            where = f"line {error['line']}: " if error.get("line") else ""
-            print(f"error: {where}{error['code']}: {error['message']}", file=sys.stderr)
-        return 1
-    targets = [(record.output_file_id, output_path), (record.error_file_id, errors_path or output_path)]
-    opened: dict[Path, BinaryIO] = {}
-    try:
-        for file_id, path in targets:
-            fh = opened.get(path) or opened.setdefault(path, path.open("wb"))
-            if file_id:
-                stored = parts.services.files.get(None, file_id)
-                for chunk in parts.core.files.iter_chunks(stored.storage_key):
-                    fh.write(chunk)
-    finally:
-        for fh in opened.values():
-            fh.close()
-    counts = f"{record.request_completed} completed, {record.request_failed} failed"
-    print(f"{record.status}: {counts} -> {output_path}", file=sys.stderr)
-    return 0
-
-
-def _first_url(path: Path) -> str | None:
-    import orjson  # here, not at the top: `overnight batch` runs without the server's dependencies
-
-    with path.open("rb") as fh:
-        for raw in fh:
-            if raw.strip():
-                try:
-                    url = orjson.loads(raw.removeprefix(b"\xef\xbb\xbf")).get("url")
-                except (orjson.JSONDecodeError, AttributeError):
-                    return None
-                return url if isinstance(url, str) else None
-    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

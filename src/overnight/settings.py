@@ -352,6 +352,31 @@ def load_config_file(path: Path, base: Settings) -> Settings:
     return replace(base, **changes)  # type: ignore[arg-type]
 
 
+# Settings that do nothing useful (or hang: no shard is ever claimed at 0) below a minimum:
+# (section, name, least value). Checked after the config file and the flags are applied.
+_AT_LEAST: tuple[tuple[str, str, float], ...] = (
+    ("limits", "max_file_bytes", 1), ("limits", "max_requests_per_batch", 1), ("limits", "shard_max_lines", 1),
+    ("limits", "shard_max_bytes", 1024), ("limits", "max_reported_errors", 0), ("limits", "requests_per_minute", 0),
+    ("limits", "completion_window_seconds", 1), ("limits", "upload_expiry_seconds", 1),
+    ("worker", "lease_seconds", 0.1), ("worker", "poll_seconds", 0.001), ("worker", "max_shards_in_flight", 1),
+    ("worker", "max_batch_tasks", 1), ("worker", "max_shard_attempts", 1), ("worker", "deadline_horizon_seconds", 0),
+    ("embedded", "n_ctx", 1), ("embedded", "n_seq_max", 1), ("embedded", "threads", 1),
+    ("webhook_delivery", "max_in_flight", 1), ("webhook_delivery", "poll_seconds", 0.001),
+)
+
+
+def check_ranges(settings: Settings) -> None:
+    """A ValueError naming the first setting below its least useful value."""
+    for section, name, least in _AT_LEAST:
+        value = getattr(getattr(settings, section), name)
+        if value is not None and value < least:
+            raise ValueError(f"{section}.{name} must be at least {least:g}, not {value}")
+    for i, upstream in enumerate(settings.upstreams):
+        if not 1 <= upstream.min_concurrency <= upstream.max_concurrency:
+            raise ValueError(f"upstreams[{i}]: concurrency must satisfy 1 <= min_concurrency <= max_concurrency "
+                             f"(given {upstream.min_concurrency} and {upstream.max_concurrency})")
+
+
 _TOP_LEVEL = ("upstreams", "aliases", "limits", "http", "worker", "embedded", "fallback_to_default", "api_keys",
               "admin_keys", "storage_url", "webhooks", "webhook_delivery")
 
