@@ -6,12 +6,17 @@ client, straight to the server."""
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
 from conftest import free_port, s3_file_store, serve_refused
+from overnight.files.port import StorageFullError, StorageUnavailableError
 from overnight.files.s3 import (
     ObjectExistsError,
     S3AccessError,
@@ -121,6 +126,118 @@ def test_a_missing_bucket_says_so(seaweedfs: SeaweedFS) -> None:
         store.check()
     with pytest.raises(S3BucketMissingError), store.writer("files/x") as out:
         out.write(b"data")
+
+
+def test_a_missing_bucket_is_not_a_missing_object(seaweedfs: SeaweedFS) -> None:
+    """A HEAD answer has no body to say NoSuchBucket: `exists` said False, and validation failed
+    every batch as "deleted or expired" instead of saying the bucket is gone."""
+    store = S3FileStore("no-such-bucket", "", seaweedfs.endpoint_url, seaweedfs.region, seaweedfs.access_key,
+                        seaweedfs.secret_key)
+    with pytest.raises(S3BucketMissingError, match="does not exist"):
+        store.exists("files/x")
+    assert s3_file_store(seaweedfs).exists("files/never-written") is False
+
+
+# (method, headers) -> (status, S3 error code or "", body, Content-Length to declare or None)
+Answer = Callable[[str, dict[str, str]], tuple[int, str, bytes, int | None]]
+
+
+@contextmanager
+def s3_endpoint(answer: Answer) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 that answers as `answer` says: a proxy failing, a MinIO that is
+    full, a body cut off, an object deleted between two reads; what SeaweedFS cannot be made to do
+    on demand. An error code becomes S3's XML error body."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _serve(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            status, code, body, declared = answer(self.command, dict(self.headers))
+            if code:
+                body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                        f'<Message>as the test says</Message></Error>').encode()
+            if self.command == "HEAD":
+                body = b""
+            self.send_response(status)
+            self.send_header("ETag", '"0123456789abcdef0123456789abcdef"')
+            self.send_header("Content-Length", str(declared if declared is not None else len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True  # a declared length not sent is a broken stream
+
+        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _serve
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def endpoint_store(endpoint: str) -> S3FileStore:
+    return S3FileStore("b", "", endpoint, "us-east-1", "k", "s", retry_seconds=0.5, connect_timeout=0.5)
+
+
+@pytest.mark.parametrize("status,code", [(503, "SlowDown"), (500, "InternalError"), (502, ""), (429, "")])
+def test_a_server_that_keeps_failing_is_an_outage(status: int, code: str) -> None:
+    """5xx and throttling past the retry window were a plain error: a shard whose results could
+    not be written was failed (and after twice, given up) instead of handed back for later."""
+    with s3_endpoint(lambda method, headers: (status, code, b"down", None)) as endpoint:
+        store = endpoint_store(endpoint)
+        with pytest.raises(StorageUnavailableError, match="kept failing"):
+            store.read_range("files/x", 0, 10)
+        with pytest.raises(StorageUnavailableError), store.writer("files/y") as out:
+            out.write(b"data")
+
+
+@pytest.mark.parametrize("status,code", [(507, "XMinioStorageFull"), (403, "QuotaExceeded"),
+                                         (400, "XMinioAdminBucketQuotaExceeded")])
+def test_a_full_store_or_quota_is_storage_full(status: int, code: str) -> None:
+    """MinIO's 507 and quota, Ceph's QuotaExceeded: what a full disk is on the local store (an
+    upload answered 507, a shard handed back), not an I/O error (500) or bad credentials."""
+    with s3_endpoint(lambda method, headers: (status, code, b"", None)) as endpoint, \
+            pytest.raises(StorageFullError, match="full or the bucket's quota"), \
+            endpoint_store(endpoint).writer("files/y") as out:
+        out.write(b"data")
+
+
+def test_a_conditional_write_racing_its_own_retry_is_retried() -> None:
+    """409 ConditionalRequestConflict (a PUT that timed out still landing as it is retried): AWS
+    says retry; it was taken for "another object has this key" and the write refused."""
+    puts: list[str] = []
+
+    def answer(method: str, headers: dict[str, str]) -> tuple[int, str, bytes, int | None]:
+        if method == "PUT":
+            puts.append(method)
+            return (409, "ConditionalRequestConflict", b"", None) if len(puts) == 1 else (200, "", b"", None)
+        return 404, "NoSuchKey", b"", None
+
+    with s3_endpoint(answer) as endpoint, endpoint_store(endpoint).writer("files/y") as out:
+        out.write(b"data")
+    assert len(puts) == 2
+
+
+def test_an_object_deleted_while_read_fails_the_read() -> None:
+    """A read that broke and resumed on an object deleted meanwhile said "no such object", which
+    live results take to mean "finalized before we started" and begin again: lines sent twice."""
+    ranges: list[str | None] = []
+
+    def answer(method: str, headers: dict[str, str]) -> tuple[int, str, bytes, int | None]:
+        ranges.append(headers.get("Range"))
+        if len(ranges) == 1:
+            return 200, "", b"x" * 40, 100  # 100 bytes promised, 40 sent: the stream breaks
+        return 404, "NoSuchKey", b"", None  # and the resumed read finds the object deleted
+
+    with s3_endpoint(answer) as endpoint, pytest.raises(OSError, match="deleted while being read") as caught:
+        list(endpoint_store(endpoint).iter_chunks("files/x"))
+    assert not isinstance(caught.value, FileNotFoundError)
+    assert ranges == [None, "bytes=40-"]
 
 
 def test_an_unreachable_endpoint_says_so_after_retrying() -> None:

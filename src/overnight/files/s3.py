@@ -37,7 +37,7 @@ import botocore.exceptions as bx
 from botocore.config import Config
 
 from overnight.files.layout import PREFIXES
-from overnight.files.port import CHUNK_SIZE, StorageUnavailableError, stream_copy
+from overnight.files.port import CHUNK_SIZE, StorageFullError, StorageUnavailableError, stream_copy
 
 log = logging.getLogger("overnight.files")
 
@@ -48,8 +48,15 @@ MAX_PARTS = 10_000
 MAX_PART_SIZE = 5 * 1024 * MiB  # S3's maximum part size
 _MAX_RESUMES = 20  # a read that breaks more often than this fails
 _T = TypeVar("_T")
+# Retried; still failing when the retry window ends, an outage (S3UnavailableError). A 409
+# ConditionalRequestConflict is a conditional write racing our own retry of it: AWS says retry.
 _TRANSIENT_CODES = frozenset({"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling",
-                              "ThrottlingException", "RequestTimeTooSkewed", "503", "500", "502", "504"})
+                              "ThrottlingException", "RequestTimeTooSkewed", "ConditionalRequestConflict",
+                              "503", "500", "502", "504", "429"})
+_TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+# A full store or a quota (MinIO's 507 and bucket quota, Ceph RGW's QuotaExceeded): the
+# StorageFullError a full disk raises on the local store.
+_FULL_CODES = frozenset({"XMinioStorageFull", "XMinioAdminBucketQuotaExceeded", "QuotaExceeded", "StorageFull"})
 _AUTH_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403",
                          "InvalidToken", "ExpiredToken", "AuthorizationHeaderMalformed"})
 _NETWORK_ERRORS: tuple[type[Exception], ...] = (
@@ -72,6 +79,10 @@ class S3AccessError(S3StorageError, PermissionError):
 
 class S3BucketMissingError(S3StorageError):
     """The bucket does not exist."""
+
+
+class S3FullError(S3StorageError, StorageFullError):
+    """The store is full, or the bucket's quota is used up."""
 
 
 class ObjectExistsError(S3StorageError, FileExistsError):
@@ -264,6 +275,8 @@ class S3FileStore:
         except bx.ClientError as exc:
             if _status(exc) == 412:
                 raise S3StorageError(errno.ESTALE, f"{key} was replaced while being read") from None
+            if _status(exc) == 404:  # not "no such object": part of it was read already
+                raise S3StorageError(errno.ESTALE, f"{key} was deleted while being read") from None
             raise
 
     def exists(self, key: str) -> bool:
@@ -273,9 +286,17 @@ class S3FileStore:
             try:
                 self.client.head_object(Bucket=self.bucket, Key=full)
             except bx.ClientError as exc:
-                if _status(exc) == 404 and _code(exc) != "NoSuchBucket":
-                    return False
-                raise
+                if _status(exc) != 404:
+                    raise
+                # A HEAD answer has no body to say NoSuchBucket: a missing bucket must not read
+                # as a missing object (validation would fail the batch as "file deleted").
+                try:
+                    self.client.head_bucket(Bucket=self.bucket)
+                except bx.ClientError as missing:
+                    if _status(missing) == 404:
+                        raise self._translate(missing, "look up", "") from None
+                    raise
+                return False
             return True
 
         return self._call("look up", full, head)
@@ -457,6 +478,9 @@ class S3FileStore:
                                         "Create it, or fix the bucket name in --storage-url")
         if code in ("NoSuchKey", "NoSuchUpload") or status == 404:
             return FileNotFoundError(errno.ENOENT, f"{what}: no such object ({code})", key)
+        if code in _FULL_CODES or status == 507:
+            return S3FullError(errno.ENOSPC, f"{what}: the store is full or the bucket's quota is used up ({code}, "
+                               f"HTTP {status}). Free space or raise the quota")
         if code in _AUTH_CODES or status == 403:
             return S3AccessError(errno.EACCES, f"{what}: access denied ({code}). Check the access key and secret "
                                  "key (access_key/secret_key in --storage-url, or AWS_ACCESS_KEY_ID/"
@@ -466,8 +490,9 @@ class S3FileStore:
                                      "overwritten", key)
         if status == 501 or code == "NotImplemented":
             return S3StorageError(errno.ENOSYS, f"{what}: not supported by this server ({code})")
-        if status == 409 and code == "ConditionalRequestConflict":
-            return ObjectExistsError(errno.EEXIST, f"{what}: another write to this key raced ours ({code})", key)
+        if _transient(exc):  # the retry window ran out on a server that kept failing: an outage
+            return S3UnavailableError(errno.EAGAIN, f"{what}: the server kept failing{tries}: {code} (HTTP {status}): "
+                                      f"{_message(exc)}")
         return S3StorageError(errno.EIO, f"{what}: {code} (HTTP {status}){tries}: {_message(exc)}")
 
 
@@ -485,7 +510,7 @@ def _message(exc: bx.ClientError) -> str:
 
 def _transient(exc: Exception) -> bool:
     if isinstance(exc, bx.ClientError):
-        return _code(exc) in _TRANSIENT_CODES or _status(exc) in (500, 502, 503, 504)
+        return _code(exc) in _TRANSIENT_CODES or _status(exc) in _TRANSIENT_STATUSES
     return isinstance(exc, _NETWORK_ERRORS) or (
         isinstance(exc, bx.HTTPClientError) and not isinstance(exc, bx.SSLError))
 
