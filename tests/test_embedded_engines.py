@@ -8,6 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 import pytest
 
 pytest.importorskip("llama_cpp")
@@ -250,36 +251,82 @@ def test_embeddings_match_sentence_transformers_and_formats() -> None:
         )
 
     floats, b64, single, dims, token_ids, *many = run_embed(work)
-    assert floats.body["object"] == "list" and floats.body["model"] == "all-MiniLM-L6-v2"
-    a, b = (np.array(d["embedding"]) for d in floats.body["data"])
-    assert [d["index"] for d in floats.body["data"]] == [0, 1]
+    answer = sent(floats)
+    assert answer["object"] == "list" and answer["model"] == "all-MiniLM-L6-v2"
+    a, b = (np.array(d["embedding"]) for d in answer["data"])
+    assert [d["index"] for d in answer["data"]] == [0, 1]
     assert a.shape == (384,) and abs(np.linalg.norm(a) - 1) < 1e-5
     assert abs(float(a @ b) - 0.755) < 0.005
-    decoded = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in b64.body["data"]]
-    assert np.array_equal(decoded[0], np.array(floats.body["data"][0]["embedding"], dtype=np.float32))
-    assert np.allclose(np.array(single.body["data"][0]["embedding"]), a, atol=1e-5)  # batching-invariant
-    assert floats.body["usage"]["prompt_tokens"] == 8 + 11  # word pieces incl. [CLS] and [SEP]
+    decoded = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in sent(b64)["data"]]
+    assert np.array_equal(decoded[0], np.array(answer["data"][0]["embedding"], dtype=np.float32))
+    assert np.allclose(np.array(sent(single)["data"][0]["embedding"]), a, atol=1e-5)  # batching-invariant
+    # The text's word pieces, as OpenAI counts tokens (the [CLS] and [SEP] each input gets were counted)
+    assert answer["usage"]["prompt_tokens"] == 6 + 9 and floats.body["usage"] == answer["usage"]
     assert dims.status_code == 400 and dims.body["error"]["param"] == "dimensions"
     assert token_ids.status_code == 400 and token_ids.body["error"]["param"] == "input"
     assert all(r.status_code == 200 for r in many)
+
+
+def sent(response: EngineResponse) -> Any:
+    """The answer as the user gets it (the JSON text, which holds the vectors)."""
+    assert response.raw is not None
+    return orjson.loads(response.raw)
+
+
+@needs_embed
+def test_vectors_are_written_as_float32_in_their_shortest_form() -> None:
+    """As Python doubles each value took 17 digits (0.03863197937607765 for 0.03863198): 1.7x
+    the bytes of every float answer, for the same float32 values."""
+    answer = run_embed(lambda engine: engine.execute(embed("A man is eating food.")))
+    assert answer.raw is not None and len(answer.raw) < 5_000
+    values = sent(answer)["data"][0]["embedding"]
+    assert all(len(repr(v)) <= 16 for v in values)  # float32's shortest (<= 9 digits), not a double's 17
+    assert all(float(np.float32(v)) == float(np.float32(float(repr(v)))) for v in values)
+
+
+@needs_embed
+def test_online_texts_go_ahead_of_a_long_batch_line_and_stopped_lines_are_not_computed() -> None:
+    """A batch line of many texts was one job: an online request queued behind it waited for all of
+    it (2048 long texts: minutes on 2 cores); the engine takes texts now, online requests' first. And a line
+    whose batch stopped, or whose deadline passed, was computed anyway."""
+    long_line = embed([f"sentence number {i} of a long line" for i in range(512)])  # ~5 s here
+    stopped = EngineRequest("/v1/embeddings", {"model": "m", "input": ["x"] * 64}, time.time() + 60,
+                            stopped=lambda: True)
+    late = EngineRequest("/v1/embeddings", {"model": "m", "input": ["x"] * 64}, time.time() - 1)
+
+    async def work(engine: Any) -> tuple[float, float, EngineResponse, EngineResponse]:
+        started = time.monotonic()
+        batch = asyncio.create_task(engine.execute(long_line))
+        await asyncio.sleep(0.3)  # the long line is being computed
+        online = EngineRequest("/v1/embeddings", {"model": "m", "input": "Name a colour."}, time.time() + 60,
+                               online=True)
+        assert (await engine.execute(online)).status_code == 200
+        online_done = time.monotonic() - started
+        await batch
+        return online_done, time.monotonic() - started, await engine.execute(stopped), await engine.execute(late)
+
+    online_done, batch_done, stopped_answer, late_answer = run_embed(work)
+    assert online_done < 0.6 * batch_done, (online_done, batch_done)  # it waited for all of it
+    assert stopped_answer.error_code == "batch_cancelled"
+    assert late_answer.error_code == "batch_expired"
 
 
 @needs_embed
 def test_an_input_over_256_word_pieces_is_refused_as_openai_refuses_one() -> None:
     """Truncated silently, two long texts differing only after their first 256 pieces got the
     same vector. OpenAI refuses an input over its model's context; so does the engine."""
-    longest = "word " * 254  # 254 pieces + [CLS] + [SEP]
+    longest = "word " * 254  # 254 pieces (+ [CLS] + [SEP]: 256, the model's context)
     fits, over, huge, listed = run_embed(lambda engine: asyncio.gather(
         engine.execute(embed(longest)), engine.execute(embed(longest + "more")),
         engine.execute(embed("word " * 100_000)), engine.execute(embed(["short", longest + "more"]))))
-    assert fits.status_code == 200 and fits.body["usage"]["prompt_tokens"] == 256
+    assert fits.status_code == 200 and fits.body["usage"]["prompt_tokens"] == 254
     for r in (over, huge, listed):
         assert r.status_code == 400 and r.body["error"]["code"] == "context_length_exceeded"
         assert r.body["error"]["param"] == "input"
     assert over.body["error"]["message"] == (
-        "This model's maximum context length is 256 tokens, however you requested 257 tokens (257 in your "
+        "This model's maximum context length is 254 tokens, however you requested 255 tokens (255 in your "
         "prompt; 0 for the completion). Please reduce your prompt; or completion length.")
-    assert "more than 8191 tokens" in huge.body["error"]["message"]
+    assert "more than 8189 tokens" in huge.body["error"]["message"]
     assert "(input[1])" in listed.body["error"]["message"]
 
 

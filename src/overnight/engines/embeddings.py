@@ -2,12 +2,21 @@
 
 tokenizers + safetensors + numpy, as sentence-transformers computes it: BERT encoder, mean pooling
 over the attention mask, L2 normalization. An input longer than the model's `max_seq_length` (256
-word pieces, sentence_bert_config.json) is refused with OpenAI's context-length error, as OpenAI
-refuses one over its models' limit: sentence-transformers truncates silently, and two long texts
-that differ only after their first 256 pieces got the same vector.
+word pieces with the [CLS] and [SEP] every input gets, sentence_bert_config.json) is refused with
+OpenAI's context-length error, as OpenAI refuses one over its models' limit: sentence-transformers
+truncates silently, and two long texts that differ only after their first 256 pieces got the same
+vector. Tokens are counted as OpenAI counts them, the text's own (in `usage` and in that error):
+254 of them fit.
 
 Concurrent `execute` calls are gathered by a worker thread into batches of up to `max_batch` texts,
-sorted by length to keep padding small; the forward pass never runs on the event loop.
+sorted by length to keep padding small; neither tokenizing nor the forward pass runs on the event
+loop (128 lines of 2048 texts tokenized there stalled a worker's heartbeats for a minute). The
+thread takes texts, not whole requests: online requests' texts go first, so one waits at most one
+forward pass behind a batch line of 2048 texts (minutes of work on 2 cores) instead of all of it;
+a batch line whose batch stopped, or whose deadline passed, is not computed any further.
+
+Vectors are written as float32 values in their shortest form (orjson's numpy serialization), as
+OpenAI writes them: as Python doubles they took 17 digits, 1.7x the bytes for the same values.
 """
 
 from __future__ import annotations
@@ -18,14 +27,18 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
+from overnight import constants as C
 from overnight.engines.errors import BadRequest
 from overnight.engines.handoff import resolve_threadsafe
 from overnight.engines.port import EngineRequest, EngineResponse
@@ -35,6 +48,7 @@ log = logging.getLogger(__name__)
 EMBEDDINGS = "/v1/embeddings"
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
 _COUNTED_TOKENS = 8192  # an input is tokenized this far at most: its length is reported up to here
+_SPECIALS = 2  # [CLS] and [SEP], added to every input: in the model's context, not in the user's count
 
 
 def _layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:
@@ -118,19 +132,44 @@ class _Bert:
 class _Item:
     """One input text of one request; `vector` is filled by the worker."""
 
-    ids: list[int]
+    ids: np.ndarray  # int32 word-piece ids, [CLS] and [SEP] included
     vector: np.ndarray | None = None
 
 
 @dataclass(eq=False)
 class _Job:
-    items: list[_Item]
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[str | None]  # None when done, else an error message
+    """One request's texts, handed to the model a batch at a time (`taken` so far)."""
 
-    def resolve(self, error: str | None) -> None:
-        """Thread-safe: the future belongs to the event loop."""
-        resolve_threadsafe(self.loop, self.future, error)
+    items: list[_Item]  # in input order
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[EngineResponse | None]  # None when every vector is in
+    deadline: float
+    stopped: Callable[[], bool] | None = None
+    order: list[int] = field(default_factory=list)  # indexes into items, shortest first: little padding
+    taken: int = 0
+    left: int = 0  # items not computed yet
+    resolved: bool = False
+
+    def __post_init__(self) -> None:
+        self.order = sorted(range(len(self.items)), key=lambda i: len(self.items[i].ids))
+        self.left = len(self.items)
+
+    def unwanted(self) -> EngineResponse | None:
+        """Why this job's remaining texts should not be computed, if they should not."""
+        if self.future.done():  # the waiter gave up (an online client went away)
+            return EngineResponse.failure(C.ENGINE_ERROR, "The request was abandoned.")
+        if self.stopped is not None and self.stopped():
+            return EngineResponse.failure(C.BATCH_CANCELLED, "The batch stopped before this request ran.")
+        if time.time() >= self.deadline:
+            return EngineResponse.failure(
+                C.BATCH_EXPIRED, "This request could not be executed before the completion window expired.")
+        return None
+
+    def resolve(self, outcome: EngineResponse | None) -> None:
+        """Thread-safe: the future belongs to the event loop. Once only."""
+        if not self.resolved:
+            self.resolved = True
+            resolve_threadsafe(self.loop, self.future, outcome)
 
 
 class MiniLMEmbeddingEngine:
@@ -140,7 +179,9 @@ class MiniLMEmbeddingEngine:
                  *, max_batch: int = 64, max_seq_length: int = 256) -> None:
         self.name = f"embedded:{model_name}"
         self.max_in_flight = 2 * max_batch  # one batch computing, the next one gathering
-        self.shard_lines = 256
+        # A shard's output lines wait in memory for its commit, and a line of 2048 short texts
+        # answers ~10 MB of vectors: 32 lines keep a shard's worst case near 300 MB (256 was 2.4 GB).
+        self.shard_lines = 32
         self.owned_by = "overnight"
         self.model_dir = model_dir
         self.model_name = model_name
@@ -151,7 +192,8 @@ class MiniLMEmbeddingEngine:
         self.dimensions = 384
         self._bert: _Bert | None = None
         self._tokenizer: Tokenizer | None = None
-        self._queue: deque[_Job] = deque()
+        self._queue: deque[_Job] = deque()  # batch lines
+        self._online: deque[_Job] = deque()  # served first
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -198,26 +240,37 @@ class MiniLMEmbeddingEngine:
             texts, base64_out = self._parse(request.body)
         except BadRequest as exc:
             return exc.response()
-        assert self._tokenizer is not None
-        encodings = self._tokenizer.encode_batch(texts)
-        for i, encoding in enumerate(encodings):
-            if len(encoding.ids) > self.max_seq_length:
-                return self._too_long(i if len(texts) > 1 else None, len(encoding.ids)).response()
+        try:
+            token_ids = await asyncio.to_thread(self._token_ids, texts)  # the tokenizer releases the GIL
+        except BadRequest as exc:
+            return exc.response()
         loop = asyncio.get_running_loop()
-        job = _Job(items=[_Item(ids=e.ids) for e in encodings], loop=loop, future=loop.create_future())
+        job = _Job([_Item(ids) for ids in token_ids], loop, loop.create_future(), request.deadline, request.stopped)
         with self._cond:
-            self._queue.append(job)
+            (self._online if request.online else self._queue).append(job)
             self._cond.notify()
-        error = await job.future
-        if error is not None:
-            return EngineResponse.failure("engine_error", error)
-        return EngineResponse(200, self._body(job, base64_out))
+        failure = await job.future
+        if failure is not None:
+            return failure
+        body, raw = self._body(job, base64_out)
+        return EngineResponse(200, body, raw=raw)
+
+    def _token_ids(self, texts: list[str]) -> list[np.ndarray]:
+        """Each text's word-piece ids (only the ids are kept: a tokenizer Encoding of 200 pieces
+        holds ~30 kB), or the context-length error of the first that is too long."""
+        assert self._tokenizer is not None
+        ids = [np.asarray(e.ids, dtype=np.int32) for e in self._tokenizer.encode_batch(texts)]
+        for i, one in enumerate(ids):
+            if len(one) > self.max_seq_length:
+                raise self._too_long(i if len(texts) > 1 else None, len(one) - _SPECIALS)
+        return ids
 
     def _too_long(self, index: int | None, tokens: int) -> BadRequest:
-        requested = f"{tokens}" if tokens < _COUNTED_TOKENS else f"more than {_COUNTED_TOKENS - 1}"
+        counted = _COUNTED_TOKENS - _SPECIALS
+        requested = f"{tokens}" if tokens < counted else f"more than {counted - 1}"
         where = f" (input[{index}])" if index is not None else ""
         return BadRequest(
-            f"This model's maximum context length is {self.max_seq_length} tokens, however you requested "
+            f"This model's maximum context length is {self.max_seq_length - _SPECIALS} tokens, however you requested "
             f"{requested} tokens{where} ({requested} in your prompt; 0 for the completion). Please reduce your "
             "prompt; or completion length.", "input", code="context_length_exceeded")
 
@@ -234,7 +287,8 @@ class MiniLMEmbeddingEngine:
             raise BadRequest("'input' must not contain empty strings.", "input")
         if len(texts) > MAX_INPUTS:
             raise BadRequest(f"'input' may hold at most {MAX_INPUTS} items.", "input")
-        fmt = body.get("encoding_format") or "float"
+        fmt = body.get("encoding_format")
+        fmt = "float" if fmt is None else fmt  # "" or false is refused, as OpenAI does
         if fmt not in ("float", "base64"):
             raise BadRequest("'encoding_format' must be 'float' or 'base64'.", "encoding_format")
         dims = body.get("dimensions")
@@ -242,51 +296,80 @@ class MiniLMEmbeddingEngine:
             raise BadRequest(f"{self.model_name} produces {self.dimensions} dimensions only.", "dimensions")
         return texts, fmt == "base64"
 
-    def _body(self, job: _Job, base64_out: bool) -> dict[str, Any]:
+    def _body(self, job: _Job, base64_out: bool) -> tuple[dict[str, Any], bytes]:
+        """The answer as a dict without the vectors (what the worker reads: usage, model) and as
+        the JSON text with them (what the user gets)."""
         data = []
         for i, item in enumerate(job.items):
             assert item.vector is not None
             vec = item.vector.astype("<f4")
-            embedding: Any = base64.b64encode(vec.tobytes()).decode("ascii") if base64_out else vec.tolist()
+            embedding: Any = base64.b64encode(vec.tobytes()).decode("ascii") if base64_out else vec
             data.append({"object": "embedding", "index": i, "embedding": embedding})
-        tokens = sum(len(item.ids) for item in job.items)
-        return {"object": "list", "data": data, "model": self.model_name,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        tokens = sum(len(item.ids) - _SPECIALS for item in job.items)  # the text's, as OpenAI counts
+        head = {"object": "list", "model": self.model_name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        raw = orjson.dumps({"object": "list", "data": data, "model": self.model_name, "usage": head["usage"]},
+                           option=orjson.OPT_SERIALIZE_NUMPY)
+        return head, raw
 
     # -- worker thread ------------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
-            jobs = self._take()
-            if jobs is None:
+            taken = self._take()
+            if taken is None:
                 break
             try:
-                self._embed([item for job in jobs for item in job.items])
-                error = None
+                self._embed([item for _, items in taken for item in items])
+                failure = None
             except Exception:  # resolve the waiters whatever happened
                 log.exception("embedding batch failed")
-                error = "The embedded embedding engine failed on this request."
-            for job in jobs:
-                job.resolve(error)
+                failure = EngineResponse.failure(C.ENGINE_ERROR, "The embedded embedding engine failed on this request.")
+            for job, items in taken:
+                if failure is not None:
+                    self._withdraw(job)
+                    job.resolve(failure)
+                    continue
+                job.left -= len(items)
+                if job.left == 0:
+                    job.resolve(None)
         with self._cond:
-            leftover, self._queue = list(self._queue), deque()
+            leftover = list(self._online) + list(self._queue)
+            self._online.clear()
+            self._queue.clear()
         for job in leftover:
-            job.resolve("The embedded embedding engine was shut down before this request ran.")
+            job.resolve(EngineResponse.failure(
+                C.ENGINE_ERROR, "The embedded embedding engine was shut down before this request ran."))
 
-    def _take(self) -> list[_Job] | None:
-        """Whole jobs up to max_batch texts (at least one job), or None when stopping."""
+    def _take(self) -> list[tuple[_Job, list[_Item]]] | None:
+        """Up to max_batch texts, online requests' first, a job's texts in its length order; jobs
+        no longer wanted are resolved and dropped. None when stopping."""
         with self._cond:
-            while not self._queue and not self._stopping:
+            while not self._online and not self._queue and not self._stopping:
                 self._cond.wait()
             if self._stopping:
                 return None
-            jobs: list[_Job] = []
-            n = 0
-            while self._queue and (not jobs or n + len(self._queue[0].items) <= self.max_batch):
-                job = self._queue.popleft()
-                jobs.append(job)
-                n += len(job.items)
-            return jobs
+            taken: list[tuple[_Job, list[_Item]]] = []
+            room = self.max_batch
+            for queue in (self._online, self._queue):
+                while queue and room:
+                    job = queue[0]
+                    if (why := job.unwanted()) is not None:
+                        queue.popleft()
+                        job.resolve(why)
+                        continue
+                    end = min(job.taken + room, len(job.order))
+                    taken.append((job, [job.items[i] for i in job.order[job.taken:end]]))
+                    room -= end - job.taken
+                    job.taken = end
+                    if job.taken == len(job.order):
+                        queue.popleft()
+            return taken
+
+    def _withdraw(self, job: _Job) -> None:
+        with self._cond:
+            for queue in (self._online, self._queue):
+                if job in queue:
+                    queue.remove(job)
 
     def _embed(self, items: list[_Item]) -> None:
         assert self._bert is not None
