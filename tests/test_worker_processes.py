@@ -3,10 +3,14 @@ relay directory does not outlive the next start; a worker that only feeds upstre
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +26,7 @@ from overnight.worker.processes import (
     WorkerProcesses,
     changes_in,
     remove_stale_relay_dirs,
+    restart_delay,
     wake_message,
     worker_niceness,
 )
@@ -53,6 +58,66 @@ def test_a_dead_worker_process_is_not_ready(tmp_path: Path) -> None:
         process.join(10)
         assert not workers.ready()
     finally:
+        workers.stop()
+
+
+def test_a_worker_that_exited_0_is_not_restarted(tmp_path: Path) -> None:
+    """Ctrl-C reaches the whole process group (systemd signals the whole service): the workers
+    stop (exit 0) before the server does, and the supervisor started new ones, which loaded their
+    engines and claimed shards only to be stopped."""
+    settings = Settings(data_dir=tmp_path / "data", embedded=EmbeddedSettings(enabled=False))
+    workers = WorkerProcesses(settings, 1)
+    workers.start()
+    try:
+        until(workers.ready, timeout=60)
+        first = workers._workers[0].process
+        first.terminate()
+        first.join(30)
+        assert first.exitcode == 0
+
+        async def supervise_a_while() -> None:
+            stop = asyncio.Event()
+            asyncio.get_running_loop().call_later(4.5, stop.set)  # two of the supervisor's looks
+            await workers.supervise(stop)
+
+        asyncio.run(supervise_a_while())
+        assert workers._workers[0].process is first
+    finally:
+        workers.stop()
+
+
+def test_a_crash_looping_worker_is_restarted_ever_more_slowly() -> None:
+    """A worker dying at start (a model that does not load) was restarted every 2 s for ever."""
+    delays = [0.0]
+    for _ in range(10):
+        delay = restart_delay(1, lived=3.0, previous=delays[-1])
+        assert delay is not None
+        delays.append(delay)
+    assert delays[1:5] == [2.0, 4.0, 8.0, 16.0] and delays[-1] == 300.0
+    assert restart_delay(-9, lived=3600.0, previous=300.0) == 0.0  # one that ran a while: at once
+    assert restart_delay(0, lived=3.0, previous=0.0) is None
+
+
+def test_waking_a_worker_that_does_not_read_never_blocks(tmp_path: Path) -> None:
+    """`notify` runs on the API's request threads: once a stuck worker's pipe filled (13,104
+    wakes), each batch create or cancel blocked a thread, then every sync route stopped answering."""
+    settings = Settings(data_dir=tmp_path / "data", embedded=EmbeddedSettings(enabled=False))
+    workers = WorkerProcesses(settings, 1)
+    workers.start()
+    pid = workers._workers[0].process.pid
+    assert pid is not None
+    try:
+        until(workers.ready, timeout=60)
+        os.kill(pid, signal.SIGSTOP)  # it reads nothing from now on
+        sender = threading.Thread(target=lambda: [workers.notify(C.CHANGE_CREATED) for _ in range(30_000)],
+                                  daemon=True)
+        started = time.monotonic()
+        sender.start()
+        sender.join(30)
+        assert not sender.is_alive(), "notify blocked on a full pipe"
+        assert time.monotonic() - started < 30
+    finally:
+        os.kill(pid, signal.SIGCONT)
         workers.stop()
 
 

@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -53,12 +54,35 @@ def changes_in(messages: set[bytes]) -> list[str]:
 RELAY_DIR_PREFIX = "overnight-relay-"
 
 
+# A worker that dies within this long of its start is crash-looping (a model that does not load,
+# an engine that fails at start): each restart waits twice as long as the one before, from 2 s to
+# 5 minutes, instead of reloading the model every 2 s for ever.
+_STABLE_SECONDS = 60.0
+_FIRST_RESTART_DELAY = 2.0
+_MAX_RESTART_DELAY = 300.0
+
+
+def restart_delay(exitcode: int | None, lived: float, previous: float) -> float | None:
+    """How long to wait before replacing a worker that exited after `lived` seconds (`previous`:
+    the wait before its own start). None: not at all, it exited 0: it was asked to stop (a Ctrl-C
+    reaches the whole process group; systemd signals every process of the service) and the server
+    is stopping too. (Restarted, it loaded its engines and claimed shards only to be stopped.)"""
+    if exitcode == 0:
+        return None
+    if lived >= _STABLE_SECONDS:
+        return 0.0
+    return min(max(2 * previous, _FIRST_RESTART_DELAY), _MAX_RESTART_DELAY)
+
+
 @dataclass(slots=True)
 class _Child:
     process: BaseProcess
     wake: Connection  # the parent's end: a byte says "new work"
     ready: Event  # set by the child once it can claim work
     index: int  # which relay socket is its (a restarted worker takes over the socket of the one it replaces)
+    started: float = 0.0  # time.monotonic() at its start
+    delay: float = 0.0  # how long its start waited after the worker it replaces died
+    restart_at: float | None = None  # when it is replaced, once it has died
 
 
 class WorkerProcesses:
@@ -85,8 +109,12 @@ class WorkerProcesses:
         for i in range(self.count):
             self._workers.append(self._spawn(i))
 
-    def _spawn(self, index: int) -> _Child:
+    def _spawn(self, index: int, delay: float = 0.0) -> _Child:
         reader, writer = self._context.Pipe(duplex=False)
+        # A worker that does not read (stuck loading a model, stopped) must not block `notify`,
+        # which runs on the API's request threads: a full pipe drops the byte instead (the bytes
+        # already in it wake the worker). A one-byte message is one atomic write.
+        os.set_blocking(writer.fileno(), False)
         ready = self._context.Event()
         process = self._context.Process(
             target=worker_main, args=(self.settings, reader, os.getpid(), ready, self.relay_paths[index]),
@@ -94,7 +122,7 @@ class WorkerProcesses:
         )
         process.start()
         reader.close()
-        return _Child(process, writer, ready, index)
+        return _Child(process, writer, ready, index, started=time.monotonic(), delay=delay)
 
     def ready(self) -> bool:
         """Whether every worker process has started (its engines loaded) and can claim work: until
@@ -105,7 +133,7 @@ class WorkerProcesses:
     def notify(self, change: str) -> None:
         message = wake_message(change)
         for child in self._workers:
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError):  # BlockingIOError: its pipe is full
                 child.wake.send_bytes(message)
 
     async def supervise(self, stop: asyncio.Event) -> None:
@@ -114,12 +142,23 @@ class WorkerProcesses:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 2.0)
             for i, child in enumerate(self._workers):
-                if not child.process.is_alive() and not self._stopping and not stop.is_set():
-                    log.error("worker process %s exited with %s; starting another", child.process.pid,
-                              child.process.exitcode)
+                if child.process.is_alive() or self._stopping or stop.is_set():
+                    continue
+                now = time.monotonic()
+                if child.restart_at is None:
+                    delay = restart_delay(child.process.exitcode, now - child.started, child.delay)
+                    if delay is None:
+                        log.info("worker process %s stopped (exit 0); not restarted", child.process.pid)
+                        child.restart_at = float("inf")
+                        continue
+                    log.error("worker process %s exited with %s; starting another%s", child.process.pid,
+                              child.process.exitcode, f" in {delay:.0f} s" if delay else "")
+                    child.restart_at = now + delay
+                    child.delay = delay
+                if now >= child.restart_at:
                     child.wake.close()
                     self._forget(child)
-                    self._workers[i] = self._spawn(child.index)
+                    self._workers[i] = self._spawn(child.index, child.delay)
 
     def stop(self, timeout: float = 20.0) -> None:
         self._stopping = True
