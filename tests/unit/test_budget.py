@@ -11,7 +11,7 @@ import pytest
 
 from overnight.engines.limiter import AdaptiveLimiter
 from overnight.store.sql import SqlStore
-from overnight.worker.budget import apply_shares, share_of
+from overnight.worker.budget import Standing, apply_shares, share_of
 
 
 @pytest.mark.parametrize("maximum", [1, 6, 7, 64])
@@ -41,6 +41,25 @@ def test_a_joining_worker_sends_nothing_until_the_others_have_shrunk() -> None:
     assert engine.share == 8  # alone: the whole budget at once
     apply_shares([engine], rank=0, count=2, joined_seconds_ago=0.0, settle_seconds=2.5)
     assert engine.share == 4  # the oldest of workers that start together does not wait
+
+
+def test_a_worker_that_cannot_learn_its_standing_stops_sending_before_the_others_take_its_share() -> None:
+    """Its membership heartbeat failing, a worker kept its share (or at start the whole maximum)
+    while the others, no longer seeing it, took its share too: the upstream got more than its
+    max_concurrency in total."""
+    now = [100.0]
+    standing, engine = Standing(stale_after=7.5, clock=lambda: now[0]), Budgeted(8)
+    engine.share = 8  # as an engine starts: its whole maximum
+    standing.unknown([engine])
+    assert engine.share == 0  # never learned: nothing
+    standing.learned([engine], rank=0, count=2, joined_seconds_ago=60, settle_seconds=2.5)
+    assert engine.share == 4
+    now[0] += 5
+    standing.unknown([engine])
+    assert engine.share == 4  # a failed heartbeat or two: the others still count it
+    now[0] += 3
+    standing.unknown([engine])
+    assert engine.share == 0  # they may have taken its share by now
 
 
 def test_a_lowered_ceiling_holds_new_requests_until_in_flight_drops_below_it() -> None:

@@ -10,7 +10,8 @@ others' shares grow. With more workers than the maximum, each still sends one re
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 from overnight.engines.port import SharedBudgetEngine
 
@@ -29,3 +30,28 @@ def apply_shares(engines: Iterable[object], rank: int, count: int, joined_second
     for engine in engines:
         if isinstance(engine, SharedBudgetEngine):
             engine.set_share(0 if settling else share_of(engine.max_in_flight, rank, count))
+
+
+class Standing:
+    """What a worker does with its membership heartbeat's answers. Learned: the shares follow it.
+    Not learned (the database is away, the call hangs): the share it had holds only until the
+    others may count this worker gone (they drop a row unseen for the alive window) and take its
+    share; from then on, and before the first answer, it sends nothing. (It kept its share, or
+    the whole maximum at start, and the upstream saw more than max_concurrency in total.)"""
+
+    def __init__(self, stale_after: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stale_after = stale_after
+        self.clock = clock
+        self.learned_at: float | None = None
+
+    def learned(self, engines: Iterable[object], rank: int, count: int, joined_seconds_ago: float,
+                settle_seconds: float) -> None:
+        self.learned_at = self.clock()
+        apply_shares(engines, rank, count, joined_seconds_ago, settle_seconds)
+
+    def unknown(self, engines: Iterable[object]) -> None:
+        if self.learned_at is not None and self.clock() - self.learned_at <= self.stale_after:
+            return
+        for engine in engines:
+            if isinstance(engine, SharedBudgetEngine):
+                engine.set_share(0)

@@ -29,7 +29,7 @@ from overnight.observability.logs import bind
 from overnight.observability.metrics import WorkerMetrics
 from overnight.settings import Limits, WorkerSettings
 from overnight.store.records import BatchTask, ClaimedDelivery, ClaimedShard, DeliveryLease, ShardProgress
-from overnight.worker.budget import apply_shares
+from overnight.worker.budget import Standing
 from overnight.worker.lanes import Lanes
 from overnight.worker.ports import Membership, WakeSource, WorkQueue
 from overnight.worker.shard_runner import ShardRunner, ShardState
@@ -114,6 +114,8 @@ class Worker:
         self._running: set[asyncio.Task[None]] = set()  # shard and batch tasks, cancelled at stop
         self._wake = asyncio.Event()
         self._heartbeat_due = asyncio.Event()  # set by a cancel: heartbeat now, not at the next tick
+        # Half the lease: the others count a worker gone once its row is a lease old.
+        self._standing = Standing(stale_after=settings.lease_seconds / 2)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shards: dict[int, tuple[ClaimedShard, ShardState]] = {}
         self._batch_tasks = 0
@@ -440,13 +442,14 @@ class Worker:
         if self.membership is None:
             return
         try:
-            rank, count, age = await self._in_lease_thread(
+            rank, count, age = await asyncio.wait_for(self._in_lease_thread(
                 self.membership.standing, self.worker_id, self.settings.lease_seconds
-            )
+            ), self.settings.lease_seconds / 2)
         except Exception:
             log.exception("membership heartbeat failed")
+            self._standing.unknown(self.router.engines())
             return
-        apply_shares(self.router.engines(), rank, count, age, settle_seconds=2.5 * self.heartbeat_seconds)
+        self._standing.learned(self.router.engines(), rank, count, age, settle_seconds=2.5 * self.heartbeat_seconds)
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
