@@ -83,6 +83,7 @@ def test_responses_streamed(embedded: Server) -> None:
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas.strip() and final.response.output_text == deltas
     assert final.response.id == events[0].response.id  # type: ignore[union-attr]
+    assert final.response.created_at == events[0].response.created_at  # type: ignore[union-attr]  # not the finish
     assert [e.sequence_number for e in events] == list(range(len(events)))
 
 

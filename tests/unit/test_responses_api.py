@@ -52,6 +52,10 @@ def test_message_lists_with_text_parts_and_history() -> None:
     ({"seed": 7}, "seed"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"max_tokens": 20}, "max_tokens"),
+    ({"max_output_token": 20}, "max_output_token"),  # a typo ran without any limit
+    ({"reasoning": "high"}, "reasoning"),  # not an object: passed the checks inside one
+    ({"text": "json"}, "text"),
+    ({"include": "reasoning.encrypted_content"}, "include"),
     ({"instructions": ["x"]}, "instructions"),
     ({"input": []}, "input"),
     ({"input": 3}, "input"),
@@ -71,8 +75,23 @@ def test_what_a_chat_template_cannot_express_is_refused_naming_the_parameter(
 
 def test_settings_that_ask_for_nothing_more_are_accepted() -> None:
     body = {"model": "m", "input": "x", "tools": [], "tool_choice": "auto", "reasoning": {"effort": None},
-            "text": {"format": {"type": "text"}}, "truncation": "disabled", "parallel_tool_calls": True}
+            "text": {"format": {"type": "text"}}, "truncation": "disabled", "parallel_tool_calls": True,
+            # fields of items this engine never makes: OpenAI answers, and so does it (they were refused)
+            "include": ["reasoning.encrypted_content", "message.input_image.image_url"],
+            "service_tier": "flex", "safety_identifier": "u1", "prompt_cache_key": "k"}
     assert to_chat_body(body)["messages"] == [{"role": "user", "content": "x"}]
+
+
+def test_the_requests_settings_and_arrival_are_echoed() -> None:
+    """tool_choice "none" came back "auto", parallel_tool_calls false came back true, service_tier
+    and text.verbosity were dropped, and created_at was the finish time."""
+    body = {"input": "x", "tool_choice": "none", "parallel_tool_calls": False, "service_tier": "flex",
+            "text": {"format": {"type": "text"}, "verbosity": "low"}}
+    raw = response_object(ChatAnswer("Blue.", "stop", 1, 1, 0), body, "m", created_at=1000)
+    response = Response.model_validate(raw)
+    assert response.tool_choice == "none" and response.parallel_tool_calls is False
+    assert response.service_tier == "flex" and response.text is not None and response.text.verbosity == "low"
+    assert response.created_at == 1000 and raw["completed_at"] >= 1000
 
 
 def test_a_completed_answer_parses_as_the_sdks_response() -> None:

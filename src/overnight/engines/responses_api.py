@@ -27,11 +27,20 @@ _UNSUPPORTED_TRUTHY = {
     "previous_response_id": "The embedded engine keeps no responses; send the whole conversation in 'input'.",
     "conversation": "The embedded engine keeps no conversations; send the whole conversation in 'input'.",
     "prompt": "Prompt templates are not supported by the embedded engine; send the text in 'input'.",
-    "background": "background is not supported in a batch.",
-    "include": "include is not supported by the embedded engine.",
+    "background": "background is not supported by the embedded engine.",
     "top_logprobs": "top_logprobs are not supported by the embedded engine.",
     "stream": "streaming is not supported in a batch.",
 }
+# Every parameter of a Responses request; any other is refused as OpenAI refuses it ("Unknown
+# parameter"): a typo such as max_output_token ran without a limit.
+_KNOWN = frozenset({
+    "model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "metadata", "store", "user",
+    "tools", "tool_choice", "parallel_tool_calls", "max_tool_calls", "previous_response_id", "conversation",
+    "prompt", "background", "include", "top_logprobs", "stream", "stream_options", "reasoning", "text",
+    "truncation", "service_tier", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
+})
+# `include` values that would ask the engine for something: the rest add fields to items it never makes.
+_INCLUDE_NEEDING_LOGPROBS = "message.output_text.logprobs"
 # Chat completions parameters that a Responses request does not take (OpenAI: "Unknown parameter").
 _CHAT_ONLY = ("messages", "max_tokens", "max_completion_tokens", "stop", "seed", "n", "presence_penalty",
               "frequency_penalty", "logit_bias", "logprobs", "response_format")
@@ -78,9 +87,22 @@ def _check_unsupported(body: dict[str, Any]) -> None:
     for name in _CHAT_ONLY:  # chat parameters the Responses API does not have: OpenAI refuses them
         if name in body:
             raise UnsupportedRequest(f"Unknown parameter: '{name}'.", name, "unknown_parameter")
+    for name in body:
+        if name not in _KNOWN and not name.startswith("x_"):  # x_: test and extension fields, as elsewhere
+            raise UnsupportedRequest(f"Unknown parameter: '{name}'.", name, "unknown_parameter")
     for name, message in _UNSUPPORTED_TRUTHY.items():
         if body.get(name):
             raise UnsupportedRequest(message, name)
+    include = body.get("include")
+    if include is not None:
+        if not isinstance(include, list) or not all(isinstance(v, str) for v in include):
+            raise UnsupportedRequest("'include' must be a list of strings.", "include", "invalid_type")
+        if _INCLUDE_NEEDING_LOGPROBS in include:
+            raise UnsupportedRequest(f"include '{_INCLUDE_NEEDING_LOGPROBS}' needs logprobs, which the embedded "
+                                     "engine does not return.", "include")
+    for name in ("reasoning", "text"):
+        if body.get(name) is not None and not isinstance(body[name], dict):
+            raise UnsupportedRequest(f"'{name}' must be an object.", name, "invalid_type")
     if body.get("tool_choice") not in (None, "none", "auto"):
         raise UnsupportedRequest("tool_choice needs tools, which the embedded engine does not support.",
                                  "tool_choice")
@@ -149,9 +171,13 @@ class ChatAnswer:
     cached_tokens: int
 
 
-def response_object(answer: ChatAnswer, body: dict[str, Any], model: str) -> dict[str, Any]:
-    """A complete `response` object, with the request's settings echoed as OpenAI does."""
+def response_object(answer: ChatAnswer, body: dict[str, Any], model: str, created_at: int | None = None
+                    ) -> dict[str, Any]:
+    """A complete `response` object, with the request's settings echoed as OpenAI does;
+    `created_at`: when the request was received (default now)."""
     now = int(time.time())
+    text: dict[str, Any] = body["text"] if isinstance(body.get("text"), dict) else {}
+    verbosity = {"verbosity": text["verbosity"]} if isinstance(text.get("verbosity"), str) else {}
     cut = answer.finish_reason == "length"
     status = "incomplete" if cut else "completed"
     message = {
@@ -161,7 +187,7 @@ def response_object(answer: ChatAnswer, body: dict[str, Any], model: str) -> dic
     return {
         "id": f"resp_{uuid.uuid4().hex}",
         "object": "response",
-        "created_at": now,
+        "created_at": now if created_at is None else created_at,
         "status": status,
         "completed_at": None if cut else now,
         "background": False,
@@ -172,14 +198,14 @@ def response_object(answer: ChatAnswer, body: dict[str, Any], model: str) -> dic
         "max_tool_calls": None,
         "model": model,
         "output": [message],
-        "parallel_tool_calls": True,
+        "parallel_tool_calls": _flag(body.get("parallel_tool_calls"), True),
         "previous_response_id": None,
         "reasoning": {"effort": None, "summary": None},
-        "service_tier": "default",
+        "service_tier": body["service_tier"] if isinstance(body.get("service_tier"), str) else "default",
         "store": False,  # nothing is kept: GET /v1/responses/{id} does not exist here
         "temperature": _number(body.get("temperature"), 1.0),
-        "text": {"format": {"type": "text"}},
-        "tool_choice": "auto",
+        "text": {"format": {"type": "text"}, **verbosity},
+        "tool_choice": body["tool_choice"] if body.get("tool_choice") in ("none", "auto") else "auto",
         "tools": [],
         "top_logprobs": 0,
         "top_p": _number(body.get("top_p"), 1.0),
@@ -199,3 +225,7 @@ def response_object(answer: ChatAnswer, body: dict[str, Any], model: str) -> dic
 
 def _number(value: Any, default: float) -> float:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
+
+
+def _flag(value: Any, default: bool) -> bool:
+    return value if isinstance(value, bool) else default

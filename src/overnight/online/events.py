@@ -161,7 +161,8 @@ class ResponseEvents:
         text = "".join(self._text)
         answer = responses_api.ChatAnswer(text, outcome.finish_reason, outcome.prompt_tokens,
                                           outcome.completion_tokens, outcome.cached_tokens)
-        final = {**responses_api.response_object(answer, self._body, self._model), "id": self._response["id"]}
+        final = {**responses_api.response_object(answer, self._body, self._model, self._response["created_at"]),
+                 "id": self._response["id"]}
         item = {**final["output"][0], "id": self._item_id}
         final["output"] = [item]
         where = {"item_id": self._item_id, "output_index": 0, "content_index": 0}

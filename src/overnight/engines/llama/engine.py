@@ -106,6 +106,7 @@ class LlamaChatEngine:
 
     async def execute(self, request: EngineRequest) -> EngineResponse:
         """The whole answer: the response body OpenAI would send, or a per-request error."""
+        received = int(time.time())
         job = await self._submit(request, None)
         if isinstance(job, EngineResponse):
             return job
@@ -114,7 +115,7 @@ class LlamaChatEngine:
         except asyncio.CancelledError:
             job.cancelled = True  # the decode thread frees its slot at the next step
             raise
-        return self._respond(request, result)
+        return self._respond(request, result, received)
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[str | EngineResponse]:
         """Yield the generated text in pieces as it becomes final, then the same EngineResponse that
@@ -167,13 +168,14 @@ class LlamaChatEngine:
         scheduler.submit(job)
         return job
 
-    def _respond(self, request: EngineRequest, result: Outcome | EngineResponse) -> EngineResponse:
+    def _respond(self, request: EngineRequest, result: Outcome | EngineResponse, received: int | None = None
+                 ) -> EngineResponse:
         if isinstance(result, EngineResponse):
             return result
         if request.endpoint == RESPONSES:
             answer = responses_api.ChatAnswer(result.text, result.finish_reason, result.prompt_tokens,
                                               result.completion_tokens, result.cached_tokens)
-            return EngineResponse(200, responses_api.response_object(answer, request.body, self.model_name))
+            return EngineResponse(200, responses_api.response_object(answer, request.body, self.model_name, received))
         return EngineResponse(200, self._body(result, request.endpoint == CHAT))
 
     def _body(self, outcome: Outcome, chat: bool) -> dict[str, Any]:
