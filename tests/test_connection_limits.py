@@ -219,3 +219,75 @@ def test_headers_just_over_the_limit_get_431(srv: Server) -> None:
         sock.sendall(f"GET /v1/files HTTP/1.1\r\nHost: x\r\nX-Big: {'b' * 30_000}\r\n"
                      f"Authorization: Bearer {API_KEY}\r\n\r\n".encode())
         assert read_response(sock)[0] == 200
+
+
+def test_a_stray_line_break_after_a_request_does_not_hold_the_connection(srv: Server) -> None:
+    """uvicorn cancels its keep-alive timer at any byte, and a CRLF starts no request (so no header
+    clock): one `\\r\\n` after a request kept the connection open for ever, no key needed."""
+    with connect(srv) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(sock)[0] == 200
+        sock.sendall(b"\r\n")
+        read_to_eof(sock, limit=TIMEOUT + 3)  # closed by the header clock
+
+
+def test_a_body_trickled_just_fast_enough_to_never_pause_is_cut_off(srv: Server) -> None:
+    """One byte every 0.5 s never paused as long as the idle timeout (1 s here), and a JSON body is
+    read before the key is checked: a megabyte at one byte per 29 s held a connection for a year."""
+    body = json.dumps({"input_file_id": "file-x", "endpoint": "/v1/chat/completions", "completion_window": "24h",
+                       "metadata": {"pad": "x" * 400}})
+    head = (f"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with connect(srv) as sock:
+        sock.sendall(head)
+        took, answer = trickle(sock, body.encode(), interval=TIMEOUT / 2, give_up=20)
+    status, headers, raw = split_response(answer)
+    assert status == 408 and headers["connection"] == "close", answer[:300]
+    assert "too slowly" in json.loads(raw)["error"]["message"] and took < 15
+
+
+def test_a_dropped_upload_is_not_a_server_error(srv: Server) -> None:
+    """A client gone mid-body was logged as an unhandled error with its traceback (and counted a
+    500): any flaky link filled the error log."""
+    head, start_of_body, _ = multipart_upload(100_000)
+    with connect(srv) as sock:
+        sock.sendall(head + start_of_body + b"x" * 1000)
+        time.sleep(0.3)
+    until(lambda: "disconnected before its request body ended" in srv.log.read_text(), timeout=10)
+    assert "ClientDisconnect" not in srv.log.read_text()
+
+
+def test_chunked_uploads_are_bounded_and_a_forwarded_address_is_not_believed(tmp_path: Path,
+                                                                               upstream: Upstream) -> None:
+    """A chunked upload declares no length: bytes after the closing boundary were parsed and
+    dropped without end (never a 413). And X-Forwarded-For from any local process was believed:
+    a client behind an nginx that passes it on chose its own address and escaped the throttle."""
+    config = tmp_path / "small.toml"
+    config.write_text("[limits]\nmax_file_bytes = 100000\n")
+    server = Server(tmp_path / "data", server_args(upstream, "--config", str(config))).start()
+    try:
+        head, start_of_body, rest = multipart_upload(1_000)
+        head = head.replace(b"Content-Length: ", b"Transfer-Encoding: chunked\r\nX-Old-Length: ")
+        with connect(server) as sock:
+            sock.sendall(head)
+            junk = start_of_body + rest + b"x" * 65536  # after the closing boundary: ignored by the parser
+            answer = b""
+            for _ in range(40):  # 2.6 MB in all, far past the limit
+                try:
+                    sock.sendall(b"%x\r\n%s\r\n" % (len(junk), junk))
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                junk = b"x" * 65536
+            sock.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                answer = sock.recv(65536)
+        assert split_response(answer)[0] == 413, answer[:300]
+        statuses = []
+        for i in range(25):  # the default burst is 20 failures per address
+            with connect(server) as sock:
+                sock.sendall(f"GET /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-wrong-{i}\r\n"
+                             f"X-Forwarded-For: 203.0.113.{i}\r\n\r\n".encode())
+                statuses.append(read_response(sock)[0])
+        assert statuses[:20] == [401] * 20 and statuses[-1] == 429
+    finally:
+        server.stop()

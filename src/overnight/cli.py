@@ -395,8 +395,13 @@ def serve(settings: Settings) -> None:
     # In JSON mode uvicorn's own lines go through our handler too (log_config=None keeps it from
     # installing its text formatter).
     log_config = None if settings.log_format == "json" else LOGGING_CONFIG
+    # X-Forwarded-For is believed only from proxies the operator names (uvicorn's FORWARDED_ALLOW_IPS):
+    # uvicorn's default believed any local process, so behind an nginx that passes the header on, a
+    # client chose its own address and escaped the failed-authentication throttle.
+    trusted = os.environ.get("FORWARDED_ALLOW_IPS")
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                http=guarded_protocol(settings.http), log_config=log_config)
+                http=guarded_protocol(settings.http), log_config=log_config, proxy_headers=trusted is not None,
+                forwarded_allow_ips=trusted)
 
 
 def _with_metrics_dir(settings: Settings) -> Settings:

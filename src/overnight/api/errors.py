@@ -11,7 +11,7 @@ import orjson
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -134,6 +134,10 @@ class RequestIdMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            # The client went away mid-body (a dropped upload): no one to answer, nothing broken
+            # here. It was logged as an unhandled error with a traceback and counted as a 500.
+            log.info("the client disconnected before its request body ended")
         except Exception as exc:
             if started:  # the answer is on its way: the server can only close the connection
                 raise

@@ -54,6 +54,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._in_headers:
             self._header_bytes += len(data)
+            if self.cycle is None or self.cycle.response_complete:
+                # uvicorn cancels its keep-alive timer at any byte, and a stray CRLF after a request
+                # starts no message (so no clock): the connection was held open for ever. (Not while a
+                # response streams: a pipelined byte must not cut a long download.)
+                self._start_header_clock()
         super().data_received(data)
         # Checked after parsing, so headers that end within this read are never counted as too
         # large because of the body bytes that follow them; the parser holds at most one read

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from overnight.observability.metrics import ApiMetrics
@@ -33,6 +34,9 @@ class RequestMetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_and_note)
+        except ClientDisconnect:
+            status = 499  # nginx's "client closed request": gone mid-body, not a server error
+            raise
         finally:
             # The router records the matched route in the scope it shares with us.
             route = getattr(scope.get("route"), "path", None) or UNMATCHED

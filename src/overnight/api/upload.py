@@ -136,8 +136,15 @@ async def receive_upload(
     context = files.writer(key)
     writer = await asyncio.to_thread(context.__enter__)
     buffered = 0
+    received = 0
+    body_limit = max_bytes + 1024 * 1024  # the file and the form around it, as the declared length above
     try:
         async for chunk in request.stream():
+            received += len(chunk)
+            if received > body_limit:  # a chunked body declares no length: bytes after the closing
+                # boundary and repeated fields were parsed (and dropped) without end
+                raise PayloadTooLarge(f"The request body is larger than {max_bytes:,} bytes, the most this "
+                                      "server accepts.")
             parser.write(chunk)
             buffered = sum(len(c) for c in collector.to_write)
             if buffered >= _FLUSH_BYTES:
