@@ -4,6 +4,7 @@ relay directory does not outlive the next start; a worker that only feeds upstre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,31 +47,33 @@ def test_a_worker_process_reports_ready_once_started_and_stops_cleanly(tmp_path:
     assert [process.exitcode for process in processes] == [0]  # SIGTERM: a graceful stop
 
 
-def test_a_dead_worker_process_is_not_ready(tmp_path: Path) -> None:
-    """Between a worker's death and its restart (the supervisor looks every 2 s), /health said 200:
-    its `ready` event stays set after it dies."""
-    settings = Settings(data_dir=tmp_path / "data", embedded=EmbeddedSettings(enabled=False))
-    workers = WorkerProcesses(settings, 1)
+@contextlib.contextmanager
+def one_ready_worker(tmp_path: Path) -> Iterator[WorkerProcesses]:
+    """One worker process (no engines), started and ready; stopped afterwards."""
+    workers = WorkerProcesses(Settings(data_dir=tmp_path / "data", embedded=EmbeddedSettings(enabled=False)), 1)
     workers.start()
     try:
         until(workers.ready, timeout=60)
+        yield workers
+    finally:
+        workers.stop()
+
+
+def test_a_dead_worker_process_is_not_ready(tmp_path: Path) -> None:
+    """Between a worker's death and its restart (the supervisor looks every 2 s), /health said 200:
+    its `ready` event stays set after it dies."""
+    with one_ready_worker(tmp_path) as workers:
         process = workers._workers[0].process
         process.kill()
         process.join(10)
         assert not workers.ready()
-    finally:
-        workers.stop()
 
 
 def test_a_worker_that_exited_0_is_not_restarted(tmp_path: Path) -> None:
     """Ctrl-C reaches the whole process group (systemd signals the whole service): the workers
     stop (exit 0) before the server does, and the supervisor started new ones, which loaded their
     engines and claimed shards only to be stopped."""
-    settings = Settings(data_dir=tmp_path / "data", embedded=EmbeddedSettings(enabled=False))
-    workers = WorkerProcesses(settings, 1)
-    workers.start()
-    try:
-        until(workers.ready, timeout=60)
+    with one_ready_worker(tmp_path) as workers:
         first = workers._workers[0].process
         first.terminate()
         first.join(30)
@@ -82,8 +86,6 @@ def test_a_worker_that_exited_0_is_not_restarted(tmp_path: Path) -> None:
 
         asyncio.run(supervise_a_while())
         assert workers._workers[0].process is first
-    finally:
-        workers.stop()
 
 
 def test_a_crash_looping_worker_is_restarted_ever_more_slowly() -> None:
@@ -101,24 +103,20 @@ def test_a_crash_looping_worker_is_restarted_ever_more_slowly() -> None:
 def test_waking_a_worker_that_does_not_read_never_blocks(tmp_path: Path) -> None:
     """`notify` runs on the API's request threads: once a stuck worker's pipe filled (13,104
     wakes), each batch create or cancel blocked a thread, then every sync route stopped answering."""
-    settings = Settings(data_dir=tmp_path / "data", embedded=EmbeddedSettings(enabled=False))
-    workers = WorkerProcesses(settings, 1)
-    workers.start()
-    pid = workers._workers[0].process.pid
-    assert pid is not None
-    try:
-        until(workers.ready, timeout=60)
+    with one_ready_worker(tmp_path) as workers:
+        pid = workers._workers[0].process.pid
+        assert pid is not None
         os.kill(pid, signal.SIGSTOP)  # it reads nothing from now on
-        sender = threading.Thread(target=lambda: [workers.notify(C.CHANGE_CREATED) for _ in range(30_000)],
-                                  daemon=True)
-        started = time.monotonic()
-        sender.start()
-        sender.join(30)
-        assert not sender.is_alive(), "notify blocked on a full pipe"
-        assert time.monotonic() - started < 30
-    finally:
-        os.kill(pid, signal.SIGCONT)
-        workers.stop()
+        try:
+            sender = threading.Thread(target=lambda: [workers.notify(C.CHANGE_CREATED) for _ in range(30_000)],
+                                      daemon=True)
+            started = time.monotonic()
+            sender.start()
+            sender.join(30)
+            assert not sender.is_alive(), "notify blocked on a full pipe"
+            assert time.monotonic() - started < 30
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
 
 def test_a_killed_servers_relay_directory_is_removed_by_the_next_start(tmp_path: Path) -> None:
