@@ -291,3 +291,18 @@ def test_chunked_uploads_are_bounded_and_a_forwarded_address_is_not_believed(tmp
         assert statuses[:20] == [401] * 20 and statuses[-1] == 429
     finally:
         server.stop()
+
+
+def test_headers_that_end_in_the_read_that_passes_the_limit_get_431(srv: Server) -> None:
+    """60 kB of headers in one read, then 10 kB and their end in the next: the count after each
+    read was reset by their end, and the headers reached the app (200) past the 64 KiB limit (up
+    to one read, 256 KiB, past it)."""
+    first = f"GET /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nX-A: {'a' * 60_000}\r\n"
+    with connect(srv) as sock:
+        sock.sendall(first.encode())
+        time.sleep(0.2)  # its own read
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(f"X-B: {'b' * 10_000}\r\n\r\n".encode())
+        status, headers, body = split_response(read_to_eof(sock))
+    assert status == 431 and headers["connection"] == "close"
+    assert json.loads(body)["error"]["code"] == "request_header_fields_too_large"

@@ -42,6 +42,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # arrives is header bytes (give or take the tail of a pipelined body in the same read).
         self._in_headers = True
         self._header_bytes = 0
+        self._parsed_header_bytes = 0  # the request line and headers the parser handed over
+        self._refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
@@ -52,6 +54,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # answered and closing: what is still in flight is not parsed
         if self._in_headers:
             self._header_bytes += len(data)
             if self.cycle is None or self.cycle.response_complete:
@@ -73,17 +77,42 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     # httptools parser callbacks (extended)
     def on_message_begin(self) -> None:
+        if self._refused:
+            return
         super().on_message_begin()
         self._in_headers = True
         self._start_header_clock()
 
+    def on_url(self, url: bytes) -> None:
+        self._parsed_header_bytes += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._parsed_header_bytes += len(name) + len(value)
+        super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
+        parsed, self._parsed_header_bytes = self._parsed_header_bytes, 0
         self._in_headers = False
         self._header_bytes = 0
         self._stop_header_clock()
+        if self._refused:
+            return
+        if parsed > self.max_header_bytes:
+            # Headers that end within the read that takes them past the limit: the check after
+            # each read (data_received) never sees them over it once they are complete.
+            self._refuse(431, f"The request's headers are larger than {self.max_header_bytes:,} bytes, the most "
+                         "this server accepts.", "request_header_fields_too_large")
+            return  # no request cycle: the app never sees it, and the parser's later callbacks are ignored
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
+        if self._refused:
+            return
         super().on_message_complete()
         self._in_headers = True
         self._header_bytes = 0
@@ -112,6 +141,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         )
 
     def _refuse(self, status: int, message: str, code: str) -> None:
+        self._refused = True
         self._stop_header_clock()
         if self.cycle is not None and not self.cycle.response_complete:
             # A pipelined request's headers, while the previous response is still being written:
