@@ -45,6 +45,10 @@ class TextEvents(Protocol):
 
     def finish(self, outcome: TextOutcome) -> bytes: ...
 
+    def fail(self, status: int, error: dict[str, Any]) -> bytes:
+        """The answer failed after its first events (a deadline, the engine shut down)."""
+        ...
+
 
 def _data(obj: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
@@ -83,6 +87,9 @@ class ChatEvents:
     def delta(self, text: str) -> bytes:
         return self._chunk({"content": text}, None) if text else b""
 
+    def fail(self, status: int, error: dict[str, Any]) -> bytes:
+        return error_event(status, error)
+
     def finish(self, outcome: TextOutcome) -> bytes:
         out = self._chunk({}, outcome.finish_reason)
         if self._usage:
@@ -109,6 +116,9 @@ class CompletionEvents:
 
     def delta(self, text: str) -> bytes:
         return self._chunk(text, None) if text else b""
+
+    def fail(self, status: int, error: dict[str, Any]) -> bytes:
+        return error_event(status, error)
 
     def finish(self, outcome: TextOutcome) -> bytes:
         out = self._chunk("", outcome.finish_reason)
@@ -156,6 +166,17 @@ class ResponseEvents:
         self._text.append(text)
         return self._event("response.output_text.delta", item_id=self._item_id, output_index=0, content_index=0,
                            delta=text, logprobs=[])
+
+    def fail(self, status: int, error: dict[str, Any]) -> bytes:
+        """OpenAI's `response.failed`: the response so far, `status: failed` and what went wrong
+        (a bare `data: {"error": ...}` has no type, so a client dispatching on event types missed it)."""
+        failed = {**self._response, "status": "failed", "completed_at": None, "usage": None,
+                  # The SDK's ResponseError takes a fixed list of codes: ours map onto two of them.
+                  "error": {"code": "rate_limit_exceeded" if status == 429 else "server_error",
+                            "message": str(error.get("message") or f"The engine failed ({status}).")},
+                  "output": [{"id": self._item_id, "type": "message", "status": "incomplete", "role": "assistant",
+                              "content": [self._part("".join(self._text))]}]}
+        return self._event("response.failed", response=failed)
 
     def finish(self, outcome: TextOutcome) -> bytes:
         text = "".join(self._text)

@@ -28,7 +28,6 @@ from overnight.online.events import (
     ResponseEvents,
     TextEvents,
     TextOutcome,
-    error_event,
 )
 
 ONLINE_ENDPOINTS = (C.CHAT_COMPLETIONS, C.COMPLETIONS, C.EMBEDDINGS, C.RESPONSES)
@@ -143,7 +142,7 @@ async def _streamed(events: TextEvents, endpoint: str, items: AsyncIterator[str 
                 return
             else:
                 failure = _failure(item)
-                yield error_event(failure.status, orjson.loads(failure.body or b"{}").get("error", {}))
+                yield events.fail(failure.status, orjson.loads(failure.body or b"{}").get("error", {}))
                 return
 
     return OnlineReply(200, EVENT_STREAM, chunks=chunks(), on_close=lambda: _close(items))
