@@ -213,6 +213,29 @@ def test_settings_that_would_hang_or_do_nothing_are_refused() -> None:
     assert settings_from(_parser().parse_args(["serve", "--max-shards", "1"]), {}).worker.max_shards_in_flight == 1
 
 
+@pytest.mark.parametrize(("embedded", "named"), [
+    ("n_ctx = 16\nn_seq_max = 32", "0 tokens of context"),  # every chat line refused as too long
+    ("n_ctx = 4096", "128 tokens of context"),  # n_ctx taken for a per-request size: 32 slots share it
+    ("n_ctx = 1000000\nn_seq_max = 300", "at most 256"),  # llama.cpp refused it as "not enough memory?"
+])
+def test_embedded_slots_without_room_for_a_request_are_refused(tmp_path: Path, embedded: str, named: str) -> None:
+    config = tmp_path / "overnight.toml"
+    config.write_text(f"[embedded]\n{embedded}\n")
+    with pytest.raises(ValueError, match=named):
+        settings_from(_parser().parse_args(["serve", "--config", str(config)]), {})
+
+
+def test_a_chat_model_that_is_not_a_gguf_file_is_refused_at_start(tmp_path: Path) -> None:
+    """Every worker failed at its start with a traceback, and was restarted for ever, while the API
+    accepted batches for the model."""
+    not_gguf = tmp_path / "model.bin"
+    not_gguf.write_bytes(b"PK\x03\x04 a zip, not a model")
+    for path, says in ((tmp_path / "missing.gguf", "No such file"), (not_gguf, "is not a GGUF file")):
+        config = tmp_path / "overnight.toml"
+        config.write_text(f'[embedded]\nchat_model_path = "{path}"\n')
+        assert says in serve_refused("--config", str(config), "--data-dir", str(tmp_path / "data"))
+
+
 def test_first_url_of_a_file_that_is_one_huge_line_is_read_within_a_bound(tmp_path: Path) -> None:
     """A JSON array passed as JSONL is one line: reading it whole for its url took ~12x its size."""
     import tracemalloc

@@ -371,6 +371,14 @@ def check_ranges(settings: Settings) -> None:
         value = getattr(getattr(settings, section), name)
         if value is not None and value < least:
             raise ValueError(f"{section}.{name} must be at least {least:g}, not {value}")
+    embedded = settings.embedded
+    if embedded.enabled and embedded.n_seq_max > 256:
+        raise ValueError(f"embedded.n_seq_max must be at most 256 (llama.cpp's limit), not {embedded.n_seq_max}")
+    if embedded.enabled and embedded.n_ctx // embedded.n_seq_max < 256:
+        # Each slot gets n_ctx // n_seq_max tokens: below this every chat line was refused as too long.
+        raise ValueError(f"embedded.n_ctx = {embedded.n_ctx} gives each of the {embedded.n_seq_max} slots "
+                         f"(n_seq_max) {embedded.n_ctx // embedded.n_seq_max} tokens of context, under 256: "
+                         "raise n_ctx or lower n_seq_max")
     for i, upstream in enumerate(settings.upstreams):
         if not 1 <= upstream.min_concurrency <= upstream.max_concurrency:
             raise ValueError(f"upstreams[{i}]: concurrency must satisfy 1 <= min_concurrency <= max_concurrency "

@@ -50,6 +50,10 @@ def embedded_engines(settings: Settings) -> dict[str, Engine]:
         log.warning("embedded engines unavailable (%s); only configured upstreams serve requests", exc)
         return engines
     cfg = settings.embedded
+    if cfg.chat_model_path:
+        _check_gguf(cfg.chat_model_path)
+    if cfg.embedding_model_dir:
+        _check_embedding_dir(cfg.embedding_model_dir)
     chat_path = cfg.chat_model_path or packaged_models.default_chat_model_path()
     if chat_path:
         name = cfg.chat_model_name or (
@@ -107,6 +111,27 @@ def gemma_engine(settings: Settings) -> Engine | None:
                            threads=cfg.threads, deterministic=cfg.deterministic,
                            chat_template=packaged_models.GEMMA_CHAT_TEMPLATE,
                            owned_by="google; " + packaged_models.GEMMA_NOTICE)
+
+
+def _check_gguf(path: str) -> None:
+    """A configured chat model must be a GGUF file: otherwise every worker failed at its start,
+    with a traceback, and was restarted for ever while the API accepted batches for it."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ConfigurationError(f"[embedded] chat_model_path {path}: {exc.strerror}.") from None
+    if magic != b"GGUF":
+        raise ConfigurationError(f"[embedded] chat_model_path {path} is not a GGUF file (llama.cpp's model "
+                                 "format; convert the model with llama.cpp's convert_hf_to_gguf.py).")
+
+
+def _check_embedding_dir(path: str) -> None:
+    missing = [name for name in ("config.json", "model.safetensors", "tokenizer.json")
+               if not (Path(path) / name).is_file()]
+    if missing:
+        raise ConfigurationError(f"[embedded] embedding_model_dir {path} lacks {', '.join(missing)} (a "
+                                 "sentence-transformers BERT model directory, as all-MiniLM-L6-v2's).")
 
 
 def _check_ca_file(path: str) -> None:
