@@ -251,6 +251,20 @@ def test_cancel_in_progress_keeps_partial_output(make_server: Any) -> None:
     assert "completed" in exc.value.message
 
 
+def test_the_cancel_answer_counts_the_running_shards_progress(make_server: Any) -> None:
+    """retrieve showed the lines a running shard had done (7), the cancel's answer 0 (only what
+    shards had committed), and the next retrieve 7 again: counts that went backwards."""
+    client = make_server("--shard-lines", "20", "--lease-seconds", "3").client()
+    lines = [chat_line(i) for i in range(10)] + [chat_line(i, x_fault="slow:6000") for i in range(10, 20)]
+    batch = client.batches.create(input_file_id=upload(client, lines), endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    until(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 10, timeout=60)  # type: ignore[union-attr]
+    cancelled = client.batches.cancel(batch.id)
+    assert cancelled.status == "cancelling"
+    assert cancelled.request_counts is not None and cancelled.request_counts.completed >= 10
+    wait_terminal(client, batch.id, timeout=120)
+
+
 def test_cancel_while_validating(make_server: Any) -> None:
     srv = make_server("--no-validate-on-upload")  # the worker validates after create
     client = srv.client()

@@ -87,7 +87,9 @@ class SqlBatchCatalog:
                     .values(status=C.SHARD_SKIPPED)
                 )
             row = conn.execute(select(_b).where(where)).first()
-        return batch_record(row) if row else None
+            # With its running shards' progress, as retrieve shows it (the counts went back to the
+            # last commit in the cancel answer alone).
+            return _with_live_counts(conn, [batch_record(row)])[0] if row else None
 
     def batch_status(self, batch_id: str) -> str | None:
         with self.db.read() as conn:
