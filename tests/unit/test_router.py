@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
+
 from overnight.engines.port import EngineRequest, EngineResponse
 from overnight.engines.router import ROUTE_CACHE_ENTRIES, Route, Router
 
@@ -60,3 +64,16 @@ def test_the_routing_cache_is_bounded_whatever_the_input() -> None:
     assert ("model-0", "/v1/chat/completions") not in router._cache
     resolved = router.resolve("gpt-4", "/v1/chat/completions")
     assert resolved is not None and resolved.engine.name == "a"
+
+
+def test_llama_threads_default_to_this_process_share_of_the_cpus_it_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every worker process took os.cpu_count() threads: the host's cores in a container limited
+    to 2 CPUs, and with 2 workers on 2 cores, 4 spinning compute threads."""
+    from overnight.wiring.engines import compute_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert compute_threads(1) == 4
+    assert compute_threads(2) == 2
+    assert compute_threads(8) == 1
+    assert compute_threads(0) == 4  # the worker in the API process

