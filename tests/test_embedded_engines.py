@@ -6,6 +6,7 @@ import asyncio
 import base64
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -555,3 +556,15 @@ def test_a_special_tokens_text_in_a_message_stays_text() -> None:
             native, formatter, {"messages": messages})[0]
     finally:
         native.free()
+
+
+@needs_chat
+def test_a_converted_model_file_left_empty_by_a_crash_is_made_again(tmp_path: Path) -> None:
+    """The converted file was trusted because it existed: one a power loss left empty under its
+    final name (renamed before its data reached the disk) failed every start to load, for ever."""
+    assert CHAT_PATH is not None
+    target = Path(packaged_models.fast_chat_model_path(CHAT_PATH, tmp_path, "Q4_0"))
+    made = target.read_bytes()
+    target.write_bytes(b"")
+    assert packaged_models.fast_chat_model_path(CHAT_PATH, tmp_path, "Q4_0") == str(target)
+    assert target.read_bytes() == made

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 DEFAULT_CHAT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -78,24 +79,12 @@ def gemma_model_path(models_dir: Path) -> str | None:
     later calls (and other processes) find the final file and use it as it is."""
     if _package_dir(_GEMMA_PACKAGE) is None:
         return None
-    target = models_dir / _GEMMA_FILE
-    if target.is_file():
-        return str(target)
-    import fcntl
     import importlib
 
-    from overnight.files.private import FILE_MODE, create_private, make_private_dirs
+    def assemble(partial: Path) -> None:
+        importlib.import_module(_GEMMA_PACKAGE).assemble(output_path=partial)
 
-    make_private_dirs(models_dir)  # inside the data directory, which is private
-    with os.fdopen(create_private(models_dir / ".gemma.lock", exclusive=False), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not target.is_file():
-            partial = models_dir / (_GEMMA_FILE + ".partial")
-            partial.unlink(missing_ok=True)
-            importlib.import_module(_GEMMA_PACKAGE).assemble(output_path=partial)
-            os.chmod(partial, FILE_MODE)  # the package writes it with the umask's mode
-            os.replace(partial, target)
-    return str(target)
+    return _made_once(models_dir / _GEMMA_FILE, models_dir / ".gemma.lock", assemble)
 
 
 # The packaged SmolLM2 file is Q4_1, a format with no repacked or tinyBLAS kernel on x86: generation at
@@ -117,22 +106,48 @@ def fast_chat_model_path(source: str, models_dir: Path, ftype: str = FAST_FTYPE)
     for fmt in WEIGHT_FORMATS:
         stem = stem.removesuffix(f".{fmt}")
     target = models_dir / f"{stem}.{ftype}.gguf"
-    if target.is_file():
+    return _made_once(target, models_dir / f".{stem}.lock", lambda partial: requantize(source, str(partial), ftype))
+
+
+def _made_once(target: Path, lock_path: Path, make: Callable[[Path], None]) -> str:
+    """`target`, made by `make(partial)` unless a usable one is there: under a file lock, into a
+    temporary name, synced and renamed, so concurrent processes never load a half-written file and
+    a crash (or a power loss before the data reached the disk) leaves none that is trusted later."""
+    if _usable(target):
         return str(target)
     import fcntl
 
     from overnight.files.private import FILE_MODE, create_private, make_private_dirs
 
-    make_private_dirs(models_dir)
-    with os.fdopen(create_private(models_dir / f".{stem}.lock", exclusive=False), "w") as lock:
+    make_private_dirs(target.parent)  # inside the data directory, which is private
+    with os.fdopen(create_private(lock_path, exclusive=False), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not target.is_file():
-            partial = models_dir / f"{stem}.{ftype}.gguf.partial"
+        if not _usable(target):
+            partial = target.with_name(target.name + ".partial")
             partial.unlink(missing_ok=True)
-            requantize(source, str(partial), ftype)
-            os.chmod(partial, FILE_MODE)
+            make(partial)
+            os.chmod(partial, FILE_MODE)  # a package writes it with the umask's mode
+            fd = os.open(partial, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(partial, target)
+            dir_fd = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
     return str(target)
+
+
+def _usable(path: Path) -> bool:
+    """A GGUF file is there (not an empty or foreign one a crash left: it is made again)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def requantize(source: str, target: str, ftype: str) -> None:
