@@ -51,6 +51,7 @@ def embedded_engines(settings: Settings) -> dict[str, Engine]:
         log.warning("embedded engines unavailable (%s); only configured upstreams serve requests", exc)
         return engines
     cfg = settings.embedded
+    weights = chat_weights(cfg.weights, cfg.chat_model_path)  # a conflict first: it is what to fix
     if cfg.chat_model_path:
         _check_gguf(cfg.chat_model_path)
     if cfg.embedding_model_dir:
@@ -60,7 +61,6 @@ def embedded_engines(settings: Settings) -> dict[str, Engine]:
         name = cfg.chat_model_name or (
             packaged_models.DEFAULT_CHAT_MODEL_NAME if not cfg.chat_model_path else _stem(chat_path)
         )
-        weights = chat_weights(cfg.weights, cfg.chat_model_path)
         if weights is not None:
             # The packaged Q4_1 file in a format with fast CPU kernels (packaged_models.py).
             chat_path = packaged_models.fast_chat_model_path(chat_path, settings.data_dir / "models", weights)
