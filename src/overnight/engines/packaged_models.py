@@ -113,7 +113,7 @@ def _made_once(target: Path, lock_path: Path, make: Callable[[Path], None]) -> s
     """`target`, made by `make(partial)` unless a usable one is there: under a file lock, into a
     temporary name, synced and renamed, so concurrent processes never load a half-written file and
     a crash (or a power loss before the data reached the disk) leaves none that is trusted later."""
-    if _usable(target):
+    if is_gguf(target):
         return str(target)
     import fcntl
 
@@ -122,7 +122,7 @@ def _made_once(target: Path, lock_path: Path, make: Callable[[Path], None]) -> s
     make_private_dirs(target.parent)  # inside the data directory, which is private
     with os.fdopen(create_private(lock_path, exclusive=False), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not _usable(target):
+        if not is_gguf(target):
             partial = target.with_name(target.name + ".partial")
             partial.unlink(missing_ok=True)
             make(partial)
@@ -141,8 +141,9 @@ def _made_once(target: Path, lock_path: Path, make: Callable[[Path], None]) -> s
     return str(target)
 
 
-def _usable(path: Path) -> bool:
-    """A GGUF file is there (not an empty or foreign one a crash left: it is made again)."""
+def is_gguf(path: str | Path) -> bool:
+    """Whether `path` is a GGUF file (not missing, empty, or another format: a made one a crash left
+    empty is made again; a configured one is refused at start)."""
     try:
         with open(path, "rb") as f:
             return f.read(4) == b"GGUF"

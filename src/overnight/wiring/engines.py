@@ -128,12 +128,11 @@ def gemma_engine(settings: Settings) -> Engine | None:
 def _check_gguf(path: str) -> None:
     """A configured chat model must be a GGUF file: otherwise every worker failed at its start,
     with a traceback, and was restarted for ever while the API accepted batches for it."""
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as exc:
-        raise ConfigurationError(f"[embedded] chat_model_path {path}: {exc.strerror}.") from None
-    if magic != b"GGUF":
+    from overnight.engines.packaged_models import is_gguf
+
+    if not Path(path).is_file():
+        raise ConfigurationError(f"[embedded] chat_model_path {path}: No such file.")
+    if not is_gguf(path):
         raise ConfigurationError(f"[embedded] chat_model_path {path} is not a GGUF file (llama.cpp's model "
                                  "format; convert the model with llama.cpp's convert_hf_to_gguf.py).")
 
