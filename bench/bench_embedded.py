@@ -35,8 +35,8 @@ format by quality as well as speed: greedy answers (one at a time, deterministic
 prompts followed by the Q4_1 answers, the KL divergence of each next-token distribution from Q4_1's,
 how often the most likely next token is the same, and perplexity (as llama-perplexity
 --kl-divergence measures a quantization).
-`--levers`: the engine alone (all 64 lines submitted at once, in this process), one lever added at a
-time: what each moved.
+`--levers`: the engine alone (all lines submitted at once, in this process; `--levers-lines`, 64 by
+default), one lever added at a time: what each moved.
 
     ./dev bench bench_embedded [--sweep] [--quality] [--levers] [--rounds 3] [--lines 64] [--one-lines 16]
 """
@@ -81,7 +81,7 @@ ASKS = ["Write a short story about {}.", "Explain how {} works to a child.", "De
 MAX_TOKENS = 96
 THREADS = 2
 # KV cells per slot, in --levers and for llama-server: the server's default (EmbeddedSettings: n_ctx
-# 65,536 over 32 slots).
+# 131,072 over 64 slots).
 CTX_PER_SLOT = 2048
 # How often (b) asks whether the batch is done: a run takes ~15 s, so the poll adds ~0.05 s on average
 # (at 0.5 s it added ~0.25 s, 1.5% of a run); each retrieve costs the API ~1 ms of CPU.
@@ -321,11 +321,12 @@ def levers(batch: list[dict[str, Any]], workdir: Path, full: bool) -> dict[str, 
          {"deterministic": True, "n_seq_max": 16}, None),
         ("+ fa on, the prompts of several lines per decode, prefix reuse (fast mode), 16 slots", "Q8_0",
          {"n_seq_max": 16}, None),
-        ("+ 32 slots (the default)", "Q8_0", {"n_seq_max": 32}, None),
-        ("the default, but on one unified KV cache instead of a stream per slot", "Q8_0", {"n_seq_max": 32}, True),
+        ("+ 32 slots", "Q8_0", {"n_seq_max": 32}, None),
+        ("+ 64 slots (the default)", "Q8_0", {"n_seq_max": 64}, None),
+        ("the default, but on one unified KV cache instead of a stream per slot", "Q8_0", {"n_seq_max": 64}, True),
     ]
     if full:
-        variants.append(("the default with 64 slots", "Q8_0", {"n_seq_max": 64}, None))
+        variants.append(("the default with 128 slots", "Q8_0", {"n_seq_max": 128}, None))
     original = native_module.llama_cpp.llama_init_from_model
     out = {}
     for label, ftype, kwargs, unified in variants:
@@ -378,7 +379,9 @@ def main() -> None:
                         help="lines per sweep run (the first of the file; default: all, as the rounds run)")
     parser.add_argument("--quality", action="store_true", help="compare Q8_0/Q4_0 greedy answers to Q4_1 first")
     parser.add_argument("--levers", action="store_true", help="the engine alone, one lever at a time")
-    parser.add_argument("--levers-full", action="store_true", help="also the default with 64 slots")
+    parser.add_argument("--levers-lines", type=int, default=None,
+                        help="lines of --levers (default --lines): more lines weigh the steady state over the tail")
+    parser.add_argument("--levers-full", action="store_true", help="also the default with 128 slots")
     parser.add_argument("--llama-bin", type=Path,
                         default=HERE / ".llama-server" / llama_cpp.__version__ / "bin")
     parser.add_argument("--server", default=None,
@@ -404,8 +407,9 @@ def main() -> None:
         if args.quality:
             save("embedded_quality", {"git": state, **quality(batch[:16], workdir)})
         if args.levers:
-            save("embedded_levers", {"git": state, "lines": len(batch), "max_tokens": MAX_TOKENS,
-                                     "levers": levers(batch, workdir, args.levers_full)})
+            levers_batch = lines(args.levers_lines) if args.levers_lines else batch
+            save("embedded_levers", {"git": state, "lines": len(levers_batch), "max_tokens": MAX_TOKENS,
+                                     "levers": levers(levers_batch, workdir, args.levers_full)})
         sweep_file = RESULTS / "embedded_sweep.json"
         if args.sweep:
             found = sweep(args.llama_bin, batch[: args.sweep_lines], workdir, args.sweep_full, args.sweep_reps)

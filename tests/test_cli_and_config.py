@@ -215,7 +215,7 @@ def test_settings_that_would_hang_or_do_nothing_are_refused() -> None:
 
 @pytest.mark.parametrize(("embedded", "named"), [
     ("n_ctx = 16\nn_seq_max = 32", "0 tokens of context"),  # every chat line refused as too long
-    ("n_ctx = 4096", "128 tokens of context"),  # n_ctx taken for a per-request size: 32 slots share it
+    ("n_ctx = 4096", "64 tokens of context"),  # n_ctx taken for a per-request size: 64 slots share it
     ("n_ctx = 1000000\nn_seq_max = 300", "at most 256"),  # llama.cpp refused it as "not enough memory?"
 ])
 def test_embedded_slots_without_room_for_a_request_are_refused(tmp_path: Path, embedded: str, named: str) -> None:

@@ -124,10 +124,12 @@ class EmbeddedSettings:
     chat_model_name: str | None = None
     embedding_model_dir: str | None = None
     # Total KV cache; each of the n_seq_max slots may hold n_ctx // n_seq_max tokens (prompt +
-    # completion), 2048 here (~1.5 GB of KV for SmolLM2). 32 slots: llama-server's fastest configuration on 2 cores
-    # used -np 32 (issue 14); bench_embedded.py --levers compares 16 and 32 slots on this engine.
-    n_ctx: int = 65536
-    n_seq_max: int = 32
+    # completion), 2048 here (~3 GB of KV for SmolLM2, ~23 KB per cell). 64 slots: a generation step
+    # reads the weights once for every sequence in it, and on 2 cores a 256-line batch ran 12-24%
+    # faster on 64 slots than on 32 (bench_embedded.py --levers compares 16, 32 and 64 slots); a step
+    # then takes ~160 ms, which is what an online request's next token waits under batch load.
+    n_ctx: int = 131072
+    n_seq_max: int = 64
     threads: int | None = None
     # Greedy output that depends only on the line (never on what else is in flight): flash attention
     # off, one prompt per decode call, no prefix reuse between slots (engines/llama/scheduler.py).

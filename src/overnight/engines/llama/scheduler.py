@@ -58,8 +58,8 @@ read, and send the next one, and without it each of their requests would find ev
 the batch again. Running batch lines are never evicted, so an online request that arrives while
 every slot is busy (the first after a quiet spell) waits for the first slot to free up.
 
-An online request does not wait for the batch step in flight either (at 32 sequences a step takes
-~100 ms on 2 cores, more than the request's own prompt): when it arrives during a decode call of
+An online request does not wait for the batch step in flight either (at 64 sequences a step takes
+~160 ms on 2 cores, more than the request's own prompt): when it arrives during a decode call of
 batch lines only and a slot is free for it, the call is aborted (`Native.abort`: llama.cpp stops
 after the graph node it is on and drops the call's tokens from the KV cache, so nothing advanced),
 the next step decodes the online prompt in a call of its own first, and the batch's call is redone
