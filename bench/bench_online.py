@@ -9,7 +9,7 @@ Per round, interleaved (this shared machine's speed drifts by 10-20% over minute
 Reports medians of the rounds' values with min-max spreads, and the two ratios the issue sets as
 goals: loaded TTFT p50 / idle TTFT p50 <= 1.5, loaded batch tokens/s / solo >= 0.7.
 Writes bench/results/online.json.
-Usage: ./dev bench bench_online [--quick] [--rounds 3] [--lines 64] [--new 64] [--gap 1.0]
+Usage: ./dev bench bench_online [--quick] [--rounds 5] [--lines 128] [--new 64] [--gap 1.0]
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from typing import Any
 import openai
 
 from harness import free_port, git_state, median, process, save, spread
-from overnight.engines.llama.scheduler import ONLINE_RESERVE_SECONDS
 
 KEY = "sk-bench-online"
 TOPICS = ["a dragon", "the sea", "a robot", "a city at night", "an old library", "a mountain village",
@@ -100,8 +99,8 @@ def loaded_round(client: openai.OpenAI, data: bytes, online_new: int, gap: float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one short round (a smoke check, no meaningful numbers)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--lines", type=int, default=64, help="batch lines")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--lines", type=int, default=128, help="batch lines")
     parser.add_argument("--new", type=int, default=64, help="max_tokens of a batch line")
     parser.add_argument("--online-new", type=int, default=16, help="max_tokens of an online request")
     parser.add_argument("--idle-requests", type=int, default=8, help="online requests per round on the idle engine")
@@ -122,16 +121,13 @@ def main() -> None:
         ttft(client, 0, args.online_new)  # warm-up: the first request pays for lazy set-up
         for r in range(args.rounds):
             idle = [ttft(client, i, args.online_new) for i in range(args.idle_requests)]
-            # Alternate which batch run goes first, so drift does not favour one. The solo run starts
-            # once the engine no longer counts users as around (ONLINE_RESERVE_SECONDS after the last
-            # online request): it is the batch's speed with nobody online at all.
+            # Alternate which batch run goes first, so drift does not favour one. Solo is the batch
+            # with nobody online (the server's slot kept free for online requests stays free).
             if r % 2 == 0:
-                time.sleep(ONLINE_RESERVE_SECONDS + 1)
                 solo_tps = run_batch(client, data)[0]
                 loaded_tps, loaded = loaded_round(client, data, args.online_new, args.gap)
             else:
                 loaded_tps, loaded = loaded_round(client, data, args.online_new, args.gap)
-                time.sleep(ONLINE_RESERVE_SECONDS + 1)
                 solo_tps = run_batch(client, data)[0]
             row = {"idle_ttft_p50": median(idle), "loaded_ttft_p50": median(loaded), "online_requests": len(loaded),
                    "solo_tokens_per_s": solo_tps, "loaded_tokens_per_s": loaded_tps}

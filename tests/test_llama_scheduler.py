@@ -60,6 +60,7 @@ def scheduler(n_seq_max: int, online_active: int, batch_active: int) -> Any:
     """A scheduler with slots and queues only (admission logic needs no native handles)."""
     s = Scheduler.__new__(Scheduler)
     s.n_seq_max = n_seq_max
+    s.online_slot = True
     s.slots = [Slot(seq_id=i) for i in range(n_seq_max)]
     for i in range(online_active + batch_active):
         s.slots[i].job = job(online=i < online_active)
@@ -68,11 +69,11 @@ def scheduler(n_seq_max: int, online_active: int, batch_active: int) -> Any:
 
 
 def test_online_jobs_go_first_and_keep_a_slot_in_reserve() -> None:
-    s = scheduler(8, online_active=0, batch_active=7)
+    s = scheduler(8, online_active=0, batch_active=6)
     s.queue.extend([first_batch := job(), job()])
     s.online.append(online := job(online=True))
     assert s._next_job() is online  # queued after the batch job, admitted before it
-    assert s._next_job() is first_batch  # no online job active: batch fills every free slot
+    assert s._next_job() is first_batch  # no online job active: batch fills all but the last slot
     s = scheduler(8, online_active=1, batch_active=5)
     s.queue.append(batch := job())
     assert s._next_job() is batch  # 6 batch + 1 online: one slot stays free for the next online job
@@ -82,22 +83,6 @@ def test_online_jobs_go_first_and_keep_a_slot_in_reserve() -> None:
     s = scheduler(8, online_active=2, batch_active=5)
     s.queue.append(job())
     assert s._next_job() is None  # 5 >= 8 - (2 + 1)
-
-
-def test_while_users_are_around_the_batch_keeps_every_slot_but_the_reserve() -> None:
-    import time
-
-    s = scheduler(8, online_active=0, batch_active=6)
-    s.last_online = time.monotonic()  # an online request came a moment ago, and is done
-    s.queue.extend([first := job(), job()])
-    assert s._next_job() is first  # 6 batch jobs < 8 - 1: the batch does not back off further
-    s = scheduler(8, online_active=0, batch_active=7)
-    s.last_online = time.monotonic()
-    s.queue.append(job())
-    assert s._next_job() is None  # 7 >= 8 - 1: one slot stays free for the next online request
-    s = scheduler(8, online_active=0, batch_active=7)
-    s.queue.append(later := job())
-    assert s._next_job() is later  # nobody online for a while: every slot is the batch's
 
 
 class FakeBatch:

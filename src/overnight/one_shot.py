@@ -124,7 +124,9 @@ async def run_file(
     scratch_dir = tempfile.mkdtemp(prefix="overnight-run-") if scratch else None
     if scratch_dir is not None:
         settings = replace(settings, data_dir=Path(scratch_dir))
-    settings = replace(settings, worker=replace(settings.worker, poll_seconds=0.05), api_keys=("local",))
+    # No online request can reach this run: its batch may take every slot of the embedded engine.
+    settings = replace(settings, worker=replace(settings.worker, poll_seconds=0.05), api_keys=("local",),
+                       embedded=replace(settings.embedded, online_slot=False))
     _stop_on_signals(asyncio.current_task())
     parts: Components | None = None
     batch: BatchRecord | None = None

@@ -135,6 +135,10 @@ class EmbeddedSettings:
     # off, one prompt per decode call, no prefix reuse between slots (engines/llama/scheduler.py).
     # Slower; bench_embedded measures by how much.
     deterministic: bool = False
+    # Batch lines leave one sequence slot free, so that an online request never waits for a batch
+    # line to finish (engines/llama/scheduler.py, Priority); it costs the batch one slot of n_seq_max.
+    # `overnight run` turns it off: nobody can send it an online request.
+    online_slot: bool = True
     # The format the packaged SmolLM2 is served in, made once from its Q4_1 file (packaged_models.py):
     # "Q8_0" keeps the model (KL divergence 0.013 from Q4_1) on fast CPU kernels; "Q4_0" is faster
     # still but re-rounds every weight (KL divergence 0.6, a different model); "Q4_1" is the file as

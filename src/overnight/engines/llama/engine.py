@@ -37,11 +37,12 @@ class LlamaChatEngine:
 
     def __init__(self, model_path: str, model_name: str, n_ctx: int = 8192, n_seq_max: int = 16,
                  threads: int | None = None, *, prefix_sharing: bool = True, deterministic: bool = False,
-                 chat_template: str | None = None, owned_by: str = "overnight") -> None:
+                 chat_template: str | None = None, owned_by: str = "overnight", online_slot: bool = True) -> None:
         """`chat_template` (Jinja, as in a GGUF's tokenizer.chat_template) replaces the model's own;
         `owned_by` is what GET /v1/models says of the model (a licence notice, where one is owed).
         `deterministic`: a temperature-0 answer depends only on its request (slower: flash attention
-        off, one prompt per decode call, no prefix sharing; scheduler.py)."""
+        off, one prompt per decode call, no prefix sharing; scheduler.py). `online_slot`: batch lines
+        leave one slot free for online requests (scheduler.py, Priority)."""
         self.name = f"embedded:{model_name}"
         self.owned_by = owned_by
         self.chat_template = chat_template
@@ -55,6 +56,7 @@ class LlamaChatEngine:
         self.threads = threads or os.cpu_count() or 1
         self.prefix_sharing = prefix_sharing and not deterministic
         self.deterministic = deterministic
+        self.online_slot = online_slot
         self._native: Native | None = None
         self._scheduler: Scheduler | None = None
         self._formatter: Jinja2ChatFormatter | None = None
@@ -93,7 +95,8 @@ class LlamaChatEngine:
                     add_generation_prompt=True,
                 )
             self._native = native
-            self._scheduler = Scheduler(native, self.n_seq_max, self.prefix_sharing, self.deterministic)
+            self._scheduler = Scheduler(native, self.n_seq_max, self.prefix_sharing, self.deterministic,
+                                        self.online_slot)
             self._scheduler.thread.start()
 
     async def close(self) -> None:

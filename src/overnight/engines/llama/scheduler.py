@@ -49,14 +49,14 @@ computing the same tokens in parallel. Reused tokens are reported as
 `usage.prompt_tokens_details.cached_tokens`.
 
 Priority. A job is online (someone waits for it interactively) or batch. Pending online jobs are
-admitted before any pending batch job (two queues). While any online job is pending or active, batch
-jobs are admitted only while fewer than `max(1, n_seq_max - reserve)` slots hold batch jobs, where
-`reserve` is the number of online jobs pending or active plus one: the next online request then finds
-a free slot instead of waiting for a batch line to finish, and the batch never stops altogether. The reserve of one slot also holds for
-`ONLINE_RESERVE_SECONDS` after the last online request arrived: interactive users send a request,
-read, and send the next one, and without it each of their requests would find every slot taken by
-the batch again. Running batch lines are never evicted, so an online request that arrives while
-every slot is busy (the first after a quiet spell) waits for the first slot to free up.
+admitted before any pending batch job (two queues). Batch jobs are admitted only while fewer than
+`max(1, n_seq_max - reserve)` slots hold batch jobs, where `reserve` is the number of online jobs
+active plus one (`online_slot`, the default of a server): an online request, even the first after a
+quiet spell, then finds a free slot instead of waiting for a batch line to finish (running batch
+lines are never evicted, and at 64 slots a line runs for seconds: the first online request of a
+bench_online round waited 9-14 s while the batch held every slot), and the batch never stops
+altogether. What the reserve costs the batch is one slot of n_seq_max. Without `online_slot`
+(`overnight run`, where nobody can send an online request) the batch takes every slot.
 
 An online request does not wait for the batch step in flight either (at 64 sequences a step takes
 ~160 ms on 2 cores, more than the request's own prompt): when it arrives during a decode call of
@@ -94,10 +94,6 @@ from overnight.engines.port import EngineResponse
 from overnight.engines.stats import EmbeddedStats
 
 log = logging.getLogger(__name__)
-
-# How long the batch keeps one slot free after an online request arrived (see Priority above): a
-# user's think time between requests; meanwhile it costs the batch one slot of n_seq_max.
-ONLINE_RESERVE_SECONDS = 30.0
 
 # Only share a prefix with another slot (or wait for one being computed) when it saves at least this
 # many tokens: waiting costs a decode step.
@@ -218,8 +214,10 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Scheduler:
-    def __init__(self, native: Native, n_seq_max: int, prefix_sharing: bool, deterministic: bool = False) -> None:
+    def __init__(self, native: Native, n_seq_max: int, prefix_sharing: bool, deterministic: bool = False,
+                 online_slot: bool = True) -> None:
         self.native = native
+        self.online_slot = online_slot  # keep a slot free for online requests (Priority, module doc)
         self.deterministic = deterministic
         self.prefix_sharing = prefix_sharing and not deterministic
         self.slots = [Slot(seq_id=i) for i in range(n_seq_max)]
@@ -232,7 +230,6 @@ class Scheduler:
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="overnight-llama-decode", daemon=True)
 
-    last_online = float("-inf")  # time.monotonic() when the last online job was submitted
     abortable = False  # an online job may abort the decode in flight (guarded by `cond`; module doc)
     retrying = False  # the last batch step was aborted: its redo runs to its end
 
@@ -241,11 +238,9 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         with self.cond:
             (self.online if job.online else self.queue).append(job)
-            if job.online:
-                self.last_online = time.monotonic()
-                if self.abortable:
-                    self.abortable = False
-                    self.native.abort()
+            if job.online and self.abortable:
+                self.abortable = False
+                self.native.abort()
             self.cond.notify()
 
     def stop(self) -> None:
@@ -407,10 +402,9 @@ class Scheduler:
         active = self._active()
         # No online job is pending here (they went first), so the reserve counts the active ones.
         online = sum(1 for s in active if s.job is not None and s.job.online)
-        recent = time.monotonic() - self.last_online < ONLINE_RESERVE_SECONDS
         # The batch keeps one slot whatever the reserve: online traffic slows it, never stops it (and
         # an engine of one slot does not idle while batch lines wait).
-        if (online or recent) and len(active) - online >= max(1, self.n_seq_max - (online + 1)):
+        if (online or self.online_slot) and len(active) - online >= max(1, self.n_seq_max - (online + 1)):
             return None
         return self.queue.popleft()
 
