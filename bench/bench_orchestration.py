@@ -21,6 +21,9 @@ open between batches. Ratios are taken within a round (each arm's run divided by
 run of the same round, not adjacent in time: several arms run between) and reported as the median
 and min-max over the rounds.
 
+A size under `--repeat-lines` runs back to back that many lines' worth per arm and round (1,000
+lines: 10 runs), so that a round measures more than the machine's jitter over ~0.1 s.
+
     ./dev bench bench_orchestration [--sizes 50000,1000] [--rounds 5] [--sdk-lines 5000]
 """
 
@@ -149,6 +152,17 @@ def poll_interval(lines: int) -> float:
     return min(0.05, max(0.005, lines / 1_000_000))
 
 
+def repeats(lines: int, round_lines: int) -> int:
+    """How many runs of `lines` make a round of about `round_lines` (at least one)."""
+    return max(1, round_lines // lines)
+
+
+def back_to_back(run: Callable[[], float], times: int) -> float:
+    """Lines/s of `times` runs of the same size one after another: the harmonic mean of their rates
+    (total lines over total time)."""
+    return times / sum(1 / run() for _ in range(times))
+
+
 def overnight_run(base_url: str, input_path: Path, lines: int, hooks: CompletionHooks | None,
                   key: str = "sk-bench") -> dict[str, float]:
     """End to end through the official SDK, as a user would: upload, create, wait for the
@@ -265,6 +279,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="50000,1000", help="batch sizes (lines) to run every arm at")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sdk-lines", type=int, default=5_000, help="the SDK script is slow: at most this many lines")
+    parser.add_argument("--repeat-lines", type=int, default=10_000,
+                        help="a smaller size runs back to back until a round holds this many lines of it")
     parser.add_argument("--many", default="100x500", help="many batches: COUNTxLINES (0 to skip)")
     parser.add_argument("--keys", type=int, default=5, help="API keys the many batches come from")
     parser.add_argument("--overnight-arg", action="append", default=[], help="extra `overnight serve` flag")
@@ -288,7 +304,7 @@ def main() -> None:
                 overnight_process(workdir, upstream_url, *extra, *args.overnight_arg) as (base_url, server):
             arms: list[tuple[str, int, Callable[[], float]]] = []  # name, lines, run -> lines/s
             for n in sizes:
-                arms += [
+                size_arms: list[tuple[str, int, Callable[[], float]]] = [
                     (f"raw_pyreqwest@{n}", n, lambda n=n: run_on_fastest_loop(raw_pyreqwest(upstream_url, n))),
                     (f"raw_aiohttp@{n}", n, lambda n=n: run_on_fastest_loop(raw_aiohttp(upstream_url, n))),
                     (f"sdk_script@{n}", min(n, args.sdk_lines),  # the SDK script is slow: fewer lines
@@ -300,7 +316,13 @@ def main() -> None:
                     phases.setdefault(f"overnight@{n}", []).append(result)
                     return result["lines_per_s"]
 
-                arms.append((f"overnight@{n}", n, ours))
+                size_arms.append((f"overnight@{n}", n, ours))
+                # A 1,000-line run takes ~0.1 s: one such span per round measured this machine's
+                # jitter (the raw client's rounds ranged 4,800-15,700 lines/s). Small sizes run
+                # back to back until a round holds ~10,000 lines of each arm.
+                times = repeats(n, args.repeat_lines)
+                arms += [(name, lines * times, lambda run=run, times=times: back_to_back(run, times))
+                         for name, lines, run in size_arms]
             if many_count:
                 total = many_count * many_lines
                 many_input = write_chat_batch(workdir / f"many-{many_lines}.jsonl", many_lines)
