@@ -230,7 +230,9 @@ def test_a_chat_model_that_is_not_a_gguf_file_is_refused_at_start(tmp_path: Path
     accepted batches for the model."""
     not_gguf = tmp_path / "model.bin"
     not_gguf.write_bytes(b"PK\x03\x04 a zip, not a model")
-    for path, says in ((tmp_path / "missing.gguf", "No such file"), (not_gguf, "is not a GGUF file")):
+    cases = ((tmp_path / "missing.gguf", "No such file"), (not_gguf, "is not a GGUF file"),
+             (tmp_path, "Is a directory"))  # not "No such file": the path is there
+    for path, says in cases:
         config = tmp_path / "overnight.toml"
         config.write_text(f'[embedded]\nchat_model_path = "{path}"\n')
         assert says in serve_refused("--config", str(config), "--data-dir", str(tmp_path / "data"))

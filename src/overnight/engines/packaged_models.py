@@ -117,7 +117,7 @@ def _made_once(target: Path, lock_path: Path, make: Callable[[Path], None]) -> s
         return str(target)
     import fcntl
 
-    from overnight.files.private import FILE_MODE, create_private, make_private_dirs
+    from overnight.files.private import FILE_MODE, create_private, fsync_path, make_private_dirs
 
     make_private_dirs(target.parent)  # inside the data directory, which is private
     with os.fdopen(create_private(lock_path, exclusive=False), "w") as lock:
@@ -127,17 +127,9 @@ def _made_once(target: Path, lock_path: Path, make: Callable[[Path], None]) -> s
             partial.unlink(missing_ok=True)
             make(partial)
             os.chmod(partial, FILE_MODE)  # a package writes it with the umask's mode
-            fd = os.open(partial, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(partial)
             os.replace(partial, target)
-            dir_fd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_path(target.parent)
     return str(target)
 
 

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from overnight.files.port import CHUNK_SIZE, StorageFullError, stream_copy
-from overnight.files.private import create_private, make_private_dirs
+from overnight.files.private import create_private, fsync_path, make_private_dirs
 
 
 class _LocalWriter:
@@ -169,12 +169,4 @@ def _place(source: Path, final: Path, put: Callable[[Path, Path], None]) -> None
         except FileNotFoundError:
             if attempt == 2 or not source.exists():
                 raise
-    _fsync_dir(final.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(final.parent)

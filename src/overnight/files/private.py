@@ -95,3 +95,12 @@ def _walk(path: Path) -> Iterator[Path]:
     for dirpath, dirnames, filenames in os.walk(path):  # does not descend into symlinked directories
         for name in (*dirnames, *filenames):
             yield Path(dirpath, name)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries (after a rename into it), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -130,8 +130,11 @@ def _check_gguf(path: str) -> None:
     with a traceback, and was restarted for ever while the API accepted batches for it."""
     from overnight.engines.packaged_models import is_gguf
 
-    if not Path(path).is_file():
-        raise ConfigurationError(f"[embedded] chat_model_path {path}: No such file.")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:  # missing, a directory, unreadable: what to fix
+        raise ConfigurationError(f"[embedded] chat_model_path {path}: {exc.strerror}.") from None
     if not is_gguf(path):
         raise ConfigurationError(f"[embedded] chat_model_path {path} is not a GGUF file (llama.cpp's model "
                                  "format; convert the model with llama.cpp's convert_hf_to_gguf.py).")
