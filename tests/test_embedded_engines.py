@@ -422,11 +422,11 @@ def test_streamed_pieces_join_to_the_content_with_and_without_a_stop_string() ->
 
 @needs_chat
 def test_an_online_request_overtakes_queued_batch_lines() -> None:
-    """16 batch lines on 4 slots (the batch takes 3: one stays free for online requests), then one
-    more request: online, it starts at once and finishes before any batch line, also as the first
-    online request the engine sees; as a batch line, the same request finishes behind the queue
-    (the control: the test can fail). Had the batch taken every slot, the online request waited
-    for a batch line to finish."""
+    """16 batch lines on 4 slots (the batch takes all 4), then one more request: online, it preempts
+    a batch line, starts at once and finishes before any batch line, also as the first online
+    request the engine sees; as a batch line, the same request finishes behind the queue (the
+    control: the test can fail). Without preemption or a free slot, the online request waited for a
+    batch line to finish."""
 
     async def finish_position(engine: Any, online: bool) -> tuple[int, list[EngineResponse]]:
         order: list[str] = []
@@ -438,11 +438,11 @@ def test_an_online_request_overtakes_queued_batch_lines() -> None:
 
         batch = [asyncio.create_task(run(f"b{i}", completion(f"Story {i}: Once upon a time", 24)))
                  for i in range(16)]
-        for _ in range(500):  # the first 3 lines are running, 13 queued
-            if engine.stats is not None and engine.stats.busy_slots >= 3 and engine.stats.generated_tokens > 3:
+        for _ in range(500):  # the first 4 lines are running, 12 queued
+            if engine.stats is not None and engine.stats.busy_slots >= 4 and engine.stats.generated_tokens > 4:
                 break
             await asyncio.sleep(0.01)
-        assert engine.stats.busy_slots == 3
+        assert engine.stats.busy_slots == 4
         extra = await run("extra", completion("Hello, my name is", 8, online=online))
         responses = await asyncio.gather(*batch)
         return order.index("extra"), [extra, *responses]
@@ -454,6 +454,32 @@ def test_an_online_request_overtakes_queued_batch_lines() -> None:
     assert all(r.status_code == 200 for r in online_run + batch_run)
     assert online_at == 0, online_at  # before every batch line, though 3 were running when it came
     assert batch_at >= 12, batch_at  # without priority it waits for the queue ahead of it
+
+
+@needs_chat
+def test_a_batch_line_preempted_by_an_online_request_resumes_where_it_stopped() -> None:
+    """Two batch lines hold both slots; an online request preempts the one that generated least,
+    finishes first, and the line comes back where it stopped: all its tokens, and the answer it
+    gives uninterrupted (a token lost or decoded twice on resuming would change what follows)."""
+    stories = [completion(f"Story {i}: Once upon a time, in a village by the sea,", 48) for i in range(2)]
+
+    async def work(engine: Any) -> tuple[list[EngineResponse], list[EngineResponse], EngineResponse, int, bool]:
+        alone = list(await asyncio.gather(*(engine.execute(r) for r in stories)))
+        before = engine.stats.generated_tokens
+        batch = asyncio.gather(*(engine.execute(r) for r in stories))
+        for _ in range(500):  # both lines generating, a few tokens in
+            if engine.stats.busy_slots == 2 and engine.stats.generated_tokens > before + 10:
+                break
+            await asyncio.sleep(0.01)
+        online = await engine.execute(completion("Hello, my name is", 8, online=True))
+        overlapped = not batch.done()
+        return alone, list(await batch), online, engine.stats.preempted_sequences, overlapped
+
+    alone, preempted, online, count, overlapped = run_chat(work, n_seq_max=2, n_ctx=2 * 256)
+    assert overlapped and count == 1  # the online request ran while both lines were running
+    assert online.status_code == 200 and online.body["usage"]["completion_tokens"] == 8
+    assert [r.body["usage"]["completion_tokens"] for r in preempted] == [48, 48]
+    assert [r.body["choices"][0]["text"] for r in preempted] == [r.body["choices"][0]["text"] for r in alone]
 
 
 @needs_chat

@@ -61,6 +61,7 @@ def scheduler(n_seq_max: int, online_active: int, batch_active: int) -> Any:
     s = Scheduler.__new__(Scheduler)
     s.n_seq_max = n_seq_max
     s.online_slot = True
+    s.deterministic = True  # the mode with a reserve; the fast mode preempts (test_llama_online_priority.py)
     s.slots = [Slot(seq_id=i) for i in range(n_seq_max)]
     for i in range(online_active + batch_active):
         s.slots[i].job = job(online=i < online_active)
@@ -68,7 +69,7 @@ def scheduler(n_seq_max: int, online_active: int, batch_active: int) -> Any:
     return s
 
 
-def test_online_jobs_go_first_and_keep_a_slot_in_reserve() -> None:
+def test_online_jobs_go_first_and_in_deterministic_mode_keep_a_slot_in_reserve() -> None:
     s = scheduler(8, online_active=0, batch_active=6)
     s.queue.extend([first_batch := job(), job()])
     s.online.append(online := job(online=True))
@@ -274,7 +275,10 @@ def test_an_online_request_aborts_a_batch_step_once_and_the_redo_runs_to_its_end
     # two micro-batches: an abort in the second would leave the first's tokens in the cache
     assert not s._may_abort(True, [(s.slots[0], 1), (s.slots[2], 1)])
     assert not s._may_abort(True, [(s.slots[0], 513)])
-    for slot in s.slots:  # every slot busy: an online request could not take a slot, so no abort
+    for slot in s.slots:  # every slot busy: the online request will preempt a batch line, so abort
         slot.job = slot.job or job()
+    assert s._may_abort(True, generation)
+    for slot in s.slots:  # every batch line has a cross-stream copy pending: none can give its slot
+        slot.copy_source = True
     assert not s._may_abort(True, generation)
     assert not s._may_abort(False, generation) and results == [2]

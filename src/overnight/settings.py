@@ -135,8 +135,9 @@ class EmbeddedSettings:
     # off, one prompt per decode call, no prefix reuse between slots (engines/llama/scheduler.py).
     # Slower; bench_embedded measures by how much.
     deterministic: bool = False
-    # Batch lines leave one sequence slot free, so that an online request never waits for a batch
-    # line to finish (engines/llama/scheduler.py, Priority); it costs the batch one slot of n_seq_max.
+    # Deterministic mode only (the fast mode preempts a batch line instead): batch lines leave one
+    # sequence slot free, so that an online request never waits for a batch line to finish
+    # (engines/llama/scheduler.py, Priority); it costs the batch one slot of n_seq_max.
     # `overnight run` turns it off: nobody can send it an online request.
     online_slot: bool = True
     # The format the packaged SmolLM2 is served in, made once from its Q4_1 file (packaged_models.py):

@@ -46,4 +46,5 @@ class EmbeddedStats:
     busy_slots: int = 0
     aborted_steps: int = 0  # decode calls given up for an online request (redone after its prompt)
     moved_sequences: int = 0  # running sequences moved to another slot to keep generation in one micro-batch
+    preempted_sequences: int = 0  # batch lines that gave their slot to an online request (and resumed later)
     total_slots: int = 1

@@ -41,8 +41,9 @@ class LlamaChatEngine:
         """`chat_template` (Jinja, as in a GGUF's tokenizer.chat_template) replaces the model's own;
         `owned_by` is what GET /v1/models says of the model (a licence notice, where one is owed).
         `deterministic`: a temperature-0 answer depends only on its request (slower: flash attention
-        off, one prompt per decode call, no prefix sharing; scheduler.py). `online_slot`: batch lines
-        leave one slot free for online requests (scheduler.py, Priority)."""
+        off, one prompt per decode call, no prefix sharing; scheduler.py). `online_slot`: in deterministic
+        mode batch lines leave one slot free for online requests (the fast mode preempts a batch
+        line instead; scheduler.py, Priority)."""
         self.name = f"embedded:{model_name}"
         self.owned_by = owned_by
         self.chat_template = chat_template

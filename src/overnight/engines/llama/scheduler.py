@@ -49,14 +49,19 @@ computing the same tokens in parallel. Reused tokens are reported as
 `usage.prompt_tokens_details.cached_tokens`.
 
 Priority. A job is online (someone waits for it interactively) or batch. Pending online jobs are
-admitted before any pending batch job (two queues). Batch jobs are admitted only while fewer than
-`max(1, n_seq_max - reserve)` slots hold batch jobs, where `reserve` is the number of online jobs
-active plus one (`online_slot`, the default of a server): an online request, even the first after a
-quiet spell, then finds a free slot instead of waiting for a batch line to finish (running batch
-lines are never evicted, and at 64 slots a line runs for seconds: the first online request of a
-bench_online round waited 9-14 s while the batch held every slot), and the batch never stops
-altogether. What the reserve costs the batch is one slot of n_seq_max. Without `online_slot`
-(`overnight run`, where nobody can send an online request) the batch takes every slot.
+admitted before any pending batch job (two queues). In the fast mode the batch takes every slot, and
+an online job that finds none free preempts the batch line that has generated least: the line leaves
+its slot with what it generated (tokens, text, its sampler and so its random state) and goes back to
+the front of the batch queue; readmitted, it prefills prompt + generated tokens (mostly from a shared
+prefix: its system prompt is in other slots) and continues where it stopped (recomputation, as
+vLLM preempts). Without preemption a running batch line held its slot for seconds at 64 slots (the
+first online request of a bench_online round waited 9-14 s), and a slot kept free for online
+requests instead cost a 64-line file a tail (its 64th line started when the first finished).
+Deterministic mode cannot recompute (a token prefilled in a chunk does not get the numerics it had
+when generated), so there the batch leaves slots free: it is admitted only while fewer than
+`max(1, n_seq_max - reserve)` slots hold batch jobs, `reserve` being the online jobs active plus one
+(`online_slot`, the default of a server; `overnight run`, where nobody can send an online request,
+turns it off). The batch never stops altogether.
 
 An online request does not wait for the batch step in flight either (at 64 sequences a step takes
 ~160 ms on 2 cores, more than the request's own prompt): when it arrives during a decode call of
@@ -127,10 +132,30 @@ class Job:
     # block, so an event-loop consumer wraps it in call_soon_threadsafe.
     on_text: Callable[[str], None] | None = None
     cancelled: bool = False  # set from the event loop, read by the decode thread (a plain bool is atomic)
+    suspended: Suspended | None = None  # preempted for an online job: where it continues (module doc)
 
     def resolve(self, result: Outcome | EngineResponse) -> None:
         """Thread-safe: the future belongs to the event loop."""
         resolve_threadsafe(self.loop, self.future, result)
+
+
+@dataclass(eq=False)
+class Suspended:
+    """What a preempted batch line had in its slot: `tokens` (prompt + generated; the last one is
+    not decoded yet when it was generating) are prefilled again where it is readmitted."""
+
+    tokens: list[int]
+    generated: list[int]
+    text: bytearray
+    sampler: Any
+    cached: int
+    streamed: int
+    decoder: codecs.IncrementalDecoder | None
+
+    def free(self) -> None:
+        if self.sampler is not None:
+            llama_cpp.llama_sampler_free(self.sampler)
+            self.sampler = None
 
 
 @dataclass(eq=False)
@@ -146,6 +171,7 @@ class Slot:
     text: bytearray = field(default_factory=bytearray)
     sampler: Any = None  # native sampler chain, None for plain greedy
     cached: int = 0
+    resumed: bool = False  # a preempted job readmitted: `cached` is what its first admission reused
     wait_for: Slot | None = None  # a live slot whose prompt prefill we want to copy from
     # A cross-stream copy is carried out at the start of the next decode: until then the destination
     # holds no data yet and the source must not be overwritten.
@@ -332,7 +358,7 @@ class Scheduler:
         the ones before it, which the redo would then add to the cache a second time."""
         if self.deterministic or self.retrying or not batch_only or not _one_micro_batch(entries):
             return False
-        return any(s.job is None and not s.copy_source for s in self.slots)
+        return any(s.job is None and not s.copy_source for s in self.slots) or bool(self._preemptible())
 
     # compaction -------------------------------------------------------------------------------------
 
@@ -364,6 +390,7 @@ class Scheduler:
         dest.tokens, source.tokens = source.tokens, list(source.tokens)
         dest.n_past, dest.job, dest.generated, dest.text = source.n_past, source.job, source.generated, source.text
         dest.sampler, dest.cached, dest.streamed, dest.decoder = source.sampler, source.cached, source.streamed, source.decoder
+        dest.resumed = source.resumed
         dest.wait_for = None
         source.job, source.sampler, source.decoder = None, None, None
         source.generated, source.text, source.streamed = [], bytearray(), 0
@@ -379,26 +406,65 @@ class Scheduler:
         while True:
             free = [s for s in self.slots if s.job is None and not s.copy_source]
             if not free:
+                if self._preempt_for_online():
+                    continue
                 return
             with self.cond:
                 job = self._next_job()
             if job is None:
                 return
-            if job.cancelled:
-                continue
-            if time.time() >= job.deadline:
-                job.resolve(EngineResponse.failure(
-                    "batch_expired", "This request could not be executed before the completion window expired."))
+            if job.cancelled or time.time() >= job.deadline:
+                if job.suspended is not None:
+                    job.suspended.free()
+                if not job.cancelled:
+                    job.resolve(EngineResponse.failure(
+                        "batch_expired", "This request could not be executed before the completion window expired."))
                 continue
             self._place(job, free)
 
+    def _preemptible(self) -> list[Slot]:
+        """Fast mode: the batch lines an online job may take the slot of (no cross-stream copy of
+        theirs pending: that is carried out at the next decode). The batch keeps one line running:
+        online traffic slows it, never stops it."""
+        if self.deterministic:
+            return []
+        batch = [s for s in self.slots if s.job is not None and not s.job.online]
+        if len(batch) <= 1:
+            return []
+        return [s for s in batch if not s.copy_source and not s.received_copy]
+
+    def _preempt_for_online(self) -> bool:
+        """When an online job waits and no slot is free, suspend the batch line that has generated
+        least (least to recompute) and put it back at the front of the batch queue (module doc)."""
+        with self.cond:
+            if not self.online:
+                return False
+        victims = self._preemptible()
+        if not victims:
+            return False
+        slot = min(victims, key=lambda s: (len(s.generated), s.n_past))
+        job = slot.job
+        assert job is not None
+        job.suspended = Suspended(tokens=slot.tokens, generated=slot.generated, text=slot.text, sampler=slot.sampler,
+                                  cached=slot.cached, streamed=slot.streamed, decoder=slot.decoder)
+        # The slot keeps its decoded tokens as a reusable prefix (for this job too, if it comes back here).
+        slot.tokens = slot.tokens[: slot.n_past]
+        slot.sampler, slot.generated, slot.text = None, [], bytearray()
+        self._release(slot)
+        with self.cond:
+            self.queue.appendleft(job)
+        self.stats.preempted_sequences += 1
+        return True
+
     def _next_job(self) -> Job | None:
-        """The next job to admit (caller holds `cond`): online first; a batch job only while it leaves
-        `reserve` slots for online jobs (module doc)."""
+        """The next job to admit (caller holds `cond`): online first; in deterministic mode a batch
+        job only while it leaves `reserve` slots for online jobs (module doc)."""
         if self.online:
             return self.online.popleft()
         if not self.queue:
             return None
+        if not self.deterministic:
+            return self.queue.popleft()  # online jobs preempt batch lines instead
         active = self._active()
         # No online job is pending here (they went first), so the reserve counts the active ones.
         online = sum(1 for s in active if s.job is not None and s.job.online)
@@ -409,7 +475,8 @@ class Scheduler:
         return self.queue.popleft()
 
     def _place(self, job: Job, free: list[Slot]) -> None:
-        prompt = job.prompt
+        resumed = job.suspended
+        prompt = job.prompt if resumed is None else resumed.tokens
         limit = len(prompt) - 1  # at least one prompt token must be decoded to get logits
         own = {id(s): min(common_prefix(s.tokens[: s.n_past], prompt), limit) for s in free}
         slot = max(free, key=lambda s: own[id(s)]) if self.prefix_sharing else free[0]
@@ -418,13 +485,16 @@ class Scheduler:
         slot.tokens = list(prompt)
         slot.n_past = keep
         slot.job = job
-        slot.generated = []
-        slot.text = bytearray()
-        slot.streamed = 0
-        slot.decoder = None
-        slot.sampler = make_sampler(job.sampling, job.max_new, self.native.n_vocab)
-        slot.cached = keep
         slot.wait_for = None
+        if resumed is None:
+            slot.generated, slot.text, slot.streamed, slot.decoder = [], bytearray(), 0, None
+            slot.sampler = make_sampler(job.sampling, job.max_new, self.native.n_vocab)
+            slot.cached, slot.resumed = keep, False
+        else:  # a preempted line continues where it stopped
+            slot.generated, slot.text, slot.streamed, slot.decoder = (resumed.generated, resumed.text,
+                                                                      resumed.streamed, resumed.decoder)
+            slot.sampler, slot.cached, slot.resumed = resumed.sampler, resumed.cached, True
+            job.suspended = None
         if self.prefix_sharing:
             self._share_prefix(slot, keep, limit)
 
@@ -468,7 +538,8 @@ class Scheduler:
         llama_cpp.llama_memory_seq_cp(mem, source.seq_id, dest.seq_id, -1, -1)
         llama_cpp.llama_memory_seq_rm(mem, dest.seq_id, n, -1)
         dest.n_past = n
-        dest.cached = n
+        if not dest.resumed:
+            dest.cached = n
         dest.received_copy = True
         source.copy_source = True
 
@@ -595,6 +666,8 @@ class Scheduler:
             pending = [*self.online, *self.queue]
             self.online, self.queue = deque(), deque()
         for job in pending:
+            if job.suspended is not None:
+                job.suspended.free()
             job.resolve(closed)
         self.native.free()
 
