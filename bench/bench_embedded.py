@@ -5,10 +5,10 @@ the same file for every arm; tokens/s = completion tokens / wall time:
 
 (a) llama-server (built from the llama.cpp source llama-cpp-python vendors: bench/build_llama_server.sh)
     at its best configuration on this machine, fed by an asyncio openai SDK script at concurrency = its
-    slot count. `--sweep` tries quantization (the packaged Q4_1, Q4_0 and Q8_0 made from it), flash
+    slot count. `--sweep` tries quantization (the packaged Q4_1; Q4_0, Q8_0 and IQ4_NL made from it), flash
     attention on/off and -np 16/32/64 (-c = np x 2048, the KV cells per slot overnight's default has;
     2 threads; llama-server's defaults otherwise: prompt cache on, -b 2048, -ub 512), one factor at a
-    time around the best configuration the issue measured (`--sweep-full`: all 18), `--sweep-reps`
+    time around the best configuration the issue measured (`--sweep-full`: all 24), `--sweep-reps`
     times each, interleaved, on the whole file (a configuration's speed depends on how the lines fill
     its slots: on the first 32 lines, Q8_0 at -np 32 came out ahead of Q4_0 at -np 16, on all 64
     behind it), prints all, and records the best median in bench/results/embedded_sweep.json; the
@@ -30,7 +30,7 @@ The SDK scripts and (c) run on uvloop, as overnight's server does.
 Every arm runs the same number of rounds, interleaved (the order rotates each round), after one
 warm-up round. Servers start once and stay up across rounds (idle servers use no CPU). Ratios are
 taken within a round and reported as median and min-max over rounds.
-`--quality`: Q8_0 and Q4_0 made from the packaged Q4_1 file against it, to choose the fast-kernel
+`--quality`: Q8_0, Q4_0 and IQ4_NL made from the packaged Q4_1 file against it, to choose the fast-kernel
 format by quality as well as speed: greedy answers (one at a time, deterministic mode), and on the
 prompts followed by the Q4_1 answers, the KL divergence of each next-token distribution from Q4_1's,
 how often the most likely next token is the same, and perplexity (as llama-perplexity
@@ -147,9 +147,11 @@ def sweep_configs(full: bool) -> list[tuple[str, bool, int]]:
     """(ftype, flash attention, -np). Short by default: one factor at a time around the best of
     the issue's measurements (Q4_0, fa on, -np 32); `full`: every combination."""
     if full:
-        return [(f, fa, np_) for f in ("Q4_1", "Q4_0", "Q8_0") for fa in (False, True) for np_ in (16, 32, 64)]
-    return [("Q4_0", True, 32), ("Q4_0", False, 32), ("Q4_1", True, 32), ("Q8_0", True, 32), ("Q4_0", True, 16),
-            ("Q8_0", True, 16), ("Q4_1", False, 16), ("Q4_0", True, 64), ("Q8_0", True, 64)]
+        return [(f, fa, np_) for f in ("Q4_1", "Q4_0", "Q8_0", "IQ4_NL") for fa in (False, True)
+                for np_ in (16, 32, 64)]
+    return [("Q4_0", True, 32), ("Q4_0", False, 32), ("Q4_1", True, 32), ("Q8_0", True, 32), ("IQ4_NL", True, 32),
+            ("Q4_0", True, 16), ("Q8_0", True, 16), ("IQ4_NL", True, 16), ("Q4_1", False, 16), ("Q4_0", True, 64),
+            ("Q8_0", True, 64), ("IQ4_NL", True, 64)]
 
 
 def sweep(bin_dir: Path, batch: list[dict[str, Any]], workdir: Path, full: bool, reps: int) -> dict[str, Any]:
@@ -226,6 +228,11 @@ def one_at_a_time(engine: LlamaChatEngine, loop: asyncio.AbstractEventLoop,
 # -- quality of the fast-kernel formats ----------------------------------------------------------------
 
 
+# The formats llama.cpp has fast (repacked or tinyBLAS) CPU kernels for that can be made from Q4_1;
+# IQ4_NL's non-linear grid has repacked AVX2/AVX-512 kernels since the llama.cpp that 0.3.36 vendors.
+QUALITY_FORMATS = ("Q8_0", "Q4_0", "IQ4_NL")
+
+
 def quality(batch: list[dict[str, Any]], workdir: Path) -> dict[str, Any]:
     """Greedy answers, one at a time in deterministic mode, of each format vs the packaged Q4_1."""
 
@@ -251,7 +258,7 @@ def quality(batch: list[dict[str, Any]], workdir: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"lines": len(batch), "max_tokens": 48,
                               "scored_tokens": sum(len(t) - 1 for t, _ in reference_scores),
                               "Q4_1_perplexity": round(_perplexity(reference_scores), 3)}
-    for ftype in ("Q8_0", "Q4_0"):
+    for ftype in QUALITY_FORMATS:
         got = asyncio.run(answers(model_file(workdir, ftype)))
         same = sum(a == b for a, b in zip(got, reference, strict=True))
         # how far the answers agree before they part (characters), as a share of the reference
@@ -377,7 +384,7 @@ def main() -> None:
     parser.add_argument("--sweep-reps", type=int, default=2, help="runs of each sweep configuration, interleaved")
     parser.add_argument("--sweep-lines", type=int, default=None,
                         help="lines per sweep run (the first of the file; default: all, as the rounds run)")
-    parser.add_argument("--quality", action="store_true", help="compare Q8_0/Q4_0 greedy answers to Q4_1 first")
+    parser.add_argument("--quality", action="store_true", help="compare Q8_0/Q4_0/IQ4_NL answers to Q4_1 first")
     parser.add_argument("--levers", action="store_true", help="the engine alone, one lever at a time")
     parser.add_argument("--levers-lines", type=int, default=None,
                         help="lines of --levers (default --lines): more lines weigh the steady state over the tail")

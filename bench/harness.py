@@ -23,16 +23,21 @@ SYSTEM_B = "Answer in one short sentence. Do not add any explanation."
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
+    """The machine, with the SIMD extensions llama.cpp's kernels depend on: machines that both report
+    "AMD EPYC" ran the same benchmark at 310 and 600 tokens/s, one with AVX-512 and one without."""
+    cpu, flags = platform.processor() or "", set[str]()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():  # the first CPU's lines
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
         pass
+    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in flags]
     return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
-            "cpus": os.cpu_count()}
+            "cpus": os.cpu_count(), "simd": simd}
 
 
 def chat_request_line(i: int, model: str = "gpt-4o-mini") -> dict[str, Any]:

@@ -32,8 +32,11 @@ def measured_at(name: str, data: dict[str, Any]) -> str:
     """Which code a results file measured: the commit it recorded, else the commit that last wrote
     the file (older results files did not record one)."""
     git = data.get("git")
+    simd = data.get("machine", {}).get("simd")
+    # the kernels llama.cpp picks, and so the speeds, differ with AVX-512 (files before did not say)
+    where = "" if simd is None else (" on an AVX-512 CPU" if "avx512f" in simd else " on an AVX2 CPU")
     if isinstance(git, dict) and git.get("commit"):
-        return f"commit {git['commit'][:7]}" + (" with uncommitted changes" if git.get("dirty") else "")
+        return f"commit {git['commit'][:7]}" + (" with uncommitted changes" if git.get("dirty") else "") + where
     out = subprocess.run(["git", "log", "-1", "--format=%h", "--", f"bench/results/{name}.json"], cwd=ROOT,
                          capture_output=True, text=True, check=False).stdout.strip()
     return f"written at commit {out} (the file records no commit)" if out else "commit not recorded"
