@@ -125,6 +125,7 @@ def test_headers_trickled_slowly_are_cut_off(srv: Server) -> None:
     status, headers, body = split_response(answer)
     assert status == 408 and headers["connection"] == "close"
     assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert headers["x-request-id"].startswith("req_")  # refused before the app, still with an id
 
 
 def test_a_silent_connection_is_closed(srv: Server) -> None:
@@ -215,6 +216,7 @@ def test_headers_just_over_the_limit_get_431(srv: Server) -> None:
         status, headers, body = split_response(read_to_eof(sock))
     assert status == 431 and headers["connection"] == "close"
     assert json.loads(body)["error"]["type"] == "invalid_request_error"
+    assert headers["x-request-id"].startswith("req_")
     with connect(srv) as sock:  # and headers under the limit are fine
         sock.sendall(f"GET /v1/files HTTP/1.1\r\nHost: x\r\nX-Big: {'b' * 30_000}\r\n"
                      f"Authorization: Bearer {API_KEY}\r\n\r\n".encode())

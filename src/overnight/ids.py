@@ -23,6 +23,11 @@ def new_part_id() -> str:
     return "part_" + secrets.token_hex(12)
 
 
+def new_request_id() -> str:
+    """`req_<24 hex>`: the x-request-id of one HTTP request, as OpenAI's look."""
+    return "req_" + secrets.token_hex(12)
+
+
 def new_lease_token() -> str:
     return secrets.token_hex(12)
 

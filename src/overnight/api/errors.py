@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import secrets
 from typing import Any
 
 import orjson
@@ -17,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from overnight.batches.errors import OvernightError
 from overnight.files.port import StorageFullError
+from overnight.ids import new_request_id
 from overnight.observability.logs import bind_request_id, unbind
 
 log = logging.getLogger("overnight.api")
@@ -116,7 +116,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        text_id = "req_" + secrets.token_hex(12)
+        text_id = new_request_id()
         request_id = text_id.encode()
         # For the routes (a batch keeps its creator's id) and for log lines written meanwhile.
         scope.setdefault("state", {})["request_id"] = text_id

@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import http
+import logging
 from typing import Any
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from overnight.ids import new_request_id
+from overnight.observability.logs import bind_request_id, unbind
 from overnight.settings import HttpSettings
+
+log = logging.getLogger("overnight.api")
 
 
 def guarded_protocol(settings: HttpSettings) -> type[asyncio.Protocol]:
@@ -151,10 +156,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         body = orjson.dumps(
             {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
         )
+        # Every answer carries an x-request-id, these too: it is what a user quotes to the operator,
+        # who finds it in the log.
+        request_id = new_request_id()
+        token = bind_request_id(request_id)
+        log.info("refused a request before the app: %d %s", status, code)
+        unbind(token)
         head = (
             f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
             "content-type: application/json\r\n"
             f"content-length: {len(body)}\r\n"
+            f"x-request-id: {request_id}\r\n"
             "connection: close\r\n\r\n"
         )
         self.transport.write(head.encode("ascii") + body)
