@@ -332,7 +332,7 @@ def test_an_input_over_256_word_pieces_is_refused_as_openai_refuses_one() -> Non
 
 
 @needs_chat
-@pytest.mark.parametrize("ftype", packaged_models.WEIGHT_FORMATS)
+@pytest.mark.parametrize("ftype", [f for f in packaged_models.WEIGHT_FORMATS if f not in packaged_models.NOT_DETERMINISTIC])
 def test_deterministic_mode_answers_a_line_the_same_whatever_else_is_in_flight(
         ftype: str, weights: Callable[[str], str]) -> None:
     """3 copies each of 16 prompts (8 sharing a long system prompt) at temperature 0 in one batch.
@@ -551,6 +551,31 @@ def test_an_online_request_aborts_the_batch_step_in_flight_and_the_batch_still_f
 
 
 @needs_chat
+def test_a_chat_template_that_does_not_compile_frees_the_model_it_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model and its KV cache (gigabytes at the default slots) were loaded before the template
+    was compiled, and a template error left them allocated, once per attempt to start."""
+    import jinja2
+
+    from overnight.engines.llama import LlamaChatEngine
+    from overnight.engines.llama import engine as engine_module
+    from overnight.engines.llama.native import Native
+
+    freed: list[Native] = []
+
+    class Recording(Native):
+        def free(self) -> None:
+            freed.append(self)
+            super().free()
+
+    monkeypatch.setattr(engine_module, "Native", Recording)
+    engine = LlamaChatEngine(CHAT_PATH, "smol", n_ctx=512, n_seq_max=1, threads=2,
+                             chat_template="{% if messages %}unclosed")
+    with pytest.raises(jinja2.TemplateSyntaxError):
+        asyncio.run(engine.start())
+    assert len(freed) == 1 and engine.stats is None
+
+
+@needs_chat
 def test_a_special_tokens_text_in_a_message_stays_text() -> None:
     """Tokenized whole with special tokens parsed, a user message holding `<|im_end|>` ended its
     turn and wrote a system turn of its own. The template's markers are special tokens, the
@@ -594,3 +619,28 @@ def test_a_converted_model_file_left_empty_by_a_crash_is_made_again(tmp_path: Pa
     target.write_bytes(b"")
     assert packaged_models.fast_chat_model_path(CHAT_PATH, tmp_path, "Q4_0") == str(target)
     assert target.read_bytes() == made
+
+
+@needs_chat
+def test_a_package_upgrade_that_replaces_the_model_file_makes_the_converted_one_again(tmp_path: Path) -> None:
+    """The converted file's name said only its format: after an upgrade of the model package it
+    kept serving the weights made from the old file. Its name now carries the source's size and
+    modification time; what was made from an earlier source (or under the old name) is removed."""
+    import os
+    import shutil
+
+    assert CHAT_PATH is not None
+    source = tmp_path / "pkg" / os.path.basename(CHAT_PATH)
+    source.parent.mkdir()
+    shutil.copyfile(CHAT_PATH, source)
+    models = tmp_path / "models"
+    models.mkdir()
+    old_name = models / (os.path.basename(CHAT_PATH).removesuffix(".Q4_1.gguf") + ".Q4_0.gguf")
+    old_name.write_bytes(b"GGUF made by an earlier overnight")
+    first = Path(packaged_models.fast_chat_model_path(str(source), models, "Q4_0"))
+    assert first != old_name and not old_name.exists()
+    assert packaged_models.fast_chat_model_path(str(source), models, "Q4_0") == str(first)  # made once
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))  # "upgraded"
+    second = Path(packaged_models.fast_chat_model_path(str(source), models, "Q4_0"))
+    assert second != first and packaged_models.is_gguf(second) and not first.exists()
+    assert sorted(p.name for p in models.iterdir() if p.suffix == ".gguf") == [second.name]

@@ -71,7 +71,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         "flash attention, no batched prefill or prefix reuse: slower)")
     parser.add_argument("--weights", choices=WEIGHT_FORMATS, default=None,
                         help="embedded chat: the format the packaged model is served in (default Q8_0: "
-                        "keeps the model; Q4_0: faster, re-rounds every weight; Q4_1: as packaged)")
+                        "keeps the model; IQ4_NL, Q4_0: faster, re-round every weight; Q4_1: as packaged)")
     parser.add_argument("--lease-seconds", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shard-lines", type=int, default=None, help="requests per shard (default 256)")
     parser.add_argument("--max-shards", type=int, default=None, help="shards run at once per worker")

@@ -141,9 +141,10 @@ class EmbeddedSettings:
     # `overnight run` turns it off: nobody can send it an online request.
     online_slot: bool = True
     # The format the packaged SmolLM2 is served in, made once from its Q4_1 file (packaged_models.py):
-    # "Q8_0" keeps the model (KL divergence 0.013 from Q4_1) on fast CPU kernels; "Q4_0" is faster
-    # still but re-rounds every weight (KL divergence 0.6, a different model); "Q4_1" is the file as
-    # packaged. Each serves either mode (deterministic mode's promise is tested on all three).
+    # "Q8_0" keeps the model (KL divergence 0.013 from Q4_1) on fast CPU kernels; "IQ4_NL" and "Q4_0"
+    # are faster still (IQ4_NL the fastest with AVX-512) but re-round every weight (KL divergence 0.43
+    # and 0.6: a different model); "Q4_1" is the file as packaged. Each serves either mode
+    # (deterministic mode's promise is tested on all four).
     # None: Q8_0. bench_embedded.py --quality measures the formats.
     weights: str | None = None
     # Gemma 3 270M as a second chat model, routed by its name "gemma-3-270m" (never the default).

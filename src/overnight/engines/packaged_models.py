@@ -6,8 +6,10 @@ unrelated CLI (`llm`) at import time, and we only need the files next to its `__
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -90,23 +92,38 @@ def gemma_model_path(models_dir: Path) -> str | None:
 # The packaged SmolLM2 file is Q4_1, a format with no repacked or tinyBLAS kernel on x86: generation at
 # 32 sequences runs ~1.6x faster on the same weights in Q8_0 (llama-batched-bench, flash attention on).
 # Q8_0 made from Q4_1 holds every Q4_1 weight almost exactly (8 bits per weight for 4-bit values), so
-# greedy outputs stay the model's; Q4_0 is as fast but re-rounds every weight (bench_embedded.py
-# --quality measures both). Made once per data directory, in under a second.
+# greedy outputs stay the model's; IQ4_NL and Q4_0 (repacked kernels) are faster but re-round every
+# weight (bench_embedded.py --quality measures them). Made once per data directory, in under a second.
 FAST_FTYPE = "Q8_0"
 # What `[embedded] weights` may name: the packaged file's own format, or one made from it.
 PACKAGED_FTYPE = "Q4_1"
-WEIGHT_FORMATS = (FAST_FTYPE, "Q4_0", PACKAGED_FTYPE)
+WEIGHT_FORMATS = (FAST_FTYPE, "IQ4_NL", "Q4_0", PACKAGED_FTYPE)
+# Formats whose kernels give a row other sums when it is decoded beside more sequences (the
+# repacked IQ4_NL GEMM): deterministic mode refuses them (tests/test_embedded_engines.py).
+NOT_DETERMINISTIC = frozenset({"IQ4_NL"})
 
 
 def fast_chat_model_path(source: str, models_dir: Path, ftype: str = FAST_FTYPE) -> str:
     """`source` requantized to `ftype` under `models_dir` (made once; returns the path). Made under a
     file lock into a temporary name and renamed, as `gemma_model_path` does, so concurrent
-    processes never load a half-written file."""
+    processes never load a half-written file. The name carries the source's size and modification
+    time: a package upgrade that replaces the file makes it again (it kept serving the old weights),
+    and the files made from an earlier source are removed."""
     stem = os.path.basename(source).removesuffix(".gguf")
     for fmt in WEIGHT_FORMATS:
         stem = stem.removesuffix(f".{fmt}")
-    target = models_dir / f"{stem}.{ftype}.gguf"
-    return _made_once(target, models_dir / f".{stem}.lock", lambda partial: requantize(source, str(partial), ftype))
+    info = os.stat(source)
+    fingerprint = hashlib.sha256(f"{info.st_size}:{info.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = models_dir / f"{stem}.{fingerprint}.{ftype}.gguf"
+
+    def make(partial: Path) -> None:
+        requantize(source, str(partial), ftype)
+        made_before = re.compile(rf"{re.escape(stem)}\.([0-9a-f]{{12}}\.)?{ftype}\.gguf")  # unnamed: made before names had one
+        for stale in models_dir.iterdir():
+            if stale != target and made_before.fullmatch(stale.name):
+                stale.unlink(missing_ok=True)
+
+    return _made_once(target, models_dir / f".{stem}.lock", make)
 
 
 def _made_once(target: Path, lock_path: Path, make: Callable[[Path], None]) -> str:

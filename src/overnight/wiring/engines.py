@@ -51,7 +51,7 @@ def embedded_engines(settings: Settings) -> dict[str, Engine]:
         log.warning("embedded engines unavailable (%s); only configured upstreams serve requests", exc)
         return engines
     cfg = settings.embedded
-    weights = chat_weights(cfg.weights, cfg.chat_model_path)  # a conflict first: it is what to fix
+    weights = chat_weights(cfg.weights, cfg.chat_model_path, cfg.deterministic)  # a conflict first: it is what to fix
     if cfg.chat_model_path:
         _check_gguf(cfg.chat_model_path)
     if cfg.embedding_model_dir:
@@ -85,10 +85,15 @@ def compute_threads(worker_processes: int) -> int:
     return max(1, available // max(1, worker_processes))
 
 
-def chat_weights(weights: str | None, chat_model_path: str | None) -> str | None:
+def chat_weights(weights: str | None, chat_model_path: str | None, deterministic: bool = False) -> str | None:
     """The format to make from the packaged chat model (`[embedded] weights`), checked; None: serve
     the model file as it is."""
-    from overnight.engines.packaged_models import FAST_FTYPE, PACKAGED_FTYPE, WEIGHT_FORMATS
+    from overnight.engines.packaged_models import (
+        FAST_FTYPE,
+        NOT_DETERMINISTIC,
+        PACKAGED_FTYPE,
+        WEIGHT_FORMATS,
+    )
 
     if weights is None:
         return None if chat_model_path else FAST_FTYPE
@@ -97,6 +102,10 @@ def chat_weights(weights: str | None, chat_model_path: str | None) -> str | None
     if chat_model_path:
         raise ConfigurationError("[embedded] weights applies to the packaged model; chat_model_path is "
                                  "served as it is (convert it with llama.cpp's llama-quantize instead)")
+    if deterministic and weights in NOT_DETERMINISTIC:
+        raise ConfigurationError(f"[embedded] deterministic mode cannot serve {weights}: its CPU kernels sum a "
+                                 "row differently with the number of sequences decoded together. Use "
+                                 f"{', '.join(w for w in WEIGHT_FORMATS if w not in NOT_DETERMINISTIC)}")
     return None if weights == PACKAGED_FTYPE else weights
 
 

@@ -88,13 +88,17 @@ class LlamaChatEngine:
             native = await asyncio.to_thread(Native, self.model_path, self.n_ctx, self.n_seq_max, self.threads,
                                              not self.deterministic, False)
             template = self.chat_template or native.chat_template()
-            if template:
-                self._formatter = Jinja2ChatFormatter(
-                    template=template,
-                    eos_token=native.special_text(llama_cpp.llama_vocab_eos(native.vocab)),
-                    bos_token=native.special_text(llama_cpp.llama_vocab_bos(native.vocab)),
-                    add_generation_prompt=True,
-                )
+            try:
+                if template:
+                    self._formatter = Jinja2ChatFormatter(
+                        template=template,
+                        eos_token=native.special_text(llama_cpp.llama_vocab_eos(native.vocab)),
+                        bos_token=native.special_text(llama_cpp.llama_vocab_bos(native.vocab)),
+                        add_generation_prompt=True,
+                    )
+            except Exception:
+                native.free()  # its KV cache is gigabytes: a template that does not compile must not keep it
+                raise
             self._native = native
             self._scheduler = Scheduler(native, self.n_seq_max, self.prefix_sharing, self.deterministic,
                                         self.online_slot)
