@@ -56,7 +56,8 @@ the front of the batch queue; readmitted, it prefills prompt + generated tokens 
 prefix: its system prompt is in other slots) and continues where it stopped (recomputation, as
 vLLM preempts). Without preemption a running batch line held its slot for seconds at 64 slots (the
 first online request of a bench_online round waited 9-14 s), and a slot kept free for online
-requests instead cost a 64-line file a tail (its 64th line started when the first finished).
+requests instead held a line of every 64 back (a 64-line file's last line started when the first
+finished; on that file's throughput the difference was within the machine's noise).
 Deterministic mode cannot recompute (a token prefilled in a chunk does not get the numerics it had
 when generated), so there the batch leaves slots free: it is admitted only while fewer than
 `max(1, n_seq_max - reserve)` slots hold batch jobs, `reserve` being the online jobs active plus one
