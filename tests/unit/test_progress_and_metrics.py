@@ -73,6 +73,28 @@ def test_engine_numbers_are_published_as_differences() -> None:
     assert got[("overnight_upstream_concurrency_allowed", (("upstream", "up"),))] == 4
 
 
+def test_embedded_numbers_are_published_as_differences() -> None:
+    from types import SimpleNamespace
+
+    from overnight.engines.stats import EmbeddedStats
+
+    metrics = EngineMetrics()
+    engine = SimpleNamespace(name="embedded:smol", stats=EmbeddedStats(total_slots=4))
+    engine.stats.generated_tokens, engine.stats.preempted_sequences, engine.stats.busy_slots = 100, 2, 3
+    metrics.publish([engine], now=1.0)
+    metrics.publish([engine], now=2.0)  # nothing new: nothing added twice
+    engine.stats.generated_tokens, engine.stats.preempted_sequences = 150, 3
+    metrics.publish([engine], now=3.0)
+    registry = CollectorRegistry()
+    for metric in (metrics.tokens, metrics.preempted, metrics.busy_slots, metrics.slots):
+        registry.register(metric)
+    got = {s.name: s.value for family in text_string_to_metric_families(generate_latest(registry).decode())
+           for s in family.samples}
+    assert got["overnight_embedded_generated_tokens_total"] == 150
+    assert got["overnight_embedded_preempted_sequences_total"] == 3
+    assert got["overnight_embedded_busy_slots"] == 3 and got["overnight_embedded_slots"] == 4
+
+
 def test_metrics_dirs_of_servers_that_are_gone_are_removed(tmp_path: Any) -> None:
     """A metrics directory is kept while a process holds its lock, whatever pid its name carries:
     servers on other hosts (a shared data directory) or in containers (pid 1 each) deleted each

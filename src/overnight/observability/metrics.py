@@ -93,6 +93,7 @@ class _Published:
     errors: dict[str, int] = field(default_factory=dict)
     tokens: int = 0
     cached: int = 0
+    preempted: int = 0
     at: float = 0.0
 
 
@@ -120,6 +121,8 @@ class EngineMetrics:
                            ["engine"], multiprocess_mode="livesum", registry=None)
         self.cached = Counter("overnight_embedded_cached_prompt_tokens_total", "Prompt tokens reused from the KV "
                               "cache instead of computed", ["engine"], registry=None)
+        self.preempted = Counter("overnight_embedded_preempted_sequences_total", "Batch lines that gave their slot "
+                                 "to an online request (each resumes where it stopped)", ["engine"], registry=None)
         self._published: dict[int, _Published] = {}
 
     def publish(self, engines: Iterable[Any], now: float) -> None:
@@ -156,9 +159,11 @@ class EngineMetrics:
             self.tokens_per_second.labels(name).set((tokens - last.tokens) / (now - last.at))
         if cached > last.cached:
             self.cached.labels(name).inc(cached - last.cached)
+        if stats.preempted_sequences > last.preempted:
+            self.preempted.labels(name).inc(stats.preempted_sequences - last.preempted)
         self.busy_slots.labels(name).set(stats.busy_slots)
         self.slots.labels(name).set(stats.total_slots)
-        last.tokens, last.cached = tokens, cached
+        last.tokens, last.cached, last.preempted = tokens, cached, stats.preempted_sequences
 
 
 def _add_latency(child: Histogram, counts: LatencyCounts, last: _Published) -> None:
