@@ -11,7 +11,8 @@ from typing import Any
 import openai
 import pytest
 
-from conftest import ADMIN_KEY, API_KEY, OTHER_KEY, Server, chat_line, jsonl, raw_request, upload
+from conftest import ADMIN_KEY, API_KEY, OTHER_KEY, Server, chat_line, jsonl, raw_request, until, upload
+from overnight.files.layout import file_key
 
 pytestmark = pytest.mark.both_tiers  # SQLite + local directory, and PostgreSQL + S3
 
@@ -164,6 +165,28 @@ def test_list_pagination_order_and_purpose(server: Server) -> None:
     assert exc.value.body["param"] == "after"
     with pytest.raises(openai.BadRequestError):
         client.files.list(limit=0)
+
+
+def test_paging_through_files_while_deleting_them_survives_housekeeping(make_server: Any) -> None:
+    """`for f in client.files.list(limit=2): client.files.delete(f.id)` asks for each next page
+    after a file it has just deleted. Housekeeping (at start, then every minute) removed that file's
+    row with its bytes, and the next page was a 400 (`after` unknown). Now the bytes go and the row
+    stays a day as the cursor."""
+    srv = make_server()
+    client = srv.client()
+    ids = [client.files.create(file=(f"f{i}.jsonl", jsonl([chat_line(i)])), purpose="batch").id for i in range(5)]
+    first = client.files.list(purpose="batch", limit=2, order="asc")
+    assert [f.id for f in first.data] == ids[:2]
+    for f in first.data:
+        client.files.delete(f.id)
+    srv.stop()
+    srv.start()  # housekeeping runs as the worker starts
+    store = srv.file_store()
+    until(lambda: not any(store.exists(file_key(i)) for i in ids[:2]), timeout=20)  # the bytes went
+    page = client.files.list(purpose="batch", limit=2, order="asc", after=ids[1])
+    assert [f.id for f in page.data] == ids[2:4] and page.has_more
+    assert [f.id for f in client.files.list(purpose="batch", order="asc")] == ids[2:]
+    assert all(store.exists(file_key(i)) for i in ids[2:])
 
 
 def test_oversized_upload_is_413(make_server: Any, tmp_path: Path) -> None:

@@ -49,6 +49,10 @@ SHARD_FAILED_CODE: Final = "shard_failed"
 UPLOAD_PURPOSES: Final = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data", "evals"})
 BATCH_OUTPUT_PURPOSE: Final = "batch_output"
 
+# How long the row of a deleted or expired file outlives its bytes: a client paging through
+# `files.list(after=<id>)` while it deletes those files (the SDK pages with the last id it saw) still
+# finds its cursor (store/housekeeping.py).
+GONE_FILE_ROW_SECONDS: Final = 24 * 3600
 FILE_EXPIRY_MIN_SECONDS: Final = 3600
 FILE_EXPIRY_MAX_SECONDS: Final = 30 * 24 * 3600
 BATCH_FILE_DEFAULT_TTL: Final = 30 * 24 * 3600

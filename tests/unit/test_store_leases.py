@@ -147,6 +147,21 @@ def test_deleted_file_bytes_wait_for_active_batches(store: SqlStore) -> None:
     assert store.housekeeping.collect_garbage(NOW) == ["files/file-in"]
 
 
+def test_a_gone_files_bytes_go_at_once_and_its_row_stays_a_day_as_a_list_cursor(store: SqlStore) -> None:
+    for i in range(3):
+        store.files.insert_file(FileRecord(f"file-{i}", "owner", "batch", "x.jsonl", 1, NOW, None, f"files/file-{i}"))
+    assert store.files.delete_file("owner", "file-1", NOW)
+    assert store.housekeeping.collect_garbage(NOW + 60) == ["files/file-1"]
+    assert store.housekeeping.collect_garbage(NOW + 120) == []  # its bytes are not handed out twice
+    assert not store.housekeeping.live_storage_keys(["files/file-1"])  # an orphan, if anything is left
+    page = store.files.list_files("owner", None, "file-1", 10, "asc", NOW + 120)
+    assert page is not None and [f.id for f in page[0]] == ["file-2"]
+    store.housekeeping.collect_garbage(NOW + C.GONE_FILE_ROW_SECONDS + 1)
+    assert store.files.list_files("owner", None, "file-1", 10, "asc", NOW + C.GONE_FILE_ROW_SECONDS + 1) is None
+    page = store.files.list_files("owner", None, None, 10, "asc", NOW + C.GONE_FILE_ROW_SECONDS + 1)
+    assert page is not None and [f.id for f in page[0]] == ["file-0", "file-2"]
+
+
 def test_results_of_a_finished_batch_are_not_live(store: SqlStore) -> None:
     _batch_in_progress(store, shards=1)
     shard = store.queue.claim_shard(NOW, 30, "t")

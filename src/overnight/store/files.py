@@ -1,7 +1,7 @@
 """The file catalog: file records (their bytes live in the file store under `storage_key`).
 
-A deleted file is hidden at once (`deleted_at`); its row and bytes go when housekeeping finds that
-no active batch reads it."""
+A deleted file is hidden at once (`deleted_at`); its bytes go when housekeeping finds that no active
+batch reads it, its row a day later (a list cursor meanwhile: store/housekeeping.py)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class SqlFileCatalog:
         return [file_record(r) for r in rows[:limit]], len(rows) > limit
 
     def delete_file(self, owner: str | None, file_id: str, now: int) -> bool:
-        """Hide the file at once; housekeeping removes its row and bytes once nothing reads them."""
+        """Hide the file at once; housekeeping removes its bytes once nothing reads them (its row later)."""
         if not storable(file_id):
             return False
         with self.db.write() as conn:

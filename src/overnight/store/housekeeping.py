@@ -4,8 +4,9 @@ of time), and which stored objects are still named by a row (everything else und
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, exists, or_, select
+from sqlalchemy import and_, bindparam, delete, exists, or_, select, update
 
 from overnight import constants as C
 from overnight.store import schema as T
@@ -14,16 +15,24 @@ from overnight.store.uploads import PART_KEYS_IN, SqlUploadStore
 
 _f, _b, _s = T.files, T.batches, T.shards
 _ACTIVE = list(C.ACTIVE_STATES)
-# Deleted or expired files that no active batch reads (an active batch still needs its input).
+
+def _gone_by(at: str) -> Any:
+    """Deleted, or expired, at `at` or before."""
+    return or_(_f.c.deleted_at <= bindparam(at), and_(_f.c.expires_at.is_not(None), _f.c.expires_at <= bindparam(at)))
+
+
+# Deleted or expired files whose bytes are still there and that no active batch reads (an active
+# batch still needs its input). Their bytes go at once; the row stays GONE_FILE_ROW_SECONDS more,
+# with an empty storage key, as a `files.list(after=...)` cursor: purged with its bytes, a client
+# paging through the files it was deleting got a 400 for its next page.
 _GONE_FILES = (
     select(_f.c.id, _f.c.storage_key)
-    .where(
-        or_(_f.c.deleted_at.is_not(None), and_(_f.c.expires_at.is_not(None), _f.c.expires_at <= bindparam("p_now"))),
-        ~exists().where(_b.c.input_file_id == _f.c.id, _b.c.status.in_(_ACTIVE)),
-    )
+    .where(_gone_by("p_now"), _f.c.storage_key != "",
+           ~exists().where(_b.c.input_file_id == _f.c.id, _b.c.status.in_(_ACTIVE)))
     .limit(1000)
 )
-_DELETE_FILES = delete(_f).where(_f.c.id.in_(bindparam("p_ids", expanding=True)))
+_FORGET_BYTES = update(_f).where(_f.c.id.in_(bindparam("p_ids", expanding=True))).values(storage_key="")
+_PURGE_ROWS = delete(_f).where(_f.c.storage_key == "", _gone_by("p_rows_before"))
 _FILE_KEYS_IN = select(_f.c.storage_key).where(_f.c.storage_key.in_(bindparam("p_keys", expanding=True)))
 # Committed results of unfinished batches (a finished batch's results live on in its output files).
 _RESULT_KEYS_IN = (
@@ -46,7 +55,8 @@ class SqlHousekeeping:
         with self.db.write() as conn:
             rows = conn.execute(_GONE_FILES, {"p_now": now}).all()
             if rows:
-                conn.execute(_DELETE_FILES, {"p_ids": [r.id for r in rows]})
+                conn.execute(_FORGET_BYTES, {"p_ids": [r.id for r in rows]})
+            conn.execute(_PURGE_ROWS, {"p_rows_before": now - C.GONE_FILE_ROW_SECONDS})
         return [r.storage_key for r in rows] + self._uploads.expire_uploads(now)
 
     def live_storage_keys(self, keys: Sequence[str]) -> set[str]:
