@@ -55,11 +55,11 @@ def test_the_fast_mode_batch_takes_every_slot() -> None:
 def running(s: Any, seq: int, prompt: list[int], generated: list[int], text: bytes) -> Job:
     """A batch line generating in slot `seq`: prompt + generated tokens, the last one not decoded yet."""
     slot = s.slots[seq]
-    slot.job = job(prompt=prompt)
-    slot.tokens, slot.generated, slot.text = [*prompt, *generated], list(generated), bytearray(text)
+    slot.job = line = job(prompt=prompt)
+    slot.tokens, line.generated, line.text = [*prompt, *generated], list(generated), bytearray(text)
     slot.n_past = len(slot.tokens) - 1
-    slot.cached = 3
-    return slot.job
+    line.cached = 3
+    return line
 
 
 def test_an_online_job_preempts_the_batch_line_that_generated_least_and_it_resumes_where_it_stopped(
@@ -85,11 +85,10 @@ def test_an_online_job_preempts_the_batch_line_that_generated_least_and_it_resum
     assert s.slots[1].job is online and s.stats.preempted_sequences == 1
     # ...which waits at the front of the batch queue with what it had generated.
     assert list(s.queue) == [youngest, waiting]
-    assert youngest.suspended is not None
-    assert youngest.suspended.tokens == [*system, 2, 60, 61] and youngest.suspended.generated == [60, 61]
-    assert bytes(youngest.suspended.text) == b"xy" and youngest.suspended.cached == 3
+    assert youngest.preempted and youngest.resume_tokens() == [*system, 2, 60, 61]
+    assert youngest.generated == [60, 61] and bytes(youngest.text) == b"xy" and youngest.cached == 3
     # The others run on untouched.
-    assert [s.slots[0].generated, s.slots[2].generated] == [[50, 51, 52, 53], [70, 71, 72]]
+    assert [s.slots[0].job.generated, s.slots[2].job.generated] == [[50, 51, 52, 53], [70, 71, 72]]
 
     # The online job finishes; the preempted line is readmitted first, reusing the longest prefix of a
     # free slot (the system prompt the online job's slot no longer holds is copied from another).
@@ -97,12 +96,12 @@ def test_an_online_job_preempts_the_batch_line_that_generated_least_and_it_resum
     s._release(s.slots[1])
     s._admit()
     slot = s.slots[1]
-    assert slot.job is youngest and youngest.suspended is None and list(s.queue) == [waiting]
-    assert slot.tokens == [*system, 2, 60, 61] and slot.generated == [60, 61] and bytes(slot.text) == b"xy"
+    assert slot.job is youngest and list(s.queue) == [waiting]
+    assert slot.tokens == [*system, 2, 60, 61] and youngest.generated == [60, 61] and bytes(youngest.text) == b"xy"
     # Everything but the last generated token is prefilled again (or copied); that token is decoded
     # next and the line samples its third token from there.
     assert copied == [(0, 1)] and slot.n_past == len(system) and slot.received_copy
-    assert slot.cached == 3  # usage counts what its first admission reused
+    assert youngest.cached == 3  # usage counts what its first admission reused
 
 
 def test_a_line_with_a_copy_pending_is_not_preempted_and_no_online_job_no_preemption() -> None:

@@ -26,12 +26,12 @@ def job(online: bool = False, stops: tuple[bytes, ...] = (), pieces: list[str] |
 
 def test_streaming_holds_back_stop_prefixes_and_partial_utf8() -> None:
     pieces: list[str] = []
-    slot = Slot(seq_id=0, job=job(stops=(b"END", b"\n\n"), pieces=pieces))
+    line = job(stops=(b"END", b"\n\n"), pieces=pieces)
     emitted: list[str] = []
 
     def add(data: bytes) -> None:
-        slot.text += data
-        slot.emit(final=False)
+        line.text += data
+        line.emit(final=False)
         emitted.append("".join(pieces))
 
     add(b"caf")
@@ -40,20 +40,20 @@ def test_streaming_holds_back_stop_prefixes_and_partial_utf8() -> None:
     add(b"N")
     add(b"X\n")  # 'ENX' is no stop any more; '\n' may start '\n\n'
     assert emitted == ["caf", "caf", "café ", "café ", "café ENX"]
-    slot.text += b"\n\nrest"  # the stop string arrives: the scheduler cuts the text there
-    del slot.text[slot.text.find(b"\n\n"):]
-    slot.emit(final=True)
-    assert "".join(pieces) == "café ENX" == bytes(slot.text).decode()
+    line.text += b"\n\nrest"  # the stop string arrives: the scheduler cuts the text there
+    del line.text[line.text.find(b"\n\n"):]
+    line.emit(final=True)
+    assert "".join(pieces) == "café ENX" == bytes(line.text).decode()
 
 
 def test_streaming_matches_a_whole_decode_of_invalid_bytes() -> None:
     pieces: list[str] = []
-    slot = Slot(seq_id=0, job=job(pieces=pieces))
+    line = job(pieces=pieces)
     for byte in b"a\xe2\x82b\xff\xf0\x9f\x98":  # broken sequences, then a truncated emoji
-        slot.text.append(byte)
-        slot.emit(final=False)
-    slot.emit(final=True)
-    assert "".join(pieces) == bytes(slot.text).decode("utf-8", errors="replace")
+        line.text.append(byte)
+        line.emit(final=False)
+    line.emit(final=True)
+    assert "".join(pieces) == bytes(line.text).decode("utf-8", errors="replace")
 
 
 def scheduler(n_seq_max: int, online_active: int, batch_active: int) -> Any:
@@ -163,7 +163,7 @@ def compacting_scheduler(monkeypatch: Any, busy: dict[int, int], n_slots: int = 
     for seq, pending in busy.items():
         slot = s.slots[seq]
         slot.job, slot.tokens, slot.n_past = job(), list(range(10 + seq)), 10 + seq - pending
-        slot.generated, slot.text = [seq], bytearray(b"x%d" % seq)
+        slot.job.generated, slot.job.text = [seq], bytearray(b"x%d" % seq)
     native_calls: list[Any] = []
     monkeypatch.setattr(llama_cpp, "llama_memory_seq_rm", lambda mem, seq, p0, p1: native_calls.append(("rm", seq)))
     monkeypatch.setattr(llama_cpp, "llama_memory_seq_cp",
@@ -181,8 +181,8 @@ def test_compaction_moves_generating_sequences_onto_consecutive_slots(monkeypatc
     assert [s.slots[i].job for i in range(4)] == [jobs[0], jobs[5], jobs[2], jobs[4]]
     assert native_calls == [("rm", 1), ("cp", 5, 1, -1, -1), ("rm", 3), ("cp", 4, 3, -1, -1)]  # whole streams
     moved = s.slots[1]
-    assert moved.tokens == tokens[5] and moved.n_past == len(tokens[5]) - 1 and moved.text == b"x5"
-    assert moved.generated == [5] and moved.received_copy and s.slots[5].copy_source
+    assert moved.tokens == tokens[5] and moved.n_past == len(tokens[5]) - 1 and moved.job.text == b"x5"
+    assert moved.job.generated == [5] and moved.received_copy and s.slots[5].copy_source
     # the source keeps its cells as a reusable prefix, as any finished slot does
     assert s.slots[5].job is None and s.slots[5].tokens == tokens[5] and s.slots[5].tokens is not moved.tokens
     assert s.stats.moved_sequences == 2

@@ -75,7 +75,7 @@ the part of a step already computed, at most one step per online request.
 Streaming. A job may carry `on_text`, called on the decode thread with each piece of generated text
 that is final: bytes that could still begin a stop string are held back until they cannot, and so
 are the bytes of an incomplete UTF-8 character. The concatenation of the pieces equals the final
-text (see `Slot.emit`).
+text (see `Job.emit`).
 """
 
 from __future__ import annotations
@@ -133,30 +133,53 @@ class Job:
     # block, so an event-loop consumer wraps it in call_soon_threadsafe.
     on_text: Callable[[str], None] | None = None
     cancelled: bool = False  # set from the event loop, read by the decode thread (a plain bool is atomic)
-    suspended: Suspended | None = None  # preempted for an online job: where it continues (module doc)
+    # The line's progress is its own, not its slot's: it moves with the job when compaction moves it
+    # to another slot, and survives a preemption. Generated tokens and their text (cut at a stop
+    # string), the native sampler chain (None for plain greedy; it holds the random state), how
+    # much of the text went to on_text and through which decoder, and the prompt tokens its first
+    # admission reused from the KV cache (usage's cached_tokens).
+    generated: list[int] = field(default_factory=list)
+    text: bytearray = field(default_factory=bytearray)
+    sampler: Any = None
+    streamed: int = 0
+    decoder: codecs.IncrementalDecoder | None = None
+    cached: int = 0
+    preempted: bool = False  # gave its slot to an online job: readmitted, it prefills prompt + generated
 
     def resolve(self, result: Outcome | EngineResponse) -> None:
         """Thread-safe: the future belongs to the event loop."""
         resolve_threadsafe(self.loop, self.future, result)
 
+    def resume_tokens(self) -> list[int]:
+        """What its slot must hold: the prompt, then every generated token (while it runs, the last
+        one is decoded in the next step)."""
+        return [*self.prompt, *self.generated] if self.preempted else self.prompt
 
-@dataclass(eq=False)
-class Suspended:
-    """What a preempted batch line had in its slot: `tokens` (prompt + generated; the last one is
-    not decoded yet when it was generating) are prefilled again where it is readmitted."""
-
-    tokens: list[int]
-    generated: list[int]
-    text: bytearray
-    sampler: Any
-    cached: int
-    streamed: int
-    decoder: codecs.IncrementalDecoder | None
-
-    def free(self) -> None:
+    def close(self) -> None:
+        """Free its native sampler: it finished, was cancelled, expired or the engine stopped."""
         if self.sampler is not None:
             llama_cpp.llama_sampler_free(self.sampler)
             self.sampler = None
+
+    def emit(self, final: bool) -> None:
+        """Pass the text that no stop string can cut any more to on_text (all of it when `final`).
+        The incremental decoder holds back an incomplete UTF-8 character and decodes exactly as one
+        `decode(errors="replace")` of the whole text does, so the pieces add up to the final text."""
+        if self.on_text is None:
+            return
+        if self.decoder is None:
+            self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        end = len(self.text) if final else len(self.text) - _stop_prefix_len(self.text, self.stops)
+        if end <= self.streamed and not final:
+            return
+        piece = self.decoder.decode(bytes(self.text[self.streamed:end]), final)
+        self.streamed = max(end, self.streamed)
+        if piece:
+            try:
+                self.on_text(piece)
+            except Exception:  # a consumer's bug must not fail the decode step of every slot
+                log.exception("embedded llama engine: on_text failed; streaming stops for this request")
+                self.on_text = None
 
 
 @dataclass(eq=False)
@@ -168,42 +191,12 @@ class Slot:
     tokens: list[int] = field(default_factory=list)
     n_past: int = 0
     job: Job | None = None
-    generated: list[int] = field(default_factory=list)
-    text: bytearray = field(default_factory=bytearray)
-    sampler: Any = None  # native sampler chain, None for plain greedy
-    cached: int = 0
-    resumed: bool = False  # a preempted job readmitted: `cached` is what its first admission reused
     wait_for: Slot | None = None  # a live slot whose prompt prefill we want to copy from
     # A cross-stream copy is carried out at the start of the next decode: until then the destination
     # holds no data yet and the source must not be overwritten.
     received_copy: bool = False
     copy_source: bool = False
     logits_index: int = -1
-    # Streaming: `text[:streamed]` went through `decoder` to the job's on_text.
-    streamed: int = 0
-    decoder: codecs.IncrementalDecoder | None = None
-
-    def emit(self, final: bool) -> None:
-        """Pass the text that no stop string can cut any more to the job's on_text (all of it when
-        `final`). The incremental decoder holds back an incomplete UTF-8 character and decodes
-        exactly as one `decode(errors="replace")` of the whole text does, so the pieces add up to
-        the final text."""
-        job = self.job
-        if job is None or job.on_text is None:
-            return
-        if self.decoder is None:
-            self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        end = len(self.text) if final else len(self.text) - _stop_prefix_len(self.text, job.stops)
-        if end <= self.streamed and not final:
-            return
-        piece = self.decoder.decode(bytes(self.text[self.streamed:end]), final)
-        self.streamed = max(end, self.streamed)
-        if piece:
-            try:
-                job.on_text(piece)
-            except Exception:  # a consumer's bug must not fail the decode step of every slot
-                log.exception("embedded llama engine: on_text failed; streaming stops for this request")
-                job.on_text = None
 
 
 def _stop_prefix_len(text: bytearray, stops: tuple[bytes, ...]) -> int:
@@ -389,12 +382,8 @@ class Scheduler:
         llama_cpp.llama_memory_seq_rm(mem, dest.seq_id, -1, -1)
         llama_cpp.llama_memory_seq_cp(mem, source.seq_id, dest.seq_id, -1, -1)
         dest.tokens, source.tokens = source.tokens, list(source.tokens)
-        dest.n_past, dest.job, dest.generated, dest.text = source.n_past, source.job, source.generated, source.text
-        dest.sampler, dest.cached, dest.streamed, dest.decoder = source.sampler, source.cached, source.streamed, source.decoder
-        dest.resumed = source.resumed
-        dest.wait_for = None
-        source.job, source.sampler, source.decoder = None, None, None
-        source.generated, source.text, source.streamed = [], bytearray(), 0
+        dest.n_past, dest.job, dest.wait_for = source.n_past, source.job, None
+        source.job = None
         dest.received_copy = source.copy_source = True  # carried out at the start of the next decode
         self.stats.moved_sequences += 1
         for other in self.slots:
@@ -415,8 +404,7 @@ class Scheduler:
             if job is None:
                 return
             if job.cancelled or time.time() >= job.deadline:
-                if job.suspended is not None:
-                    job.suspended.free()
+                job.close()
                 if not job.cancelled:
                     job.resolve(EngineResponse.failure(
                         "batch_expired", "This request could not be executed before the completion window expired."))
@@ -443,14 +431,12 @@ class Scheduler:
         victims = self._preemptible()
         if not victims:
             return False
-        slot = min(victims, key=lambda s: (len(s.generated), s.n_past))
+        slot = min(victims, key=lambda s: (len(s.job.generated) if s.job is not None else 0, s.n_past))
         job = slot.job
         assert job is not None
-        job.suspended = Suspended(tokens=slot.tokens, generated=slot.generated, text=slot.text, sampler=slot.sampler,
-                                  cached=slot.cached, streamed=slot.streamed, decoder=slot.decoder)
+        job.preempted = True  # it keeps its progress (Job), its slot only the decoded tokens
         # The slot keeps its decoded tokens as a reusable prefix (for this job too, if it comes back here).
         slot.tokens = slot.tokens[: slot.n_past]
-        slot.sampler, slot.generated, slot.text = None, [], bytearray()
         self._release(slot)
         with self.cond:
             self.queue.appendleft(job)
@@ -476,8 +462,7 @@ class Scheduler:
         return self.queue.popleft()
 
     def _place(self, job: Job, free: list[Slot]) -> None:
-        resumed = job.suspended
-        prompt = job.prompt if resumed is None else resumed.tokens
+        prompt = job.resume_tokens()
         limit = len(prompt) - 1  # at least one prompt token must be decoded to get logits
         own = {id(s): min(common_prefix(s.tokens[: s.n_past], prompt), limit) for s in free}
         slot = max(free, key=lambda s: own[id(s)]) if self.prefix_sharing else free[0]
@@ -487,15 +472,9 @@ class Scheduler:
         slot.n_past = keep
         slot.job = job
         slot.wait_for = None
-        if resumed is None:
-            slot.generated, slot.text, slot.streamed, slot.decoder = [], bytearray(), 0, None
-            slot.sampler = make_sampler(job.sampling, job.max_new, self.native.n_vocab)
-            slot.cached, slot.resumed = keep, False
-        else:  # a preempted line continues where it stopped
-            slot.generated, slot.text, slot.streamed, slot.decoder = (resumed.generated, resumed.text,
-                                                                      resumed.streamed, resumed.decoder)
-            slot.sampler, slot.cached, slot.resumed = resumed.sampler, resumed.cached, True
-            job.suspended = None
+        if not job.preempted:  # first admission (a preempted line continues with its own state)
+            job.sampler = make_sampler(job.sampling, job.max_new, self.native.n_vocab)
+            job.cached = keep
         if self.prefix_sharing:
             self._share_prefix(slot, keep, limit)
 
@@ -539,14 +518,15 @@ class Scheduler:
         llama_cpp.llama_memory_seq_cp(mem, source.seq_id, dest.seq_id, -1, -1)
         llama_cpp.llama_memory_seq_rm(mem, dest.seq_id, n, -1)
         dest.n_past = n
-        if not dest.resumed:
-            dest.cached = n
+        if dest.job is not None and not dest.job.preempted:
+            dest.job.cached = n
         dest.received_copy = True
         source.copy_source = True
 
     def _drop_cancelled(self) -> None:
         for slot in self.slots:
             if slot.job is not None and slot.job.cancelled:
+                slot.job.close()
                 self._release(slot)
 
     # batch ------------------------------------------------------------------------------------------
@@ -581,68 +561,65 @@ class Scheduler:
     def _sample(self, slot: Slot) -> None:
         job = slot.job
         assert job is not None
-        if slot.sampler is None:
+        if job.sampler is None:
             token = self.native.argmax(slot.logits_index)
         else:
-            token = llama_cpp.llama_sampler_sample(slot.sampler, self.native.ctx, slot.logits_index)
-        slot.generated.append(token)
+            token = llama_cpp.llama_sampler_sample(job.sampler, self.native.ctx, slot.logits_index)
+        job.generated.append(token)
         self.stats.generated_tokens += 1
         if self.native.is_eog(token):
             self._finish(slot, "stop")
             return
-        before = len(slot.text)
-        slot.text += self.native.piece(token)
-        if job.stops and self._cut_at_stop(slot, before):
+        before = len(job.text)
+        job.text += self.native.piece(token)
+        if job.stops and self._cut_at_stop(job, before):
             self._finish(slot, "stop")
-        elif len(slot.generated) >= job.max_new:
+        elif len(job.generated) >= job.max_new:
             self._finish(slot, "length")
         else:
-            slot.emit(final=False)
+            job.emit(final=False)
             slot.tokens.append(token)  # decoded (into the KV) in the next step
 
     @staticmethod
-    def _cut_at_stop(slot: Slot, before: int) -> bool:
+    def _cut_at_stop(job: Job, before: int) -> bool:
         """Search only the region the new piece can complete a stop string in; searching UTF-8 bytes
         equals searching text (UTF-8 is self-synchronizing)."""
-        assert slot.job is not None
-        longest = max(len(s) for s in slot.job.stops)
+        longest = max(len(s) for s in job.stops)
         start = max(0, before - longest + 1)
-        hits = [i for i in (slot.text.find(s, start) for s in slot.job.stops) if i >= 0]
+        hits = [i for i in (job.text.find(s, start) for s in job.stops) if i >= 0]
         if not hits:
             return False
-        del slot.text[min(hits):]
+        del job.text[min(hits):]
         return True
 
     # finishing --------------------------------------------------------------------------------------
 
     def _finish(self, slot: Slot, reason: str) -> None:
-        assert slot.job is not None
-        slot.emit(final=True)  # the rest of the text, before the future resolves
+        job = slot.job
+        assert job is not None
+        job.emit(final=True)  # the rest of the text, before the future resolves
         outcome = Outcome(
-            text=bytes(slot.text).decode("utf-8", errors="replace"),
+            text=bytes(job.text).decode("utf-8", errors="replace"),
             finish_reason=reason,
-            prompt_tokens=len(slot.job.prompt),
-            completion_tokens=len(slot.generated),
-            cached_tokens=slot.cached,
+            prompt_tokens=len(job.prompt),
+            completion_tokens=len(job.generated),
+            cached_tokens=job.cached,
         )
-        self.stats.cached_prompt_tokens += slot.cached
+        self.stats.cached_prompt_tokens += job.cached
         self._finish_with(slot, outcome)
 
     def _finish_with(self, slot: Slot, result: Outcome | EngineResponse) -> None:
         assert slot.job is not None
+        slot.job.close()
         slot.job.resolve(result)
         self._release(slot)
 
     def _release(self, slot: Slot) -> None:
-        """Free the slot for the next request. Its KV stays as a reusable prefix: `tokens[:n_past]`
-        (the stream is private to the slot, so keeping it costs nothing; the next request admitted
-        here truncates it to what it shares)."""
-        if slot.sampler is not None:
-            llama_cpp.llama_sampler_free(slot.sampler)
-            slot.sampler = None
+        """Free the slot for the next request (its job, finished or preempted, keeps its own state).
+        Its KV stays as a reusable prefix: `tokens[:n_past]` (the stream is private to the slot, so
+        keeping it costs nothing; the next request admitted here truncates it to what it shares)."""
         slot.job = None
         slot.wait_for = None
-        slot.decoder = None
         for other in self.slots:
             if other.wait_for is slot:
                 other.wait_for = None  # it prefills on its own instead
@@ -667,8 +644,7 @@ class Scheduler:
             pending = [*self.online, *self.queue]
             self.online, self.queue = deque(), deque()
         for job in pending:
-            if job.suspended is not None:
-                job.suspended.free()
+            job.close()
             job.resolve(closed)
         self.native.free()
 
