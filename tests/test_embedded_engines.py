@@ -159,6 +159,40 @@ def test_responses_requests_answer_as_the_same_chat_request_would() -> None:
 
 
 @needs_chat
+def test_responses_truncation_auto_drops_the_fewest_oldest_items_that_make_the_input_fit() -> None:
+    """OpenAI's truncation "auto": a conversation longer than the context window is answered without
+    its oldest items (instructions kept); the answer is the one to the shortest fitting suffix sent
+    with truncation "disabled", and one more item would not fit."""
+    from openai.types.responses import Response
+
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"Turn {i}: " + "the river runs on. " * 12}
+             for i in range(11)]
+    base = {"model": "m", "instructions": "You are terse.", "max_output_tokens": 16, "temperature": 0}
+
+    async def work(engine: Any) -> list[EngineResponse]:
+        deadline = time.time() + 120
+        return await asyncio.gather(
+            engine.execute(EngineRequest("/v1/responses", {**base, "input": turns, "truncation": "auto"}, deadline)),
+            *(engine.execute(EngineRequest("/v1/responses", {**base, "input": turns[k:]}, deadline))
+              for k in range(len(turns))),
+        )
+
+    auto, *disabled = run_chat(work, deterministic=True)  # answers do not depend on what runs beside them
+    fits = [r.status_code == 200 for r in disabled]
+    k = fits.index(True)
+    assert k > 0 and not any(fits[:k]) and all(fits[k:])  # the whole conversation does not fit
+    assert disabled[0].body["error"]["code"] == "context_length_exceeded"
+    assert auto.status_code == 200, auto.body
+    response, shortest = Response.model_validate(auto.body), Response.model_validate(disabled[k].body)
+    assert response.truncation == "auto" and shortest.truncation == "disabled"
+    assert response.usage.input_tokens == shortest.usage.input_tokens  # type: ignore[union-attr]
+    assert response.output_text == shortest.output_text
+    one_word = {**base, "input": "word " * 5000, "truncation": "auto"}  # nothing to drop: refused as before
+    refused = run_chat(lambda engine: engine.execute(EngineRequest("/v1/responses", one_word, time.time() + 60)))
+    assert refused.status_code == 400 and refused.body["error"]["code"] == "context_length_exceeded"
+
+
+@needs_chat
 def test_stop_string_truncates() -> None:
     async def work(engine: Any) -> tuple[EngineResponse, EngineResponse]:
         free = await engine.execute(chat("Count from one to ten in words, separated by commas.", max_tokens=16))

@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 from openai.types.responses import Response
 
-from overnight.engines.responses_api import ChatAnswer, UnsupportedRequest, response_object, to_chat_body
+from overnight.engines.responses_api import (
+    ChatAnswer,
+    UnsupportedRequest,
+    droppable_inputs,
+    response_object,
+    to_chat_body,
+    without_oldest_inputs,
+)
 
 
 def test_string_input_instructions_and_sampling_map_onto_chat() -> None:
@@ -45,7 +52,7 @@ def test_message_lists_with_text_parts_and_history() -> None:
     ({"stream": True}, "stream"),
     ({"reasoning": {"effort": "high"}}, "reasoning"),
     ({"text": {"format": {"type": "json_object"}}}, "text.format"),
-    ({"truncation": "auto"}, "truncation"),
+    ({"truncation": "middle"}, "truncation"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
     ({"max_output_tokens": 15}, "max_output_tokens"),  # OpenAI's minimum is 16
     ({"stop": ["x"]}, "stop"),  # chat parameters a Responses request does not have: OpenAI refuses them
@@ -115,3 +122,18 @@ def test_an_answer_cut_by_max_output_tokens_is_incomplete() -> None:
     assert response.status == "incomplete" and response.output[0].status == "incomplete"  # type: ignore[union-attr]
     assert response.incomplete_details is not None and response.incomplete_details.reason == "max_output_tokens"
     assert response.max_output_tokens == 8 and response.output_text == "One, two"
+
+
+def test_truncation_auto_drops_the_oldest_input_items_never_the_instructions_or_the_newest() -> None:
+    body = {"model": "m", "instructions": "Be brief.", "truncation": "auto",
+            "input": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+                      {"role": "user", "content": "three"}]}
+    chat = to_chat_body(body)
+    assert droppable_inputs(chat, body) == 2
+    assert [m["content"] for m in without_oldest_inputs(chat, body, 2)["messages"]] == ["Be brief.", "three"]
+    no_instructions = {**body, "instructions": None}
+    chat = to_chat_body(no_instructions)
+    assert [m["content"] for m in without_oldest_inputs(chat, no_instructions, 1)["messages"]] == ["two", "three"]
+    assert droppable_inputs(to_chat_body({"model": "m", "input": "x"}), {"input": "x"}) == 0
+    echoed = Response.model_validate(response_object(ChatAnswer("ok", "stop", 1, 1, 0), body, "m"))
+    assert echoed.truncation == "auto"

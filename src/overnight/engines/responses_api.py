@@ -4,7 +4,8 @@ SDK's `Response` model parses.
 
 Only what a chat template can express is taken: text input (a string, or messages whose content is
 a string or `input_text`/`output_text` parts), `instructions` (a system message), `max_output_tokens`,
-`temperature` and `top_p`. Whatever needs more (tools, images, files, stored conversations, reasoning
+`temperature`, `top_p` and `truncation` ("auto" drops the oldest input items until the rest fits
+the context window, as OpenAI does). Whatever needs more (tools, images, files, stored conversations, reasoning
 settings, structured output) is refused for that line with a 400 that names the parameter, rather
 than silently answered as if it had not been asked for. Parameters that change nothing about the
 answer (`metadata`, `store`, `user`, ...) are accepted.
@@ -115,9 +116,24 @@ def _check_unsupported(body: dict[str, Any]) -> None:
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise UnsupportedRequest("Only text.format {'type': 'text'} is supported by the embedded engine.",
                                  "text.format")
-    if body.get("truncation") not in (None, "disabled"):
-        raise UnsupportedRequest("Only truncation 'disabled' is supported by the embedded engine: an input "
-                                 "longer than the context window is refused, not cut.", "truncation")
+    truncation = body.get("truncation")
+    if truncation not in (None, "disabled", "auto"):
+        raise UnsupportedRequest(f"Invalid value: {truncation!r}. Supported values are: 'auto' and 'disabled'.",
+                                 "truncation")
+
+
+def droppable_inputs(chat: dict[str, Any], body: dict[str, Any]) -> int:
+    """How many of the oldest input items `truncation: "auto"` may drop from `chat` (the body
+    `to_chat_body` made of `body`): all but the newest; `instructions` are never dropped."""
+    kept = 1 if body.get("instructions") is not None else 0
+    return max(0, len(chat["messages"]) - kept - 1)
+
+
+def without_oldest_inputs(chat: dict[str, Any], body: dict[str, Any], dropped: int) -> dict[str, Any]:
+    """`chat` without its `dropped` oldest input items (the instructions stay first)."""
+    kept = 1 if body.get("instructions") is not None else 0
+    messages = chat["messages"]
+    return {**chat, "messages": messages[:kept] + messages[kept + dropped:]}
 
 
 def _input_messages(items: Any) -> list[dict[str, str]]:
@@ -209,7 +225,7 @@ def response_object(answer: ChatAnswer, body: dict[str, Any], model: str, create
         "tools": [],
         "top_logprobs": 0,
         "top_p": _number(body.get("top_p"), 1.0),
-        "truncation": "disabled",
+        "truncation": "auto" if body.get("truncation") == "auto" else "disabled",
         "usage": {
             "input_tokens": answer.input_tokens,
             # No cache is written on purpose (no retention to pay for): reused prefixes are `cached_tokens`.

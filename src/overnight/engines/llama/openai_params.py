@@ -173,12 +173,43 @@ def parse_request(native: Native, formatter: Jinja2ChatFormatter | None, request
     # then name the Responses parameter (`input`, not `messages`).
     try:
         chat_body = responses_api.to_chat_body(body)
+        if body.get("truncation") == "auto":
+            return _fit_by_dropping_oldest_inputs(native, formatter, body, chat_body)
         return parse_body(native, formatter, chat_body, True, noun="input")
     except responses_api.UnsupportedRequest as exc:
         raise BadRequest(str(exc), exc.param, exc.code) from None
     except BadRequest as exc:
         param = responses_api.RESPONSES_PARAMS.get(exc.param or "", exc.param)
         raise BadRequest(str(exc), param, exc.code) from None
+
+
+def _fit_by_dropping_oldest_inputs(native: Native, formatter: Jinja2ChatFormatter | None, body: dict[str, Any],
+                                   chat_body: dict[str, Any]) -> ParsedRequest:
+    """Responses `truncation: "auto"`: the request without the fewest oldest input items that makes
+    it fit the context window (prompt + max_output_tokens); the newest item is never dropped, so a
+    request that does not fit even then is refused as with "disabled". A binary search: each try
+    renders and tokenizes the conversation, and fewer items never make a longer prompt."""
+    try:
+        return parse_body(native, formatter, chat_body, True, noun="input")
+    except BadRequest as exc:
+        if exc.code != "context_length_exceeded":
+            raise
+        refusal = exc
+    fits: ParsedRequest | None = None
+    lo, hi = 1, responses_api.droppable_inputs(chat_body, body)
+    while lo <= hi:
+        dropped = (lo + hi) // 2
+        try:
+            fits = parse_body(native, formatter, responses_api.without_oldest_inputs(chat_body, body, dropped),
+                              True, noun="input")
+            hi = dropped - 1
+        except BadRequest as exc:
+            if exc.code != "context_length_exceeded":
+                raise
+            lo = dropped + 1
+    if fits is None:
+        raise refusal
+    return fits
 
 
 def parse_body(native: Native, formatter: Jinja2ChatFormatter | None, body: dict[str, Any], chat: bool,
