@@ -22,6 +22,7 @@ from conftest import owned_elsewhere, serve_refused, until
 from overnight import constants as C
 from overnight.files.owned_dirs import OWNER_LOCK, hold_ownership
 from overnight.settings import EmbeddedSettings, Settings, WorkerSettings
+from overnight.worker import processes as processes_module
 from overnight.worker.processes import (
     FEEDER_NICE,
     RELAY_DIR_PREFIX,
@@ -69,23 +70,33 @@ def test_a_dead_worker_process_is_not_ready(tmp_path: Path) -> None:
         assert not workers.ready()
 
 
-def test_a_worker_that_exited_0_is_not_restarted(tmp_path: Path) -> None:
+def test_a_worker_that_exited_0_waits_for_the_server_to_stop_and_is_replaced_if_it_does_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C reaches the whole process group (systemd signals the whole service): the workers
-    stop (exit 0) before the server does, and the supervisor started new ones, which loaded their
-    engines and claimed shards only to be stopped."""
+    stop (exit 0) before the server does, and a supervisor that replaced them at once started new
+    ones that loaded their engines and claimed shards only to be stopped. But a worker stopped alone
+    (`kill PID`) was never replaced: the server ran without it for good."""
     with one_ready_worker(tmp_path) as workers:
         first = workers._workers[0].process
         first.terminate()
         first.join(30)
         assert first.exitcode == 0
 
-        async def supervise_a_while() -> None:
-            stop = asyncio.Event()
-            asyncio.get_running_loop().call_later(4.5, stop.set)  # two of the supervisor's looks
-            await workers.supervise(stop)
+        def supervise_for(seconds: float) -> None:
+            async def main() -> None:
+                stop = asyncio.Event()
+                asyncio.get_running_loop().call_later(seconds, stop.set)
+                await workers.supervise(stop)
 
-        asyncio.run(supervise_a_while())
+            asyncio.run(main())
+
+        supervise_for(4.5)  # the server stops within the wait (two of the supervisor's looks)
         assert workers._workers[0].process is first
+        monkeypatch.setattr(processes_module, "STOPPED_ALONE_DELAY", 1.0)
+        workers._workers[0].restart_at = None
+        supervise_for(4.5)  # it does not: the worker is replaced
+        assert workers._workers[0].process is not first
+        until(workers.ready, timeout=60)
 
 
 def test_a_crash_looping_worker_is_restarted_ever_more_slowly() -> None:
@@ -97,7 +108,7 @@ def test_a_crash_looping_worker_is_restarted_ever_more_slowly() -> None:
         delays.append(delay)
     assert delays[1:5] == [2.0, 4.0, 8.0, 16.0] and delays[-1] == 300.0
     assert restart_delay(-9, lived=3600.0, previous=300.0) == 0.0  # one that ran a while: at once
-    assert restart_delay(0, lived=3.0, previous=0.0) is None
+    assert restart_delay(0, lived=3.0, previous=0.0) == processes_module.STOPPED_ALONE_DELAY  # asked to stop
 
 
 def test_waking_a_worker_that_does_not_read_never_blocks(tmp_path: Path) -> None:

@@ -60,15 +60,19 @@ RELAY_DIR_PREFIX = "overnight-relay-"
 _STABLE_SECONDS = 60.0
 _FIRST_RESTART_DELAY = 2.0
 _MAX_RESTART_DELAY = 300.0
+# A worker that exited 0 was asked to stop. Usually the server is stopping too (a Ctrl-C reaches the
+# whole process group; systemd signals every process of the service) and stops supervising within
+# this wait: restarted at once, the worker loaded its engines and claimed shards only to be stopped.
+# A worker stopped alone (`kill PID`) is replaced after it: never replacing it left the server
+# without that worker, or any, for good.
+STOPPED_ALONE_DELAY = 10.0
 
 
-def restart_delay(exitcode: int | None, lived: float, previous: float) -> float | None:
+def restart_delay(exitcode: int | None, lived: float, previous: float) -> float:
     """How long to wait before replacing a worker that exited after `lived` seconds (`previous`:
-    the wait before its own start). None: not at all, it exited 0: it was asked to stop (a Ctrl-C
-    reaches the whole process group; systemd signals every process of the service) and the server
-    is stopping too. (Restarted, it loaded its engines and claimed shards only to be stopped.)"""
+    the wait before its own start)."""
     if exitcode == 0:
-        return None
+        return STOPPED_ALONE_DELAY
     if lived >= _STABLE_SECONDS:
         return 0.0
     return min(max(2 * previous, _FIRST_RESTART_DELAY), _MAX_RESTART_DELAY)
@@ -147,14 +151,14 @@ class WorkerProcesses:
                 now = time.monotonic()
                 if child.restart_at is None:
                     delay = restart_delay(child.process.exitcode, now - child.started, child.delay)
-                    if delay is None:
-                        log.info("worker process %s stopped (exit 0); not restarted", child.process.pid)
-                        child.restart_at = float("inf")
-                        continue
-                    log.error("worker process %s exited with %s; starting another%s", child.process.pid,
-                              child.process.exitcode, f" in {delay:.0f} s" if delay else "")
+                    if child.process.exitcode == 0:
+                        log.warning("worker process %s stopped (exit 0) while the server runs; starting another "
+                                    "in %.0f s unless the server stops", child.process.pid, delay)
+                    else:
+                        log.error("worker process %s exited with %s; starting another%s", child.process.pid,
+                                  child.process.exitcode, f" in {delay:.0f} s" if delay else "")
+                        child.delay = delay  # a crash loop's backoff grows from it
                     child.restart_at = now + delay
-                    child.delay = delay
                 if now >= child.restart_at:
                     child.wake.close()
                     self._forget(child)
