@@ -263,3 +263,27 @@ def test_weights_in_the_config_file_are_checked(tmp_path: Path, toml: str, says:
     config.write_text(f"[embedded]\n{toml}\n")
     stderr = serve_refused("--data-dir", str(tmp_path), "--api-key", API_KEY, "--config", str(config))
     assert says in stderr, stderr
+
+
+def test_overnight_run_makes_the_fast_weights_once_in_the_users_cache(tmp_path: Path) -> None:
+    """`overnight run` without a data dir works in a scratch directory: the Q8_0 weights it made
+    there (~0.9 s, every run) went with it. They are kept in $XDG_CACHE_HOME/overnight/models."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(_chat(i)) + "\n" for i in range(2)))
+    scratch, cache = tmp_path / "scratch", tmp_path / "cache"
+    scratch.mkdir()
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "TMPDIR": str(scratch)}
+    made = []
+    for run in range(2):
+        result = subprocess.run([sys.executable, "-m", "overnight", "run", "-i", "in.jsonl", "-o", f"out{run}.jsonl"],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert len((tmp_path / f"out{run}.jsonl").read_text().splitlines()) == 2
+        files = list((cache / "overnight" / "models").glob("*.gguf"))
+        assert len(files) == 1 and re.fullmatch(r"SmolLM2-135M-Instruct\.[0-9a-f]{12}\.Q8_0\.gguf", files[0].name)
+        made.append((files[0].stat().st_ino, files[0].stat().st_mtime_ns))
+        assert list(scratch.iterdir()) == []  # the scratch directory is gone, the cache stays
+    assert made[0] == made[1]  # the second run used the first one's file

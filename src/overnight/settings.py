@@ -214,10 +214,18 @@ class Settings:
     # None: metrics count in memory only and GET /metrics serves the store's gauges alone.
     metrics_dir: Path | None = None
     log_format: str = "text"  # or "json": one object per line (observability/logs.py)
+    # Where model files made from the packaged ones live (requantized weights, assembled Gemma);
+    # None: the data directory's models/. `overnight run` in a scratch directory keeps them in the
+    # user's cache instead, so each run does not make them again.
+    models_dir: Path | None = None
 
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'overnight.db').resolve()}"
+
+    @property
+    def resolved_models_dir(self) -> Path:
+        return self.models_dir or self.data_dir / "models"
 
 
 STORAGE_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",

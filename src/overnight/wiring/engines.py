@@ -63,7 +63,7 @@ def embedded_engines(settings: Settings) -> dict[str, Engine]:
         )
         if weights is not None:
             # The packaged Q4_1 file in a format with fast CPU kernels (packaged_models.py).
-            chat_path = packaged_models.fast_chat_model_path(chat_path, settings.data_dir / "models", weights)
+            chat_path = packaged_models.fast_chat_model_path(chat_path, settings.resolved_models_dir, weights)
         chat = LlamaChatEngine(chat_path, name, n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq_max,
                                threads=cfg.threads or compute_threads(settings.worker_processes),
                                deterministic=cfg.deterministic, online_slot=cfg.online_slot)
@@ -123,7 +123,7 @@ def gemma_engine(settings: Settings) -> Engine | None:
     from overnight.engines import packaged_models
     from overnight.engines.llama import LlamaChatEngine
 
-    path = packaged_models.gemma_model_path(settings.data_dir / "models")
+    path = packaged_models.gemma_model_path(settings.resolved_models_dir)
     if path is None:
         raise ConfigurationError("Gemma is enabled but not installed: pip install 'overnight[gemma]'.")
     log.warning(packaged_models.GEMMA_NOTICE)
