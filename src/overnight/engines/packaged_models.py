@@ -94,7 +94,7 @@ def gemma_model_path(models_dir: Path) -> str | None:
 # Q8_0 made from Q4_1 holds every Q4_1 weight almost exactly (8 bits per weight for 4-bit values), so
 # greedy outputs stay the model's; IQ4_NL and Q4_0 (repacked kernels) are faster but re-round every
 # weight (bench_embedded.py --quality measures them). Made once per data directory (scratch runs: once in
-the user's cache), in under a second.
+# the user's cache), in under a second.
 FAST_FTYPE = "Q8_0"
 # What `[embedded] weights` may name: the packaged file's own format, or one made from it.
 PACKAGED_FTYPE = "Q4_1"
