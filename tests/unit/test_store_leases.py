@@ -285,3 +285,34 @@ def test_a_cancelled_batchs_only_shard_does_not_publish(store: SqlStore) -> None
                                        NOW, ("fin2", 30), _output(10))
     assert outcome == "committed"  # cancelling: the cancel's finalize reports the batch
     assert store.files.get_file("owner", "file-out", NOW) is None
+
+
+def test_housekeepings_lookups_use_indexes_not_scans(store: SqlStore) -> None:
+    """Each janitor pass asks, 500 stored keys at a time, which are still named by a file, a
+    shard's results or an upload part, and looks for gone files: each question scanned its whole
+    table (a million files: 2,000 scans of a million rows a pass). PostgreSQL is asked with
+    sequential scans priced out, so its plan shows a scan only where no index can serve."""
+    from sqlalchemy import select as select_
+
+    from overnight.store import housekeeping, uploads
+
+    keys = ["files/file-a", "files/file-b"]
+    statements = {
+        "files": [housekeeping._FILE_KEYS_IN.params(p_keys=keys), housekeeping._GONE_FILES.params(p_now=NOW),
+                  select_(schema.files.c.id).where(housekeeping._PURGE_ROWS.whereclause).params(p_rows_before=NOW)],
+        "shards": [housekeeping._RESULT_KEYS_IN.params(p_keys=keys)],
+        "upload_parts": [uploads.PART_KEYS_IN.params(p_keys=keys)],
+    }
+    dialect = store.db.engine.dialect
+    with store.db.engine.connect() as conn:
+        if not store.db.is_sqlite:
+            conn.exec_driver_sql("SET enable_seqscan = off")
+        for table, queries in statements.items():
+            for query in queries:
+                sql = str(query.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+                rows = conn.exec_driver_sql(("EXPLAIN QUERY PLAN " if store.db.is_sqlite else "EXPLAIN ") + sql).all()
+                plan = "\n".join(str(row[-1]) for row in rows)
+                scans = [f"SCAN {table}", f"Seq Scan on {table}"]
+                assert not any(scan in line.split(" USING")[0] for line in plan.splitlines() for scan in scans), \
+                    f"{sql}\n{plan}"
+        conn.rollback()

@@ -48,6 +48,10 @@ files = Table(
     # only: lists leave it out.
     Column("upload_check", Text, nullable=True),
     Index("ix_files_owner_seq", "owner", "seq"),
+    # Housekeeping looks files up by storage key and by when they died (migration 0013).
+    Index("ix_files_storage_key", "storage_key"),
+    Index("ix_files_deleted_at", "deleted_at"),
+    Index("ix_files_expires_at", "expires_at"),
 )
 
 batches = Table(
@@ -142,6 +146,7 @@ shards = Table(
     # The claim reads pending shards in round-robin order across batches, and stops at the first.
     Index("ix_shards_claim_order", "status", "shard_index", "id"),
     Index("ix_shards_batch_status", "batch_id", "status"),
+    Index("ix_shards_result_key", "result_key"),  # housekeeping: is this object a shard's results?
 )
 
 workers = Table(
@@ -184,6 +189,7 @@ upload_parts = Table(
     Column("created_at", BigInteger, nullable=False),
     Column("storage_key", Text, nullable=False),
     Index("ix_upload_parts_upload", "upload_id"),
+    Index("ix_upload_parts_storage_key", "storage_key"),
 )
 
 webhook_deliveries = Table(
