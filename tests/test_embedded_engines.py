@@ -299,6 +299,7 @@ def test_embeddings_match_sentence_transformers_and_formats() -> None:
     assert answer["usage"]["prompt_tokens"] == 6 + 9 and floats.body["usage"] == answer["usage"]
     assert dims.status_code == 400 and dims.body["error"]["param"] == "dimensions"
     assert token_ids.status_code == 400 and token_ids.body["error"]["param"] == "input"
+    assert "check_embedding_ctx_length=False" in token_ids.body["error"]["message"]  # who sends them, and how not to
     assert all(r.status_code == 200 for r in many)
 
 

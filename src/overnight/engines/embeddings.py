@@ -282,7 +282,11 @@ class MiniLMEmbeddingEngine:
         if not isinstance(texts, list) or not texts:
             raise BadRequest("'input' must be a string or a non-empty list of strings.", "input")
         if not all(isinstance(t, str) for t in texts):
-            raise BadRequest("The embedded embedding engine accepts text inputs only, not token ids.", "input")
+            # Token ids are another tokenizer's (tiktoken's, from a client written for OpenAI):
+            # embedded as this model's ids they would be a wrong vector, not an error.
+            raise BadRequest(
+                "The embedded embedding engine accepts text inputs only, not token ids: send the text. (LangChain's "
+                "OpenAIEmbeddings sends token ids unless check_embedding_ctx_length=False.)", "input")
         if any(not t for t in texts):
             raise BadRequest("'input' must not contain empty strings.", "input")
         if len(texts) > MAX_INPUTS:
