@@ -127,6 +127,7 @@ async def run_file(
     # No online request can reach this run: its batch may take every slot of the embedded engine.
     settings = replace(settings, worker=replace(settings.worker, poll_seconds=0.05), api_keys=("local",),
                        embedded=replace(settings.embedded, online_slot=False))
+    settings = slots_for_file(settings, input_path)
     _stop_on_signals(asyncio.current_task())
     parts: Components | None = None
     batch: BatchRecord | None = None
@@ -158,6 +159,26 @@ async def run_file(
             await parts.close()
         if scratch_dir is not None:
             shutil.rmtree(scratch_dir, ignore_errors=True)
+
+
+def slots_for_file(settings: Settings, path: Path) -> Settings:
+    """At most one embedded sequence slot per line of the file (nobody else can send this run a
+    request). llama.cpp allocates and clears every slot's KV cells at start: the default 64 slots of
+    2,048 cells are ~3 GB, which took ~6 s of page faults on a VM for a file of 6 lines. Each slot
+    keeps its cells, so the longest line that fits is the same."""
+    cfg = settings.embedded
+    lines, last = 0, b"\n"
+    try:
+        with path.open("rb") as fh:
+            while lines < cfg.n_seq_max and (chunk := fh.read(1 << 20)):  # a big file: its first chunks
+                lines, last = lines + chunk.count(b"\n"), chunk[-1:]
+    except OSError:  # the upload reports it
+        return settings
+    lines += last != b"\n"  # a last line without its newline
+    slots = max(1, min(cfg.n_seq_max, lines))
+    if slots == cfg.n_seq_max:
+        return settings
+    return replace(settings, embedded=replace(cfg, n_seq_max=slots, n_ctx=cfg.n_ctx // cfg.n_seq_max * slots))
 
 
 def user_models_dir() -> Path | None:
