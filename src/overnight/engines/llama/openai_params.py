@@ -195,18 +195,32 @@ def _fit_by_dropping_oldest_inputs(native: Native, formatter: Jinja2ChatFormatte
         if exc.code != "context_length_exceeded":
             raise
         refusal = exc
+    last = responses_api.droppable_inputs(chat_body, body)
+
+    def without(dropped: int) -> ParsedRequest | None:
+        """Without the `dropped` oldest items, or None: still too long. A template that rejects the
+        conversation so cut (many want it to open with a user turn, then alternate) gets one more
+        item dropped."""
+        for k in (dropped, dropped + 1) if dropped < last else (dropped,):
+            try:
+                return parse_body(native, formatter, responses_api.without_oldest_inputs(chat_body, body, k),
+                                  True, noun="input")
+            except BadRequest as exc:
+                if exc.code == "context_length_exceeded":
+                    return None
+                if exc.param != "messages" or k == last:  # not the template's rejection, or nothing left to try
+                    raise
+        return None
+
     fits: ParsedRequest | None = None
-    lo, hi = 1, responses_api.droppable_inputs(chat_body, body)
+    lo, hi = 1, last
     while lo <= hi:
         dropped = (lo + hi) // 2
-        try:
-            fits = parse_body(native, formatter, responses_api.without_oldest_inputs(chat_body, body, dropped),
-                              True, noun="input")
-            hi = dropped - 1
-        except BadRequest as exc:
-            if exc.code != "context_length_exceeded":
-                raise
+        parsed = without(dropped)
+        if parsed is None:
             lo = dropped + 1
+        else:
+            fits, hi = parsed, dropped - 1
     if fits is None:
         raise refusal
     return fits
