@@ -193,6 +193,25 @@ def test_responses_truncation_auto_drops_the_fewest_oldest_items_that_make_the_i
 
 
 @needs_chat
+def test_an_engine_takes_the_slots_the_memory_holds_each_with_its_cells(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """llama.cpp allocates and clears the whole KV cache at start: where the defaults' 3 GB did not
+    fit, the kernel killed the worker at every start, with nothing in the log to say why."""
+    from overnight.engines.llama import kv_budget
+
+    three_slots = 3 * 512 * 23040  # SmolLM2: 30 layers x 3 KV heads x (64 + 64) x 2 bytes a cell
+    monkeypatch.setattr(kv_budget, "available_memory_bytes", lambda: int(three_slots / kv_budget.KV_SHARE) + 1)
+
+    async def work(engine: Any) -> tuple[int, int, EngineResponse]:
+        answer = await engine.execute(chat("Name a fruit.", max_tokens=4))
+        return engine.stats.total_slots, engine.context_window, answer
+
+    slots, window, answer = run_chat(work)  # 8 slots of 512 cells asked
+    assert (slots, window) == (3, 512) and answer.status_code == 200, answer.body
+    assert any("running 3 slots" in r.getMessage() for r in caplog.records), caplog.text
+
+
+@needs_chat
 def test_stop_string_truncates() -> None:
     async def work(engine: Any) -> tuple[EngineResponse, EngineResponse]:
         free = await engine.execute(chat("Count from one to ten in words, separated by commas.", max_tokens=16))

@@ -100,6 +100,7 @@ class LlamaChatEngine:
                 native.free()  # its KV cache is gigabytes: a template that does not compile must not keep it
                 raise
             self._native = native
+            self.n_seq_max = native.n_seq_max  # fewer where memory is short (kv_budget.py)
             self._scheduler = Scheduler(native, self.n_seq_max, self.prefix_sharing, self.deterministic,
                                         self.online_slot)
             self._scheduler.thread.start()

@@ -12,9 +12,12 @@ import ctypes
 import functools
 import logging
 import re
+from typing import Any
 
 import llama_cpp
 import numpy as np
+
+from overnight.engines.llama import kv_budget
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,23 @@ def llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
 
 
 
+def kv_cell_bytes(model: Any) -> int:
+    """Bytes one token takes in the KV cache of every layer (f16 keys and values, the context's
+    default). Sliding-window layers (Gemma 3) hold fewer cells: an overestimate there."""
+    n_head = llama_cpp.llama_model_n_head(model)
+    head = llama_cpp.llama_model_n_embd(model) // max(n_head, 1)
+    arch = _metadata(model, "general.architecture")
+    key = int(_metadata(model, f"{arch}.attention.key_length") or head)
+    value = int(_metadata(model, f"{arch}.attention.value_length") or head)
+    return int(llama_cpp.llama_model_n_layer(model) * llama_cpp.llama_model_n_head_kv(model) * (key + value) * 2)
+
+
+def _metadata(model: Any, key: str) -> str | None:
+    buf = ctypes.create_string_buffer(256)
+    n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+
 class Native:
     """The model, its vocabulary, the one context and the reusable batch. Tokenizing touches only the
     (read-only) vocabulary and is safe from any thread; everything else belongs to the decode thread."""
@@ -51,6 +71,19 @@ class Native:
         self.model = model
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        # Fewer slots, each with its cells, when the KV cache would not fit in memory (kv_budget.py).
+        cells_per_slot = n_ctx // n_seq_max
+        cell_bytes = kv_cell_bytes(model)
+        available = kv_budget.available_memory_bytes()
+        slots = kv_budget.slots_that_fit(n_seq_max, cells_per_slot, cell_bytes, available)
+        if slots < n_seq_max:
+            assert available is not None
+            log.warning("the KV cache of %d slots x %d cells (%.1f GB) does not fit in the %.1f GB of memory "
+                        "available: running %d slots (lower [embedded] n_seq_max, or give it more memory)",
+                        n_seq_max, cells_per_slot, n_seq_max * cells_per_slot * cell_bytes / 1e9, available / 1e9,
+                        slots)
+            n_seq_max, n_ctx = slots, cells_per_slot * slots
+        self.n_seq_max = n_seq_max
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = max(N_UBATCH, 2048)
