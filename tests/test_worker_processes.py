@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -97,6 +98,50 @@ def test_a_worker_that_exited_0_waits_for_the_server_to_stop_and_is_replaced_if_
         supervise_for(4.5)  # it does not: the worker is replaced
         assert workers._workers[0].process is not first
         until(workers.ready, timeout=60)
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            found |= {int(child) for child in (task / "children").read_text().split()}
+    return found
+
+
+def test_a_ctrl_c_while_requests_finish_does_not_restart_the_workers(tmp_path: Path) -> None:
+    """Ctrl-C reaches the workers (they exit 0 at once) and the server, which lets the requests in
+    flight finish before it stops supervising. Past the wait for a worker stopped alone, the
+    supervisor started new workers for a server on its way out; the server's signal handler now
+    tells it at once."""
+    from conftest import free_port, wait_http
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "overnight", "serve", "--port", str(port), "--data-dir", str(tmp_path / "data"),
+         "--api-key", "sk-test", "--no-embedded"],
+        stdout=(tmp_path / "server.log").open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", server, tmp_path / "server.log")
+        workers = _children(server.pid)
+        # An upload whose body trickles in: uvicorn lets it finish before the server stops.
+        upload = socket.create_connection(("127.0.0.1", port))
+        upload.sendall(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-test\r\n"
+                       b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n")
+        time.sleep(0.5)
+        os.killpg(server.pid, signal.SIGINT)  # Ctrl-C in its terminal
+        deadline = time.monotonic() + processes_module.STOPPED_ALONE_DELAY + 4  # two of the supervisor's looks more
+        while time.monotonic() < deadline:
+            upload.sendall(b"x" * 16)
+            assert _children(server.pid) <= workers, "a worker was started while the server was stopping"
+            assert server.poll() is None, "the server stopped before the upload ended: nothing was tested"
+            time.sleep(0.5)
+        upload.close()
+        assert server.wait(30) == 0
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(10)
 
 
 def test_a_crash_looping_worker_is_restarted_ever_more_slowly() -> None:

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from overnight import __version__
 from overnight.engines.packaged_models import WEIGHT_FORMATS
@@ -27,6 +31,9 @@ from overnight.settings import (
     parse_completion_windows,
     parse_upstream_flag,
 )
+
+if TYPE_CHECKING:
+    import uvicorn
 
 log = logging.getLogger("overnight")
 # `cleanup` with an orphan age looks twice this far apart: an object its writer is about to name
@@ -370,6 +377,7 @@ def serve(settings: Settings) -> None:
     # process's engines, or on the worker processes' (through their sockets). With no worker here
     # (--no-worker), this process's engines answer them, started on first use.
     parts.services.online = OnlineService(parts.router)
+    on_signal: Callable[[], None] | None = None
     if not settings.run_worker:
         app = create_app(parts.services, on_shutdown=parts.close, body_idle_timeout=idle)
     elif settings.worker_processes == 0:
@@ -377,6 +385,7 @@ def serve(settings: Settings) -> None:
                          on_shutdown=parts.close, body_idle_timeout=idle)
     else:
         workers = WorkerProcesses(settings, settings.worker_processes)
+        on_signal = workers.server_stopping
         parts.services.online = RelayClient(workers.relay_paths)
         parts.services.batches.on_change = workers.notify
         parts.services.workers_ready = workers.ready
@@ -399,9 +408,29 @@ def serve(settings: Settings) -> None:
     # uvicorn's default believed any local process, so behind an nginx that passes the header on, a
     # client chose its own address and escaped the failed-authentication throttle.
     trusted = os.environ.get("FORWARDED_ALLOW_IPS")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                http=guarded_protocol(settings.http), log_config=log_config, proxy_headers=trusted is not None,
-                forwarded_allow_ips=trusted)
+    _run_uvicorn(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
+                                http=guarded_protocol(settings.http), log_config=log_config,
+                                proxy_headers=trusted is not None, forwarded_allow_ips=trusted), on_signal)
+
+
+def _run_uvicorn(config: uvicorn.Config, on_signal: Callable[[], None] | None) -> None:
+    """`uvicorn.run`, also calling `on_signal` when SIGINT or SIGTERM reaches the server: at once,
+    while uvicorn still lets the requests in flight finish (which can take longer than a worker
+    process that exited with the same signal waits to be replaced: it must not be)."""
+    import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if on_signal is not None:
+                on_signal()
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
 
 
 def _with_metrics_dir(settings: Settings) -> Settings:

@@ -128,6 +128,12 @@ class WorkerProcesses:
         reader.close()
         return _Child(process, writer, ready, index, started=time.monotonic(), delay=delay)
 
+    def server_stopping(self) -> None:
+        """A stop signal reached the server (called from its signal handler): the workers got it
+        too, and one that exits now is not replaced, however long the server takes to finish the
+        requests in flight."""
+        self._stopping = True
+
     def ready(self) -> bool:
         """Whether every worker process has started (its engines loaded) and can claim work: until
         then /health answers 503, so whoever waits for it does not time the workers' start-up, and
