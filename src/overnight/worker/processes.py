@@ -61,8 +61,9 @@ _STABLE_SECONDS = 60.0
 _FIRST_RESTART_DELAY = 2.0
 _MAX_RESTART_DELAY = 300.0
 # A worker that exited 0 was asked to stop. Usually the server is stopping too (a Ctrl-C reaches the
-# whole process group; systemd signals every process of the service) and stops supervising within
-# this wait: restarted at once, the worker loaded its engines and claimed shards only to be stopped.
+# whole process group; systemd signals every process of the service): its signal handler tells the
+# supervisor at once (`server_stopping`), and this wait covers a signal that reached the worker a
+# moment earlier. Restarted at once, the worker loaded its engines and claimed shards only to be stopped.
 # A worker stopped alone (`kill PID`) is replaced after it: never replacing it left the server
 # without that worker, or any, for good.
 STOPPED_ALONE_DELAY = 10.0
