@@ -122,17 +122,20 @@ def _check_unsupported(body: dict[str, Any]) -> None:
                                  "truncation")
 
 
+def _instructions(body: dict[str, Any]) -> int:
+    """How many leading chat messages `to_chat_body` made of `instructions` (never dropped)."""
+    return 1 if body.get("instructions") is not None else 0
+
+
 def droppable_inputs(chat: dict[str, Any], body: dict[str, Any]) -> int:
     """How many of the oldest input items `truncation: "auto"` may drop from `chat` (the body
-    `to_chat_body` made of `body`): all but the newest; `instructions` are never dropped."""
-    kept = 1 if body.get("instructions") is not None else 0
-    return max(0, len(chat["messages"]) - kept - 1)
+    `to_chat_body` made of `body`): all but the newest."""
+    return max(0, len(chat["messages"]) - _instructions(body) - 1)
 
 
 def without_oldest_inputs(chat: dict[str, Any], body: dict[str, Any], dropped: int) -> dict[str, Any]:
     """`chat` without its `dropped` oldest input items (the instructions stay first)."""
-    kept = 1 if body.get("instructions") is not None else 0
-    messages = chat["messages"]
+    kept, messages = _instructions(body), chat["messages"]
     return {**chat, "messages": messages[:kept] + messages[kept + dropped:]}
 
 
