@@ -321,25 +321,26 @@ def levers(batch: list[dict[str, Any]], workdir: Path, full: bool) -> dict[str, 
     """Tokens/s of the engine (every line submitted at once) as the levers are added one by one."""
     import overnight.engines.llama.native as native_module
 
-    variants = [  # label, weights, engine arguments, KV layout override (None: the engine's own)
-        ("the packaged Q4_1, fa off, one prompt per decode, no prefix reuse, 16 slots", "Q4_1",
-         {"deterministic": True, "n_seq_max": 16}, None),
-        ("+ Q8_0 weights (deterministic mode's settings but 16 slots)", "Q8_0",
-         {"deterministic": True, "n_seq_max": 16}, None),
-        ("+ fa on, the prompts of several lines per decode, prefix reuse (fast mode), 16 slots", "Q8_0",
-         {"n_seq_max": 16}, None),
-        ("+ 32 slots", "Q8_0", {"n_seq_max": 32}, None),
-        ("+ 64 slots (the default)", "Q8_0", {"n_seq_max": 64}, None),
-        ("the default, but on one unified KV cache instead of a stream per slot", "Q8_0", {"n_seq_max": 64}, True),
+    variants = [  # label, weights, engine arguments, context parameters set over the engine's own
+        ("the packaged Q4_1, fa off, no prefix reuse, 16 slots", "Q4_1",
+         {"prefix_sharing": False, "n_seq_max": 16}, {"flash_attn_type": 0}),
+        ("+ Q8_0 weights", "Q8_0", {"prefix_sharing": False, "n_seq_max": 16}, {"flash_attn_type": 0}),
+        ("+ fa on, prefix reuse, 16 slots", "Q8_0", {"n_seq_max": 16}, {}),
+        ("+ 32 slots", "Q8_0", {"n_seq_max": 32}, {}),
+        ("+ 64 slots (the default)", "Q8_0", {"n_seq_max": 64}, {}),
+        ("the default in deterministic mode (keys and values in q8_0)", "Q8_0",
+         {"n_seq_max": 64, "deterministic": True}, {}),
+        ("the default, but on one unified KV cache instead of a stream per slot", "Q8_0", {"n_seq_max": 64},
+         {"kv_unified": True}),
     ]
     if full:
-        variants.append(("the default with 128 slots", "Q8_0", {"n_seq_max": 128}, None))
+        variants.append(("the default with 128 slots", "Q8_0", {"n_seq_max": 128}, {}))
     original = native_module.llama_cpp.llama_init_from_model
     out = {}
-    for label, ftype, kwargs, unified in variants:
-        def init(model: Any, params: Any, unified: bool | None = unified) -> Any:
-            if unified is not None:
-                params.kv_unified = unified
+    for label, ftype, kwargs, overrides in variants:
+        def init(model: Any, params: Any, overrides: dict[str, Any] = overrides) -> Any:
+            for name, value in overrides.items():
+                setattr(params, name, value)
             return original(model, params)
 
         native_module.llama_cpp.llama_init_from_model = init  # this process only, restored below

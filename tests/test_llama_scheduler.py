@@ -1,5 +1,5 @@
 """The llama scheduler's pure logic, without a model: streaming hold-back, online admission, what
-each decode call holds in the fast and the deterministic mode, and compaction of generating slots."""
+each decode call holds, and compaction of generating slots."""
 
 from __future__ import annotations
 
@@ -60,8 +60,6 @@ def scheduler(n_seq_max: int, online_active: int, batch_active: int) -> Any:
     """A scheduler with slots and queues only (admission logic needs no native handles)."""
     s = Scheduler.__new__(Scheduler)
     s.n_seq_max = n_seq_max
-    s.online_slot = True
-    s.deterministic = True  # the mode with a reserve; the fast mode preempts (test_llama_online_priority.py)
     s.slots = [Slot(seq_id=i) for i in range(n_seq_max)]
     for i in range(online_active + batch_active):
         s.slots[i].job = job(online=i < online_active)
@@ -69,21 +67,15 @@ def scheduler(n_seq_max: int, online_active: int, batch_active: int) -> Any:
     return s
 
 
-def test_online_jobs_go_first_and_in_deterministic_mode_keep_a_slot_in_reserve() -> None:
-    s = scheduler(8, online_active=0, batch_active=6)
+def test_online_jobs_go_first_and_the_batch_takes_every_slot() -> None:
+    """Pending online jobs are admitted before the batch's; the batch is admitted into the last free
+    slot too (online jobs preempt a batch line instead: test_llama_online_priority.py)."""
+    s = scheduler(8, online_active=1, batch_active=6)
     s.queue.extend([first_batch := job(), job()])
     s.online.append(online := job(online=True))
     assert s._next_job() is online  # queued after the batch job, admitted before it
-    assert s._next_job() is first_batch  # no online job active: batch fills all but the last slot
-    s = scheduler(8, online_active=1, batch_active=5)
-    s.queue.append(batch := job())
-    assert s._next_job() is batch  # 6 batch + 1 online: one slot stays free for the next online job
-    s = scheduler(8, online_active=1, batch_active=6)
-    s.queue.append(job())
-    assert s._next_job() is None  # 6 >= 8 - (1 + 1)
-    s = scheduler(8, online_active=2, batch_active=5)
-    s.queue.append(job())
-    assert s._next_job() is None  # 5 >= 8 - (2 + 1)
+    assert s._next_job() is first_batch  # into the 8th slot: none is held back
+    assert s._next_job() is not None and s._next_job() is None
 
 
 class FakeBatch:
@@ -95,14 +87,14 @@ class FakeBatch:
         self.n_tokens = 0
 
 
-def stepping_scheduler(deterministic: bool) -> tuple[Any, list[list[tuple[int, int]]]]:
+def stepping_scheduler() -> tuple[Any, list[list[tuple[int, int]]]]:
     """3 generating slots and 2 admitted 400-token prompts; `_decode` records what each call holds."""
     import threading
 
     from overnight.engines.stats import EmbeddedStats
 
     s = scheduler(5, online_active=0, batch_active=5)
-    s.deterministic, s.prefix_sharing = deterministic, False
+    s.prefix_sharing = False
     s.native = SimpleNamespace(n_batch=2048, batch=FakeBatch(2048))
     s.cond, s.stats = threading.Condition(), EmbeddedStats(total_slots=5)
     for slot in s.slots[:3]:
@@ -123,10 +115,10 @@ def stepping_scheduler(deterministic: bool) -> tuple[Any, list[list[tuple[int, i
     return s, calls
 
 
-def test_fast_mode_decodes_prompt_chunks_in_one_call_within_a_token_budget_then_generation() -> None:
+def test_a_step_decodes_prompt_chunks_in_one_call_within_a_token_budget_then_generation() -> None:
     from overnight.engines.llama.scheduler import STEP_TOKENS
 
-    s, calls = stepping_scheduler(deterministic=False)
+    s, calls = stepping_scheduler()
     s._step()
     # Two llama_decode calls: the prompts up to the step budget (the second is cut: chunked prefill,
     # it goes on next step), then one token for each generating slot, which waited for one chunk only.
@@ -136,15 +128,8 @@ def test_fast_mode_decodes_prompt_chunks_in_one_call_within_a_token_budget_then_
     assert s.logits == [[399], [0, 1, 2]]  # logits for the completed prompt and the generating slots only
 
 
-def test_deterministic_mode_decodes_each_prompt_in_a_call_of_its_own() -> None:
-    s, calls = stepping_scheduler(deterministic=True)
-    s._step()
-    assert calls == [[(3, 400)], [(4, 400)], [(0, 1), (1, 1), (2, 1)]]
-    assert s.logits == [[399], [399], [0, 1, 2]]
-
-
 def test_an_online_prompt_gets_a_call_of_its_own_before_generation() -> None:
-    s, calls = stepping_scheduler(deterministic=False)
+    s, calls = stepping_scheduler()
     s.slots[4].job = job(online=True)
     s._step()
     # the online prompt (slot 4) is decoded alone; slot 3's batch prompt waits a step, generation does not
@@ -239,7 +224,7 @@ def test_an_online_request_aborts_a_batch_step_once_and_the_redo_runs_to_its_end
     from overnight.engines.stats import EmbeddedStats
 
     s = scheduler(4, online_active=0, batch_active=2)  # two slots free
-    s.deterministic, s.cond, s.stats = False, threading.Condition(), EmbeddedStats(total_slots=4)
+    s.cond, s.stats = threading.Condition(), EmbeddedStats(total_slots=4)
     s.native = native = AbortRecorder()
     for slot in s.slots[:2]:
         slot.tokens, slot.n_past = [1, 2, 3], 2  # generating

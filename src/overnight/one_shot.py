@@ -124,9 +124,7 @@ async def run_file(
     scratch_dir = tempfile.mkdtemp(prefix="overnight-run-") if scratch else None
     if scratch_dir is not None:
         settings = replace(settings, data_dir=Path(scratch_dir), models_dir=settings.models_dir or user_models_dir())
-    # No online request can reach this run: its batch may take every slot of the embedded engine.
-    settings = replace(settings, worker=replace(settings.worker, poll_seconds=0.05), api_keys=("local",),
-                       embedded=replace(settings.embedded, online_slot=False))
+    settings = replace(settings, worker=replace(settings.worker, poll_seconds=0.05), api_keys=("local",))
     settings = slots_for_file(settings, input_path)
     _stop_on_signals(asyncio.current_task())
     parts: Components | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
@@ -13,6 +14,7 @@ from urllib.parse import unquote, urlsplit
 GiB = 1024**3
 _T = TypeVar("_T")
 MiB = 1024**2
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,15 +133,10 @@ class EmbeddedSettings:
     n_ctx: int = 131072
     n_seq_max: int = 64
     threads: int | None = None
-    # Greedy output that depends only on the line (never on what else is in flight): flash attention
-    # off, one prompt per decode call, no prefix reuse between slots (engines/llama/scheduler.py).
-    # Slower; bench_embedded measures by how much.
+    # Greedy output that depends only on the line (never on what else is in flight): the KV cache in
+    # q8_0, where every row is computed alone (engines/llama/scheduler.py, Determinism). A little
+    # slower; bench_embedded measures by how much.
     deterministic: bool = False
-    # Deterministic mode only (the fast mode preempts a batch line instead): batch lines leave one
-    # sequence slot free, so that an online request never waits for a batch line to finish
-    # (engines/llama/scheduler.py, Priority); it costs the batch one slot of n_seq_max.
-    # `overnight run` turns it off: nobody can send it an online request.
-    online_slot: bool = True
     # The format the packaged SmolLM2 is served in, made once from its Q4_1 file (packaged_models.py):
     # "Q8_0" keeps the model (KL divergence 0.013 from Q4_1) on fast CPU kernels; "IQ4_NL" and "Q4_0"
     # are faster still (IQ4_NL the fastest with AVX-512) but re-round every weight (KL divergence 0.43
@@ -422,12 +419,22 @@ def _build(cls: type[_T], table: object, where: str) -> _T:
     return cls(**kwargs)
 
 
+# Keys that meant something in an earlier version and no longer do: a config that sets one still
+# loads (with a warning), where an unknown key is refused.
+_RETIRED = {
+    ("embedded", "online_slot"): "deterministic mode preempts batch lines for online requests, as the fast mode does",
+}
+
+
 def _fields(cls: type, table: object, where: str) -> dict[str, object]:
     """A TOML table as keyword arguments of dataclass `cls`: known names, values of their types."""
     hints = get_type_hints(cls)
     names = [f.name for f in fields(cls)]
     out: dict[str, object] = {}
     for key, value in _table(table, where).items():
+        if (where, key) in _RETIRED:
+            log.warning("[%s] %s is no longer used (%s): remove it from the config", where, key, _RETIRED[where, key])
+            continue
         if key not in names:
             raise ValueError(f"{where}: unknown key {key!r} (known: {', '.join(names)})")
         out[key] = _value(hints[key], value, f"{where}.{key}")

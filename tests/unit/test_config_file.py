@@ -59,6 +59,14 @@ def test_a_key_or_value_that_cannot_work_is_named(tmp_path: Path, text: str, mes
     assert message in str(refused.value)
 
 
+def test_a_key_an_earlier_version_read_loads_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`[embedded] online_slot` kept a slot free in deterministic mode, which now preempts instead:
+    a config that sets it still starts, and says the key can go."""
+    settings = _load(tmp_path, "[embedded]\nonline_slot = true\ndeterministic = true\n")
+    assert settings.embedded.deterministic
+    assert "[embedded] online_slot is no longer used" in caplog.text and "remove it" in caplog.text
+
+
 def test_a_missing_config_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"cannot read the config file .*nope\.toml"):
         load_config_file(tmp_path / "nope.toml", Settings(data_dir=tmp_path))

@@ -66,7 +66,7 @@ def embedded_engines(settings: Settings) -> dict[str, Engine]:
             chat_path = packaged_models.fast_chat_model_path(chat_path, settings.resolved_models_dir, weights)
         chat = LlamaChatEngine(chat_path, name, n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq_max,
                                threads=cfg.threads or compute_threads(settings.worker_processes),
-                               deterministic=cfg.deterministic, online_slot=cfg.online_slot)
+                               deterministic=cfg.deterministic)
         engines[C.CHAT_COMPLETIONS] = chat
         engines[C.COMPLETIONS] = chat
         engines[C.RESPONSES] = chat  # client.responses.create(...) bodies work with zero configuration
@@ -129,7 +129,7 @@ def gemma_engine(settings: Settings) -> Engine | None:
     log.warning(packaged_models.GEMMA_NOTICE)
     return LlamaChatEngine(path, packaged_models.GEMMA_MODEL_NAME, n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq_max,
                            threads=cfg.threads or compute_threads(settings.worker_processes),
-                           deterministic=cfg.deterministic, online_slot=cfg.online_slot,
+                           deterministic=cfg.deterministic,
                            chat_template=packaged_models.GEMMA_CHAT_TEMPLATE,
                            owned_by="google; " + packaged_models.GEMMA_NOTICE)
 

@@ -37,13 +37,11 @@ class LlamaChatEngine:
 
     def __init__(self, model_path: str, model_name: str, n_ctx: int = 8192, n_seq_max: int = 16,
                  threads: int | None = None, *, prefix_sharing: bool = True, deterministic: bool = False,
-                 chat_template: str | None = None, owned_by: str = "overnight", online_slot: bool = True) -> None:
+                 chat_template: str | None = None, owned_by: str = "overnight") -> None:
         """`chat_template` (Jinja, as in a GGUF's tokenizer.chat_template) replaces the model's own;
         `owned_by` is what GET /v1/models says of the model (a licence notice, where one is owed).
-        `deterministic`: a temperature-0 answer depends only on its request (slower: flash attention
-        off, one prompt per decode call, no prefix sharing; scheduler.py). `online_slot`: in deterministic
-        mode batch lines leave one slot free for online requests (the fast mode preempts a batch
-        line instead; scheduler.py, Priority)."""
+        `deterministic`: a temperature-0 answer depends only on its request (the KV cache in q8_0:
+        native.py, scheduler.py)."""
         self.name = f"embedded:{model_name}"
         self.owned_by = owned_by
         self.chat_template = chat_template
@@ -55,9 +53,8 @@ class LlamaChatEngine:
         self.n_ctx = n_ctx
         self.n_seq_max = n_seq_max
         self.threads = threads or os.cpu_count() or 1
-        self.prefix_sharing = prefix_sharing and not deterministic
+        self.prefix_sharing = prefix_sharing
         self.deterministic = deterministic
-        self.online_slot = online_slot
         self._native: Native | None = None
         self._scheduler: Scheduler | None = None
         self._formatter: Jinja2ChatFormatter | None = None
@@ -86,7 +83,7 @@ class LlamaChatEngine:
             if self._closed:
                 raise RuntimeError("the engine is closed")
             native = await asyncio.to_thread(Native, self.model_path, self.n_ctx, self.n_seq_max, self.threads,
-                                             not self.deterministic, False)
+                                             deterministic=self.deterministic)
             template = self.chat_template or native.chat_template()
             try:
                 if template:
@@ -101,8 +98,7 @@ class LlamaChatEngine:
                 raise
             self._native = native
             self.n_seq_max = native.n_seq_max  # fewer where memory is short (kv_budget.py)
-            self._scheduler = Scheduler(native, self.n_seq_max, self.prefix_sharing, self.deterministic,
-                                        self.online_slot)
+            self._scheduler = Scheduler(native, self.n_seq_max, self.prefix_sharing)
             self._scheduler.thread.start()
 
     async def close(self) -> None:

@@ -2,8 +2,8 @@
 
 One `Native` holds the model, its vocabulary, the one context (all sequence slots) and the reusable
 batch. Only the scheduler's decode thread touches the context; see scheduler.py for why the context is
-configured as it is (a KV stream per slot; flash attention on in the fast mode, off in the
-deterministic mode).
+configured as it is (a KV stream per slot, flash attention; keys and values in 8 bits in deterministic
+mode).
 """
 
 from __future__ import annotations
@@ -40,15 +40,21 @@ def llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
 
 
 
-def kv_cell_bytes(model: Any) -> int:
-    """Bytes one token takes in the KV cache of every layer (f16 keys and values, the context's
-    default). Sliding-window layers (Gemma 3) hold fewer cells: an overestimate there."""
+# Bytes per key or value number in the cache: f16 (llama.cpp's default), or q8_0 (blocks of 32 int8
+# and one f16 scale: 34 bytes per 32) in deterministic mode.
+_KV_VALUE_BYTES = {False: 2.0, True: 34 / 32}
+
+
+def kv_cell_bytes(model: Any, quantized: bool = False) -> int:
+    """Bytes one token takes in the KV cache of every layer (f16 keys and values, or q8_0 where
+    `quantized`). Sliding-window layers (Gemma 3) hold fewer cells: an overestimate there."""
     n_head = llama_cpp.llama_model_n_head(model)
     head = llama_cpp.llama_model_n_embd(model) // max(n_head, 1)
     arch = _metadata(model, "general.architecture")
     key = int(_metadata(model, f"{arch}.attention.key_length") or head)
     value = int(_metadata(model, f"{arch}.attention.value_length") or head)
-    return int(llama_cpp.llama_model_n_layer(model) * llama_cpp.llama_model_n_head_kv(model) * (key + value) * 2)
+    layers = llama_cpp.llama_model_n_layer(model) * llama_cpp.llama_model_n_head_kv(model)
+    return int(layers * (key + value) * _KV_VALUE_BYTES[quantized])
 
 
 def _metadata(model: Any, key: str) -> str | None:
@@ -61,8 +67,8 @@ class Native:
     """The model, its vocabulary, the one context and the reusable batch. Tokenizing touches only the
     (read-only) vocabulary and is safe from any thread; everything else belongs to the decode thread."""
 
-    def __init__(self, model_path: str, n_ctx: int, n_seq_max: int, threads: int, flash_attn: bool,
-                 kv_unified: bool) -> None:
+    def __init__(self, model_path: str, n_ctx: int, n_seq_max: int, threads: int, *, deterministic: bool = False,
+                 kv_unified: bool = False) -> None:
         llama_cpp.llama_log_set(llama_log, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
         model = llama_cpp.llama_model_load_from_file(model_path.encode(), llama_cpp.llama_model_default_params())
@@ -73,7 +79,7 @@ class Native:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         # Fewer slots, each with its cells, when the KV cache would not fit in memory (kv_budget.py).
         cells_per_slot = n_ctx // n_seq_max
-        cell_bytes = kv_cell_bytes(model)
+        cell_bytes = kv_cell_bytes(model, deterministic)
         available = kv_budget.available_memory_bytes()
         slots = kv_budget.slots_that_fit(n_seq_max, cells_per_slot, cell_bytes, available)
         if slots < n_seq_max:
@@ -99,10 +105,19 @@ class Native:
         params.n_threads = threads
         params.n_threads_batch = threads
         params.no_perf = True
-        # Flash attention: ~20% faster generation at 32 sequences (llama-batched-bench, issue 14). Off in
-        # deterministic mode: its CPU kernel picks its algorithm by the number of query rows, so a
-        # prompt decoded in one call or in two would round differently.
-        params.flash_attn_type = 1 if flash_attn else 0
+        # Flash attention: ~20% faster generation at 32 sequences (llama-batched-bench, issue 14).
+        params.flash_attn_type = 1
+        if deterministic:
+            # Keys and values in q8_0. ggml's CPU flash attention then computes every query row alone
+            # over the row's cells in order, whatever else the call holds. On an f16 cache it has two
+            # faster paths that do not: a tiled kernel for calls of many rows per sequence (prompt
+            # chunks) and, for one row of one sequence over 512+ cells (a line generating alone in a
+            # long context), the cells split between threads and the partial sums added afterwards.
+            # With every other operation a per-row computation too (the weight formats deterministic
+            # mode serves; packaged_models.NOT_DETERMINISTIC), a token's numbers do not depend on the
+            # call it is decoded in, nor on whether its prefix was decoded in a copy in another slot
+            # (scheduler.py, Deterministic mode).
+            params.type_k = params.type_v = llama_cpp.GGML_TYPE_Q8_0
         ctx = llama_cpp.llama_init_from_model(model, params)
         if not ctx:
             llama_cpp.llama_model_free(model)

@@ -18,24 +18,25 @@ compaction: when the generating sequences do not sit on consecutive ids, the hig
 a free slot that closes a gap (`llama_memory_seq_cp` of its stream; a move happens once per gap,
 mostly as a batch's last lines finish), so a generation step is one micro-batch.
 
-Two modes. The default (fast) mode decodes the prompt chunks of all newly admitted slots in one call,
-up to `STEP_TOKENS` tokens (chunked prefill: a long prompt is spread over several steps, so
-generation never stalls behind it), with flash attention on and prefix sharing. As on OpenAI and
-vLLM, a greedy answer may then vary with what else is in flight: the float summation order of a row
-depends on the shape of the batch it was decoded in.
+Prefill. The prompt chunks of all newly admitted slots go in one call, up to `STEP_TOKENS` tokens
+(chunked prefill: a long prompt is spread over several steps, so generation never stalls behind it).
 
-Deterministic mode (`deterministic=True`): for temperature 0 a line's answer depends only on the line.
-Measured on llama-cpp-python 0.3.36 with SmolLM2, that takes (1) a KV stream per slot (with a unified
-cache a sequence attends over cells interleaved with other sequences' and the summation order
-changes); (2) flash attention off (its CPU kernel picks an algorithm by the number of query rows);
-(3) each prompt chunk in a `llama_decode` of its own; (4) no prefix reuse (a prompt whose prefix came
-from a cache decodes its tail in a chunk of another size). Moving a generating sequence to another
-stream copies its cells exactly, so compaction keeps the promise. Its cost is measured by
-bench/bench_embedded.py. In both modes `n_ctx` is the total KV size (as llama.cpp's `-c` with
-`--parallel`) and each request's prompt + completion must fit in `n_ctx // n_seq_max` tokens (capped
-by the model's training context).
+Determinism. By default (the fast mode, flash attention on an f16 KV cache) a greedy answer may vary
+with what else is in flight, as on OpenAI and vLLM: ggml's flash attention sums a row in another order
+when the call holds many rows of its sequence (a prompt chunk, whose size depends on the step and on
+how much of the prompt came from a cache) and when one sequence generates alone over 512+ cells.
+Deterministic mode (`deterministic=True`) keeps keys and values in q8_0, where flash attention has
+only its row-at-a-time kernel (native.py). Every operation is then computed row by row, so a token's
+numbers do not depend on the call it is decoded in: prompts of several lines in one call, prefix
+reuse, preemption (a generated token recomputed in a prompt chunk gets the numbers it had) and
+compaction (a stream copied exactly) all keep the promise, and the scheduler is the same in both
+modes. Measured on llama-cpp-python 0.3.36 (tests/test_embedded_engines.py: copies of prompts among
+others, shared prefixes, contexts past 512 cells, lines preempted for online requests); it costs the
+cache's rounding and ~5% of throughput (bench/bench_embedded.py). In both modes `n_ctx` is the total
+KV size (as llama.cpp's `-c` with `--parallel`) and each request's prompt + completion must fit in
+`n_ctx // n_seq_max` tokens (capped by the model's training context).
 
-Prefix sharing (fast mode). Lines of a batch commonly share a long prompt prefix (the same system
+Prefix sharing. Lines of a batch commonly share a long prompt prefix (the same system
 message). A slot keeps its KV after its request finishes and remembers which tokens it holds (each
 slot, busy or idle, holds at most `n_ctx // n_seq_max` tokens, so the cache cannot run out). A new
 request goes to the free slot holding the longest common token prefix, and that part is not
@@ -49,20 +50,15 @@ computing the same tokens in parallel. Reused tokens are reported as
 `usage.prompt_tokens_details.cached_tokens`.
 
 Priority. A job is online (someone waits for it interactively) or batch. Pending online jobs are
-admitted before any pending batch job (two queues). In the fast mode the batch takes every slot, and
-an online job that finds none free preempts the batch line that has generated least: the line leaves
-its slot with what it generated (tokens, text, its sampler and so its random state) and goes back to
-the front of the batch queue; readmitted, it prefills prompt + generated tokens (mostly from a shared
-prefix: its system prompt is in other slots) and continues where it stopped (recomputation, as
-vLLM preempts). Without preemption a running batch line held its slot for seconds at 64 slots (the
-first online request of a bench_online round waited 9-14 s), and a slot kept free for online
-requests instead held a line of every 64 back (a 64-line file's last line started when the first
-finished; on that file's throughput the difference was within the machine's noise).
-Deterministic mode cannot recompute (a token prefilled in a chunk does not get the numerics it had
-when generated), so there the batch leaves slots free: it is admitted only while fewer than
-`max(1, n_seq_max - reserve)` slots hold batch jobs, `reserve` being the online jobs active plus one
-(`online_slot`, the default of a server; `overnight run`, where nobody can send an online request,
-turns it off). The batch never stops altogether.
+admitted before any pending batch job (two queues). The batch takes every slot, and an online job
+that finds none free preempts the batch line that has generated least: the line leaves its slot
+with what it generated (tokens, text, its sampler and so its random state) and goes back to the
+front of the batch queue; readmitted, it prefills prompt + generated tokens (mostly from a shared
+prefix: its system prompt is in other slots) and continues where it stopped (recomputation, as vLLM
+preempts). Without preemption a running batch line held its slot for seconds at 64 slots (the first
+online request of a bench_online round waited 9-14 s), and a slot kept free for online requests
+instead held a line of every 64 back (a 64-line file's last line started when the first finished).
+The batch keeps one line running: online traffic slows it, never stops it.
 
 An online request does not wait for the batch step in flight either (at 64 sequences a step takes
 ~160 ms on 2 cores, more than the request's own prompt): when it arrives during a decode call of
@@ -104,7 +100,7 @@ log = logging.getLogger(__name__)
 # Only share a prefix with another slot (or wait for one being computed) when it saves at least this
 # many tokens: waiting costs a decode step.
 MIN_SHARED_PREFIX = 8
-# Tokens per decode step in the fast mode: every generating sequence's next token plus prompt chunks up
+# Tokens per decode step: every generating sequence's next token plus prompt chunks up
 # to this many. One micro-batch (native.N_UBATCH): a step then never takes more than one pass over the
 # weights for prompts, so generating sequences wait at most that long for their next token.
 STEP_TOKENS = 512
@@ -234,12 +230,9 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Scheduler:
-    def __init__(self, native: Native, n_seq_max: int, prefix_sharing: bool, deterministic: bool = False,
-                 online_slot: bool = True) -> None:
+    def __init__(self, native: Native, n_seq_max: int, prefix_sharing: bool) -> None:
         self.native = native
-        self.online_slot = online_slot  # keep a slot free for online requests (Priority, module doc)
-        self.deterministic = deterministic
-        self.prefix_sharing = prefix_sharing and not deterministic
+        self.prefix_sharing = prefix_sharing
         self.slots = [Slot(seq_id=i) for i in range(n_seq_max)]
         self.stats = EmbeddedStats(total_slots=n_seq_max)
         self.n_seq_max = n_seq_max
@@ -295,13 +288,7 @@ class Scheduler:
         self._admit()
         self._resolve_waits()
         prefilling = [s for s in self._active() if s.wait_for is None and len(s.tokens) - s.n_past > 1]
-        if self.deterministic:
-            # Each prompt chunk gets a decode call of its own: a sequence's numerics then do not depend
-            # on what else is in flight.
-            for slot in prefilling:
-                if not self._decode([slot], self.native.n_batch):
-                    return
-        elif prefilling:
+        if prefilling:
             online_prompts = [s for s in prefilling if s.job is not None and s.job.online]
             # Online prompts go alone: the user's first token then costs a pass over their prompt only,
             # and the batch's prompts wait one step.
@@ -350,7 +337,7 @@ class Scheduler:
         batch lines only, not itself the redo of an aborted call, with a free slot for the online job.
         And one micro-batch: llama.cpp drops the tokens of the micro-batch it aborted, not those of
         the ones before it, which the redo would then add to the cache a second time."""
-        if self.deterministic or self.retrying or not batch_only or not _one_micro_batch(entries):
+        if self.retrying or not batch_only or not _one_micro_batch(entries):
             return False
         return any(s.job is None and not s.copy_source for s in self.slots) or bool(self._preemptible())
 
@@ -412,11 +399,9 @@ class Scheduler:
             self._place(job, free)
 
     def _preemptible(self) -> list[Slot]:
-        """Fast mode: the batch lines an online job may take the slot of (no cross-stream copy of
-        theirs pending: that is carried out at the next decode). The batch keeps one line running:
-        online traffic slows it, never stops it."""
-        if self.deterministic:
-            return []
+        """The batch lines an online job may take the slot of (no cross-stream copy of theirs pending:
+        that is carried out at the next decode). The batch keeps one line running: online traffic
+        slows it, never stops it."""
         batch = [s for s in self.slots if s.job is not None and not s.job.online]
         if len(batch) <= 1:
             return []
@@ -444,22 +429,11 @@ class Scheduler:
         return True
 
     def _next_job(self) -> Job | None:
-        """The next job to admit (caller holds `cond`): online first; in deterministic mode a batch
-        job only while it leaves `reserve` slots for online jobs (module doc)."""
+        """The next job to admit (caller holds `cond`): online first (batch lines make room for them
+        by preemption, see the module doc)."""
         if self.online:
             return self.online.popleft()
-        if not self.queue:
-            return None
-        if not self.deterministic:
-            return self.queue.popleft()  # online jobs preempt batch lines instead
-        active = self._active()
-        # No online job is pending here (they went first), so the reserve counts the active ones.
-        online = sum(1 for s in active if s.job is not None and s.job.online)
-        # The batch keeps one slot whatever the reserve: online traffic slows it, never stops it (and
-        # an engine of one slot does not idle while batch lines wait).
-        if (online or self.online_slot) and len(active) - online >= max(1, self.n_seq_max - (online + 1)):
-            return None
-        return self.queue.popleft()
+        return self.queue.popleft() if self.queue else None
 
     def _place(self, job: Job, free: list[Slot]) -> None:
         prompt = job.resume_tokens()
