@@ -32,7 +32,7 @@ reuse, preemption (a generated token recomputed in a prompt chunk gets the numbe
 compaction (a stream copied exactly) all keep the promise, and the scheduler is the same in both
 modes. Measured on llama-cpp-python 0.3.36 (tests/test_embedded_engines.py: copies of prompts among
 others, shared prefixes, contexts past 512 cells, lines preempted for online requests); it costs the
-cache's rounding and ~5% of throughput (bench/bench_embedded.py). In both modes `n_ctx` is the total
+cache's rounding and about a tenth of the throughput (bench/bench_embedded.py). In both modes `n_ctx` is the total
 KV size (as llama.cpp's `-c` with `--parallel`) and each request's prompt + completion must fit in
 `n_ctx // n_seq_max` tokens (capped by the model's training context).
 
