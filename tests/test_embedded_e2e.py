@@ -265,6 +265,30 @@ def test_weights_in_the_config_file_are_checked(tmp_path: Path, toml: str, says:
     assert says in stderr, stderr
 
 
+def test_deterministic_mode_refuses_a_configured_model_with_matrices_in_other_formats(tmp_path: Path) -> None:
+    """A GGUF of one's own in deterministic mode: Q5_0 matrices (as most of Gemma's, whose answers
+    changed with batching in this mode) are refused at start with the way out; a Q8_0 copy is served."""
+    from overnight.engines import packaged_models
+
+    source = packaged_models.default_chat_model_path()
+    assert source is not None
+    mixed, plain = str(tmp_path / "mixed.Q5_0.gguf"), str(tmp_path / "plain.Q8_0.gguf")
+    packaged_models.requantize(source, mixed, "Q5_0")
+    packaged_models.requantize(source, plain, "Q8_0")
+    config = tmp_path / "overnight.toml"
+    config.write_text(f'[embedded]\ndeterministic = true\nchat_model_path = "{mixed}"\n')
+    stderr = serve_refused("--data-dir", str(tmp_path / "data"), "--api-key", API_KEY, "--config", str(config))
+    assert f"deterministic mode cannot serve {mixed}: some of its matrices are stored in Q5_0" in stderr, stderr
+    assert "llama-quantize --allow-requantize" in stderr
+    config.write_text(f'[embedded]\ndeterministic = true\nchat_model_path = "{plain}"\n')
+    srv = Server(tmp_path / "data", ["--api-key", API_KEY, "--config", str(config)]).start()
+    try:
+        done = run_batch(srv.client(), [_chat(0, model="plain.Q8_0")], timeout=120)
+        assert done.status == "completed" and done.request_counts.completed == 1
+    finally:
+        srv.stop()
+
+
 def test_overnight_run_makes_the_fast_weights_once_in_the_users_cache(tmp_path: Path) -> None:
     """`overnight run` without a data dir works in a scratch directory: the Q8_0 weights it made
     there (~0.9 s, every run) went with it. They are kept in $XDG_CACHE_HOME/overnight/models."""

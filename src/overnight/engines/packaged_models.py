@@ -99,9 +99,11 @@ FAST_FTYPE = "Q8_0"
 # What `[embedded] weights` may name: the packaged file's own format, or one made from it.
 PACKAGED_FTYPE = "Q4_1"
 WEIGHT_FORMATS = (FAST_FTYPE, "IQ4_NL", "Q4_0", PACKAGED_FTYPE)
-# Formats whose kernels give a row other sums when it is decoded beside more sequences (the
-# repacked IQ4_NL GEMM): deterministic mode refuses them (tests/test_embedded_engines.py).
-NOT_DETERMINISTIC = frozenset({"IQ4_NL"})
+# Formats whose CPU kernels give a row the same sums in calls of any size (tests/test_embedded_engines.py
+# decodes in each): deterministic mode serves only models whose matrices are all stored in them. Not
+# IQ4_NL (its repacked GEMM), nor Q5_0 and the K-quants of Gemma's file (gemma_model_path).
+ROW_STABLE_FORMATS = frozenset({"Q8_0", "Q4_0", "Q4_1"})
+NOT_DETERMINISTIC = frozenset(WEIGHT_FORMATS) - ROW_STABLE_FORMATS
 
 
 def fast_chat_model_path(source: str, models_dir: Path, ftype: str = FAST_FTYPE) -> str:

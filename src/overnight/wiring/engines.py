@@ -54,6 +54,8 @@ def embedded_engines(settings: Settings) -> dict[str, Engine]:
     weights = chat_weights(cfg.weights, cfg.chat_model_path, cfg.deterministic)  # a conflict first: it is what to fix
     if cfg.chat_model_path:
         _check_gguf(cfg.chat_model_path)
+        if cfg.deterministic:
+            _check_row_stable(cfg.chat_model_path)
     if cfg.embedding_model_dir:
         _check_embedding_dir(cfg.embedding_model_dir)
     chat_path = cfg.chat_model_path or packaged_models.default_chat_model_path()
@@ -126,6 +128,11 @@ def gemma_engine(settings: Settings) -> Engine | None:
     path = packaged_models.gemma_model_path(settings.resolved_models_dir)
     if path is None:
         raise ConfigurationError("Gemma is enabled but not installed: pip install 'overnight[gemma]'.")
+    if cfg.deterministic:
+        # Its file's matrices are mostly Q5_0 and K-quants, whose kernels sum a row differently with
+        # the call's size (a third of the answers changed with batching): deterministic mode serves
+        # a Q8_0 copy, made once (1.3 s), which holds those weights almost exactly.
+        path = packaged_models.fast_chat_model_path(path, settings.resolved_models_dir, "Q8_0")
     log.warning(packaged_models.GEMMA_NOTICE)
     return LlamaChatEngine(path, packaged_models.GEMMA_MODEL_NAME, n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq_max,
                            threads=cfg.threads or compute_threads(settings.worker_processes),
@@ -147,6 +154,25 @@ def _check_gguf(path: str) -> None:
     if not is_gguf(path):
         raise ConfigurationError(f"[embedded] chat_model_path {path} is not a GGUF file (llama.cpp's model "
                                  "format; convert the model with llama.cpp's convert_hf_to_gguf.py).")
+
+
+def _check_row_stable(path: str) -> None:
+    """Deterministic mode on a configured model: every matrix in a format whose kernels sum a row
+    the same whatever else a call holds, or a refusal at start that says how to get one."""
+    from overnight.engines.llama.gguf_header import NotGGUF, matrix_types
+    from overnight.engines.packaged_models import ROW_STABLE_FORMATS
+
+    try:
+        others = sorted(set(matrix_types(path)) - ROW_STABLE_FORMATS)
+    except NotGGUF as exc:
+        raise ConfigurationError(f"[embedded] chat_model_path {exc}.") from None
+    if others:
+        raise ConfigurationError(
+            f"[embedded] deterministic mode cannot serve {path}: some of its matrices are stored in "
+            f"{', '.join(others)}, whose CPU kernels sum a row differently with the number of rows decoded "
+            f"together. Serve a copy in Q8_0 (llama.cpp: llama-quantize --allow-requantize {path} "
+            f"OUT.gguf Q8_0; {', '.join(sorted(ROW_STABLE_FORMATS))} keep the promise), or turn deterministic "
+            "mode off.")
 
 
 def _check_embedding_dir(path: str) -> None:
