@@ -31,7 +31,7 @@ Every arm runs the same number of rounds, interleaved (the order rotates each ro
 warm-up round. Servers start once and stay up across rounds (idle servers use no CPU). Ratios are
 taken within a round and reported as median and min-max over rounds.
 `--quality`: Q8_0, Q4_0 and IQ4_NL made from the packaged Q4_1 file against it, to choose the fast-kernel
-format by quality as well as speed: greedy answers (one at a time, deterministic mode), and on the
+format by quality as well as speed: greedy answers (one at a time, no prefix reuse), and on the
 prompts followed by the Q4_1 answers, the KL divergence of each next-token distribution from Q4_1's,
 how often the most likely next token is the same, and perplexity (as llama-perplexity
 --kl-divergence measures a quantization).
@@ -234,11 +234,12 @@ QUALITY_FORMATS = ("Q8_0", "Q4_0", "IQ4_NL")
 
 
 def quality(batch: list[dict[str, Any]], workdir: Path) -> dict[str, Any]:
-    """Greedy answers, one at a time in deterministic mode, of each format vs the packaged Q4_1."""
+    """Greedy answers, one at a time without prefix reuse (each prompt decoded the same way in every
+    format), of each format vs the packaged Q4_1."""
 
     async def answers(path: str) -> list[str]:
         engine = LlamaChatEngine(path, DEFAULT_CHAT_MODEL_NAME, n_ctx=1024, n_seq_max=1, threads=THREADS,
-                                 deterministic=True)
+                                 prefix_sharing=False)
         await engine.start()
         try:
             out = []

@@ -122,7 +122,7 @@ def main() -> None:
         for r in range(args.rounds):
             idle = [ttft(client, i, args.online_new) for i in range(args.idle_requests)]
             # Alternate which batch run goes first, so drift does not favour one. Solo is the batch
-            # with nobody online (the server's slot kept free for online requests stays free).
+            # with nobody online.
             if r % 2 == 0:
                 solo_tps = run_batch(client, data)[0]
                 loaded_tps, loaded = loaded_round(client, data, args.online_new, args.gap)

@@ -396,7 +396,8 @@ def test_deterministic_mode_answers_a_line_the_same_whatever_else_is_in_flight(
     differed from the prompt's answer alone). In deterministic mode every copy equals it, in every
     format `[embedded] weights` offers: calls of 1 to 16 sequences and prompt chunks of any size
     give a row the same sums in each (their matrix kernels differ, repacked Q4_0 and tinyBLAS Q8_0
-    among them; the repacked IQ4_NL GEMM does not, and fails this test)."""
+    among them). Not IQ4_NL, whose repacked GEMM does not: run on it, this test fails, which is why
+    deterministic mode refuses it (not run here)."""
     prompts = [chat(q, max_tokens=64) for q in QUESTIONS] + [chat(q, system=SYSTEM, max_tokens=64) for q in QUESTIONS]
     copies = [p for p in prompts for _ in range(3)]
 
@@ -443,6 +444,25 @@ def test_deterministic_mode_holds_in_long_contexts_and_for_lines_preempted_by_on
     assert preempted >= 1
     assert answered == expected[len(prompts):]
     assert answers == [expected[prompts.index(p)] for p in copies]
+
+
+@pytest.mark.parametrize(("system_info", "warned"), [
+    ("CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 1 | LLAMAFILE = 1 | REPACK = 1 | ", None),
+    ("CPU : NEON = 1 | ARM_FMA = 1 | MATMUL_INT8 = 1 | REPACK = 1 | ", "(MATMUL_INT8)"),
+    ("CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | AMX_INT8 = 1 | ", "(AMX_INT8)"),
+    ("CPU : SSE3 = 1 | AVX = 1 | AVX2 = 0 | ", "(no AVX2)"),
+])
+def test_deterministic_mode_warns_on_a_cpu_whose_kernels_it_was_not_tested_on(
+        system_info: str, warned: str | None, caplog: pytest.LogCaptureFixture) -> None:
+    """ARM's int8 matrix kernels, Intel AMX and AVX without AVX2 pick kernels by the number of rows
+    in a call, which sum a row differently: the promise is reasoned and tested on x86 AVX2/AVX-512."""
+    from overnight.engines.llama.native import _warn_if_untested_cpu
+
+    _warn_if_untested_cpu(system_info)
+    if warned is None:
+        assert not caplog.records
+    else:
+        assert "deterministic mode is tested on x86 CPUs with AVX2 or AVX-512" in caplog.text and warned in caplog.text
 
 
 @needs_chat

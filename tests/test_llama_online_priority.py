@@ -29,7 +29,6 @@ def job(online: bool = False, prompt: list[int] | None = None) -> Job:
 def scheduler(n_seq_max: int, batch_active: int) -> Any:
     """Slots, queues and the lock only: admission needs no native handles."""
     s = Scheduler.__new__(Scheduler)
-    s.n_seq_max = n_seq_max
     s.prefix_sharing = True
     s.slots = [Slot(seq_id=i) for i in range(n_seq_max)]
     for i in range(batch_active):
@@ -43,8 +42,10 @@ def test_the_batch_takes_every_slot() -> None:
     """A slot kept free for online requests cost a 64-line file a tail: its 64th line started only
     when the first one finished. Online jobs preempt instead, so the batch takes every slot."""
     s = scheduler(8, batch_active=7)
-    s.queue.append(last := job())
-    assert s._next_job() is last
+    s._place = lambda line, free: setattr(free[0], "job", line)  # admission only: no KV to set up
+    s.queue.extend([last := job(), job()])
+    s._admit()
+    assert s.slots[7].job is last and len(s.queue) == 1  # the 8th slot taken, no more
 
 
 def running(s: Any, seq: int, prompt: list[int], generated: list[int], text: bytes) -> Job:

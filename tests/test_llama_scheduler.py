@@ -59,7 +59,6 @@ def test_streaming_matches_a_whole_decode_of_invalid_bytes() -> None:
 def scheduler(n_seq_max: int, online_active: int, batch_active: int) -> Any:
     """A scheduler with slots and queues only (admission logic needs no native handles)."""
     s = Scheduler.__new__(Scheduler)
-    s.n_seq_max = n_seq_max
     s.slots = [Slot(seq_id=i) for i in range(n_seq_max)]
     for i in range(online_active + batch_active):
         s.slots[i].job = job(online=i < online_active)
@@ -70,12 +69,22 @@ def scheduler(n_seq_max: int, online_active: int, batch_active: int) -> Any:
 def test_online_jobs_go_first_and_the_batch_takes_every_slot() -> None:
     """Pending online jobs are admitted before the batch's; the batch is admitted into the last free
     slot too (online jobs preempt a batch line instead: test_llama_online_priority.py)."""
-    s = scheduler(8, online_active=1, batch_active=6)
-    s.queue.extend([first_batch := job(), job()])
+    import threading
+
+    s = scheduler(8, online_active=1, batch_active=5)
+    s.cond = threading.Condition()
+    s._place = lambda line, free: setattr(free[0], "job", line)  # admission only: no KV to set up
+    for line in (first_batch := job(), last_batch := job(), job()):
+        line.deadline = float("inf")
+        s.queue.append(line)
     s.online.append(online := job(online=True))
-    assert s._next_job() is online  # queued after the batch job, admitted before it
-    assert s._next_job() is first_batch  # into the 8th slot: none is held back
-    assert s._next_job() is not None and s._next_job() is None
+    online.deadline = float("inf")
+    s._admit()
+    # queued after the batch jobs, admitted before them; then the batch into the 8th slot too
+    assert [slot.job for slot in s.slots[6:]] == [online, first_batch]
+    s.slots[6].job = None  # the online job finished: its slot goes to the batch
+    s._admit()
+    assert s.slots[6].job is last_batch and len(s.queue) == 1
 
 
 class FakeBatch:

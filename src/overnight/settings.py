@@ -140,8 +140,8 @@ class EmbeddedSettings:
     # The format the packaged SmolLM2 is served in, made once from its Q4_1 file (packaged_models.py):
     # "Q8_0" keeps the model (KL divergence 0.013 from Q4_1) on fast CPU kernels; "IQ4_NL" and "Q4_0"
     # are faster still (IQ4_NL the fastest with AVX-512) but re-round every weight (KL divergence 0.43
-    # and 0.6: a different model); "Q4_1" is the file as packaged. Each serves either mode
-    # (deterministic mode's promise is tested on all four).
+    # and 0.6: a different model); "Q4_1" is the file as packaged. Deterministic mode serves all but
+    # IQ4_NL (its promise is tested on each; packaged_models.ROW_STABLE_FORMATS).
     # None: Q8_0. bench_embedded.py --quality measures the formats.
     weights: str | None = None
     # Gemma 3 270M as a second chat model, routed by its name "gemma-3-270m" (never the default).

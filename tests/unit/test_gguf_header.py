@@ -51,6 +51,8 @@ def test_the_formats_of_a_files_matrices_are_counted(tmp_path: Path) -> None:
     (gguf(version=1), "GGUF version 1 is not one this reader knows"),
     (gguf()[:200], "the GGUF header ends early"),
     (gguf()[:24] + _string("k") + struct.pack("<I", 13), "unknown GGUF metadata type 13"),
+    (gguf().replace(_tensor("blk.0.odd", (8, 8), 99), _string("x") + struct.pack("<I", 2**31)),
+     "a tensor of 2147483648 dimensions"),  # was a read of 16 GiB
 ])
 def test_a_file_that_is_not_a_whole_gguf_header_is_named(tmp_path: Path, data: bytes, says: str) -> None:
     path = tmp_path / "m.gguf"

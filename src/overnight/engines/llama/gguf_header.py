@@ -4,7 +4,8 @@ Deterministic mode needs it: its promise holds only where every matrix product s
 whatever else the call holds, which depends on the format's CPU kernels (scheduler.py, Determinism).
 The header is read as the GGUF spec lays it out (version 2 and 3, little-endian): magic, version,
 tensor and metadata counts, the metadata (skipped), then one record per tensor: name, dimensions,
-type, offset. Only the header is read, not the weights.
+type, offset. Only the header is read, not the weights (nor the other parts of a split model:
+only the first part's tensors are seen).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def matrix_types(path: str) -> Counter[str]:
         for _ in range(n_tensors):
             _skip_string(fh)  # the name
             n_dims = _u32(fh)
+            if n_dims > 4:  # GGML_MAX_DIMS
+                raise NotGGUF(f"{path}: a tensor of {n_dims} dimensions (at most 4)")
             dims = struct.unpack(f"<{n_dims}Q", _exactly(fh, 8 * n_dims))
             ggml_type = _u32(fh)
             _exactly(fh, 8)  # the data's offset

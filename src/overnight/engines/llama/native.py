@@ -57,6 +57,22 @@ def kv_cell_bytes(model: Any, quantized: bool = False) -> int:
     return int(layers * (key + value) * _KV_VALUE_BYTES[quantized])
 
 
+def _warn_if_untested_cpu(system_info: str) -> None:
+    """Deterministic mode's promise is reasoned from, and tested on, x86 CPUs with AVX2 or AVX-512.
+    Elsewhere llama.cpp picks matrix kernels by the number of rows in a call that sum a row
+    differently: ARM with int8 matrix instructions (MATMUL_INT8: a two-row kernel for even row
+    counts; NEON repacks Q4_0 and Q8_0), Intel AMX tiles for more than one row, AVX without AVX2."""
+    # "CPU : SSE3 = 1 | AVX2 = 1 | ... |": the features this build of llama.cpp uses
+    features = {name.strip().removeprefix("CPU : ") for name, _, value in
+                (item.partition("=") for item in system_info.split("|")) if value.strip() == "1"}
+    risky = features & {"AMX_INT8", "MATMUL_INT8"}
+    if "AVX2" not in features or risky:
+        log.warning("deterministic mode is tested on x86 CPUs with AVX2 or AVX-512; on this one (%s) "
+                    "llama.cpp's matrix kernels may sum a row differently with the number of rows "
+                    "decoded together, and a greedy answer may then vary with batching",
+                    ", ".join(sorted(risky)) or "no AVX2")
+
+
 def _metadata(model: Any, key: str) -> str | None:
     buf = ctypes.create_string_buffer(256)
     n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
@@ -71,7 +87,13 @@ class Native:
                  kv_unified: bool = False) -> None:
         llama_cpp.llama_log_set(llama_log, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
-        model = llama_cpp.llama_model_load_from_file(model_path.encode(), llama_cpp.llama_model_default_params())
+        model_params = llama_cpp.llama_model_default_params()
+        if deterministic:
+            # Its promise rests on ggml's CPU kernels (below): no layer goes to a GPU backend (a
+            # build with Metal or CUDA offloads every layer by default).
+            model_params.n_gpu_layers = 0
+            _warn_if_untested_cpu(llama_cpp.llama_print_system_info().decode("utf-8", "replace"))
+        model = llama_cpp.llama_model_load_from_file(model_path.encode(), model_params)
         if not model:
             raise RuntimeError(f"llama.cpp could not load the model {model_path!r}")
         self.model = model
@@ -113,11 +135,12 @@ class Native:
             # faster paths that do not: a tiled kernel for calls of many rows per sequence (prompt
             # chunks) and, for one row of one sequence over 512+ cells (a line generating alone in a
             # long context), the cells split between threads and the partial sums added afterwards.
-            # With every other operation a per-row computation too (the weight formats deterministic
-            # mode serves; packaged_models.NOT_DETERMINISTIC), a token's numbers do not depend on the
-            # call it is decoded in, nor on whether its prefix was decoded in a copy in another slot
-            # (scheduler.py, Deterministic mode).
+            # With every other operation a per-row computation too (on x86 with AVX2 or AVX-512, for
+            # the formats in packaged_models.ROW_STABLE_FORMATS), a token's numbers do not depend on
+            # the call it is decoded in, nor on whether its prefix was decoded in a copy in another
+            # slot (scheduler.py, Determinism).
             params.type_k = params.type_v = llama_cpp.GGML_TYPE_Q8_0
+            params.op_offload = False  # nothing computed on a GPU backend either
         ctx = llama_cpp.llama_init_from_model(model, params)
         if not ctx:
             llama_cpp.llama_model_free(model)

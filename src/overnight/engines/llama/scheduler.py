@@ -235,7 +235,6 @@ class Scheduler:
         self.prefix_sharing = prefix_sharing
         self.slots = [Slot(seq_id=i) for i in range(n_seq_max)]
         self.stats = EmbeddedStats(total_slots=n_seq_max)
-        self.n_seq_max = n_seq_max
         # Two queues: pending online jobs are admitted before any batch job (module doc).
         self.online: deque[Job] = deque()
         self.queue: deque[Job] = deque()  # batch jobs
