@@ -26,8 +26,9 @@ with what else is in flight, as on OpenAI and vLLM: ggml's flash attention sums 
 when the call holds many rows of its sequence (a prompt chunk, whose size depends on the step and on
 how much of the prompt came from a cache) and when one sequence generates alone over 512+ cells.
 Deterministic mode (`deterministic=True`) keeps keys and values in q8_0, where flash attention has
-only its row-at-a-time kernel (native.py). Every operation is then computed row by row, so a token's
-numbers do not depend on the call it is decoded in: prompts of several lines in one call, prefix
+only its row-at-a-time kernel (native.py). Every operation is then computed row by row (on x86 with
+AVX2 or AVX-512, in the formats deterministic mode serves: native.py), so a token's numbers do not
+depend on the call it is decoded in: prompts of several lines in one call, prefix
 reuse, preemption (a generated token recomputed in a prompt chunk gets the numbers it had) and
 compaction (a stream copied exactly) all keep the promise, and the scheduler is the same in both
 modes. Measured on llama-cpp-python 0.3.36 (tests/test_embedded_engines.py: copies of prompts among
