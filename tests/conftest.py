@@ -144,7 +144,15 @@ class Server:
             env=env,
             umask=self.umask,
         )
-        wait_http(f"http://127.0.0.1:{self.port}/health", self.proc, self.log)
+        try:
+            wait_http(f"http://127.0.0.1:{self.port}/health", self.proc, self.log)
+        except BaseException:  # never ready: stopped with its workers, not left holding their memory
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+            raise
         return self
 
     def file_store(self) -> Any:

@@ -69,6 +69,9 @@ def test_results_while_running_are_the_final_files_prefix(make_server: Any) -> N
                 early.setdefault("output", b"".join(chunks["output"]))
         if all(finished.values()):
             break
+        # Three requests a round: without a pause, a fast machine went past the key's 100 requests
+        # a second (a 1,000-request burst) and got 429s.
+        time.sleep(0.05)
     assert seen_partial, "never saw a partial result while the batch ran"
     done = wait_terminal(client, batch.id)
     assert done.status == "completed"
