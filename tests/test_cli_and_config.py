@@ -394,3 +394,54 @@ def test_overnight_run_gives_the_embedded_engine_no_more_slots_than_the_file_has
         (tmp_path / "in.jsonl").write_bytes(content)
         embedded = slots_for_file(settings, tmp_path / "in.jsonl").embedded
         assert (embedded.n_seq_max, embedded.n_ctx) == (slots, slots * 2048), content[:10]
+
+
+def test_a_scratch_run_waits_for_its_threads_before_removing_its_directory(
+        tmp_path: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stopped worker's thread (a lease extension, a commit) may still write into the scratch
+    directory; removed while it did, the directory was left behind (once in three CI runs of the
+    SIGTERM test above). Here a thread keeps writing there for a while after the worker stops."""
+    import asyncio
+    import contextlib
+    import tempfile
+    import threading
+
+    from overnight import one_shot
+    from overnight.settings import EmbeddedSettings, Settings, UpstreamSettings
+    from overnight.worker.worker import Worker
+
+    original = Worker.run
+    started = threading.Event()
+
+    async def run_then_leave_a_thread(self: Worker, stop: asyncio.Event) -> None:
+        await original(self, stop)
+        data_dir = Path(one_shot_dirs[0])
+
+        def late_writes() -> None:
+            started.set()
+            end = time.monotonic() + 0.5
+            while time.monotonic() < end:
+                with contextlib.suppress(OSError):  # the directory is gone
+                    (data_dir / f"late-{time.monotonic_ns()}").write_bytes(b"x")
+
+        asyncio.get_running_loop().run_in_executor(None, late_writes)  # not awaited, as a cancelled to_thread
+        started.wait(5)
+
+    one_shot_dirs: list[str] = []
+    mkdtemp = tempfile.mkdtemp
+
+    def recording_mkdtemp(*args: Any, **kwargs: Any) -> str:
+        one_shot_dirs.append(path := mkdtemp(*args, **kwargs))
+        return path
+
+    monkeypatch.setattr(Worker, "run", run_then_leave_a_thread)
+    monkeypatch.setattr(one_shot.tempfile, "mkdtemp", recording_mkdtemp)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "in.jsonl").write_bytes(jsonl([chat_line(i) for i in range(3)]))
+    settings = Settings(data_dir=tmp_path / "unused", upstreams=(UpstreamSettings(base_url=upstream.base_url),),
+                        embedded=EmbeddedSettings(enabled=False))
+    code = asyncio.run(one_shot.run_file(settings, tmp_path / "in.jsonl", tmp_path / "out.jsonl", None, None,
+                                         scratch=True))
+    assert code == 0 and len((tmp_path / "out.jsonl").read_bytes().splitlines()) == 3
+    assert one_shot_dirs and list((tmp_path / "tmp").iterdir()) == []

@@ -156,6 +156,10 @@ async def run_file(
                     parts.services.batches.cancel(None, batch.id)
             await parts.close()
         if scratch_dir is not None:
+            # Work the stopped worker left on threads (a lease extension, a commit: cancelling the
+            # awaiting task does not stop the thread) may still write into the directory: removed
+            # meanwhile, it was left behind now and then with the files written during the removal.
+            await asyncio.get_running_loop().shutdown_default_executor()
             shutil.rmtree(scratch_dir, ignore_errors=True)
 
 
