@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import openai
+
 from bench_orchestration import overnight_run
 from harness import (
     TICK,
@@ -167,7 +169,8 @@ def run_arm(arm: str, tag: str, stack: Stack, workdir: Path, upstream_url: str, 
     with env as (base_url, groups):
         ready = time.perf_counter() - started
         time.sleep(SETTLE_SECONDS)
-        overnight_run(base_url, warm, warm_lines, None)  # polls: every arm alike
+        client = openai.OpenAI(base_url=base_url, api_key=KEY)
+        overnight_run(client, warm, warm_lines, None)  # polls: every arm alike
         groups = {
             **groups,
             "postgres": lambda: tree_ticks(stack.pg.proc.pid),  # type: ignore[union-attr]
@@ -177,8 +180,9 @@ def run_arm(arm: str, tag: str, stack: Stack, workdir: Path, upstream_url: str, 
         }
         before = cpu_snapshot(groups)
         began = time.perf_counter()
-        result = overnight_run(base_url, measured, lines, None)
+        result = overnight_run(client, measured, lines, None)
         wall = time.perf_counter() - began
+        client.close()
         after = cpu_snapshot(groups)
     return {**{k: round(v, 4) for k, v in result.items()}, "wall_s": round(wall, 4), "startup_s": round(ready, 2),
             "cpu": cpu_use(before, after, wall), "log_problems": log_problems(workdir, tag)}
