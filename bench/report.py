@@ -119,6 +119,8 @@ def orchestration() -> str:
                       f"{phase('upload_s')} s, run + finalize {phase('run_s')} s, download {phase('download_s')} s."]
     if "cpu" in d:
         lines += ["", orchestration_cpu(d["cpu"], sizes[0]), "", orchestration_wall(d, sizes[0])]
+    if len(sizes) > 1 and d.get("overnight_phases", {}).get(f"overnight@{sizes[-1]}"):
+        lines += ["", orchestration_small_wall(d, sizes[-1])]
     return "\n".join(lines)
 
 
@@ -162,6 +164,27 @@ def orchestration_wall(d: dict[str, Any], size: int, goal: float = 0.90) -> str:
             f"cores), overnight could spend **{n(budget, 1)} us per line** ({n(full, 1)} with every core busy all "
             f"the time), against the bare client's {n(per_line('raw_pyreqwest', 'client'), 1)} for its HTTP work "
             f"alone and overnight's {n(per_line('overnight', 'overnight'), 1)} today.")
+
+
+def orchestration_small_wall(d: dict[str, Any], size: int, goal: float = 0.80) -> str:
+    """What a small batch may take end to end to reach `goal` of the bare pyreqwest client, against
+    the time the bare client itself takes to send its lines (no client on the same HTTP library and
+    upstream sends them faster) and the calls that only a batch API makes (the upload, the create,
+    the retrieve after the webhook, the download)."""
+    rate = float(d["arms_lines_per_s"][f"raw_pyreqwest@{size}"]["median"])
+    phases = d["overnight_phases"][f"overnight@{size}"]
+
+    def ms(key: str) -> float:
+        return sorted(p[key] for p in phases)[len(phases) // 2] * 1000
+
+    allowed, sending = size / (goal * rate) * 1000, size / rate * 1000
+    return (f"And a {n(size)}-line batch: at {goal:.2f} of the bare client's {n(rate)} lines/s it may take "
+            f"**{n(allowed, 1)} ms** from upload to download, of which the bare client's own sending of its lines "
+            f"takes {n(sending, 1)} (nothing on the same HTTP library sends them faster), leaving "
+            f"**{n(allowed - sending, 1)} ms** for everything only a batch API does; overnight's upload alone "
+            f"takes {n(ms('upload_s'), 1)} ms (medians of {len(phases)} runs), its run and finalize "
+            f"{n(ms('run_s'), 1)} (the sending, the create and the retrieve included) and its download "
+            f"{n(ms('download_s'), 1)}.")
 
 
 def api_latency() -> str:
