@@ -113,7 +113,7 @@ def orchestration() -> str:
     phases = d.get("overnight_phases", {}).get(f"overnight@{sizes[0]}", [])
     if phases:
         def phase(key: str) -> str:
-            return n(sorted(p[key] for p in phases)[len(phases) // 2], 2)
+            return n(phase_median(phases, key), 2)
 
         lines += ["", f"Where a {n(sizes[0])}-line batch's time goes (medians): upload, validated as it arrives, "
                       f"{phase('upload_s')} s, run + finalize {phase('run_s')} s, download {phase('download_s')} s."]
@@ -166,6 +166,11 @@ def orchestration_wall(d: dict[str, Any], size: int, goal: float = 0.90) -> str:
             f"alone and overnight's {n(per_line('overnight', 'overnight'), 1)} today.")
 
 
+def phase_median(phases: list[dict[str, float]], key: str) -> float:
+    """The median of one phase's seconds over overnight's runs (the upper one of an even count)."""
+    return sorted(p[key] for p in phases)[len(phases) // 2]
+
+
 def orchestration_small_wall(d: dict[str, Any], size: int, goal: float = 0.80) -> str:
     """What a small batch may take end to end to reach `goal` of the bare pyreqwest client, against
     the time the bare client itself takes to send its lines (no client on the same HTTP library and
@@ -175,7 +180,7 @@ def orchestration_small_wall(d: dict[str, Any], size: int, goal: float = 0.80) -
     phases = d["overnight_phases"][f"overnight@{size}"]
 
     def ms(key: str) -> float:
-        return sorted(p[key] for p in phases)[len(phases) // 2] * 1000
+        return phase_median(phases, key) * 1000
 
     allowed, sending = size / (goal * rate) * 1000, size / rate * 1000
     return (f"And a {n(size)}-line batch: at {goal:.2f} of the bare client's {n(rate)} lines/s it may take "
