@@ -14,6 +14,7 @@ import pytest
 from openai.types.responses import Response
 
 from conftest import API_KEY, Server, raw_request, results_by_id, run_batch, serve_refused
+from overnight.engines.packaged_models import default_weights
 
 pytestmark = pytest.mark.embedded
 
@@ -67,8 +68,9 @@ def test_chat_batch_of_64_on_the_default_model(embedded: Server) -> None:
     assert done.usage.output_tokens == sum(o["response"]["body"]["usage"]["completion_tokens"]
                                            for o in outputs.values())
     assert done.usage.input_tokens_details.cached_tokens > 0  # the shared system prompt was reused
-    # the packaged Q4_1 weights, requantized once to Q8_0 (fast CPU kernels) inside the data directory
-    [fast] = (embedded.data_dir / "models").glob("SmolLM2-135M-Instruct.*.Q8_0.gguf")
+    # the packaged Q4_1 weights, requantized once (BF16 with AVX512_BF16, else Q8_0: fast CPU kernels)
+    # inside the data directory
+    [fast] = (embedded.data_dir / "models").glob(f"SmolLM2-135M-Instruct.*.{default_weights()}.gguf")
     assert fast.is_file() and fast.stat().st_mode & 0o777 == 0o600
     assert not list(fast.parent.glob("*.partial"))
 
@@ -203,7 +205,7 @@ def test_embedded_engine_metrics(embedded: Server) -> None:
 def test_deterministic_mode_answers_each_line_as_it_answers_it_alone(tmp_path: Path) -> None:
     """`--deterministic`: 4 copies of each of 4 prompts (two share a system prompt) in one batch give
     each prompt one answer at temperature 0, equal to its answer in a batch of its own, on the
-    default Q8_0 weights."""
+    weights deterministic mode serves by default (Q8_0, on every CPU)."""
     system = "You are a helpful assistant. Answer clearly and concretely, in a few sentences."
     prompts = [(system, "What is the capital of France?"), (system, "Describe a river at dawn."),
                (None, "Write a short story about a dragon."), (None, "Count to five.")]
@@ -235,7 +237,7 @@ def test_deterministic_mode_answers_each_line_as_it_answers_it_alone(tmp_path: P
 
 def test_weights_q4_0_serves_the_packaged_model_requantized_once(tmp_path: Path) -> None:
     """`--weights Q4_0`: the faster (and lossier) format is made once in the data directory and
-    serves the batch; the default's Q8_0 file is not made."""
+    serves the batch; the default's file is not made."""
     srv = Server(tmp_path / "data", ["--api-key", API_KEY, "--weights", "Q4_0"]).start()
     try:
         done = run_batch(srv.client(), [_chat(i) for i in range(4)], timeout=300)
@@ -254,8 +256,9 @@ def test_weights_that_do_not_exist_are_refused_at_start(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("toml", "says"), [
-    ('weights = "q8"', "[embedded] weights = 'q8': use one of Q8_0, IQ4_NL, Q4_0, Q4_1"),
+    ('weights = "q8"', "[embedded] weights = 'q8': use one of Q8_0, BF16, IQ4_NL, Q4_0, Q4_1"),
     ('weights = "IQ4_NL"\ndeterministic = true', "deterministic mode cannot serve IQ4_NL"),
+    ('weights = "BF16"\ndeterministic = true', "deterministic mode cannot serve BF16"),
     ('weights = "Q4_0"\nchat_model_path = "/models/mine.gguf"', "chat_model_path is served as it is"),
 ])
 def test_weights_in_the_config_file_are_checked(tmp_path: Path, toml: str, says: str) -> None:
@@ -290,7 +293,7 @@ def test_deterministic_mode_refuses_a_configured_model_with_matrices_in_other_fo
 
 
 def test_overnight_run_makes_the_fast_weights_once_in_the_users_cache(tmp_path: Path) -> None:
-    """`overnight run` without a data dir works in a scratch directory: the Q8_0 weights it made
+    """`overnight run` without a data dir works in a scratch directory: the weights it made
     there (~0.9 s, every run) went with it. They are kept in $XDG_CACHE_HOME/overnight/models."""
     import os
     import subprocess
@@ -307,7 +310,8 @@ def test_overnight_run_makes_the_fast_weights_once_in_the_users_cache(tmp_path: 
         assert result.returncode == 0, result.stderr[-2000:]
         assert len((tmp_path / f"out{run}.jsonl").read_text().splitlines()) == 2
         files = list((cache / "overnight" / "models").glob("*.gguf"))
-        assert len(files) == 1 and re.fullmatch(r"SmolLM2-135M-Instruct\.[0-9a-f]{12}\.Q8_0\.gguf", files[0].name)
+        assert len(files) == 1 and re.fullmatch(rf"SmolLM2-135M-Instruct\.[0-9a-f]{{12}}\.{default_weights()}\.gguf",
+                                                files[0].name)
         made.append((files[0].stat().st_ino, files[0].stat().st_mtime_ns))
         assert list(scratch.iterdir()) == []  # the scratch directory is gone, the cache stays
     assert made[0] == made[1]  # the second run used the first one's file

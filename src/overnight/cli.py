@@ -77,8 +77,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="embedded chat: a temperature-0 line's answer depends only on the line (keys "
                         "and values cached in q8_0: about a tenth slower)")
     parser.add_argument("--weights", choices=WEIGHT_FORMATS, default=None,
-                        help="embedded chat: the format the packaged model is served in (default Q8_0: "
-                        "keeps the model; IQ4_NL, Q4_0: faster, re-round every weight; Q4_1: as packaged)")
+                        help="embedded chat: the format the packaged model is served in (default: BF16 on CPUs "
+                        "with AVX512_BF16, else Q8_0; both keep the model; IQ4_NL, Q4_0: re-round every weight "
+                        "to 4 bits; Q4_1: as packaged)")
     parser.add_argument("--lease-seconds", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shard-lines", type=int, default=None, help="requests per shard (default 256)")
     parser.add_argument("--max-shards", type=int, default=None, help="shards run at once per worker")

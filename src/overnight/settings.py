@@ -138,11 +138,11 @@ class EmbeddedSettings:
     # slower; bench_embedded measures by how much.
     deterministic: bool = False
     # The format the packaged SmolLM2 is served in, made once from its Q4_1 file (packaged_models.py):
-    # "Q8_0" keeps the model (KL divergence 0.013 from Q4_1) on fast CPU kernels; "IQ4_NL" and "Q4_0"
-    # are faster still (IQ4_NL the fastest with AVX-512) but re-round every weight (KL divergence 0.43
-    # and 0.6: a different model); "Q4_1" is the file as packaged. Deterministic mode serves all but
-    # IQ4_NL (its promise is tested on each; packaged_models.ROW_STABLE_FORMATS).
-    # None: Q8_0. bench_embedded.py --quality measures the formats.
+    # "BF16" and "Q8_0" keep the model (KL divergence from Q4_1: bench_embedded.py --quality) on fast
+    # CPU kernels, BF16 the faster for batches where the CPU has AVX512_BF16; "IQ4_NL" and "Q4_0" re-round
+    # every weight to 4 bits (a different model); "Q4_1" is the file as packaged. Deterministic mode
+    # serves Q8_0, Q4_0 and Q4_1 (packaged_models.ROW_STABLE_FORMATS; its promise is tested on each).
+    # None: BF16 with AVX512_BF16, Q8_0 otherwise and in deterministic mode (default_weights).
     weights: str | None = None
     # Gemma 3 270M as a second chat model, routed by its name "gemma-3-270m" (never the default).
     # Serving it counts as distributing it: it is only loaded once the operator accepts the

@@ -89,24 +89,40 @@ def gemma_model_path(models_dir: Path) -> str | None:
     return _made_once(models_dir / _GEMMA_FILE, models_dir / ".gemma.lock", assemble)
 
 
-# The packaged SmolLM2 file is Q4_1, a format with no repacked or tinyBLAS kernel on x86: generation at
-# 32 sequences runs ~1.6x faster on the same weights in Q8_0 (llama-batched-bench, flash attention on).
-# Q8_0 made from Q4_1 holds every Q4_1 weight almost exactly (8 bits per weight for 4-bit values), so
-# greedy outputs stay the model's; IQ4_NL and Q4_0 (repacked kernels) are faster but re-round every
-# weight (bench_embedded.py --quality measures them). Made once per data directory (scratch runs: once in
-# the user's cache), in under a second.
-FAST_FTYPE = "Q8_0"
+# The packaged SmolLM2 file is Q4_1, a format with no repacked or tinyBLAS kernel on x86, so it is served
+# in a format made from it once (per data directory; scratch runs: once in the user's cache), in under a
+# second. Both defaults keep the model (bench_embedded.py --quality: next-token distributions close to
+# Q4_1's); IQ4_NL and Q4_0 (repacked kernels) re-round every weight to a 4-bit grid, a different model.
+# - BF16 where llama.cpp's CPU backend multiplies bf16 natively (AVX512_BF16: AMD Zen 4, Intel Sapphire
+#   Rapids and later): every Q4_1 weight to 8 significant bits; tinyBLAS's bf16 kernels decode a batch
+#   of 64 sequences ~1.4x faster than Q8_0's (one sequence alone ~0.75x: twice the bytes per weight).
+# - Q8_0 elsewhere (8 bits per 32-weight block, on tinyBLAS's int8 kernels), and in deterministic mode:
+#   BF16 is not row-stable (below).
+PORTABLE_FTYPE = "Q8_0"
+BF16_FTYPE = "BF16"
 # What `[embedded] weights` may name: the packaged file's own format, or one made from it.
 PACKAGED_FTYPE = "Q4_1"
-WEIGHT_FORMATS = (FAST_FTYPE, "IQ4_NL", "Q4_0", PACKAGED_FTYPE)
+WEIGHT_FORMATS = (PORTABLE_FTYPE, BF16_FTYPE, "IQ4_NL", "Q4_0", PACKAGED_FTYPE)
 # Formats whose CPU kernels give a row the same sums in calls of any size (tests/test_embedded_engines.py
 # decodes in each): deterministic mode serves only models whose matrices are all stored in them. Not
-# IQ4_NL (its repacked GEMM), nor Q5_0 and the K-quants of Gemma's file (gemma_model_path).
+# IQ4_NL (its repacked GEMM), nor BF16 (one row goes to ggml's own dot product, two or more to tinyBLAS,
+# which sums in another order), nor Q5_0 and the K-quants of Gemma's file (gemma_model_path).
 ROW_STABLE_FORMATS = frozenset({"Q8_0", "Q4_0", "Q4_1"})
 NOT_DETERMINISTIC = frozenset(WEIGHT_FORMATS) - ROW_STABLE_FORMATS
 
 
-def fast_chat_model_path(source: str, models_dir: Path, ftype: str = FAST_FTYPE) -> str:
+def default_weights(deterministic: bool = False, system_info: str | None = None) -> str:
+    """The format the packaged model is served in when `[embedded] weights` is not set: BF16 where
+    this build of llama.cpp has AVX512_BF16 kernels (`system_info`: its summary, llama_print_system_info
+    by default), Q8_0 elsewhere and in deterministic mode."""
+    if deterministic:
+        return PORTABLE_FTYPE
+    from overnight.engines.llama.native import cpu_features
+
+    return BF16_FTYPE if "AVX512_BF16" in cpu_features(system_info) else PORTABLE_FTYPE
+
+
+def fast_chat_model_path(source: str, models_dir: Path, ftype: str) -> str:
     """`source` requantized to `ftype` under `models_dir` (made once; returns the path). Made under a
     file lock into a temporary name and renamed, as `gemma_model_path` does, so concurrent
     processes never load a half-written file. The name carries the source's size and modification

@@ -91,14 +91,14 @@ def chat_weights(weights: str | None, chat_model_path: str | None, deterministic
     """The format to make from the packaged chat model (`[embedded] weights`), checked; None: serve
     the model file as it is."""
     from overnight.engines.packaged_models import (
-        FAST_FTYPE,
         NOT_DETERMINISTIC,
         PACKAGED_FTYPE,
         WEIGHT_FORMATS,
+        default_weights,
     )
 
     if weights is None:
-        return None if chat_model_path else FAST_FTYPE
+        return None if chat_model_path else default_weights(deterministic)
     if weights not in WEIGHT_FORMATS:
         raise ConfigurationError(f"[embedded] weights = {weights!r}: use one of {', '.join(WEIGHT_FORMATS)}")
     if chat_model_path:

@@ -57,14 +57,21 @@ def kv_cell_bytes(model: Any, quantized: bool = False) -> int:
     return int(layers * (key + value) * _KV_VALUE_BYTES[quantized])
 
 
+def cpu_features(system_info: str | None = None) -> frozenset[str]:
+    """The CPU features this build of llama.cpp uses ("AVX2", "AVX512_BF16", ...), from its
+    "CPU : SSE3 = 1 | AVX2 = 1 | ... |" summary (llama_print_system_info, or the one given)."""
+    if system_info is None:
+        system_info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+    return frozenset(name.strip().removeprefix("CPU : ") for name, _, value in
+                     (item.partition("=") for item in system_info.split("|")) if value.strip() == "1")
+
+
 def _warn_if_untested_cpu(system_info: str) -> None:
     """Deterministic mode's promise is reasoned from, and tested on, x86 CPUs with AVX2 or AVX-512.
     Elsewhere llama.cpp picks matrix kernels by the number of rows in a call that sum a row
     differently: ARM with int8 matrix instructions (MATMUL_INT8: a two-row kernel for even row
     counts; NEON repacks Q4_0 and Q8_0), Intel AMX tiles for more than one row, AVX without AVX2."""
-    # "CPU : SSE3 = 1 | AVX2 = 1 | ... |": the features this build of llama.cpp uses
-    features = {name.strip().removeprefix("CPU : ") for name, _, value in
-                (item.partition("=") for item in system_info.split("|")) if value.strip() == "1"}
+    features = cpu_features(system_info)
     risky = features & {"AMX_INT8", "MATMUL_INT8"}
     if "AVX2" not in features or risky:
         log.warning("deterministic mode is tested on x86 CPUs with AVX2 or AVX-512; on this one (%s) "
