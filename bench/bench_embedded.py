@@ -5,7 +5,7 @@ the same file for every arm; tokens/s = completion tokens / wall time:
 
 (a) llama-server (built from the llama.cpp source llama-cpp-python vendors: bench/build_llama_server.sh)
     at its best configuration on this machine, fed by an asyncio openai SDK script at concurrency = its
-    slot count. `--sweep` tries quantization (the packaged Q4_1; Q4_0, Q8_0 and IQ4_NL made from it), flash
+    slot count. `--sweep` tries weights (the packaged Q4_1; Q4_0, Q8_0, IQ4_NL, BF16 and F16 made from it), flash
     attention on/off and -np 16/32/64 (-c = np x 2048, the KV cells per slot overnight's default has;
     2 threads; llama-server's defaults otherwise: prompt cache on, -b 2048, -ub 512), one factor at a
     time around the best configuration the issue measured (`--sweep-full`: all 24), `--sweep-reps`
@@ -13,12 +13,13 @@ the same file for every arm; tokens/s = completion tokens / wall time:
     its slots: on the first 32 lines, Q8_0 at -np 32 came out ahead of Q4_0 at -np 16, on all 64
     behind it), prints all, and records the best median in bench/results/embedded_sweep.json; the
     rounds use it.
-(a') llama-server at its best configuration on the weights overnight serves (Q8_0 made from the
-    packaged file): engine against engine on the same arithmetic, when (a)'s best runs other weights.
+(a') llama-server at its best configuration on the weights overnight serves by default on this CPU
+    (BF16 with AVX512_BF16, else Q8_0, made from the packaged file): engine against engine on the same
+    arithmetic, when (a)'s best runs other weights.
 (b) overnight end to end: `overnight serve` (embedded default engine, default settings), the SDK
     uploads the file, creates the batch, polls every 0.1 s (about 1% of a run) and downloads the output.
 (b_a) the same with `--weights` set to (a)'s weights, when (a)'s best runs other weights than
-    overnight's default (Q4_0: faster, but re-rounds every weight; see --quality): the engine against
+    overnight's default (IQ4_NL or Q4_0: re-round every weight; see --quality): the engine against
     llama-server's fastest on the same arithmetic, for a user who takes that trade.
 (b_det) the same with `--deterministic`: what deterministic mode costs.
 (c) one at a time through the same engine as (b) (LlamaChatEngine.execute, one line after the other)
@@ -30,7 +31,7 @@ The SDK scripts and (c) run on uvloop, as overnight's server does.
 Every arm runs the same number of rounds, interleaved (the order rotates each round), after one
 warm-up round. Servers start once and stay up across rounds (idle servers use no CPU). Ratios are
 taken within a round and reported as median and min-max over rounds.
-`--quality`: Q8_0, Q4_0 and IQ4_NL made from the packaged Q4_1 file against it, to choose the fast-kernel
+`--quality`: BF16, Q8_0, Q4_0 and IQ4_NL made from the packaged Q4_1 file against it, to choose the fast-kernel
 format by quality as well as speed: greedy answers (one at a time, no prefix reuse), and on the
 prompts followed by the Q4_1 answers, the KL divergence of each next-token distribution from Q4_1's,
 how often the most likely next token is the same, and perplexity (as llama-perplexity
@@ -62,8 +63,10 @@ from harness import RESULTS, free_port, git_state, machine, process, save, sprea
 from overnight.engines.llama import LlamaChatEngine
 from overnight.engines.packaged_models import (
     DEFAULT_CHAT_MODEL_NAME,
-    FAST_FTYPE,
+    PORTABLE_FTYPE,
+    WEIGHT_FORMATS,
     default_chat_model_path,
+    default_weights,
     fast_chat_model_path,
     requantize,
 )
@@ -147,11 +150,12 @@ def sweep_configs(full: bool) -> list[tuple[str, bool, int]]:
     """(ftype, flash attention, -np). Short by default: one factor at a time around the best of
     the issue's measurements (Q4_0, fa on, -np 32); `full`: every combination."""
     if full:
-        return [(f, fa, np_) for f in ("Q4_1", "Q4_0", "Q8_0", "IQ4_NL") for fa in (False, True)
+        return [(f, fa, np_) for f in ("Q4_1", "Q4_0", "Q8_0", "IQ4_NL", "BF16", "F16") for fa in (False, True)
                 for np_ in (16, 32, 64)]
     return [("Q4_0", True, 32), ("Q4_0", False, 32), ("Q4_1", True, 32), ("Q8_0", True, 32), ("IQ4_NL", True, 32),
-            ("Q4_0", True, 16), ("Q8_0", True, 16), ("IQ4_NL", True, 16), ("Q4_1", False, 16), ("Q4_0", True, 64),
-            ("Q8_0", True, 64), ("IQ4_NL", True, 64)]
+            ("BF16", True, 32), ("BF16", False, 32), ("F16", True, 32), ("Q4_0", True, 16), ("Q8_0", True, 16),
+            ("IQ4_NL", True, 16), ("BF16", True, 16), ("Q4_1", False, 16), ("Q4_0", True, 64), ("Q8_0", True, 64),
+            ("IQ4_NL", True, 64), ("BF16", True, 64)]
 
 
 def sweep(bin_dir: Path, batch: list[dict[str, Any]], workdir: Path, full: bool, reps: int) -> dict[str, Any]:
@@ -169,7 +173,8 @@ def sweep(bin_dir: Path, batch: list[dict[str, Any]], workdir: Path, full: bool,
     best = max(table, key=lambda r: r["tok_s"]["median"])
     # The fastest on the weights overnight serves: engine against engine on the same arithmetic (the
     # fastest overall may run weights that change the model's answers; --quality measures by how much).
-    same = max((r for r in table if r["ftype"] == FAST_FTYPE), key=lambda r: r["tok_s"]["median"], default=best)
+    served = default_weights()
+    same = max((r for r in table if r["ftype"] == served), key=lambda r: r["tok_s"]["median"], default=best)
     keys = ("ftype", "flash_attn", "np")
     return {"lines": len(batch), "reps": reps, "ctx_per_slot": CTX_PER_SLOT, "runs": table,
             "best": {k: best[k] for k in keys}, "best_same_weights": {k: same[k] for k in keys}}
@@ -229,8 +234,9 @@ def one_at_a_time(engine: LlamaChatEngine, loop: asyncio.AbstractEventLoop,
 
 
 # The formats llama.cpp has fast (repacked or tinyBLAS) CPU kernels for that can be made from Q4_1;
-# IQ4_NL's non-linear grid has repacked AVX2/AVX-512 kernels since the llama.cpp that 0.3.36 vendors.
-QUALITY_FORMATS = ("Q8_0", "Q4_0", "IQ4_NL")
+# IQ4_NL's non-linear grid has repacked AVX2/AVX-512 kernels since the llama.cpp that 0.3.36 vendors,
+# BF16 tinyBLAS kernels on AVX512_BF16.
+QUALITY_FORMATS = ("BF16", "Q8_0", "Q4_0", "IQ4_NL")
 
 
 def quality(batch: list[dict[str, Any]], workdir: Path) -> dict[str, Any]:
@@ -322,20 +328,23 @@ def levers(batch: list[dict[str, Any]], workdir: Path, full: bool) -> dict[str, 
     """Tokens/s of the engine (every line submitted at once) as the levers are added one by one."""
     import overnight.engines.llama.native as native_module
 
+    served = default_weights()  # BF16 with AVX512_BF16, else Q8_0
     variants = [  # label, weights, engine arguments, context parameters set over the engine's own
         ("the packaged Q4_1, fa off, no prefix reuse, 16 slots", "Q4_1",
          {"prefix_sharing": False, "n_seq_max": 16}, {"flash_attn_type": 0}),
         ("+ Q8_0 weights", "Q8_0", {"prefix_sharing": False, "n_seq_max": 16}, {"flash_attn_type": 0}),
         ("+ fa on, prefix reuse, 16 slots", "Q8_0", {"n_seq_max": 16}, {}),
         ("+ 32 slots", "Q8_0", {"n_seq_max": 32}, {}),
-        ("+ 64 slots (the default)", "Q8_0", {"n_seq_max": 64}, {}),
-        ("the default in deterministic mode (keys and values in q8_0)", "Q8_0",
+        ("+ 64 slots", "Q8_0", {"n_seq_max": 64}, {}),
+        *([(f"+ {served} weights (the default on this CPU)", served, {"n_seq_max": 64}, {})]
+          if served != "Q8_0" else []),
+        ("deterministic mode (Q8_0 weights, keys and values in q8_0)", "Q8_0",
          {"n_seq_max": 64, "deterministic": True}, {}),
-        ("the default, but on one unified KV cache instead of a stream per slot", "Q8_0", {"n_seq_max": 64},
+        ("the default, but on one unified KV cache instead of a stream per slot", served, {"n_seq_max": 64},
          {"kv_unified": True}),
     ]
     if full:
-        variants.append(("the default with 128 slots", "Q8_0", {"n_seq_max": 128}, {}))
+        variants.append(("the default with 128 slots", served, {"n_seq_max": 128}, {}))
     original = native_module.llama_cpp.llama_init_from_model
     out = {}
     for label, ftype, kwargs, overrides in variants:
@@ -386,7 +395,7 @@ def main() -> None:
     parser.add_argument("--sweep-reps", type=int, default=2, help="runs of each sweep configuration, interleaved")
     parser.add_argument("--sweep-lines", type=int, default=None,
                         help="lines per sweep run (the first of the file; default: all, as the rounds run)")
-    parser.add_argument("--quality", action="store_true", help="compare Q8_0/Q4_0/IQ4_NL answers to Q4_1 first")
+    parser.add_argument("--quality", action="store_true", help="compare BF16/Q8_0/Q4_0/IQ4_NL answers to Q4_1 first")
     parser.add_argument("--levers", action="store_true", help="the engine alone, one lever at a time")
     parser.add_argument("--levers-lines", type=int, default=None,
                         help="lines of --levers (default --lines): more lines weigh the steady state over the tail")
@@ -429,7 +438,8 @@ def main() -> None:
             best = {"ftype": ftype, "flash_attn": fa == "on", "np": int(np_)}
         else:
             best = found_configs.get("best", {"ftype": "Q4_0", "flash_attn": True, "np": 32})
-        same = found_configs.get("best_same_weights", {"ftype": FAST_FTYPE, "flash_attn": True, "np": best["np"]})
+        same = found_configs.get("best_same_weights", {"ftype": PORTABLE_FTYPE, "flash_attn": True, "np": best["np"]})
+        results["overnight_weights"] = default_weights()
         results["llama_server_config"] = best
         results["llama_server_same_weights_config"] = same
         print(f"llama-server config for the rounds: {best}; on overnight's weights: {same}", flush=True)
@@ -447,11 +457,13 @@ def rounds_(args: argparse.Namespace, batch: list[dict[str, Any]], path: Path, w
     loop = new_fastest_loop()
     spaced = batch[:: max(1, len(batch) // args.one_lines)][: args.one_lines]  # (c): the file's mix of questions
     cfg = EmbeddedSettings()  # (b)'s engine: the server's default settings and weights
-    engine = LlamaChatEngine(fast_chat_model_path(default_chat_model_path() or "", workdir / "models"),
+    served = default_weights()  # (b)'s weights: BF16 with AVX512_BF16, else Q8_0
+    engine = LlamaChatEngine(fast_chat_model_path(default_chat_model_path() or "", workdir / "models", served),
                              DEFAULT_CHAT_MODEL_NAME, n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq_max, threads=THREADS)
     loop.run_until_complete(engine.start())
     separate = same != best
-    other_weights = best["ftype"] != FAST_FTYPE  # (b_a): overnight on (a)'s weights
+    # (b_a): overnight on (a)'s weights, where `--weights` offers them (not F16)
+    other_weights = best["ftype"] != served and best["ftype"] in WEIGHT_FORMATS
     with (llama_server(args.llama_bin, model_file(workdir, best["ftype"]), best["np"], best["flash_attn"],
                        workdir) as llama_url,
           (llama_server(args.llama_bin, model_file(workdir, same["ftype"]), same["np"], same["flash_attn"], workdir)

@@ -271,7 +271,9 @@ def embedded() -> str:
         *([f"| (a') `llama-server` at its best on overnight's own weights ({same['ftype']}, flash attention "
            f"{'on' if same['flash_attn'] else 'off'}, `-np {same['np']}`) | {med(t['a_same'], 1)} | "
            f"(b) is {times(r['b_over_a_same_weights'], 2)} (a'), per round |"] if "a_same" in t else []),
-        f"| (b) **overnight**, the batch file end to end through `overnight serve` | **{med(t['b'], 1)}** | "
+        "| (b) **overnight**, the batch file end to end through `overnight serve`"
+        + (f" (its default weights on this CPU: {d['overnight_weights']})" if "overnight_weights" in d else "")
+        + f" | **{med(t['b'], 1)}** | "
         f"**{times(r['b_over_a'], 2)} (a)**, per round |",
         *([f"| (b'') the same with `--weights {cfg['ftype']}`, (a)'s weights (faster; the table below says what "
            f"they cost in quality) | {med(t['b_a'], 1)} | {times(r['b_a_over_a'], 2)} (a), per round |"]
