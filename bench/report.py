@@ -275,8 +275,8 @@ def embedded() -> str:
         + (f" (its default weights on this CPU: {d['overnight_weights']})" if "overnight_weights" in d else "")
         + f" | **{med(t['b'], 1)}** | "
         f"**{times(r['b_over_a'], 2)} (a)**, per round |",
-        *([f"| (b'') the same with `--weights {cfg['ftype']}`, (a)'s weights (faster; the table below says what "
-           f"they cost in quality) | {med(t['b_a'], 1)} | {times(r['b_a_over_a'], 2)} (a), per round |"]
+        *([f"| (b'') the same with `--weights {cfg['ftype']}`, (a)'s weights (the table below says what they "
+           f"cost in quality) | {med(t['b_a'], 1)} | {times(r['b_a_over_a'], 2)} (a), per round |"]
           if "b_a" in t else []),
         f"| (b') the same with `--deterministic` | {med(t['b_det'], 1)} | {med(r['b_det_over_b'], 2)} of (b) |",
         f"| (c) one line at a time through the same engine (what an online server does), "

@@ -74,8 +74,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accept-gemma-terms", action="store_true",
                         help="accept the Gemma Terms of Use (ai.google.dev/gemma/terms) for serving Gemma")
     parser.add_argument("--deterministic", action="store_true",
-                        help="embedded chat: a temperature-0 line's answer depends only on the line (keys "
-                        "and values cached in q8_0: about a tenth slower)")
+                        help="embedded chat: a temperature-0 line's answer depends only on the line (Q8_0 "
+                        "weights, keys and values cached in q8_0: slower, see bench_embedded)")
     parser.add_argument("--weights", choices=WEIGHT_FORMATS, default=None,
                         help="embedded chat: the format the packaged model is served in (default: BF16 on CPUs "
                         "with AVX512_BF16, else Q8_0; both keep the model; IQ4_NL, Q4_0: re-round every weight "

@@ -134,8 +134,8 @@ class EmbeddedSettings:
     n_seq_max: int = 64
     threads: int | None = None
     # Greedy output that depends only on the line (never on what else is in flight): the KV cache in
-    # q8_0, where every row is computed alone (engines/llama/scheduler.py, Determinism). A little
-    # slower; bench_embedded measures by how much.
+    # q8_0, where every row is computed alone (engines/llama/scheduler.py, Determinism), and Q8_0
+    # weights where the default would be BF16. Slower; bench_embedded measures by how much.
     deterministic: bool = False
     # The format the packaged SmolLM2 is served in, made once from its Q4_1 file (packaged_models.py):
     # "BF16" and "Q8_0" keep the model (KL divergence from Q4_1: bench_embedded.py --quality) on fast
