@@ -475,7 +475,7 @@ def test_deterministic_mode_warns_on_a_cpu_whose_kernels_it_was_not_tested_on(
 ])
 def test_the_packaged_model_is_served_in_bf16_where_the_cpu_multiplies_bf16(
         system_info: str, deterministic: bool, served: str) -> None:
-    """BF16 decodes a batch ~1.4x faster than Q8_0 with AVX512_BF16 (tinyBLAS's bf16 kernels) and
+    """BF16 decodes a batch 1.4-1.7x faster than Q8_0 with AVX512_BF16 (tinyBLAS's bf16 kernels) and
     keeps the model as well; it is measured on such CPUs only, elsewhere Q8_0 (int8 kernels, measured
     fast on AVX2 and AVX-512 alike) is served. Deterministic mode serves Q8_0 everywhere: BF16 is not
     row-stable."""

@@ -90,12 +90,13 @@ def gemma_model_path(models_dir: Path) -> str | None:
 
 
 # The packaged SmolLM2 file is Q4_1, a format with no repacked or tinyBLAS kernel on x86, so it is served
-# in a format made from it once (per data directory; scratch runs: once in the user's cache), in under a
-# second. Both defaults keep the model (bench_embedded.py --quality: next-token distributions close to
+# in a format made from it once (per data directory; scratch runs: once in the user's cache), in a second
+# or two. Both defaults keep the model (bench_embedded.py --quality: next-token distributions close to
 # Q4_1's); IQ4_NL and Q4_0 (repacked kernels) re-round every weight to a 4-bit grid, a different model.
 # - BF16 where llama.cpp's CPU backend multiplies bf16 natively (AVX512_BF16: AMD Zen 4, Intel Sapphire
 #   Rapids and later): every Q4_1 weight to 8 significant bits; tinyBLAS's bf16 kernels decode a batch
-#   of 64 sequences ~1.4x faster than Q8_0's (one sequence alone ~0.75x: twice the bytes per weight).
+#   of 64 sequences 1.4-1.7x faster than Q8_0's (bench_embedded --levers), one sequence alone ~0.75x
+#   as fast (it reads every weight per token: twice the bytes).
 # - Q8_0 elsewhere (8 bits per 32-weight block, on tinyBLAS's int8 kernels), and in deterministic mode:
 #   BF16 is not row-stable (below).
 PORTABLE_FTYPE = "Q8_0"
