@@ -63,7 +63,6 @@ from harness import RESULTS, free_port, git_state, machine, process, save, sprea
 from overnight.engines.llama import LlamaChatEngine
 from overnight.engines.packaged_models import (
     DEFAULT_CHAT_MODEL_NAME,
-    PORTABLE_FTYPE,
     WEIGHT_FORMATS,
     default_chat_model_path,
     default_weights,
@@ -438,7 +437,7 @@ def main() -> None:
             best = {"ftype": ftype, "flash_attn": fa == "on", "np": int(np_)}
         else:
             best = found_configs.get("best", {"ftype": "Q4_0", "flash_attn": True, "np": 32})
-        same = found_configs.get("best_same_weights", {"ftype": PORTABLE_FTYPE, "flash_attn": True, "np": best["np"]})
+        same = found_configs.get("best_same_weights", {"ftype": default_weights(), "flash_attn": True, "np": best["np"]})
         results["overnight_weights"] = default_weights()
         results["llama_server_config"] = best
         results["llama_server_same_weights_config"] = same
